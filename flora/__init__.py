@@ -1,0 +1,1 @@
+"""flora: FLoRA adapters (Tucker-structured weight updates) for PyTorch modules."""

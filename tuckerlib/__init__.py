@@ -1,0 +1,27 @@
+"""tuckerlib: Tucker decompositions for any array API library.
+
+The array library comes from the inputs (NumPy, PyTorch, CuPy, JAX, Dask,
+``array_api_strict``); results stay in that library and on that device.
+See the conventions page of the documentation for the unfolding order,
+factor shapes and rank rules.
+"""
+
+from tuckerlib._metrics import relative_error
+from tuckerlib._products import mode_product, multi_mode_product
+from tuckerlib._ranks import resolve_rank, tucker_params
+from tuckerlib._tucker import TuckerTensor, tucker_to_tensor
+from tuckerlib._unfold import fold, unfold
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TuckerTensor",
+    "fold",
+    "mode_product",
+    "multi_mode_product",
+    "relative_error",
+    "resolve_rank",
+    "tucker_params",
+    "tucker_to_tensor",
+    "unfold",
+]

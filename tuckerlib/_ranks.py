@@ -1,0 +1,108 @@
+"""The rank rules of DESIGN.md §2, in one place."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+__all__ = ["resolve_rank", "tucker_params"]
+
+Rank = int | Sequence[int | None] | None
+
+
+def _as_int(value: object, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def resolve_rank(rank: Rank, shape: Sequence[int], name: str = "rank") -> tuple[int, ...]:
+    """Turn a rank specification into one integer rank per mode.
+
+    Parameters
+    ----------
+    rank : int, sequence of int or None, or None
+        ``None`` keeps every mode full. An ``int`` applies to every mode and
+        is clipped to each mode's size. A sequence gives one rank per mode
+        (``None`` entries keep that mode full); entries must lie in
+        ``[1, shape[n]]``.
+    shape : sequence of int
+        The tensor's shape ``(I_0, ..., I_{N-1})``.
+    name : str, optional
+        The argument name used in error messages.
+
+    Returns
+    -------
+    tuple of int
+        One rank per mode.
+
+    Raises
+    ------
+    ValueError
+        If a rank is below 1, a sequence has the wrong length, or a sequence
+        entry exceeds its mode's size.
+    TypeError
+        If a rank is not an integer.
+
+    Examples
+    --------
+    >>> from tuckerlib import resolve_rank
+    >>> resolve_rank(8, (4, 16, 32))
+    (4, 8, 8)
+    >>> resolve_rank((2, None, 3), (4, 16, 32))
+    (2, 16, 3)
+    """
+    shape = tuple(int(s) for s in shape)
+    if rank is None:
+        return shape
+    if not isinstance(rank, Sequence) or isinstance(rank, str):
+        value = _as_int(rank, name)
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        return tuple(min(value, size) for size in shape)
+    if len(rank) != len(shape):
+        raise ValueError(
+            f"{name} has {len(rank)} entries but the tensor has {len(shape)} modes (shape {shape})"
+        )
+    ranks = []
+    for mode, (r, size) in enumerate(zip(rank, shape, strict=True)):
+        if r is None:
+            ranks.append(size)
+            continue
+        value = _as_int(r, f"{name}[{mode}]")
+        if not 1 <= value <= size:
+            raise ValueError(
+                f"{name}[{mode}]={value} is outside [1, {size}] (mode {mode} has size {size}; "
+                f"shape {shape})"
+            )
+        ranks.append(value)
+    return tuple(ranks)
+
+
+def tucker_params(shape: Sequence[int], rank: Rank) -> int:
+    """Number of parameters of a Tucker tensor: ``prod(rank) + sum(I_n * R_n)``.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The full tensor's shape ``(I_0, ..., I_{N-1})``.
+    rank : int, sequence of int or None, or None
+        The Tucker ranks, resolved by the rank rules of :func:`resolve_rank`.
+
+    Returns
+    -------
+    int
+        Core entries plus factor entries.
+
+    Examples
+    --------
+    >>> from tuckerlib import tucker_params
+    >>> tucker_params((64, 64, 3, 3), (16, 16, 2, 2))
+    3084
+    """
+    ranks = resolve_rank(rank, shape)
+    return math.prod(ranks) + sum(int(s) * r for s, r in zip(shape, ranks, strict=True))

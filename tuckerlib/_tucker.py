@@ -1,0 +1,167 @@
+"""The Tucker tensor value type: a core and one factor per mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tuckerlib._namespace import as_array, get_namespace
+from tuckerlib._products import mode_product, multi_mode_product
+from tuckerlib._ranks import tucker_params
+
+__all__ = ["TuckerTensor", "tucker_to_tensor"]
+
+
+def _check_tucker(core: Any, factors: Sequence[Any]) -> None:
+    if core.ndim < 1:
+        raise ValueError("core must have at least one mode, got a 0-D array")
+    if len(factors) != core.ndim:
+        raise ValueError(
+            f"a core with {core.ndim} modes needs {core.ndim} factors, got {len(factors)}"
+        )
+    for n, factor in enumerate(factors):
+        if factor.ndim != 2 or factor.shape[1] != core.shape[n]:
+            raise ValueError(
+                f"factors[{n}] must have shape (I_{n}, {core.shape[n]}) to match core mode {n}, "
+                f"got {tuple(factor.shape)}"
+            )
+
+
+def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
+    """Full tensor ``core ×_0 U_0 ×_1 U_1 ... ×_{N-1} U_{N-1}``.
+
+    Parameters
+    ----------
+    core : array of shape (R_0, ..., R_{N-1})
+        The Tucker core.
+    factors : sequence of N arrays
+        ``factors[n]`` has shape ``(I_n, R_n)``.
+
+    Returns
+    -------
+    array of shape (I_0, ..., I_{N-1})
+        The reconstructed tensor, products applied in the cheapest order.
+
+    Raises
+    ------
+    ValueError
+        If the number or shapes of the factors do not match the core.
+    TypeError
+        If core and factors come from different array libraries.
+
+    See Also
+    --------
+    TuckerTensor.to_tensor : The same for a :class:`TuckerTensor`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tuckerlib import tucker_to_tensor
+    >>> core = np.ones((1, 1))
+    >>> tucker_to_tensor(core, [np.array([[1.0], [2.0]]), np.array([[3.0], [4.0]])])
+    array([[3., 4.],
+           [6., 8.]])
+    """
+    xp = get_namespace(core, *factors)
+    core = as_array(core, xp)
+    factors = [as_array(f, xp) for f in factors]
+    _check_tucker(core, factors)
+    return multi_mode_product(core, factors)
+
+
+@dataclass(frozen=True, eq=False)
+class TuckerTensor:
+    """A tensor in Tucker form: ``core ×_0 U_0 ×_1 U_1 ... ×_{N-1} U_{N-1}``.
+
+    An immutable value holding arrays of any array API library; it unpacks
+    as ``core, factors = tucker``.
+
+    Parameters
+    ----------
+    core : array of shape (R_0, ..., R_{N-1})
+        The core tensor.
+    factors : sequence of N arrays
+        ``factors[n]`` has shape ``(I_n, R_n)``; stored as a tuple.
+
+    Raises
+    ------
+    ValueError
+        If the number or shapes of the factors do not match the core.
+    TypeError
+        If core and factors come from different array libraries.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tuckerlib import TuckerTensor
+    >>> core = np.arange(6.0).reshape(2, 3)
+    >>> t = TuckerTensor(core, [np.eye(4, 2), np.eye(5, 3)])
+    >>> t.shape, t.rank, t.ndim, t.n_params
+    ((4, 5), (2, 3), 2, 29)
+    >>> core_, factors = t
+    >>> t.to_tensor().shape
+    (4, 5)
+    >>> float(t.norm())  # equals the core's norm for orthonormal factors
+    7.416198...
+    """
+
+    core: Any
+    factors: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        xp = get_namespace(self.core, *self.factors)
+        core = as_array(self.core, xp)
+        factors = tuple(as_array(f, xp) for f in self.factors)
+        _check_tucker(core, factors)
+        object.__setattr__(self, "core", core)
+        object.__setattr__(self, "factors", factors)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpack as ``core, factors``."""
+        return iter((self.core, self.factors))
+
+    def __repr__(self) -> str:
+        return f"TuckerTensor(shape={self.shape}, rank={self.rank})"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape ``(I_0, ..., I_{N-1})`` of the full tensor."""
+        return tuple(int(f.shape[0]) for f in self.factors)
+
+    @property
+    def rank(self) -> tuple[int, ...]:
+        """Multilinear rank ``(R_0, ..., R_{N-1})``: the core's shape."""
+        return tuple(int(s) for s in self.core.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Number of modes ``N``."""
+        return len(self.factors)
+
+    @property
+    def n_params(self) -> int:
+        """Stored entries: ``prod(rank) + sum(I_n * R_n)`` (see :func:`tucker_params`)."""
+        return tucker_params(self.shape, self.rank)
+
+    def to_tensor(self) -> Any:
+        """Materialize the full tensor (see :func:`tucker_to_tensor`)."""
+        return multi_mode_product(self.core, self.factors)
+
+    def norm(self) -> Any:
+        """Frobenius norm of the full tensor, without materializing it.
+
+        Returns a 0-D array of the core's library (differentiable where the
+        core and factors are). Uses ``‖x‖² = ⟨G, G ×_0 U_0ᵀU_0 ... ⟩``,
+        which costs ``O(sum I_n R_n² + R^{N+1})``; for orthonormal factors
+        it equals the core's norm.
+        """
+        xp = get_namespace(self.core, *self.factors)
+        weighted = self.core
+        for n, factor in enumerate(self.factors):
+            weighted = mode_product(weighted, factor.T @ factor, n)
+        squared = xp.sum(self.core * weighted)
+        if xp.isdtype(squared.dtype, "complex floating"):
+            squared = xp.real(squared)
+        # Rounding can push a tiny squared norm below zero.
+        return xp.sqrt(xp.clip(squared, min=0.0))
