@@ -14,7 +14,7 @@ import tuckerlib  # noqa: E402
 
 project = "tuckerlib"
 author = "tuckerlib developers"
-copyright = "2026, tuckerlib developers"  # noqa: A001
+copyright = "2026, tuckerlib developers"
 release = tuckerlib.__version__
 version = release
 
@@ -24,7 +24,12 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "numpydoc",
+    "matplotlib.sphinxext.plot_directive",
 ]
+
+plot_include_source = True
+plot_html_show_formats = False
+plot_html_show_source_link = False
 
 autosummary_generate = True
 autodoc_typehints = "none"
@@ -34,7 +39,6 @@ numpydoc_xref_param_type = False
 numpydoc_validation_checks: set[str] = set()
 
 intersphinx_mapping = _offline_mapping(HERE / "_build" / "inventories")
-intersphinx_disabled_reftypes = ["*"]
 
 nitpicky = True
 nitpick_ignore_regex = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 from tuckerlib._namespace import as_array, get_namespace
@@ -10,6 +11,20 @@ from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import check_finite
 
 __all__ = ["relative_error"]
+
+
+def _norm(a: Any, xp: ModuleType) -> float:
+    """Frobenius norm of ``a`` as a float, immune to under- and overflow.
+
+    Dividing by the largest entry first keeps tiny values from squaring to
+    zero (which would fake a zero reference) and huge ones from overflowing.
+    """
+    if math.prod(a.shape) == 0:
+        return 0.0
+    scale = float(xp.max(xp.abs(a)))
+    if scale == 0.0:
+        return 0.0
+    return scale * float(xp.linalg.vector_norm(a / scale))
 
 
 def relative_error(x: Any, x_hat: Any) -> float:
@@ -55,8 +70,8 @@ def relative_error(x: Any, x_hat: Any) -> float:
     check_finite(x_hat, "x_hat", xp)
     if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
         x = xp.astype(x, xp.result_type(x_hat.dtype, xp.float32))
-    reference = float(xp.linalg.vector_norm(x))
-    difference = float(xp.linalg.vector_norm(x - x_hat))
+    reference = _norm(x, xp)
+    difference = _norm(x - x_hat, xp)
     if reference == 0.0:
         return 0.0 if difference == 0.0 else math.inf
     return difference / reference

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
-from tuckerlib._namespace import as_array, get_namespace
+from tuckerlib._namespace import as_array, get_namespace, is_numpy
 from tuckerlib._products import mode_product, multi_mode_product
 from tuckerlib._ranks import tucker_params
 
@@ -28,8 +29,13 @@ def _check_tucker(core: Any, factors: Sequence[Any]) -> None:
             )
 
 
+def _conj(xp: ModuleType, a: Any) -> Any:
+    # The array API standard defines conj for complex dtypes only.
+    return xp.conj(a) if xp.isdtype(a.dtype, "complex floating") else a
+
+
 def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
-    """Full tensor ``core ×_0 U_0 ×_1 U_1 ... ×_{N-1} U_{N-1}``.
+    """Full tensor ``core ×_0 U_0 ×_1 U_1 ⋯ ×_{N-1} U_{N-1}``.
 
     Parameters
     ----------
@@ -72,7 +78,7 @@ def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
 
 @dataclass(frozen=True, eq=False)
 class TuckerTensor:
-    """A tensor in Tucker form: ``core ×_0 U_0 ×_1 U_1 ... ×_{N-1} U_{N-1}``.
+    """A tensor in Tucker form: ``core ×_0 U_0 ×_1 U_1 ⋯ ×_{N-1} U_{N-1}``.
 
     An immutable value holding arrays of any array API library; it unpacks
     as ``core, factors = tucker``.
@@ -107,7 +113,9 @@ class TuckerTensor:
     """
 
     core: Any
+    """The core tensor, of shape ``rank``."""
     factors: tuple[Any, ...]
+    """One factor per mode; ``factors[n]`` has shape ``(I_n, R_n)``."""
 
     def __post_init__(self) -> None:
         xp = get_namespace(self.core, *self.factors)
@@ -152,16 +160,18 @@ class TuckerTensor:
         """Frobenius norm of the full tensor, without materializing it.
 
         Returns a 0-D array of the core's library (differentiable where the
-        core and factors are). Uses ``‖x‖² = ⟨G, G ×_0 U_0ᵀU_0 ... ⟩``,
+        core and factors are). Uses ``‖x‖² = ⟨G, G ×_0 U_0ᴴU_0 ... ⟩``,
         which costs ``O(sum I_n R_n² + R^{N+1})``; for orthonormal factors
         it equals the core's norm.
         """
         xp = get_namespace(self.core, *self.factors)
         weighted = self.core
         for n, factor in enumerate(self.factors):
-            weighted = mode_product(weighted, factor.T @ factor, n)
-        squared = xp.sum(self.core * weighted)
+            weighted = mode_product(weighted, _conj(xp, factor).T @ factor, n)
+        squared = xp.sum(_conj(xp, self.core) * weighted)
         if xp.isdtype(squared.dtype, "complex floating"):
             squared = xp.real(squared)
         # Rounding can push a tiny squared norm below zero.
-        return xp.sqrt(xp.clip(squared, min=0.0))
+        norm = xp.sqrt(xp.clip(squared, min=0.0))
+        # NumPy reductions return scalars, not the promised 0-D array.
+        return xp.asarray(norm) if is_numpy(xp) else norm

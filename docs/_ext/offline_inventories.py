@@ -50,7 +50,10 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
                 "py:class",
                 "generated/torch.nn.parallel.DistributedDataParallel.html#$",
             ),
-            "torch.distributed.fsdp.fully_shard": ("py:function", "distributed.fsdp.fully_shard.html#$"),
+            "torch.distributed.fsdp.fully_shard": (
+                "py:function",
+                "distributed.fsdp.fully_shard.html#$",
+            ),
             "torch.compile": ("py:function", "generated/torch.compile.html#$"),
             "torch.load": ("py:function", "generated/torch.load.html#$"),
             "torch.func.functional_call": (
@@ -91,9 +94,7 @@ def write_inventory(path: Path, project: str, entries: dict[str, tuple[str, str]
         "# Version: stable\n"
         "# The remainder of this file is compressed using zlib.\n"
     )
-    body = "".join(
-        f"{name} {role} 1 {uri} -\n" for name, (role, uri) in sorted(entries.items())
-    )
+    body = "".join(f"{name} {role} 1 {uri} -\n" for name, (role, uri) in sorted(entries.items()))
     path.write_bytes(header.encode() + zlib.compress(body.encode()))
 
 
