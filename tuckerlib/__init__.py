@@ -11,17 +11,37 @@ from tuckerlib._products import mode_product, multi_mode_product
 from tuckerlib._ranks import resolve_rank, tucker_params
 from tuckerlib._tucker import TuckerTensor, tucker_to_tensor
 from tuckerlib._unfold import fold, unfold
+from tuckerlib.analysis import (
+    effective_rank,
+    energy_ranks,
+    mode_spectra,
+    ranks_for_budget,
+    stable_rank,
+    tucker_vs_matrix,
+)
+from tuckerlib.decompositions import HOOIInfo, hooi, hosvd, rhosvd, sthosvd
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HOOIInfo",
     "TuckerTensor",
+    "effective_rank",
+    "energy_ranks",
     "fold",
+    "hooi",
+    "hosvd",
     "mode_product",
+    "mode_spectra",
     "multi_mode_product",
+    "ranks_for_budget",
     "relative_error",
     "resolve_rank",
+    "rhosvd",
+    "stable_rank",
+    "sthosvd",
     "tucker_params",
     "tucker_to_tensor",
+    "tucker_vs_matrix",
     "unfold",
 ]
