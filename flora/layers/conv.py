@@ -1,0 +1,327 @@
+"""FLoRA adapters for ``torch.nn.Conv1d``, ``Conv2d`` and ``Conv3d``.
+
+The Tucker modes are the weight's own axes ``(out, in/groups, *kernel)``.
+The factorized forward (groups = 1) is three convolutions:
+
+1. a 1×1 convolution with ``U_1ᵀ`` maps the ``in`` channels to ``R_1``;
+2. a convolution with the kernel core ``s · G ×_2 U_2 … ×_{N-1} U_{N-1}``
+   of shape ``(R_0, R_1, *kernel)`` and the base's stride, padding,
+   dilation and padding mode;
+3. a 1×1 convolution with ``U_0`` maps ``R_0`` channels to ``out``.
+
+A per-pixel linear map commutes with every padding mode (zeros, reflect,
+replicate, circular copy or zero pixels), so step 1 may run before the
+padding of step 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from flora._tucker import reconstruct, reconstruction_flops
+from flora.config import DEFAULT_RANKS, RankTemplate
+from flora.layers.base import FLoRALayer
+
+__all__ = ["Conv1d", "Conv2d", "Conv3d"]
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class _ConvNd(FLoRALayer):
+    _conv: Callable[..., torch.Tensor]
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        ranks: RankTemplate,
+        *,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        init: str = "zero_core",
+        forward: str = "auto",
+    ):
+        super().__init__(
+            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
+        )
+
+    @property
+    def factorizable(self) -> bool:
+        """Whether the factorized forward applies: only for ``groups == 1``."""
+        return self.base_layer.groups == 1
+
+    def _spatial_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Convolve with the base's geometry (stride, padding, dilation, mode), groups 1."""
+        base = self.base_layer
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            return type(self)._conv(x, weight, None, base.stride, 0, base.dilation)
+        return type(self)._conv(x, weight, None, base.stride, base.padding, base.dilation)
+
+    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
+        out_factor, in_factor = self.factors[0], self.factors[1]
+        pointwise = (1,) * (len(self.shape) - 2)
+        conv = type(self)._conv
+        h = conv(x, in_factor.T.reshape(self.ranks[1], self.shape[1], *pointwise))
+        kernel_core = reconstruct(
+            self.core * self.scale, list(self.factors), range(2, len(self.shape))
+        )
+        h = self._spatial_conv(h, kernel_core)
+        return conv(h, out_factor.reshape(self.shape[0], self.ranks[0], *pointwise))
+
+    def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, delta, None)
+
+    def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return base._conv_forward(x, base.weight + delta, base.bias)
+
+    def _output_pixels(self, spatial: tuple[int, ...]) -> int:
+        base = self.base_layer
+        if base.padding == "same":
+            return math.prod(spatial)
+        padding = (0,) * len(spatial) if base.padding == "valid" else base.padding
+        # A list, not a generator: torch.compile traces list arguments of math.prod.
+        sizes = [
+            _output_size(*args)
+            for args in zip(
+                spatial, self.shape[2:], base.stride, padding, base.dilation, strict=True
+            )
+        ]
+        return math.prod(sizes)
+
+    def _flops(self, x: torch.Tensor) -> tuple[int, int, int]:
+        out_channels, in_per_group, *kernel = self.shape
+        out_rank, in_rank = self.ranks[:2]
+        spatial = tuple(x.shape[-len(kernel) :])
+        in_pixels = math.prod(spatial)
+        in_channels = in_per_group * self.base_layer.groups
+        batch = x.numel() // (in_channels * in_pixels)
+        out_pixels = batch * self._output_pixels(spatial)
+        taps = math.prod(kernel)
+        kernel_core = reconstruction_flops(
+            (out_rank, in_rank, *kernel), self.ranks, range(2, len(self.shape))
+        )
+        factorized = (
+            batch * in_pixels * in_channels * in_rank
+            + out_pixels * (taps * in_rank * out_rank + out_rank * out_channels)
+            + kernel_core
+        )
+        build = reconstruction_flops(self.shape, self.ranks)
+        return factorized, build, out_pixels * out_channels * in_per_group * taps
+
+
+class Conv1d(_ConvNd):
+    """A ``torch.nn.Conv1d`` with a FLoRA adapter on its weight.
+
+    The Tucker modes are the weight axes ``(out, in/groups, k)``.
+
+    Any ``stride``, ``padding`` (ints, tuples, ``"same"``, ``"valid"``),
+    ``dilation``, ``groups`` (depthwise included) and ``padding_mode``.
+
+    Parameters
+    ----------
+    base_layer : torch.nn.Conv1d
+        The layer to adapt; frozen, kept as ``self.base_layer``.
+    ranks : int or sequence of int or None, optional
+        Ranks ``(R_out, R_in, R_k)``, clipped to the weight's
+        shape (a depthwise layer's ``in/groups`` mode of size 1 gets rank 1).
+        The default is the paper's ConvNeXt configuration.
+    scale : float, optional
+        The factor ``s``.
+    dropout : float, optional
+        Dropout probability on the branch input.
+    init : {"zero_core", "hosvd", "gaussian"}, optional
+        See :mod:`flora.init`.
+    forward : {"auto", "dense", "factorized"}, optional
+        ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see
+        :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
+        convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
+        dense.
+
+    Raises
+    ------
+    TypeError
+        If ``base_layer`` is not exactly a ``torch.nn.Conv1d``.
+    ValueError
+        For invalid ranks, scale, dropout, init or forward.
+
+    See Also
+    --------
+    flora.inject : Adapt every matching layer of a model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Conv1d(torch.nn.Conv1d(8, 8, 3, groups=8))
+    >>> layer.ranks
+    (8, 1, 2)
+    >>> x = torch.randn(2, 8, 10)
+    >>> torch.equal(layer(x), layer.base_layer(x))
+    True
+    """
+
+    kind = "Conv1d"
+    base_type = nn.Conv1d
+    _conv = F.conv1d
+
+    def __init__(
+        self,
+        base_layer: nn.Conv1d,
+        ranks: RankTemplate = DEFAULT_RANKS["Conv1d"],
+        *,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        init: str = "zero_core",
+        forward: str = "auto",
+    ):
+        super().__init__(
+            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
+        )
+
+
+class Conv2d(_ConvNd):
+    """A ``torch.nn.Conv2d`` with a FLoRA adapter on its weight.
+
+    The Tucker modes are the weight axes ``(out, in/groups, kh, kw)``.
+
+    Any ``stride``, ``padding`` (ints, tuples, ``"same"``, ``"valid"``),
+    ``dilation``, ``groups`` (depthwise included) and ``padding_mode``.
+
+    Parameters
+    ----------
+    base_layer : torch.nn.Conv2d
+        The layer to adapt; frozen, kept as ``self.base_layer``.
+    ranks : int or sequence of int or None, optional
+        Ranks ``(R_out, R_in, R_kh, R_kw)``, clipped to the weight's
+        shape (a depthwise layer's ``in/groups`` mode of size 1 gets rank 1).
+        The default is the paper's ConvNeXt configuration.
+    scale : float, optional
+        The factor ``s``.
+    dropout : float, optional
+        Dropout probability on the branch input.
+    init : {"zero_core", "hosvd", "gaussian"}, optional
+        See :mod:`flora.init`.
+    forward : {"auto", "dense", "factorized"}, optional
+        ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see
+        :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
+        convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
+        dense.
+
+    Raises
+    ------
+    TypeError
+        If ``base_layer`` is not exactly a ``torch.nn.Conv2d``.
+    ValueError
+        For invalid ranks, scale, dropout, init or forward.
+
+    See Also
+    --------
+    flora.inject : Adapt every matching layer of a model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Conv2d(torch.nn.Conv2d(8, 8, 3, groups=8))
+    >>> layer.ranks
+    (8, 1, 2, 2)
+    >>> x = torch.randn(2, 8, 6, 6)
+    >>> torch.equal(layer(x), layer.base_layer(x))
+    True
+    """
+
+    kind = "Conv2d"
+    base_type = nn.Conv2d
+    _conv = F.conv2d
+
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        ranks: RankTemplate = DEFAULT_RANKS["Conv2d"],
+        *,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        init: str = "zero_core",
+        forward: str = "auto",
+    ):
+        super().__init__(
+            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
+        )
+
+
+class Conv3d(_ConvNd):
+    """A ``torch.nn.Conv3d`` with a FLoRA adapter on its weight.
+
+    The Tucker modes are the weight axes ``(out, in/groups, kd, kh, kw)``.
+
+    Any ``stride``, ``padding`` (ints, tuples, ``"same"``, ``"valid"``),
+    ``dilation``, ``groups`` (depthwise included) and ``padding_mode``.
+
+    Parameters
+    ----------
+    base_layer : torch.nn.Conv3d
+        The layer to adapt; frozen, kept as ``self.base_layer``.
+    ranks : int or sequence of int or None, optional
+        Ranks ``(R_out, R_in, R_kd, R_kh, R_kw)``, clipped to the weight's
+        shape (a depthwise layer's ``in/groups`` mode of size 1 gets rank 1).
+        The default is the paper's ConvNeXt configuration.
+    scale : float, optional
+        The factor ``s``.
+    dropout : float, optional
+        Dropout probability on the branch input.
+    init : {"zero_core", "hosvd", "gaussian"}, optional
+        See :mod:`flora.init`.
+    forward : {"auto", "dense", "factorized"}, optional
+        ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see
+        :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
+        convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
+        dense.
+
+    Raises
+    ------
+    TypeError
+        If ``base_layer`` is not exactly a ``torch.nn.Conv3d``.
+    ValueError
+        For invalid ranks, scale, dropout, init or forward.
+
+    See Also
+    --------
+    flora.inject : Adapt every matching layer of a model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Conv3d(torch.nn.Conv3d(8, 8, 3, groups=8))
+    >>> layer.ranks
+    (8, 1, 2, 2, 2)
+    >>> x = torch.randn(1, 8, 4, 4, 4)
+    >>> torch.equal(layer(x), layer.base_layer(x))
+    True
+    """
+
+    kind = "Conv3d"
+    base_type = nn.Conv3d
+    _conv = F.conv3d
+
+    def __init__(
+        self,
+        base_layer: nn.Conv3d,
+        ranks: RankTemplate = DEFAULT_RANKS["Conv3d"],
+        *,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        init: str = "zero_core",
+        forward: str = "auto",
+    ):
+        super().__init__(
+            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
+        )

@@ -1,0 +1,112 @@
+"""FLoRA adapter for ``torch.nn.Embedding``: ``ΔE = s · U_0 G U_1ᵀ``, (num_embeddings, dim)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from flora._tucker import reconstruction_flops
+from flora.config import DEFAULT_RANKS, RankTemplate
+from flora.layers.base import FLoRALayer
+
+__all__ = ["Embedding"]
+
+
+class Embedding(FLoRALayer):
+    """A ``torch.nn.Embedding`` with a FLoRA adapter on its table.
+
+    The factorized lookup gathers rows of ``U_0`` (shape
+    ``(num_embeddings, R_0)``) and multiplies them by ``s · G U_1ᵀ``; it
+    never builds ``ΔE``. The row of ``padding_idx`` gets no update, in both
+    forwards and in :meth:`merge`.
+
+    Parameters
+    ----------
+    base_layer : torch.nn.Embedding
+        The layer to adapt; frozen, kept as ``self.base_layer``.
+    ranks : int or sequence of int or None, optional
+        Ranks ``(R_0, R_1)`` of the vocabulary and embedding modes.
+    scale : float, optional
+        The factor ``s``.
+    dropout : float, optional
+        Accepted for a uniform signature and ignored: the input is indices.
+    init : {"zero_core", "hosvd", "gaussian"}, optional
+        See :mod:`flora.init`.
+    forward : {"auto", "dense", "factorized"}, optional
+        ``"dense"`` builds ``ΔE`` and gathers from it.
+
+    Raises
+    ------
+    TypeError
+        If ``base_layer`` is not exactly a ``torch.nn.Embedding``.
+    ValueError
+        For invalid ranks, scale, dropout, init or forward.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Embedding(torch.nn.Embedding(100, 16, padding_idx=0), ranks=4)
+    >>> with torch.no_grad():
+    ...     _ = layer.core.normal_()
+    >>> bool(layer.delta_weight()[0].abs().max() == 0)  # the padding row
+    True
+    >>> layer(torch.tensor([[0, 5, 7]])).shape
+    torch.Size([1, 3, 16])
+    """
+
+    kind = "Embedding"
+    base_type = nn.Embedding
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        ranks: RankTemplate = DEFAULT_RANKS["Embedding"],
+        *,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        init: str = "zero_core",
+        forward: str = "auto",
+    ):
+        super().__init__(
+            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔE = s · U_0 G U_1ᵀ`` with the ``padding_idx`` row zeroed.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``(num_embeddings, embedding_dim)``, in the adapter's dtype.
+        """
+        delta = super().delta_weight()
+        padding_idx = self.base_layer.padding_idx
+        if padding_idx is None:
+            return delta
+        return delta.index_fill(0, torch.tensor([padding_idx], device=delta.device), 0.0)
+
+    def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _fusable(self, delta: torch.Tensor) -> bool:
+        return False
+
+    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
+        row_factor, dim_factor = self.factors
+        rows = F.embedding(x, row_factor)
+        padding_idx = self.base_layer.padding_idx
+        if padding_idx is not None:
+            rows = rows * (x != padding_idx).unsqueeze(-1).to(rows.dtype)
+        return (rows @ (self.core * self.scale)) @ dim_factor.T
+
+    def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, delta)
+
+    def _flops(self, x: torch.Tensor) -> tuple[int, int, int]:
+        rank0, rank1 = self.ranks
+        dim = self.shape[1]
+        tokens = x.numel()
+        factorized = tokens * (rank0 * rank1 + rank1 * dim)
+        return factorized, reconstruction_flops(self.shape, self.ranks), tokens * dim

@@ -1,0 +1,92 @@
+"""FLoRA adapter for ``torch.nn.Linear``: ``ΔW = s · U_0 G U_1ᵀ`` of shape (out, in)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from flora._tucker import reconstruction_flops
+from flora.config import DEFAULT_RANKS, RankTemplate
+from flora.layers.base import FLoRALayer
+
+__all__ = ["Linear"]
+
+
+class Linear(FLoRALayer):
+    """A ``torch.nn.Linear`` with a FLoRA adapter on its ``(out, in)`` weight.
+
+    Parameters
+    ----------
+    base_layer : torch.nn.Linear
+        The layer to adapt; frozen, kept as ``self.base_layer``.
+    ranks : int or sequence of int or None, optional
+        Ranks ``(R_0, R_1)`` of the output and input modes, clipped to the
+        weight's shape.
+    scale : float, optional
+        The factor ``s``.
+    dropout : float, optional
+        Dropout probability on the branch input.
+    init : {"zero_core", "hosvd", "gaussian"}, optional
+        See :mod:`flora.init`.
+    forward : {"auto", "dense", "factorized"}, optional
+        ``"factorized"`` runs ``((x U_1) Gᵀ) U_0ᵀ``, three thin matmuls;
+        ``"dense"`` builds ``ΔW`` and runs one linear op on ``W + ΔW``.
+
+    Raises
+    ------
+    TypeError
+        If ``base_layer`` is not exactly a ``torch.nn.Linear``.
+    ValueError
+        For invalid ranks, scale, dropout, init or forward.
+
+    See Also
+    --------
+    flora.inject : Adapt every matching layer of a model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Linear(torch.nn.Linear(32, 16), ranks=4)
+    >>> layer.core.shape, [tuple(f.shape) for f in layer.factors]
+    (torch.Size([4, 4]), [(16, 4), (32, 4)])
+    >>> x = torch.randn(5, 32)
+    >>> torch.equal(layer(x), layer.base_layer(x))  # the core starts at zero
+    True
+    """
+
+    kind = "Linear"
+    base_type = nn.Linear
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        ranks: RankTemplate = DEFAULT_RANKS["Linear"],
+        *,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        init: str = "zero_core",
+        forward: str = "auto",
+    ):
+        super().__init__(
+            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
+        )
+
+    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
+        out_factor, in_factor = self.factors
+        return ((x @ in_factor) @ (self.core * self.scale).T) @ out_factor.T
+
+    def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, delta)
+
+    def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base_layer.weight + delta, self.base_layer.bias)
+
+    def _flops(self, x: torch.Tensor) -> tuple[int, int, int]:
+        out_size, in_size = self.shape
+        out_rank, in_rank = self.ranks
+        tokens = x.numel() // in_size
+        factorized = tokens * (in_size * in_rank + in_rank * out_rank + out_rank * out_size)
+        build = reconstruction_flops(self.shape, self.ranks)
+        return factorized, build, tokens * in_size * out_size

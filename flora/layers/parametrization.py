@@ -1,0 +1,117 @@
+"""FLoRA adapter for any parameter of any module, via :mod:`torch.nn.utils.parametrize`.
+
+The parameter (a 3-D stacked-experts weight used with :func:`torch.bmm`, a
+1-D norm scale, anything with at least one dimension) becomes
+``W + ΔW`` wherever the module reads it, with ``ΔW`` a Tucker tensor over
+the parameter's own axes. The parametrization always runs dense: the module's
+forward is opaque, so the only thing to adapt is the tensor itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from flora.config import DEFAULT_RANKS, RankTemplate
+from flora.layers.base import TuckerDelta
+
+__all__ = ["TuckerParametrization"]
+
+
+class TuckerParametrization(TuckerDelta):
+    """Adapt ``getattr(module, name)`` in place: it reads as ``W + ΔW`` from now on.
+
+    Constructing it registers it on ``module`` with
+    ``torch.nn.utils.parametrize.register_parametrization``; the
+    original tensor then lives at ``module.parametrizations[name].original``
+    and is frozen.
+
+    Parameters
+    ----------
+    base_layer : torch.nn.Module
+        The module owning the parameter, kept as ``self.base_layer``.
+    parameter_name : str
+        The parameter's attribute name, e.g. ``"weight"``.
+    ranks : int or sequence of int or None, optional
+        Rank template over the parameter's axes, clipped to its shape.
+    scale : float, optional
+        The factor ``s``.
+    init : {"zero_core", "hosvd", "gaussian"}, optional
+        See :mod:`flora.init`.
+
+    Raises
+    ------
+    TypeError
+        If ``parameter_name`` is not a ``torch.nn.Parameter`` of ``base_layer``.
+    ValueError
+        If the parameter is 0-D or already parametrized, or for invalid
+        ranks, scale or init.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> experts = torch.nn.Module()
+    >>> experts.weight = torch.nn.Parameter(torch.randn(4, 8, 16))
+    >>> p = flora.TuckerParametrization(experts, "weight", ranks=(2, 4, 4))
+    >>> experts.weight.shape, p.delta_weight().shape
+    (torch.Size([4, 8, 16]), torch.Size([4, 8, 16]))
+    >>> torch.bmm(torch.randn(4, 3, 8), experts.weight).shape
+    torch.Size([4, 3, 16])
+    """
+
+    kind = "Parameter"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        parameter_name: str,
+        ranks: RankTemplate = DEFAULT_RANKS["Parameter"],
+        *,
+        scale: float = 1.0,
+        init: str = "zero_core",
+    ):
+        if parametrize.is_parametrized(base_layer, parameter_name):
+            raise ValueError(f"parameter {parameter_name!r} is already parametrized")
+        weight = getattr(base_layer, parameter_name, None)
+        if not isinstance(weight, nn.Parameter):
+            raise TypeError(
+                f"{parameter_name!r} must name a torch.nn.Parameter of "
+                f"{type(base_layer).__name__}, got {type(weight).__name__}"
+            )
+        super().__init__(weight, ranks, scale=scale, init=init)
+        # A plain attribute, not a submodule: the module already owns this
+        # parametrization, and a registered back-reference would be a cycle.
+        self.__dict__["_base_layer"] = base_layer
+        self.parameter_name = parameter_name
+        weight.requires_grad_(False)
+        self._take_initial_from_base()
+        parametrize.register_parametrization(base_layer, parameter_name, self)
+
+    @property
+    def base_layer(self) -> nn.Module:
+        """The module that owns the adapted parameter."""
+        return self.__dict__["_base_layer"]
+
+    def _base_weight(self) -> torch.Tensor:
+        module = self.base_layer
+        if parametrize.is_parametrized(module, self.parameter_name):
+            return module.parametrizations[self.parameter_name].original
+        return getattr(module, self.parameter_name)
+
+    def extra_repr(self) -> str:
+        """Parameter, ranks, scale, init and merge state, for ``repr``."""
+        return (
+            f"parameter={self.parameter_name!r}, ranks={self.ranks}, scale={self.scale}, "
+            f"init={self.init!r}, merged={self.merged}"
+        )
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + ΔW``, summed in the adapter's dtype (``weight`` itself while merged)."""
+        if self.merged:
+            return weight
+        delta = self.delta_weight()
+        if weight.dtype == delta.dtype:
+            return weight + delta
+        return (weight.to(delta.dtype) + delta).to(weight.dtype)

@@ -1,0 +1,157 @@
+"""Adapter files: save -> load reproduces outputs bitwise; failed loads change nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import flora
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6, padding_idx=0)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1, groups=2)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.embed(idx).transpose(1, 2)).transpose(1, 2)
+        return self.head(self.norm(h))
+
+
+def _net() -> _Net:
+    torch.manual_seed(0)
+    return _Net()
+
+
+def _config(init: str = "zero_core") -> flora.FLoRAConfig:
+    return flora.FLoRAConfig(
+        ranks=3,
+        init=init,
+        scale=0.5,
+        target_modules=["embed", "conv", "head"],
+        target_parameters=["norm.weight"],
+    )
+
+
+def _trained(init: str = "zero_core") -> _Net:
+    model = flora.inject(_net(), _config(init))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in flora.adapted_layers(model).values():
+            for p in (layer.core, *layer.factors):
+                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "types": {n: type(m) for n, m in model.named_modules()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (
+        a["types"] == b["types"]
+        and a["grad"] == b["grad"]
+        and a["state"].keys() == b["state"].keys()
+        and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    )
+
+
+@pytest.mark.parametrize("init", ["zero_core", "hosvd"])
+def test_save_load_reproduces_outputs_bitwise(tmp_path: Path, init: str) -> None:
+    model = _trained(init)
+    idx = torch.randint(0, 10, (2, 7))
+    flora.save_adapter(model, tmp_path)
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert document["layers"]["conv"] == {
+        "kind": "Conv1d",
+        "shape": [6, 3, 3],
+        "ranks": [3, 3, 3],
+        "scale": 0.5,
+        "init": init,
+        "forward": "auto",
+        "dropout": 0.0,
+    }
+    assert document["layers"]["norm.weight"]["kind"] == "Parameter"
+    assert flora.FLoRAConfig.from_dict(document["config"]) == _config(init)
+    fresh = flora.load_adapter(_net(), tmp_path)
+    assert torch.equal(fresh(idx), model(idx))
+    assert flora.trainable_parameters(fresh) == flora.trainable_parameters(model)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert saved.keys() == flora.adapter_state_dict(model).keys()
+
+
+def _corrupt_tensors(directory: Path, change: str) -> None:
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    if change == "missing key":
+        del tensors["head.factors.1"]
+    else:
+        tensors["head.core"] = torch.zeros(2, 3)
+    save_file(tensors, str(path))
+
+
+def _corrupt_config(directory: Path, change: str) -> None:
+    path = directory / "adapter_config.json"
+    document = json.loads(path.read_text())
+    if change == "wrong kind":
+        document["layers"]["conv"]["kind"] = "Conv2d"
+    elif change == "unknown module":
+        document["layers"]["blocks.9"] = document["layers"].pop("head")
+    elif change == "wrong layer shape":
+        document["layers"]["head"]["shape"] = [4, 6]
+    else:
+        document["config"]["rank"] = 4
+    path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "missing key",
+        "wrong shape",
+        "wrong kind",
+        "unknown module",
+        "wrong layer shape",
+        "unknown config field",
+    ],
+)
+def test_failed_load_leaves_model_unchanged(tmp_path: Path, change: str) -> None:
+    flora.save_adapter(_trained("hosvd"), tmp_path)
+    if change in ("missing key", "wrong shape"):
+        _corrupt_tensors(tmp_path, change)
+    else:
+        _corrupt_config(tmp_path, change)
+    model = _net()
+    before = _snapshot(model)
+    with pytest.raises(ValueError):  # noqa: PT011 - the messages differ per case
+        flora.load_adapter(model, tmp_path)
+    assert _same(_snapshot(model), before)
+    assert not flora.adapted_layers(model)
+
+
+def test_load_into_adapted_model_fails(tmp_path: Path) -> None:
+    flora.save_adapter(_trained(), tmp_path)
+    model = _trained()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="already adapted"):
+        flora.load_adapter(model, tmp_path)
+    assert _same(_snapshot(model), before)
+
+
+def test_write_adapter_validates_before_writing(tmp_path: Path) -> None:
+    record = {"kind": "Linear", "shape": [3, 4], "ranks": [2, 5], "scale": 1.0, "init": "zero_core"}
+    with pytest.raises(ValueError, match="do not fit"):
+        flora.write_adapter(tmp_path / "out", flora.FLoRAConfig(), {"fc": record}, {})
+    assert not (tmp_path / "out").exists()
