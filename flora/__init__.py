@@ -1,6 +1,7 @@
 """flora: FLoRA adapters (Tucker-structured weight updates) for PyTorch modules."""
 
 from flora.config import DEFAULT_RANKS, FLoRAConfig
+from flora.extraction import ExtractedLayer, Extraction, extract
 from flora.io import adapter_state_dict, load_adapter, save_adapter, write_adapter
 from flora.layers import (
     Conv1d,
@@ -20,6 +21,8 @@ __all__ = [
     "Conv2d",
     "Conv3d",
     "Embedding",
+    "ExtractedLayer",
+    "Extraction",
     "FLoRAConfig",
     "FLoRALayer",
     "Linear",
@@ -27,6 +30,7 @@ __all__ = [
     "TuckerParametrization",
     "adapted_layers",
     "adapter_state_dict",
+    "extract",
     "inject",
     "load_adapter",
     "merge",

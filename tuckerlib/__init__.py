@@ -20,6 +20,7 @@ from tuckerlib.analysis import (
     tucker_vs_matrix,
 )
 from tuckerlib.decompositions import HOOIInfo, hooi, hosvd, rhosvd, sthosvd
+from tuckerlib.io import open_checkpoint
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "mode_product",
     "mode_spectra",
     "multi_mode_product",
+    "open_checkpoint",
     "ranks_for_budget",
     "relative_error",
     "resolve_rank",

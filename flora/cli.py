@@ -1,0 +1,195 @@
+"""The ``flora`` command line: ``flora extract``; see the CLI reference."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flora.extraction import Extraction, extract
+from tuckerlib.cli._common import (
+    EXIT_OK,
+    ArgumentParser,
+    UsageError,
+    describe,
+    positive_int,
+    progress,
+    regex,
+    run,
+)
+
+__all__ = ["main"]
+
+DESCRIPTION = """\
+Extract a FLoRA adapter from a full fine-tune: each changed weight of 2 or
+more dimensions, dW = TUNED - BASE, becomes a truncated Tucker tensor
+(ST-HOSVD, optionally refined by HOOI), written as an adapter directory that
+flora.load_adapter accepts for the model with the BASE weights. Ranks: fixed
+(--ranks), by energy (--energy) or within a LoRA-like budget
+(--budget-like-lora, the default with R = 8). Prints each layer's relative
+error ||dW - adapter|| / ||dW||. Exit status: 0 ok, 2 usage or input error."""
+
+
+def _ranks(text: str) -> int | tuple[int, ...]:
+    parts = [positive_int(part.strip()) for part in text.split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _energy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"energy {text} is outside (0, 1]")
+    return value
+
+
+def _add_extract(commands: Any) -> None:
+    parser = commands.add_parser(
+        "extract",
+        help="turn a full fine-tune into a FLoRA adapter",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("base", type=Path, metavar="BASE", help="checkpoint before fine-tuning")
+    parser.add_argument("tuned", type=Path, metavar="TUNED", help="checkpoint after fine-tuning")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="ADAPTER_DIR", help="directory to write"
+    )
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--ranks",
+        type=_ranks,
+        metavar="R[,R...]",
+        help="one rank for every mode (clipped to its size), or one per mode",
+    )
+    rule.add_argument(
+        "--energy", type=_energy, metavar="E", help="per mode, keep this fraction of the energy"
+    )
+    rule.add_argument(
+        "--budget-like-lora",
+        type=positive_int,
+        metavar="R",
+        help="ranks keeping the most energy within a rank-R LoRA's parameters (default: 8)",
+    )
+    parser.add_argument(
+        "--fixed-kernel-rank",
+        type=positive_int,
+        metavar="K",
+        help="with the budget rule, pin the kernel modes of convolutions to rank K",
+    )
+    parser.add_argument("--include", type=regex, metavar="REGEX", help="only names matching this")
+    parser.add_argument("--exclude", type=regex, metavar="REGEX", help="skip names matching this")
+    parser.add_argument("--refine", action="store_true", help="refine each ST-HOSVD with HOOI")
+    parser.add_argument(
+        "--as-parameters",
+        action="store_true",
+        help="adapt every weight as a generic parameter (for modules that are not exactly "
+        "torch.nn.Linear/ConvNd/Embedding)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    parser.set_defaults(func=_run_extract)
+
+
+def _summary(result: Extraction) -> str:
+    header = ["layer", "kind", "shape", "ranks", "params", "rel. error"]
+    rows = [
+        [
+            layer.name,
+            layer.kind,
+            "x".join(map(str, layer.shape)),
+            ",".join(map(str, layer.ranks)),
+            str(layer.n_params),
+            f"{layer.relative_error:.4f}",
+        ]
+        for layer in result.layers
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    adapter = sum(layer.n_params for layer in result.layers)
+    dense = sum(math.prod(layer.shape) for layer in result.layers)
+    lines.append(
+        f"\nWrote {result.directory}: {len(result.layers)} layers, {adapter} adapter parameters "
+        f"for {dense} weights ({adapter / dense:.1%})."
+    )
+    if result.skipped:
+        lines.append(f"Not in the adapter ({len(result.skipped)} tensors):")
+        groups: dict[str, list[str]] = {}
+        for name, reason in result.skipped:
+            groups.setdefault(reason, []).append(name)
+        lines += [f"  {reason}: {describe(names)}" for reason, names in groups.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    try:
+        result = extract(
+            args.base,
+            args.tuned,
+            args.out,
+            ranks=args.ranks,
+            energy=args.energy,
+            budget_like_lora=args.budget_like_lora,
+            fixed_kernel_rank=args.fixed_kernel_rank,
+            include=args.include,
+            exclude=args.exclude,
+            refine=args.refine,
+            as_parameters=args.as_parameters,
+            progress=lambda names: progress(names, quiet=args.quiet),
+        )
+    except ValueError as exc:
+        # extract validates its inputs with ValueError (ranks that do not fit
+        # a tensor, nothing to extract); at the command line that is exit 2.
+        if isinstance(exc, UsageError | OSError):
+            raise
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(_summary(result))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``flora`` command line and return its exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        ``0`` on success, ``2`` for a usage or input error (reported as one
+        line on stderr).
+
+    Examples
+    --------
+    >>> from importlib import resources
+    >>> from flora.cli import main
+    >>> data = resources.files("tuckerlib") / "data"
+    >>> out = getfixture("tmp_path") / "adapter"
+    >>> main(["extract", str(data / "digits_cnn_base.safetensors"),
+    ...       str(data / "digits_cnn_tuned.safetensors"), "--out", str(out), "--quiet",
+    ...       "--include", "fc"])  # doctest: +ELLIPSIS
+    layer  kind    shape    ranks  params  rel. error
+    -----  ------  -------  -----  ------  ----------
+    fc1    Linear  128x256  7,7    2737    0.28...
+    fc2    Linear  10x128   7,7    1015    0.17...
+    <BLANKLINE>
+    Wrote ...adapter: 2 layers, 3752 adapter parameters for 34048 weights (11.0%).
+    Not in the adapter (2 tensors):
+      1-D tensor (bias, norm or scalar): no rank structure: fc1.bias, fc2.bias
+    0
+    """
+    parser = ArgumentParser(prog="flora", description="FLoRA adapters from the command line.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_extract(commands)
+    args = parser.parse_args(argv)
+    return run(f"flora {args.command}", lambda: args.func(args))

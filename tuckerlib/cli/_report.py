@@ -1,0 +1,205 @@
+"""The rank structure of each ΔW = tuned − base: the numbers ``analyze`` reports."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tuckerlib import (
+    effective_rank,
+    energy_ranks,
+    mode_spectra,
+    ranks_for_budget,
+    relative_error,
+    sthosvd,
+    tucker_params,
+    tucker_vs_matrix,
+)
+
+__all__ = [
+    "JSON_VERSION",
+    "AnalyzeOptions",
+    "Report",
+    "TensorReport",
+    "analyze_delta",
+    "budget_ranks",
+    "lora_budget",
+    "tensor_kind",
+]
+
+JSON_VERSION = 1
+KINDS = ("linear", "conv", "embedding", "other")
+
+_EMBEDDING_NAME = re.compile(r"emb|wte|wpe|tok_embeddings|lookup", re.IGNORECASE)
+
+
+def tensor_kind(name: str, shape: tuple[int, ...]) -> str:
+    """Classify a parameter as ``linear``, ``conv``, ``embedding`` or ``other``.
+
+    Layers store weights in the axis orders of DESIGN §2: Linear
+    ``(out, in)``, ConvNd ``(out, in/groups, *kernel)``, Embedding
+    ``(num, dim)``. Only tensors whose name ends in ``weight`` (or
+    ``kernel``) count as layer weights; 2-D ones whose name mentions an
+    embedding are embeddings.
+    """
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if not leaf.endswith(("weight", "kernel")):
+        return "other"
+    if len(shape) == 2:
+        return "embedding" if _EMBEDDING_NAME.search(name) else "linear"
+    if 3 <= len(shape) <= 5:
+        return "conv"
+    return "other"
+
+
+def lora_budget(shape: tuple[int, ...], lora_rank: int) -> int:
+    """Parameters of a rank-``lora_rank`` LoRA of the ``(out, rest)`` reshape.
+
+    The rank is clipped to ``min(out, rest)``: a LoRA pair of higher rank
+    holds the full matrix and more.
+    """
+    rows, cols = shape[0], math.prod(shape[1:])
+    return min(lora_rank, rows, cols) * (rows + cols)
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """What to compute for each tensor.
+
+    Attributes
+    ----------
+    energies : tuple of (str, float)
+        Energy fractions, each with the text it was given as (the JSON key).
+    lora_rank : int
+        The LoRA rank that sets each tensor's parameter budget.
+    fixed_kernel_rank : int or None
+        If set, the kernel modes of convolutions are pinned to this rank
+        (clipped to the kernel size) in the recommended ranks.
+    """
+
+    energies: tuple[tuple[str, float], ...] = (("0.9", 0.9), ("0.99", 0.99))
+    lora_rank: int = 8
+    fixed_kernel_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """The analysis of one ΔW (field names are the JSON keys, plus extras)."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    delta_norm: float
+    relative_delta: float | None
+    energy_ranks: dict[str, list[int]]
+    effective_ranks: list[float]
+    tucker_error: float
+    matrix_error: float
+    recommended_ranks: list[int]
+    budget: int
+    base_norm: float
+    spectra: list[np.ndarray] = field(repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The tensor's entry of the version-1 JSON schema."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "delta_norm": self.delta_norm,
+            "relative_delta": self.relative_delta,
+            "energy_ranks": self.energy_ranks,
+            "effective_ranks": self.effective_ranks,
+            "tucker_error": self.tucker_error,
+            "matrix_error": self.matrix_error,
+            "recommended_ranks": self.recommended_ranks,
+        }
+
+
+@dataclass
+class Report:
+    """Everything ``analyze`` found about a pair of checkpoints."""
+
+    base: str
+    tuned: str
+    options: AnalyzeOptions
+    tensors: list[TensorReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    description: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The version-1 JSON object (DESIGN §5)."""
+        return {
+            "version": JSON_VERSION,
+            "base": self.base,
+            "tuned": self.tuned,
+            "tensors": [t.to_json() for t in self.tensors],
+            "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
+        }
+
+
+def _fixed_ranks(kind: str, shape: tuple[int, ...], rank: int | None) -> dict[int, int] | None:
+    if rank is None or kind != "conv":
+        return None
+    return {mode: min(rank, shape[mode]) for mode in range(2, len(shape))}
+
+
+def _tucker_error(
+    delta: np.ndarray, ranks: tuple[int, ...], budget: int, comparison: dict[str, Any]
+) -> float:
+    if tuple(comparison["tucker_ranks"]) == ranks:
+        return float(comparison["tucker_error"])
+    # Pinned kernel ranks differ from the unconstrained optimum that
+    # tucker_vs_matrix searched: report the error at the ranks recommended.
+    return relative_error(delta, sthosvd(delta, ranks))
+
+
+def budget_ranks(
+    spectra: list[np.ndarray], kind: str, lora_rank: int, fixed_kernel_rank: int | None = None
+) -> tuple[tuple[int, ...], int]:
+    """FLoRA ranks within the budget of a rank-``lora_rank`` LoRA, and that budget.
+
+    ``spectra`` are the tensor's mode spectra (their lengths give its
+    shape). Kernel modes of convolutions are pinned to ``fixed_kernel_rank``
+    when it is given.
+    """
+    shape = tuple(len(s) for s in spectra)
+    fixed = _fixed_ranks(kind, shape, fixed_kernel_rank)
+    pinned = fixed or {}
+    floor = tucker_params(shape, [pinned.get(n, 1) for n in range(len(shape))])
+    # A 1x1 convolution at LoRA rank 1 affords less than rank 1 in every
+    # mode; lift the budget to that minimum rather than report nothing.
+    budget = max(lora_budget(shape, lora_rank), floor)
+    return ranks_for_budget(spectra, budget, fixed=fixed), budget
+
+
+def analyze_delta(
+    name: str, delta: np.ndarray, base_norm: float, options: AnalyzeOptions
+) -> TensorReport:
+    """Analyze one ΔW of at least two dimensions, not all zero and finite."""
+    shape = tuple(int(d) for d in delta.shape)
+    kind = tensor_kind(name, shape)
+    spectra = [np.asarray(s, dtype=np.float64) for s in mode_spectra(delta)]
+    ranks, budget = budget_ranks(spectra, kind, options.lora_rank, options.fixed_kernel_rank)
+    comparison = tucker_vs_matrix(delta, budget)
+    # Every unfolding holds all entries: one spectrum's energy is ‖ΔW‖².
+    delta_norm = math.sqrt(float(np.sum(spectra[0] ** 2)))
+    return TensorReport(
+        name=name,
+        shape=shape,
+        kind=kind,
+        delta_norm=delta_norm,
+        relative_delta=delta_norm / base_norm if base_norm > 0 else None,
+        energy_ranks={key: list(energy_ranks(spectra, e)) for key, e in options.energies},
+        effective_ranks=[effective_rank(s) for s in spectra],
+        tucker_error=_tucker_error(delta, ranks, budget, comparison),
+        matrix_error=float(comparison["matrix_error"]),
+        recommended_ranks=list(ranks),
+        budget=budget,
+        base_norm=base_norm,
+        spectra=spectra,
+    )

@@ -1,0 +1,37 @@
+"""Open one checkpoint file with the reader its format needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuckerlib.io._base import Checkpoint, CheckpointError
+from tuckerlib.io._safetensors import SafetensorsCheckpoint
+from tuckerlib.io._torch import TorchCheckpoint
+
+__all__ = ["open_file"]
+
+TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
+
+# A zip archive (PyTorch >= 1.6) or a raw pickle stream (legacy format).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_torch(path: Path) -> bool:
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    return start.startswith(_TORCH_MAGIC)
+
+
+def open_file(path: Path) -> Checkpoint:
+    """Open a single ``.safetensors`` or PyTorch checkpoint file.
+
+    The suffix decides the reader; a file with another suffix is recognized
+    by its first bytes.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return SafetensorsCheckpoint(path)
+    if path.suffix in TORCH_SUFFIXES or _looks_like_torch(path):
+        return TorchCheckpoint(path)
+    return SafetensorsCheckpoint(path)

@@ -1,0 +1,161 @@
+"""A pure-NumPy, memory-mapped reader of ``.safetensors`` files.
+
+The format (https://github.com/huggingface/safetensors) is an 8-byte
+little-endian header length, a JSON header mapping each tensor name to its
+dtype, shape and byte range, then the raw little-endian data. Nothing in it
+is executable, so reading it is safe whatever its origin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuckerlib.io._base import (
+    DEFAULT_CHUNK_BYTES,
+    STORAGE_DTYPES,
+    Checkpoint,
+    CheckpointError,
+    TensorInfo,
+    widen_bf16,
+)
+
+__all__ = ["SafetensorsCheckpoint"]
+
+# The reference implementation refuses headers above 100 MB; so do we, so a
+# corrupt length field cannot make us allocate gigabytes.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _read_header(path: Path, handle: Any, size: int) -> tuple[dict[str, Any], int]:
+    if size < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+    length = int.from_bytes(handle.read(8), "little")
+    if length > min(size - 8, MAX_HEADER_BYTES):
+        raise CheckpointError(
+            f"{path}: not a safetensors file (header length {length} exceeds the file)"
+        )
+    try:
+        header = json.loads(handle.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header, 8 + length
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_bytes: int) -> tuple[TensorInfo, int]:
+    try:
+        code = entry["dtype"]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
+    if not isinstance(code, str) or any(d < 0 for d in shape) or not 0 <= begin <= end:
+        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}")
+    if end > data_bytes:
+        raise CheckpointError(f"{path}: tensor {name!r} extends past the end of the file")
+    storage = STORAGE_DTYPES.get(code)
+    if storage is not None and end - begin != math.prod(shape) * storage.itemsize:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(shape)} "
+            f"of {code} needs {math.prod(shape) * storage.itemsize}"
+        )
+    return TensorInfo(shape, code), begin
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One ``.safetensors`` file, memory-mapped; tensors in file order.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+
+    Attributes
+    ----------
+    metadata : dict of str to str
+        The header's ``__metadata__`` (empty when absent).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is not a well-formed safetensors file.
+    OSError
+        If it cannot be opened.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        with self.path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header, self._data_start = _read_header(self.path, handle, size)
+            self._mmap: mmap.mmap | None = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = dict(metadata) if isinstance(metadata, dict) else {}
+        parsed = {
+            name: _parse_entry(self.path, name, entry, size - self._data_start)
+            for name, entry in header.items()
+        }
+        order = sorted(parsed, key=lambda name: parsed[name][1])
+        self._infos = {name: parsed[name][0] for name in order}
+        self._offsets = {name: self._data_start + parsed[name][1] for name in order}
+
+    def _raw(self, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
+        info = self.info(name)
+        storage = STORAGE_DTYPES[info.dtype]
+        if self._mmap is None:
+            raise CheckpointError(f"{self.path}: checkpoint is closed")
+        count = info.numel - start if count is None else count
+        offset = self._offsets[name] + start * storage.itemsize
+        return np.frombuffer(self._mmap, dtype=storage, count=count, offset=offset)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        if info.dtype == "BF16" or info.dtype not in STORAGE_DTYPES:
+            return self.read(name)
+        return self._raw(name).reshape(info.shape)
+
+    def chunks(
+        self, name: str, dtype: np.dtype | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> Iterator[np.ndarray]:
+        """Yield the flattened tensor ``name`` in pieces; see :meth:`Checkpoint.chunks`."""
+        info = self.info(name)
+        target = self._target_dtype(name, dtype)
+        itemsize = STORAGE_DTYPES[info.dtype].itemsize
+        step = max(1, chunk_bytes // itemsize)
+        for start in range(0, info.numel, step):
+            count = min(step, info.numel - start)
+            raw = self._raw(name, start, count)
+            piece = widen_bf16(raw) if info.dtype == "BF16" else raw
+            piece = piece.astype(target, copy=piece is raw)
+            del raw
+            self._release(self._offsets[name] + start * itemsize, count * itemsize)
+            yield piece
+
+    def _release(self, offset: int, nbytes: int) -> None:
+        # Clean file-backed pages count towards the resident set until they
+        # are unmapped; dropping them keeps a streamed read at one tensor.
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = offset - offset % mmap.PAGESIZE
+        length = min(offset + nbytes, len(self._mmap)) - begin
+        if length > 0:
+            self._mmap.madvise(mmap.MADV_DONTNEED, begin, length)
+
+    def close(self) -> None:
+        """Unmap the file once no array returned by indexing refers to it."""
+        if self._mmap is not None:
+            mapped, self._mmap = self._mmap, None
+            # Views handed out by __getitem__ keep the mapping alive; it is
+            # unmapped when the last of them is garbage-collected.
+            with contextlib.suppress(BufferError):
+                mapped.close()
