@@ -41,6 +41,16 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "torch.nn.Conv2d": ("py:class", "generated/torch.nn.Conv2d.html#$"),
             "torch.nn.Conv3d": ("py:class", "generated/torch.nn.Conv3d.html#$"),
             "torch.nn.Embedding": ("py:class", "generated/torch.nn.Embedding.html#$"),
+            # autodoc writes base classes under their defining module's name.
+            "torch.nn.modules.module.Module": ("py:class", "generated/torch.nn.Module.html#$"),
+            "torch.nn.modules.linear.Linear": ("py:class", "generated/torch.nn.Linear.html#$"),
+            "torch.nn.modules.conv.Conv1d": ("py:class", "generated/torch.nn.Conv1d.html#$"),
+            "torch.nn.modules.conv.Conv2d": ("py:class", "generated/torch.nn.Conv2d.html#$"),
+            "torch.nn.modules.conv.Conv3d": ("py:class", "generated/torch.nn.Conv3d.html#$"),
+            "torch.nn.modules.sparse.Embedding": (
+                "py:class",
+                "generated/torch.nn.Embedding.html#$",
+            ),
             "torch.nn.Parameter": ("py:class", "generated/torch.nn.parameter.Parameter.html#$"),
             "torch.nn.utils.parametrize.register_parametrization": (
                 "py:function",
