@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 JOBS ?= 2
 
-.PHONY: analyze test lint pytest docs bench clean
+.PHONY: analyze test bench quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,17 @@ test: $(VENV)/.installed-test,docs
 	$(BIN)/python -m pytest -n $(JOBS)
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 
+# Speed tables against the anchors (TensorLy, PEFT, a plain GEMM, naive FLoRA); minutes each.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_primitives.py
+	$(BIN)/python benchmarks/bench_decompositions.py
+	$(BIN)/python benchmarks/bench_adapters.py
+	$(BIN)/python benchmarks/bench_auto_rule.py
+	$(BIN)/python benchmarks/bench_analyze.py
+
+# FLoRA vs LoRA vs full fine-tuning on digits (about 20 minutes on 2 cores).
+quality: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/quality.py --out benchmarks/out/quality
 
 clean:
 	rm -rf $(VENV) docs/_build docs/api/generated .pytest_cache .hypothesis

@@ -1,0 +1,141 @@
+"""Summaries, tables and the figure of the quality benchmark."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Summary", "markdown", "summarize", "write_csv", "write_figure", "write_json"]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean and spread over seeds of one (study, method, budget, setting) cell."""
+
+    study: str
+    method: str
+    setting: str
+    budget_rank: int | None
+    lr: float
+    n_seeds: int
+    n_trainable: int
+    percent_of_model: float
+    test_mean: float
+    test_std: float
+    val_mean: float
+    seconds_per_epoch: float
+    memory_kib: float
+    ranks: str
+
+
+def _std(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(rows: Iterable[dict], n_model: int) -> list[Summary]:
+    """Group run rows by (study, method, setting, budget) and average over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["study"], row["method"], row["setting"], row["budget_rank"])
+        groups.setdefault(key, []).append(row)
+    summaries = []
+    for (study, method, setting, budget_rank), members in groups.items():
+        test = [m["test_accuracy"] for m in members]
+        summaries.append(
+            Summary(
+                study=study,
+                method=method,
+                setting=setting,
+                budget_rank=budget_rank,
+                lr=members[0]["lr"],
+                n_seeds=len(members),
+                n_trainable=members[0]["n_trainable"],
+                percent_of_model=100.0 * members[0]["n_trainable"] / n_model,
+                test_mean=float(np.mean(test)),
+                test_std=_std(test),
+                val_mean=float(np.mean([m["val_accuracy"] for m in members])),
+                seconds_per_epoch=float(np.mean([m["seconds_per_epoch"] for m in members])),
+                memory_kib=members[0]["memory_bytes"] / 1024,
+                ranks=members[0]["ranks"],
+            )
+        )
+    return summaries
+
+
+_COLUMNS = (
+    ("Method", lambda s: s.setting),
+    ("Budget (LoRA r)", lambda s: "-" if s.budget_rank is None else str(s.budget_rank)),
+    ("Trainable params", lambda s: f"{s.n_trainable:,}"),
+    ("% of model", lambda s: f"{s.percent_of_model:.2f}"),
+    ("Test accuracy", lambda s: f"{s.test_mean:.3f} ± {s.test_std:.3f}"),
+    ("Val accuracy", lambda s: f"{s.val_mean:.3f}"),
+    ("LR", lambda s: f"{s.lr:g}"),
+    ("Seeds", lambda s: str(s.n_seeds)),
+    ("s / epoch", lambda s: f"{s.seconds_per_epoch:.3f}"),
+    ("Train memory (KiB)", lambda s: f"{s.memory_kib:,.0f}"),
+)
+
+
+def _cells(summaries: Sequence[Summary]) -> list[list[str]]:
+    return [[render(s) for _, render in _COLUMNS] for s in summaries]
+
+
+def write_csv(path: Path, summaries: Sequence[Summary]) -> None:
+    """Write one table (header row, one row per summary) for ``.. csv-table::``."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([name for name, _ in _COLUMNS])
+        writer.writerows(_cells(summaries))
+
+
+def markdown(summaries: Sequence[Summary]) -> str:
+    """The same table as Markdown, for the terminal and reports."""
+    header = [name for name, _ in _COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in _cells(summaries)]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write raw runs and metadata, sorted keys, for reruns and diffs."""
+    path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_figure(path: Path, summaries: Sequence[Summary], labels: dict[str, str]) -> None:
+    """Test accuracy against trainable parameters, one line per method, ±1 std bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for method, label in labels.items():
+        points = sorted(
+            (s for s in summaries if s.study == "main" and s.method == method),
+            key=lambda s: s.n_trainable,
+        )
+        if not points:
+            continue
+        ax.errorbar(
+            [s.n_trainable for s in points],
+            [s.test_mean for s in points],
+            yerr=[s.test_std for s in points],
+            marker="o",
+            markersize=4,
+            capsize=3,
+            linewidth=1.2,
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy, rotated digits")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""Smoke run of benchmarks/quality.py: the whole pipeline, a few steps, one seed, one budget."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft", reason="the quality benchmark compares against HF PEFT's LoRA")
+pytest.importorskip("sklearn", reason="the quality benchmark uses scikit-learn's digits")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+#: A method's trainable count may fall short of the budget (integer Tucker
+#: ranks) by at most this fraction, and never exceed it.
+BUDGET_SLACK = 0.2
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("quality")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def result(quality, tmp_path_factory):
+    import torch
+
+    out = tmp_path_factory.mktemp("quality")
+    # One thread: spinning OpenMP workers make tiny steps 10x slower when
+    # pytest-xdist workers share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return quality.run_experiment(quality.QUICK, out), out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_writes_figure_tables_and_runs(result):
+    _, out = result
+    for name in ("flora_vs_lora.png", "flora_vs_lora_runs.json"):
+        assert (out / name).stat().st_size > 0
+    for study in ("main", "ablation", "sweep"):
+        lines = (out / f"flora_vs_lora_{study}.csv").read_text(encoding="utf-8").splitlines()
+        assert len(lines) > 1
+        assert lines[0].startswith("Method,")
+
+
+def test_every_method_runs_with_sane_numbers(quality, result):
+    summary, _ = result
+    main = summary["summaries"]["main"]
+    assert {s.method for s in main} == set(quality.METHODS)
+    for row in summary["rows"]:
+        assert 0.0 <= row["val_accuracy"] <= 1.0
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["seconds_per_epoch"] > 0
+        assert row["memory_bytes"] > 4 * summary["n_model"]
+    assert summary["seconds"] > 0
+
+
+def test_budgets_are_met(quality, result):
+    from _quality_methods import lora_budget
+
+    summary, _ = result
+    budget_rank = quality.QUICK.budget_ranks[0]
+    main = {s.method: s for s in summary["summaries"]["main"]}
+    budget = sum(lora_budget(quality.DigitsCNN(), budget_rank).values())
+    assert main["lora"].n_trainable == budget
+    for method in quality.FLORA_VARIANTS:
+        assert (1 - BUDGET_SLACK) * budget <= main[method].n_trainable <= budget, method
+    assert main["full"].n_trainable == summary["n_model"]
+    assert main["head"].n_trainable < main["lora"].n_trainable
+
+
+def test_flora_count_is_the_sum_of_tucker_params(quality):
+    from _quality_methods import FLORA_VARIANTS, adapt, flora_layer_ranks
+
+    import flora
+    import tuckerlib
+
+    base = quality.DigitsCNN()
+    for variant in FLORA_VARIANTS.values():
+        adapted = adapt(base, "flora_energy", budget_rank=2, seed=0, variant=variant)
+        ranks = flora_layer_ranks(base, 2, variant)
+        expected = sum(
+            tuckerlib.tucker_params(tuple(base.get_submodule(name).weight.shape), r)
+            for name, r in ranks.items()
+        )
+        assert flora.trainable_parameters(adapted.model) == expected == adapted.n_trainable
+
+
+def test_zero_core_adapters_start_at_the_base_model(quality):
+    import torch
+    from _quality_methods import FLORA_VARIANTS, adapt
+
+    base = quality.DigitsCNN().eval()
+    x = torch.rand(5, 1, 8, 8)
+    tol = 100 * torch.finfo(torch.float32).eps
+    for method in ("lora", *FLORA_VARIANTS):
+        adapted = adapt(base, method, budget_rank=1, seed=0, variant=FLORA_VARIANTS.get(method))
+        with torch.no_grad():
+            torch.testing.assert_close(adapted.model(x), base(x), rtol=tol, atol=tol)
