@@ -265,7 +265,12 @@ def write_adapter(
     return directory
 
 
-def save_adapter(model: nn.Module, directory: str | PathLike[str]) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | PathLike[str],
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Save the adapters of ``model`` (not the base weights) to ``directory``.
 
     Parameters
@@ -275,6 +280,17 @@ def save_adapter(model: nn.Module, directory: str | PathLike[str]) -> Path:
     directory : str or path-like
         Created if missing; receives ``adapter_model.safetensors`` and
         ``adapter_config.json`` (format in :mod:`flora.io`).
+    state_dict : dict of str to torch.Tensor, optional
+        The adapter tensors to write, as returned by
+        :func:`adapter_state_dict` (default: computed here). Under FSDP2
+        gathering the shards is a collective call that every rank must make,
+        so gather on every rank and save from one::
+
+            sd = flora.adapter_state_dict(model)  # every rank
+            if torch.distributed.get_rank() == 0:
+                flora.save_adapter(model, directory, state_dict=sd)
+
+        Its keys and shapes must match the model's adapted layers.
 
     Returns
     -------
@@ -284,11 +300,16 @@ def save_adapter(model: nn.Module, directory: str | PathLike[str]) -> Path:
     Raises
     ------
     ValueError
-        If the model has no adapters.
+        If the model has no adapters, or ``state_dict`` does not match its
+        adapted layers (missing or unexpected keys, wrong shapes, tensors
+        still sharded); nothing is written then.
+    TypeError
+        If ``state_dict`` is not a mapping.
 
     See Also
     --------
     load_adapter : The inverse.
+    adapter_state_dict : The tensors saved.
 
     Examples
     --------
@@ -311,13 +332,27 @@ def save_adapter(model: nn.Module, directory: str | PathLike[str]) -> Path:
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("the model has no FLoRA adapters; call flora.inject first")
+    if state_dict is None:
+        state_dict = adapter_state_dict(model)
+    elif not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a dict of tensors from flora.adapter_state_dict, "
+            f"got {type(state_dict).__name__}"
+        )
+    else:
+        sharded = sorted(key for key, value in state_dict.items() if hasattr(value, "full_tensor"))
+        if sharded:
+            raise ValueError(
+                f"state_dict holds sharded DTensors {sharded}; pass the gathered tensors "
+                "that flora.adapter_state_dict(model) returns"
+            )
     first = next(iter(layers.values()))
     config = getattr(first, "config", None) or FLoRAConfig(scale=first.scale, init=first.init)
     return write_adapter(
         directory,
         config,
         {name: _record(layer) for name, layer in layers.items()},
-        adapter_state_dict(model),
+        state_dict,
         adapter_name=getattr(first, "adapter_name", "default"),
     )
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import flora
+import flora.io
 
 
 class _Net(nn.Module):
@@ -155,3 +156,39 @@ def test_write_adapter_validates_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not fit"):
         flora.write_adapter(tmp_path / "out", flora.FLoRAConfig(), {"fc": record}, {})
     assert not (tmp_path / "out").exists()
+
+
+def test_save_from_gathered_state_dict_writes_the_same_files(tmp_path: Path) -> None:
+    # The FSDP2 recipe: every rank gathers, one rank saves what it gathered.
+    model = _trained("hosvd")
+    flora.save_adapter(model, tmp_path / "direct")
+    state = flora.adapter_state_dict(model)
+    flora.save_adapter(model, tmp_path / "given", state_dict=state)
+    for name in (flora.io.CONFIG_NAME, flora.io.WEIGHTS_NAME):
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "given" / name).read_bytes()
+    # The tensors written are the ones passed, not recomputed from the model.
+    state["head.core"] = state["head.core"] + 1.0
+    flora.save_adapter(model, tmp_path / "changed", state_dict=state)
+    written = load_file(str(tmp_path / "changed" / flora.io.WEIGHTS_NAME))
+    assert torch.equal(written["head.core"], state["head.core"])
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "shape"])
+def test_save_rejects_a_mismatched_state_dict(tmp_path: Path, change: str) -> None:
+    model = _trained()
+    state = flora.adapter_state_dict(model)
+    if change == "missing":
+        del state["head.core"]
+    elif change == "unexpected":
+        state["head.extra"] = torch.zeros(1)
+    else:
+        state["head.factors.0"] = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="head"):
+        flora.save_adapter(model, tmp_path / "out", state_dict=state)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_rejects_a_state_dict_that_is_not_a_mapping(tmp_path: Path) -> None:
+    model = _trained()
+    with pytest.raises(TypeError, match="state_dict"):
+        flora.save_adapter(model, tmp_path, state_dict=list(flora.adapter_state_dict(model)))

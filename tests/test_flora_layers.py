@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import flora
+import flora._cost
 import tuckerlib
 
 
@@ -147,16 +148,61 @@ def test_grouped_conv_falls_back_to_dense() -> None:
     assert layer.choose_forward(torch.randn(1, 4, 5, 5)) == "dense"
 
 
-def test_auto_picks_the_cheaper_mode() -> None:
-    layer = flora.Linear(nn.Linear(64, 64), ranks=2)
-    few, many = torch.randn(1, 64), torch.randn(4096, 64)
+def _meta_input(*shape: int) -> torch.Tensor:
+    # choose_forward reads only shapes: a meta tensor allocates nothing.
+    return torch.empty(shape, device="meta", requires_grad=True)
+
+
+def test_auto_without_gradients() -> None:
+    layer = flora.Linear(nn.Linear(1024, 1024), ranks=8)
     with torch.no_grad():
-        # Without gradients the dense path fuses W + ΔW: only building ΔW costs.
-        assert layer.choose_forward(many) == "dense"
-    # With gradients a fused op also pays the merged weight's gradient.
-    assert layer.choose_forward(many) == "factorized"
-    factorized, build, _ = layer._flops(few)
-    assert (factorized < build) == (layer.choose_forward(few) == "factorized")
+        # Fused W + ΔW only pays for building ΔW: cheap next to many tokens...
+        assert layer.choose_forward(_meta_input(2048, 1024)) == "dense"
+        # ...and dear next to one token through three thin matmuls.
+        assert layer.choose_forward(_meta_input(1, 1024)) == "factorized"
+
+
+def test_auto_with_gradients() -> None:
+    linear = flora.Linear(nn.Linear(1024, 1024), ranks=8)
+    # A fused op pays the merged weight's gradient, a full-size GEMM.
+    assert linear.choose_forward(_meta_input(32, 1024)) == "factorized"
+    # Tiny weights, many tokens: the thin matmuls' activation traffic costs
+    # more than the weight gradient (measured in bench_auto_rule.py).
+    small = flora.Linear(nn.Linear(64, 64), ranks=2)
+    assert small.choose_forward(_meta_input(4096, 64)) == "dense"
+
+
+def test_auto_balance_zero_counts_multiply_adds(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = flora.Linear(nn.Linear(64, 64), ranks=2)
+    monkeypatch.setattr(flora._cost, "MACHINE_BALANCE", 0)
+    # 16x fewer multiply-adds: a flop count alone picks factorized.
+    assert small.choose_forward(_meta_input(4096, 64)) == "factorized"
+
+
+def test_chain_cost_counts_backward_passes() -> None:
+    ops = [flora._cost.Op(1000, 1), flora._cost.Op(2000, 1)]
+    assert flora._cost.chain_cost(ops, training=False, input_grad=False) == 3000
+    # The first op skips its input gradient unless the input needs one.
+    assert flora._cost.chain_cost(ops, training=True, input_grad=False) == 2000 + 6000
+    assert flora._cost.chain_cost(ops, training=True, input_grad=True) == 9000
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "Parameter"])
+@pytest.mark.parametrize("mode", ["factorized", "dense"])
+def test_adapter_gradients_are_contiguous(kind: str, mode: str) -> None:
+    # DDP buckets expect gradients with the parameters' strides; a permuted
+    # gradient makes it warn and copy on every step. is_contiguous() alone
+    # ignores the strides of size-1 axes (a depthwise core's in/groups mode).
+    module, x = _gradcheck_case(kind)
+    (layer,) = flora.adapted_layers(module).values()
+    if isinstance(layer, flora.FLoRALayer):
+        layer.forward_mode = mode
+    _randomize(layer)
+    module(x.requires_grad_(x.is_floating_point())).square().sum().backward()
+    for p in (layer.core, *layer.factors):
+        assert p.grad is not None
+        assert p.grad.is_contiguous()
+        assert p.grad.stride() == p.stride(), (tuple(p.shape), p.grad.stride())
 
 
 class _Experts(nn.Module):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import reconstruct
 from flora.config import FORWARD_MODES, INIT_MODES, RankTemplate, clip_ranks
 from flora.init import hosvd_init, init_factors
@@ -193,8 +194,8 @@ class FLoRALayer(TuckerDelta):
     """Base class of the module wrappers: ``base_layer(x)`` plus the adapter branch.
 
     Subclasses say how to run the branch factorized (``_factorized``), dense
-    (``_dense``) or fused into the base op (``_fused``), and what each costs
-    (``_flops``).
+    (``_dense``) or fused into the base op (``_fused``), and which ops each
+    runs (``_ops``, for the cost model of ``flora._cost``, see :doc:`/flora_math`).
 
     Parameters
     ----------
@@ -266,23 +267,28 @@ class FLoRALayer(TuckerDelta):
     def choose_forward(self, x: torch.Tensor) -> str:
         """The branch computation used for input ``x``: ``"dense"`` or ``"factorized"``.
 
-        With ``forward="auto"`` the cheaper in multiply-adds, counting the
-        backward pass when gradients flow (see :doc:`/flora_math`).
+        With ``forward="auto"`` the cheaper under a roofline cost model of the
+        ops each path runs (multiply-adds against the elements they read and
+        write), counting the backward pass when gradients flow (see
+        :doc:`/flora_math`).
         """
         if not self.factorizable or self.forward_mode == "dense":
             return "dense"
         if self.forward_mode == "factorized":
             return "factorized"
-        factorized, build, apply = self._flops(x)
-        fusable = self._fusable(self.core)
-        if torch.is_grad_enabled() and self.core.requires_grad:
-            # Forward, gradient of the input, gradient of the weights; a fused
-            # op only adds the weight gradient of the merged weight.
-            dense = 3 * build + (apply if fusable else 3 * apply)
-            factorized *= 3
-        else:
-            dense = build + (0 if fusable else apply)
-        return "factorized" if factorized < dense else "dense"
+        factorized, dense_op, in_elements, out_elements = self._ops(x)
+        training = torch.is_grad_enabled() and self.core.requires_grad
+        return choose(
+            factorized,
+            dense_op,
+            reconstruction_ops(self.shape, self.ranks),
+            weight_elements=math.prod(self.shape),
+            in_elements=in_elements,
+            out_elements=out_elements,
+            fused=self._fusable(self.core),
+            training=training,
+            input_grad=training and x.requires_grad,
+        )
 
     def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x).to(self.core.dtype)
@@ -309,6 +315,6 @@ class FLoRALayer(TuckerDelta):
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _flops(self, x: torch.Tensor) -> tuple[int, int, int]:
-        """Multiply-adds of (factorized branch, building ΔW, the extra dense op)."""
+    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
+        """(factorized branch ops, the dense op on ``ΔW``, input and output elements)."""
         raise NotImplementedError

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from flora._tucker import reconstruct, reconstruction_flops
+from flora._cost import Op, reconstruction_ops
+from flora._tucker import reconstruct
 from flora.config import DEFAULT_RANKS, RankTemplate
 from flora.layers.base import FLoRALayer
 
@@ -96,25 +97,36 @@ class _ConvNd(FLoRALayer):
         ]
         return math.prod(sizes)
 
-    def _flops(self, x: torch.Tensor) -> tuple[int, int, int]:
+    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
         out_channels, in_per_group, *kernel = self.shape
         out_rank, in_rank = self.ranks[:2]
         spatial = tuple(x.shape[-len(kernel) :])
-        in_pixels = math.prod(spatial)
         in_channels = in_per_group * self.base_layer.groups
-        batch = x.numel() // (in_channels * in_pixels)
+        batch = x.numel() // (in_channels * math.prod(spatial))
+        in_pixels = batch * math.prod(spatial)
         out_pixels = batch * self._output_pixels(spatial)
         taps = math.prod(kernel)
-        kernel_core = reconstruction_flops(
-            (out_rank, in_rank, *kernel), self.ranks, range(2, len(self.shape))
+        modes = range(2, len(self.shape))
+        factorized = [
+            Op(
+                in_pixels * in_channels * in_rank,
+                in_pixels * (in_channels + in_rank) + in_channels * in_rank,
+            ),
+            *reconstruction_ops((out_rank, in_rank, *kernel), self.ranks, modes),
+            Op(
+                out_pixels * taps * in_rank * out_rank,
+                in_pixels * in_rank + out_rank * in_rank * taps + out_pixels * out_rank,
+            ),
+            Op(
+                out_pixels * out_rank * out_channels,
+                out_pixels * (out_rank + out_channels) + out_rank * out_channels,
+            ),
+        ]
+        dense = Op(
+            out_pixels * out_channels * in_per_group * taps,
+            in_pixels * in_channels + math.prod(self.shape) + out_pixels * out_channels,
         )
-        factorized = (
-            batch * in_pixels * in_channels * in_rank
-            + out_pixels * (taps * in_rank * out_rank + out_rank * out_channels)
-            + kernel_core
-        )
-        build = reconstruction_flops(self.shape, self.ranks)
-        return factorized, build, out_pixels * out_channels * in_per_group * taps
+        return factorized, dense, x.numel(), out_pixels * out_channels
 
 
 class Conv1d(_ConvNd):

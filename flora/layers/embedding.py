@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from flora._tucker import reconstruction_flops
+from flora._cost import Op, product
 from flora.config import DEFAULT_RANKS, RankTemplate
 from flora.layers.base import FLoRALayer
 
@@ -104,9 +104,15 @@ class Embedding(FLoRALayer):
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, delta)
 
-    def _flops(self, x: torch.Tensor) -> tuple[int, int, int]:
+    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
+        rows, dim = self.shape
         rank0, rank1 = self.ranks
-        dim = self.shape[1]
         tokens = x.numel()
-        factorized = tokens * (rank0 * rank1 + rank1 * dim)
-        return factorized, reconstruction_flops(self.shape, self.ranks), tokens * dim
+        # A gather reads and writes `tokens` rows; its backward also zero-fills
+        # a gradient of the whole table, counted once for both passes.
+        factorized = [
+            Op(0, 2 * tokens * rank0 + rows * rank0),
+            product(tokens, rank0, rank1),
+            product(tokens, rank1, dim),
+        ]
+        return factorized, Op(0, 2 * tokens * dim + rows * dim), tokens, tokens * dim

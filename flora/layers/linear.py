@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from flora._tucker import reconstruction_flops
+from flora._cost import Op, product
 from flora.config import DEFAULT_RANKS, RankTemplate
 from flora.layers.base import FLoRALayer
 
@@ -83,10 +83,13 @@ class Linear(FLoRALayer):
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base_layer.weight + delta, self.base_layer.bias)
 
-    def _flops(self, x: torch.Tensor) -> tuple[int, int, int]:
+    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
         out_size, in_size = self.shape
         out_rank, in_rank = self.ranks
         tokens = x.numel() // in_size
-        factorized = tokens * (in_size * in_rank + in_rank * out_rank + out_rank * out_size)
-        build = reconstruction_flops(self.shape, self.ranks)
-        return factorized, build, tokens * in_size * out_size
+        factorized = [
+            product(tokens, in_size, in_rank),
+            product(tokens, in_rank, out_rank),
+            product(tokens, out_rank, out_size),
+        ]
+        return factorized, product(tokens, in_size, out_size), x.numel(), tokens * out_size
