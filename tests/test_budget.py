@@ -168,3 +168,40 @@ def test_tucker_vs_matrix_edge_cases():
         tucker_vs_matrix(np.ones(4), 100)
     with pytest.raises(ValueError, match="minimum budget is 13"):
         tucker_vs_matrix(np.ones((3, 4, 5)), 12)
+
+
+@pytest.mark.parametrize("shape", [(8, 7, 6), (12, 20), (20, 12)])
+def test_tucker_vs_matrix_with_spectra_matches_without(backend, shape):
+    x = backend.asarray(np.random.default_rng(6).standard_normal(shape))
+    budget = 150
+    expected = tucker_vs_matrix(x, budget)
+    result = tucker_vs_matrix(x, budget, spectra=mode_spectra(x))
+    assert result["tucker_ranks"] == expected["tucker_ranks"]
+    assert result["matrix_rank"] == expected["matrix_rank"]
+    assert result["budget"] == budget
+    for key in ("tucker_error", "matrix_error"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12)
+
+
+def test_tucker_vs_matrix_uses_the_given_spectra():
+    # Spectra of another matrix of the same shape decide the matrix error:
+    # proof that nothing is recomputed from x for a matrix.
+    x = np.random.default_rng(7).standard_normal((6, 9))
+    flat = [np.ones(6), np.ones(9)]
+    result = tucker_vs_matrix(x, 45, spectra=flat)
+    assert result["matrix_rank"] == 3
+    assert result["matrix_error"] == pytest.approx(np.sqrt(3 / 6))
+
+
+@pytest.mark.parametrize(
+    ("spectra", "error", "match"),
+    [
+        ([np.ones(3), np.ones(4)], ValueError, r"lengths \(3, 4, 5\); got lengths \(3, 4\)"),
+        ([np.ones(3), np.ones(5), np.ones(4)], ValueError, r"got lengths \(3, 5, 4\)"),
+        ([np.ones(3), np.ones(4), -np.ones(5)], ValueError, "non-negative"),
+        (np.ones((3, 4)), TypeError, "spectra must be a list"),
+    ],
+)
+def test_tucker_vs_matrix_bad_spectra(spectra, error, match):
+    with pytest.raises(error, match=match):
+        tucker_vs_matrix(np.ones((3, 4, 5)), 100, spectra=spectra)

@@ -119,3 +119,33 @@ def test_rank_measures_bounded(values):
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_middle_mode_gram_in_blocks(monkeypatch):
+    # 700-byte blocks split both middle unfoldings unevenly (mode 1: slabs
+    # of 2 + 1 of the 3 leading indices; mode 2: 8 + 4 of 12); the spectra
+    # must not depend on the blocking.
+    monkeypatch.setattr("tuckerlib.analysis._spectra.GRAM_BLOCK_BYTES", 700)
+    x = np.random.default_rng(3).standard_normal((3, 4, 5, 2))
+    for s, expected in zip(mode_spectra(x), reference_spectra(x), strict=True):
+        np.testing.assert_allclose(s, expected, rtol=1e-10, atol=1e-7)
+
+
+def test_float32_spectra_of_a_wide_and_a_tall_matrix():
+    x = np.random.default_rng(4).standard_normal((30, 70)).astype(np.float32)
+    expected = np.linalg.svd(x.astype(np.float64), compute_uv=False)
+    for matrix in (x, x.T):
+        spectra = mode_spectra(matrix)
+        assert all(s.dtype == np.float32 for s in spectra)
+        largest = spectra[0] if matrix is x else spectra[1]
+        np.testing.assert_allclose(largest[:30], expected, rtol=1e-4)
+
+
+def test_gram_noise_of_zero_singular_values_is_reported_as_zero():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((40, 6)) @ rng.standard_normal((6, 90))).astype(np.float32)
+    expected = np.linalg.svd(x.astype(np.float64), compute_uv=False)
+    for s in mode_spectra(x):
+        assert np.all(s[6:] == 0.0)
+        np.testing.assert_allclose(s[:6], expected[:6], rtol=1e-4)
+        assert effective_rank(s) == pytest.approx(effective_rank(expected), rel=1e-5)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tuckerlib.analysis._budget import check_budget, solve_budget
+from tuckerlib.analysis._inputs import check_spectrum
 from tuckerlib.analysis._spectra import mode_spectra, unfolding_spectrum
 from tuckerlib.decompositions._common import default_order, prepare_tensor, tail_energies, to_host
 from tuckerlib.decompositions._factors import fibre_matrix
@@ -20,7 +24,31 @@ def _relative(squared_error: float, total: float) -> float:
     return math.sqrt(min(max(squared_error / total, 0.0), 1.0))
 
 
-def tucker_vs_matrix(x: Any, budget: int) -> dict[str, Any]:
+def _given_spectra(spectra: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
+    if not isinstance(spectra, (list, tuple)):
+        raise TypeError(
+            f"spectra must be a list of 1-D arrays (mode_spectra(x)), got {type(spectra).__name__}"
+        )
+    host = [check_spectrum(s, f"spectra[{n}]") for n, s in enumerate(spectra)]
+    lengths = tuple(len(s) for s in host)
+    if lengths != shape:
+        raise ValueError(
+            f"spectra must hold one spectrum of length I_n per mode of x, i.e. lengths {shape}; "
+            f"got lengths {lengths}"
+        )
+    return host
+
+
+def _tensor_spectra(xp: Any, x: Any) -> tuple[list[np.ndarray], dict[int, tuple[Any, Any]]]:
+    """Host spectra of every mode, and the left singular vectors that came for free."""
+    pairs = [unfolding_spectrum(xp, fibre_matrix(xp, x, n), vectors=True) for n in range(x.ndim)]
+    vectors = {n: v for n, (_, v) in enumerate(pairs) if v is not None}
+    return [to_host(s) for s, _ in pairs], vectors
+
+
+def tucker_vs_matrix(
+    x: Any, budget: int, *, spectra: Sequence[Any] | None = None
+) -> dict[str, Any]:
     r"""Best Tucker approximation within a budget against a flattened low-rank matrix.
 
     The paper's argument in numbers: with the same number of parameters, is
@@ -33,6 +61,12 @@ def tucker_vs_matrix(x: Any, budget: int) -> dict[str, Any]:
         Real tensor of any array API library, ``N >= 2``.
     budget : int
         Parameters allowed to each approximation.
+    spectra : list of 1-D arrays, optional
+        The output of ``mode_spectra(x)`` when the caller already has it
+        (any library; one descending spectrum of length ``I_n`` per mode):
+        the ranks and the matrix error are then taken from it instead of
+        being computed again. For a matrix nothing else is computed; for a
+        tensor the ST-HOSVD for the Tucker error still runs.
 
     Returns
     -------
@@ -51,9 +85,11 @@ def tucker_vs_matrix(x: Any, budget: int) -> dict[str, Any]:
     ValueError
         If ``x`` has fewer than 2 modes or holds NaN/inf, or ``budget`` is
         too small for rank 1 in every Tucker mode (the message gives the
-        minimum).
+        minimum), or ``spectra`` does not hold one valid spectrum of
+        length ``I_n`` per mode of ``x``.
     TypeError
-        If ``x`` is complex or ``budget`` is not an integer.
+        If ``x`` is complex, ``budget`` is not an integer or ``spectra`` is
+        not a list or tuple.
 
     See Also
     --------
@@ -84,27 +120,35 @@ def tucker_vs_matrix(x: Any, budget: int) -> dict[str, Any]:
     ((2, 2, 2), 0)
     >>> result["tucker_error"] < 1e-6, result["matrix_error"]
     (True, 1.0)
+
+    With the spectra already at hand (as ``tuckerlib analyze`` has them):
+
+    >>> from tuckerlib import mode_spectra
+    >>> reused = tucker_vs_matrix(x, budget=80, spectra=mode_spectra(x))
+    >>> reused["tucker_ranks"], reused["matrix_error"], reused["tucker_error"] < 1e-6
+    ((2, 2, 2), 1.0, True)
     """
     xp, x = prepare_tensor(x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes, got shape {tuple(x.shape)}")
     budget = check_budget(budget)
+    shape = tuple(int(d) for d in x.shape)
+    vectors: dict[int, Any] = {}
+    if spectra is not None:
+        host = _given_spectra(spectra, shape)
+    elif x.ndim == 2:
+        host = [to_host(s) for s in mode_spectra(x)]
+    else:
+        host, vectors = _tensor_spectra(xp, x)
+    ranks = solve_budget(host, budget)
+    tail = tail_energies(host[0])
     if x.ndim == 2:
-        spectra = [to_host(s) for s in mode_spectra(x)]
-        ranks = solve_budget(spectra, budget)
-        tail = tail_energies(spectra[0])
         tucker_squared = float(tail[min(ranks)])
     else:
-        pairs = [
-            unfolding_spectrum(xp, fibre_matrix(xp, x, n), vectors=True) for n in range(x.ndim)
-        ]
-        spectra = [to_host(s) for s, _ in pairs]
-        ranks = solve_budget(spectra, budget)
-        order = default_order(x.shape, ranks)
+        order = default_order(shape, ranks)
         first = order[0]
-        known = None if pairs[first][1] is None else {first: (pairs[first][1], spectra[first])}
+        known = {first: (vectors[first], host[first])} if first in vectors else None
         _, tucker_squared = sthosvd_steps(xp, x, ranks, order, "auto", known=known)
-        tail = tail_energies(spectra[0])
     rows = x.shape[0]
     cols = math.prod(x.shape[1:])
     matrix_rank = min(budget // (rows + cols), rows, cols)

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
+from tuckerlib._namespace import is_numpy
 from tuckerlib.decompositions._common import prepare_tensor
 from tuckerlib.decompositions._factors import fibre_matrix
 
 __all__ = ["mode_spectra", "unfolding_spectrum"]
 
 SPECTRUM_METHODS = ("gram", "svd")
+
+# A middle-mode unfolding of a NumPy tensor is not a view; its Gram matrix
+# is accumulated from copies of at most this many bytes of it instead of
+# one copy of the whole tensor.
+GRAM_BLOCK_BYTES = 2**24
 
 
 def _pad(xp: ModuleType, s: Any, size: int) -> Any:
@@ -23,8 +31,59 @@ def _pad(xp: ModuleType, s: Any, size: int) -> Any:
 
 
 def _descending_sqrt(xp: ModuleType, w: Any) -> Any:
-    # Rounding leaves eigenvalues of a singular Gram matrix slightly negative.
-    return xp.sqrt(xp.clip(xp.flip(w), min=0.0))
+    """Singular values, descending, from the ascending eigenvalues of a Gram matrix."""
+    w = xp.clip(xp.flip(w), min=0.0)
+    if w.shape[0] == 0:
+        return w
+    # Zero singular values come out as rounding noise of either sign, a
+    # few eps · λ_max (growing like the square root of the size, as rounding
+    # errors accumulate at random), whose values depend on the BLAS build.
+    # Nothing below that is resolved, so it is reported as 0 rather than as
+    # noise that would sway L1 measures such as the effective rank.
+    floor = math.sqrt(w.shape[0]) * float(xp.finfo(w.dtype).eps) * w[0]
+    return xp.sqrt(xp.where(w > floor, w, xp.zeros_like(w)))
+
+
+def gram_eigvalsh(xp: ModuleType, gram: Any) -> Any:
+    """Ascending eigenvalues of a symmetric Gram matrix that the caller gives up.
+
+    For NumPy the matrix is overwritten by LAPACK's divide-and-conquer
+    solver (``syevd``) through SciPy: ``numpy.linalg.eigvalsh`` copies its
+    input and needs about four times its size in all, which for the Gram
+    matrix of a square weight is four times the weight.
+    """
+    if not is_numpy(xp):
+        return xp.linalg.eigvalsh(gram)
+    import scipy.linalg
+
+    # The transpose of a symmetric C-ordered matrix is the same matrix in
+    # the Fortran order LAPACK works on in place.
+    fortran = gram if gram.flags.f_contiguous else gram.T
+    return scipy.linalg.eigh(
+        fortran, eigvals_only=True, overwrite_a=True, check_finite=False, driver="evd"
+    )
+
+
+def _blocked_fibre_gram(x: np.ndarray, mode: int) -> np.ndarray:
+    """``A Aᵀ`` for the mode-``mode`` fibre matrix ``A`` of a NumPy tensor, copying blocks."""
+    rows = x.shape[mode]
+    after = math.prod(x.shape[mode + 1 :])
+    stacked = np.reshape(x, (-1, rows, after))
+    step = max(1, GRAM_BLOCK_BYTES // max(1, rows * after * x.itemsize))
+    gram = np.zeros((rows, rows), dtype=x.dtype)
+    for start in range(0, stacked.shape[0], step):
+        block = np.ascontiguousarray(np.moveaxis(stacked[start : start + step], 1, 0))
+        block = block.reshape(rows, -1)
+        gram += block @ block.T
+    return gram
+
+
+def _mode_spectrum(xp: ModuleType, x: Any, mode: int) -> Any:
+    """Gram-route spectrum of one unfolding of a tensor of three or more modes."""
+    rows = x.shape[mode]
+    if is_numpy(xp) and 0 < mode < x.ndim - 1 and rows <= math.prod(x.shape) // rows:
+        return _descending_sqrt(xp, gram_eigvalsh(xp, _blocked_fibre_gram(x, mode)))
+    return unfolding_spectrum(xp, fibre_matrix(xp, x, mode))[0]
 
 
 def unfolding_spectrum(
@@ -45,8 +104,8 @@ def unfolding_spectrum(
         if vectors:
             w, v = xp.linalg.eigh(gram)
             return _descending_sqrt(xp, w), xp.flip(v, axis=1)
-        return _descending_sqrt(xp, xp.linalg.eigvalsh(gram)), None
-    return _pad(xp, _descending_sqrt(xp, xp.linalg.eigvalsh(a.T @ a)), rows), None
+        return _descending_sqrt(xp, gram_eigvalsh(xp, gram)), None
+    return _pad(xp, _descending_sqrt(xp, gram_eigvalsh(xp, a.T @ a)), rows), None
 
 
 def mode_spectra(x: Any, *, method: str = "gram") -> list[Any]:
@@ -60,9 +119,12 @@ def mode_spectra(x: Any, *, method: str = "gram") -> list[Any]:
     method : {"gram", "svd"}, optional
         ``"gram"`` (default) takes the eigenvalues of the Gram matrix of the
         smaller side of each unfolding, much faster than an SVD for the
-        wide matrices met here; singular values below about
-        ``sqrt(eps) · σ_max`` are then at rounding level (energies, i.e.
-        squared values, stay accurate to ``eps · σ_max²``). ``"svd"``
+        wide matrices met here; singular values near
+        ``sqrt(eps) · σ_max`` are then at rounding level and those below
+        ``K^(1/4) · sqrt(eps) · σ_max`` (``K`` the size of the Gram matrix)
+        are returned as 0 (energies, i.e. squared values, stay accurate to
+        about ``eps · σ_max²``). ``eps`` is that of the input's dtype:
+        float32 input is analysed in float32. ``"svd"``
         computes them with an SVD, accurate to ``eps · σ_max``.
 
     Returns
@@ -90,6 +152,12 @@ def mode_spectra(x: Any, *, method: str = "gram") -> list[Any]:
     For a matrix both unfoldings share their nonzero singular values, so one
     eigendecomposition (of the smaller Gram matrix) serves both modes.
 
+    For NumPy input the extra memory stays at about one Gram matrix (at
+    most the size of ``x``): the eigenvalues are computed in place in it
+    (LAPACK ``syevd`` through SciPy), and the Gram matrix of a middle mode,
+    whose unfolding is not a view of ``x``, is accumulated from 16 MiB
+    blocks of that unfolding rather than from a full copy.
+
     Examples
     --------
     >>> import numpy as np
@@ -107,6 +175,8 @@ def mode_spectra(x: Any, *, method: str = "gram") -> list[Any]:
             s = xp.linalg.svdvals(x)
         else:
             small = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
-            s = _descending_sqrt(xp, xp.linalg.eigvalsh(small))
+            s = _descending_sqrt(xp, gram_eigvalsh(xp, small))
         return [_pad(xp, s, x.shape[0]), _pad(xp, s, x.shape[1])]
-    return [unfolding_spectrum(xp, fibre_matrix(xp, x, n), method)[0] for n in range(x.ndim)]
+    if method == "svd":
+        return [unfolding_spectrum(xp, fibre_matrix(xp, x, n), method)[0] for n in range(x.ndim)]
+    return [_mode_spectrum(xp, x, n) for n in range(x.ndim)]

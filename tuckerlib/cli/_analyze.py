@@ -21,10 +21,10 @@ from tuckerlib.cli._common import (
 )
 from tuckerlib.cli._formats import FORMATS, render
 from tuckerlib.cli._plots import plot_summary, plot_tensor, pyplot
-from tuckerlib.cli._report import AnalyzeOptions, Report, analyze_delta
+from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport, analyze_delta
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
 
-__all__ = ["add_parser", "run_analyze"]
+__all__ = ["add_parser", "analyze_pair", "run_analyze"]
 
 DESCRIPTION = """\
 Report, tensor by tensor, the rank structure of dW = TUNED - BASE: how much of
@@ -85,11 +85,30 @@ def _base_norm(base: Checkpoint, name: str) -> float:
 
 
 def _unusable(delta: np.ndarray) -> str | None:
-    if not np.all(np.isfinite(delta)):
+    # A finite float64 sum proves every entry finite without the boolean
+    # temporary of np.isfinite (a quarter of a float32 ΔW); only a float64
+    # ΔW near overflow needs the entry-wise check.
+    total = float(np.sum(delta, dtype=np.float64))
+    if not math.isfinite(total) and not np.all(np.isfinite(delta)):
         return "dW has NaN or infinite entries"
     if not np.any(delta):
         return "unchanged (dW = 0)"
     return None
+
+
+def analyze_pair(
+    base: Checkpoint, tuned: Checkpoint, name: str, options: AnalyzeOptions
+) -> TensorReport | str:
+    """Read the ΔW of one paired tensor and analyze it; a string is why it is skipped.
+
+    ΔW lives only inside this call, so a loop over tensors holds one at a
+    time.
+    """
+    delta = read_delta(base, tuned, name)
+    reason = _unusable(delta)
+    if reason is not None:
+        return reason
+    return analyze_delta(name, delta, _base_norm(base, name), options)
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Path, Path, bool]:
@@ -110,13 +129,10 @@ def _analyze(base: Checkpoint, tuned: Checkpoint, report: Report, args: argparse
     if plt is not None:
         args.plots.mkdir(parents=True, exist_ok=True)
     for name in progress(pairing.names, quiet=args.quiet):
-        delta = read_delta(base, tuned, name)
-        reason = _unusable(delta)
-        if reason is not None:
-            report.skipped.append((name, reason))
+        tensor = analyze_pair(base, tuned, name, report.options)
+        if isinstance(tensor, str):
+            report.skipped.append((name, tensor))
             continue
-        tensor = analyze_delta(name, delta, _base_norm(base, name), report.options)
-        del delta
         report.tensors.append(tensor)
         if plt is not None:
             plot_tensor(plt, tensor, args.plots)

@@ -185,7 +185,7 @@ def analyze_delta(
     kind = tensor_kind(name, shape)
     spectra = [np.asarray(s, dtype=np.float64) for s in mode_spectra(delta)]
     ranks, budget = budget_ranks(spectra, kind, options.lora_rank, options.fixed_kernel_rank)
-    comparison = tucker_vs_matrix(delta, budget)
+    comparison = tucker_vs_matrix(delta, budget, spectra=spectra)
     # Every unfolding holds all entries: one spectrum's energy is ‖ΔW‖².
     delta_norm = math.sqrt(float(np.sum(spectra[0] ** 2)))
     return TensorReport(
