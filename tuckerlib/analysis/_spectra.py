@@ -32,16 +32,8 @@ def _pad(xp: ModuleType, s: Any, size: int) -> Any:
 
 def _descending_sqrt(xp: ModuleType, w: Any) -> Any:
     """Singular values, descending, from the ascending eigenvalues of a Gram matrix."""
-    w = xp.clip(xp.flip(w), min=0.0)
-    if w.shape[0] == 0:
-        return w
-    # Zero singular values come out as rounding noise of either sign, a
-    # few eps · λ_max (growing like the square root of the size, as rounding
-    # errors accumulate at random), whose values depend on the BLAS build.
-    # Nothing below that is resolved, so it is reported as 0 rather than as
-    # noise that would sway L1 measures such as the effective rank.
-    floor = math.sqrt(w.shape[0]) * float(xp.finfo(w.dtype).eps) * w[0]
-    return xp.sqrt(xp.where(w > floor, w, xp.zeros_like(w)))
+    # Rounding can leave the eigenvalues of zero singular values slightly negative.
+    return xp.sqrt(xp.clip(xp.flip(w), min=0.0))
 
 
 def gram_eigvalsh(xp: ModuleType, gram: Any) -> Any:
@@ -119,12 +111,11 @@ def mode_spectra(x: Any, *, method: str = "gram") -> list[Any]:
     method : {"gram", "svd"}, optional
         ``"gram"`` (default) takes the eigenvalues of the Gram matrix of the
         smaller side of each unfolding, much faster than an SVD for the
-        wide matrices met here; singular values near
-        ``sqrt(eps) · σ_max`` are then at rounding level and those below
-        ``K^(1/4) · sqrt(eps) · σ_max`` (``K`` the size of the Gram matrix)
-        are returned as 0 (energies, i.e. squared values, stay accurate to
-        about ``eps · σ_max²``). ``eps`` is that of the input's dtype:
-        float32 input is analysed in float32. ``"svd"``
+        wide matrices met here; energies (squared values) are accurate to
+        about ``eps · σ_max²``, so singular values below about
+        ``sqrt(eps) · σ_max`` are rounding noise (never negative: tiny
+        negative eigenvalues are clipped to 0). ``eps`` is that of the
+        input's dtype: float32 input is analysed in float32. ``"svd"``
         computes them with an SVD, accurate to ``eps · σ_max``.
 
     Returns

@@ -24,7 +24,10 @@ from tuckerlib.cli._plots import plot_summary, plot_tensor, pyplot
 from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport, analyze_delta
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
 
-__all__ = ["add_parser", "analyze_pair", "run_analyze"]
+__all__ = ["FLOAT64_MAX_SIZE", "add_parser", "analyze_pair", "run_analyze"]
+
+#: ΔW with at most this many entries (32 MiB in float64) is analysed in float64.
+FLOAT64_MAX_SIZE = 1 << 22
 
 DESCRIPTION = """\
 Report, tensor by tensor, the rank structure of dW = TUNED - BASE: how much of
@@ -102,9 +105,12 @@ def analyze_pair(
     """Read the ΔW of one paired tensor and analyze it; a string is why it is skipped.
 
     ΔW lives only inside this call, so a loop over tensors holds one at a
-    time.
+    time. Tensors of up to :data:`FLOAT64_MAX_SIZE` entries are analysed in
+    float64, where memory is no concern and the Gram route's rounding stays
+    far below what the report prints; larger ones in their own precision.
     """
-    delta = read_delta(base, tuned, name)
+    dtype = np.float64 if math.prod(base.info(name).shape) <= FLOAT64_MAX_SIZE else None
+    delta = read_delta(base, tuned, name, dtype)
     reason = _unusable(delta)
     if reason is not None:
         return reason
