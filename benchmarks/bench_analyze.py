@@ -238,7 +238,10 @@ def table_c() -> None:
 
     data = resources.files("tuckerlib") / "data"
     base, tuned = data / "digits_cnn_base.safetensors", data / "digits_cnn_tuned.safetensors"
-    print("\n(c) bundled example, conv layers: extracted FLoRA vs SVD LoRA, relative error of dW")
+    print(
+        "\n(c) bundled example, conv layers: extracted FLoRA vs SVD LoRA, relative error of dW,"
+        " both within the parameters of a rank-R LoRA"
+    )
     header = ["R", "layer", "FLoRA ranks", "FLoRA params", "FLoRA err", "LoRA r", "LoRA params",
               "LoRA err"]  # fmt: skip
     print("  ".join(f"{h:>12}" for h in header))
@@ -255,7 +258,8 @@ def table_c() -> None:
                 delta = read_delta(base_ckpt, tuned_ckpt, layer.tensor).astype(np.float64)
                 matrix = delta.reshape(delta.shape[0], -1)
                 s = np.linalg.svd(matrix, compute_uv=False)
-                r = min(layer.n_params // sum(matrix.shape), len(s))
+                # The budget is a rank-R LoRA: LoRA gets exactly it, FLoRA at most it.
+                r = min(lora_rank, len(s))
                 lora_error = math.sqrt(float(np.sum(s[r:] ** 2) / np.sum(s**2)))
                 cells = [
                     str(lora_rank), layer.name, ",".join(map(str, layer.ranks)),
