@@ -33,6 +33,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_decompositions.py
 	$(BIN)/python benchmarks/bench_adapters.py
 	$(BIN)/python benchmarks/bench_auto_rule.py
+	$(BIN)/python benchmarks/bench_rank_objective.py
 	$(BIN)/python benchmarks/bench_analyze.py
 
 # FLoRA vs LoRA vs full fine-tuning on digits (about 20 minutes on 2 cores).

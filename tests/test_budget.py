@@ -19,7 +19,12 @@ from tuckerlib.analysis._inputs import host_spectra
 
 
 def kept_energy(spectra, ranks):
-    return sum(float(np.sum(s[:r] ** 2)) for s, r in zip(spectra, ranks, strict=True))
+    """The objective: the product of the energy fractions each mode keeps."""
+    fractions = [
+        float(np.sum(s[:r] ** 2) / np.sum(s**2)) if np.any(s) else 1.0
+        for s, r in zip(spectra, ranks, strict=True)
+    ]
+    return float(np.prod(fractions))
 
 
 def exhaustive(spectra, budget, fixed=None):
