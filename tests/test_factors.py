@@ -7,12 +7,10 @@ from tuckerlib.decompositions._factors import (
     check_method,
     choose_method,
     fibre_matrix,
-    left_singular,
     mode_factor,
-    randomized_factor,
-    sign_fix,
     unfibre,
 )
+from tuckerlib.decompositions._linalg import left_singular, sign_fix
 
 
 def _xp(backend):
@@ -109,20 +107,6 @@ def test_tall_gram_with_deficient_rank_is_orthonormal(backend):
 def test_unknown_method():
     with pytest.raises(ValueError, match="method must be one of"):
         check_method("eig")
-
-
-def test_randomized_factor_is_orthonormal_and_seeded(backend):
-    rng = np.random.default_rng(3)
-    a = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 60))
-    xp = _xp(backend)
-    first, projected = randomized_factor(xp, backend.asarray(a), 3, 5, 1, np.random.default_rng(7))
-    second, _ = randomized_factor(xp, backend.asarray(a), 3, 5, 1, np.random.default_rng(7))
-    first, second = backend.to_numpy(first), backend.to_numpy(second)
-    np.testing.assert_allclose(backend.to_numpy(projected), first.T @ a, atol=1e-10)
-    np.testing.assert_array_equal(first, second)
-    np.testing.assert_allclose(first.T @ first, np.eye(3), atol=1e-12)
-    # The planted column space is found exactly.
-    np.testing.assert_allclose(first @ (first.T @ a), a, atol=1e-10)
 
 
 def test_scipy_subset_path_matches_full_solver(monkeypatch):

@@ -10,26 +10,23 @@ the first and last modes), not necessarily the Kolda-Bader order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from tuckerlib._namespace import is_numpy
 from tuckerlib.decompositions._common import rank_for_threshold, to_host
+from tuckerlib.decompositions._linalg import left_singular, orthonormal, sign_fix
+from tuckerlib.decompositions._sketch import Sketch, randomized_factor
 
 __all__ = [
     "METHODS",
-    "Sketch",
     "check_method",
     "choose_method",
     "fibre_matrix",
-    "left_singular",
     "mode_factor",
-    "randomized_factor",
-    "sign_fix",
     "unfibre",
 ]
 
@@ -98,108 +95,6 @@ def unfibre(xp: ModuleType, matrix: Any, mode: int, shape: tuple[int, ...]) -> A
     return xp.permute_dims(permuted, tuple(order.index(k) for k in range(ndim)))
 
 
-def sign_fix(xp: ModuleType, u: Any) -> Any:
-    """Flip columns so the entry of largest magnitude in each is positive."""
-    rows = u.shape[0]
-    pivot_rows = xp.argmax(xp.abs(u), axis=0)
-    index = xp.arange(rows, device=array_api_compat.device(u))
-    hit = xp.reshape(index, (rows, 1)) == xp.reshape(pivot_rows, (1, -1))
-    pivots = xp.sum(xp.where(hit, u, xp.zeros_like(u)), axis=0)
-    ones = xp.ones_like(pivots)
-    return u * xp.where(pivots < 0, -ones, ones)
-
-
-def left_singular(xp: ModuleType, a: Any, method: str, rank: int | None = None) -> tuple[Any, Any]:
-    """All left singular vectors and values of ``a``, in descending order.
-
-    Parameters
-    ----------
-    xp : module
-        The array namespace.
-    a : array of shape (rows, cols)
-        The unfolding.
-    method : {"svd", "gram"}
-        ``"gram"`` (only used for ``rows <= cols``) eigendecomposes ``a @ a.T``.
-    rank : int, optional
-        The number of columns the caller will keep; a tall ``a`` with
-        ``rank > cols`` gets a full square basis.
-
-    Returns
-    -------
-    u : array of shape (rows, K)
-        Orthonormal columns, ``K = rows`` unless ``a`` is tall (then ``cols``,
-        or ``rows`` when ``rank > cols``).
-    s : array of shape (K,)
-        Singular values (zero beyond ``min(rows, cols)``).
-    """
-    rows, cols = a.shape
-    if method == "gram":
-        w, v = xp.linalg.eigh(a @ a.T)
-        # eigh sorts ascending; rounding can leave tiny negative eigenvalues.
-        s = xp.sqrt(xp.clip(xp.flip(w), min=0.0))
-        return xp.flip(v, axis=1), s
-    full = rank is not None and rank > min(rows, cols)
-    u, s, _ = xp.linalg.svd(a, full_matrices=full)
-    if s.shape[0] < u.shape[1]:
-        pad = xp.zeros(u.shape[1] - s.shape[0], dtype=s.dtype, device=array_api_compat.device(s))
-        s = xp.concat([s, pad])
-    return u, s
-
-
-def _orthonormal(xp: ModuleType, y: Any) -> Any:
-    q, _ = xp.linalg.qr(y)
-    return q
-
-
-def randomized_factor(
-    xp: ModuleType,
-    a: Any,
-    rank: int,
-    oversample: int,
-    power_iter: int,
-    rng: np.random.Generator,
-) -> tuple[Any, Any]:
-    """Leading ``rank`` left singular vectors ``u`` of ``a`` and ``uᵀ a``, by a range finder.
-
-    Halko, Martinsson & Tropp (2011), Algorithms 4.4 (subspace iteration,
-    re-orthonormalized on the short side after every product pair) and 5.1
-    (the factor from the small projected matrix ``Qᵀ a``, here through its
-    ``k × k`` Gram matrix). The Gaussian test matrix is drawn on the host
-    from ``rng`` (in float32 for float32 input, float64 otherwise) so a seed
-    gives the same sketch on every backend and device.
-    """
-    rows, cols = a.shape
-    sketch = min(rank + oversample, rows, cols)
-    single = a.dtype == xp.float32
-    omega = rng.standard_normal((cols, sketch), dtype=np.float32 if single else np.float64)
-    omega = xp.asarray(omega, dtype=a.dtype, device=array_api_compat.device(a))
-    q = _orthonormal(xp, a @ omega)
-    for _ in range(power_iter):
-        z = a.T @ q
-        # Orthonormalizing the long side (cols x k) costs as much as a pass
-        # over ``a``; skipping it loses only directions below sqrt(eps)·σ_1,
-        # the floor the Gram route has anyway. The short side is always
-        # orthonormalized, so no power of the spectrum beyond σ² builds up.
-        if cols <= rows:
-            z = _orthonormal(xp, z)
-        q = _orthonormal(xp, a @ z)
-    b = q.T @ a
-    ub, _ = left_singular(xp, b, "gram" if sketch <= cols else "svd")
-    ub = ub[:, :rank]
-    u = sign_fix(xp, q @ ub)
-    # uᵀ a = (sign-fixed ub)ᵀ b: the projection comes without another pass over a.
-    return u, (q.T @ u).T @ b
-
-
-@dataclass(frozen=True)
-class Sketch:
-    """Settings of the randomized range finder for one decomposition."""
-
-    oversample: int
-    power_iter: int
-    rng: np.random.Generator
-
-
 def mode_factor(
     xp: ModuleType,
     a: Any,
@@ -210,13 +105,18 @@ def mode_factor(
     tol: float | None = None,
     ndim: int = 1,
     sketch: Sketch | None = None,
+    col_shape: Sequence[int] | None = None,
 ) -> tuple[Any, np.ndarray | None, Any]:
     """The sign-fixed factor ``u`` of one unfolding, its host spectrum, and ``uᵀ a``.
 
     Either ``rank`` is given, or the smallest rank whose discarded energy is
     at most ``threshold`` is used. A factor from a sketch comes with no
     spectrum (``None``) but with the projected unfolding ``uᵀ a`` for free;
-    otherwise the third value is ``None``.
+    otherwise the third value is ``None``. ``col_shape`` (the mode sizes
+    indexing the columns of ``a``, see
+    :func:`~tuckerlib.decompositions._sketch.sketch_columns`) shapes the
+    Khatri-Rao test matrix of a sketch; without it the test matrix is a
+    plain Gaussian one.
     """
     rows, cols = a.shape
     eps = float(xp.finfo(a.dtype).eps)
@@ -225,9 +125,8 @@ def mode_factor(
         if sketch is None:
             sketch = Sketch(oversample=10, power_iter=1, rng=np.random.default_rng(0))
         if rank is not None and rank + sketch.oversample < min(rows, cols):
-            u, projected = randomized_factor(
-                xp, a, rank, sketch.oversample, sketch.power_iter, sketch.rng
-            )
+            columns = (cols,) if col_shape is None else tuple(col_shape)
+            u, projected = randomized_factor(xp, a, rank, sketch, columns)
             return u, None, projected
         # A sketch as wide as the matrix saves nothing: decompose it exactly.
         concrete = choose_method("auto", rows, cols, eps, None, ndim)
@@ -262,7 +161,7 @@ def _tall_gram_factor(
         spectrum = to_host(xp.sqrt(xp.clip(xp.flip(w), min=0.0)))
     if rank is None:
         rank = rank_for_threshold(spectrum, threshold, a.shape[1])
-    u = _orthonormal(xp, a @ v[:, :rank])
+    u = orthonormal(xp, a @ v[:, :rank])
     return sign_fix(xp, u), spectrum
 
 

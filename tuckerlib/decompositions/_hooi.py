@@ -13,8 +13,9 @@ from tuckerlib._products import mode_product, multi_mode_product
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._common import default_order, prepare_tensor, squared_norm
-from tuckerlib.decompositions._factors import fibre_matrix, mode_factor, sign_fix
+from tuckerlib.decompositions._factors import fibre_matrix, mode_factor
 from tuckerlib.decompositions._hosvd import hosvd
+from tuckerlib.decompositions._linalg import sign_fix
 from tuckerlib.decompositions._sthosvd import sthosvd
 
 __all__ = ["HOOIInfo", "hooi"]

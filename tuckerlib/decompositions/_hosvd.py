@@ -9,6 +9,7 @@ from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._common import prepare_tensor, resolve_rank_or_tol, squared_norm
 from tuckerlib.decompositions._factors import check_method, fibre_matrix, mode_factor
+from tuckerlib.decompositions._sketch import sketch_columns
 
 __all__ = ["hosvd"]
 
@@ -115,6 +116,7 @@ def hosvd(
             threshold=threshold,
             tol=tol,
             ndim=x.ndim,
+            col_shape=sketch_columns(x.shape, n),
         )
         factors.append(factor)
     core = multi_mode_product(x, factors, transpose=True)

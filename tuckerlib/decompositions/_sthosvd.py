@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from tuckerlib._products import mode_product
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._common import (
@@ -20,14 +19,9 @@ from tuckerlib.decompositions._common import (
     squared_norm,
     tail_energies,
 )
-from tuckerlib.decompositions._factors import (
-    Sketch,
-    check_method,
-    fibre_matrix,
-    mode_factor,
-    sign_fix,
-    unfibre,
-)
+from tuckerlib.decompositions._factors import check_method, fibre_matrix, mode_factor, unfibre
+from tuckerlib.decompositions._linalg import sign_fix
+from tuckerlib.decompositions._sketch import Sketch, sketch_columns
 
 __all__ = ["sthosvd", "sthosvd_steps"]
 
@@ -58,6 +52,9 @@ def sthosvd_steps(
     discarded = 0.0
     for step, n in enumerate(order):
         rank = None if ranks is None else ranks[n]
+        # The fibre matrix serves both the factor and the projection: for a
+        # middle mode or a non-contiguous tensor it is a copy, made once.
+        a = fibre_matrix(xp, core, n)
         projected = None
         if step == 0 and known is not None and n in known:
             vectors, spectrum = known[n]
@@ -67,21 +64,21 @@ def sthosvd_steps(
         else:
             factor, spectrum, projected = mode_factor(
                 xp,
-                fibre_matrix(xp, core, n),
+                a,
                 method,
                 rank=rank,
                 threshold=threshold,
                 tol=tol,
                 ndim=x.ndim,
                 sketch=sketch,
+                col_shape=sketch_columns(core.shape, n),
             )
         rank = factor.shape[1]
         factors[n] = factor
         discarded += float("nan") if spectrum is None else float(tail_energies(spectrum)[rank])
         if projected is None:
-            core = mode_product(core, factor, n, transpose=True)
-        else:
-            core = unfibre(xp, projected, n, (*core.shape[:n], rank, *core.shape[n + 1 :]))
+            projected = factor.T @ a
+        core = unfibre(xp, projected, n, (*core.shape[:n], rank, *core.shape[n + 1 :]))
     return TuckerTensor(core, factors), discarded
 
 
