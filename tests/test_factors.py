@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tuckerlib import sthosvd, unfold
+from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import get_namespace
 from tuckerlib.decompositions._factors import (
     check_method,
@@ -17,11 +18,30 @@ def _xp(backend):
     return get_namespace(backend.asarray(np.zeros(1)))
 
 
-def test_unfibre_inverts_fibre_matrix(backend):
-    x = np.random.default_rng(4).standard_normal((3, 4, 5, 2))
+LAYOUTS = [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)]
+
+
+@pytest.mark.parametrize("axes", LAYOUTS)
+def test_unfibre_inverts_fibre_matrix_in_any_layout(backend, axes):
+    """``x`` stored with its axes ``axes`` outermost first, as a transposed view."""
+    stored = np.random.default_rng(4).standard_normal(tuple((3, 4, 5, 2)[k] for k in axes))
+    xp = _xp(backend)
+    x = xp.permute_dims(backend.asarray(stored), inverse(axes))
+    order = memory_order(x)
+    assert order == (axes if backend.name != "array_api_strict" else (0, 1, 2, 3))
     for mode in range(4):
-        a = fibre_matrix(_xp(backend), backend.asarray(x), mode)
-        backend.assert_close(unfibre(_xp(backend), a, mode, x.shape), x, factor=1)
+        a = fibre_matrix(xp, x, mode, order)
+        back = unfibre(xp, a, mode, x.shape, order)
+        backend.assert_close(back, backend.to_numpy(x), factor=1)
+        if mode in (order[0], order[-1]):
+            assert memory_order(back) == order
+
+
+@pytest.mark.parametrize("axes", LAYOUTS[1:])
+def test_fibre_matrix_of_outer_and_inner_modes_is_a_view(axes):
+    x = np.zeros(tuple((3, 4, 5, 2)[k] for k in axes)).transpose(inverse(axes))
+    for mode in (axes[0], axes[-1]):
+        assert np.shares_memory(fibre_matrix(np, x, mode), x)
 
 
 def test_sign_fix_makes_largest_entry_positive(backend):

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tuckerlib import mode_product, multi_mode_product, unfold
+from tuckerlib._layout import inverse, memory_order
+from tuckerlib._namespace import get_namespace
 from tuckerlib._products import _cheapest_order
 
 SHAPES = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
@@ -183,6 +185,23 @@ def test_every_mode_of_a_larger_tensor(backend, mode):
         u = np.ascontiguousarray(m.T)
         y = mode_product(backend.asarray(x), backend.asarray(u), mode, transpose=True)
         backend.assert_close(y, expected, factor=float(shape[mode]))
+
+
+@given(shape=SHAPES, dtype=DTYPES, seed=SEEDS, data=st.data())
+def test_transposed_layouts_give_the_same_product(backend, shape, dtype, seed, data):
+    """A tensor stored with its axes permuted (e.g. Fortran order) is multiplied in place."""
+    rng = np.random.default_rng(seed)
+    axes = tuple(data.draw(st.permutations(range(len(shape))), label="memory order"))
+    mode = data.draw(st.integers(0, len(shape) - 1), label="mode")
+    stored = _random(rng, tuple(shape[k] for k in axes), dtype)
+    x = np.transpose(stored, inverse(axes))
+    m = _random(rng, (3, shape[mode]), dtype)
+    xp = get_namespace(backend.asarray(stored))
+    xp_x = xp.permute_dims(backend.asarray(stored), inverse(axes))
+    y = mode_product(xp_x, backend.asarray(m), mode)
+    backend.assert_close(y, _mode_product_reference(x, m, mode))
+    if backend.name != "array_api_strict" and mode == axes[0]:
+        assert memory_order(y) == memory_order(xp_x)
 
 
 def _brute_force_order(shape: tuple[int, ...], targets: tuple[tuple[int, int], ...]) -> int:

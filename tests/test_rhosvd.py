@@ -70,3 +70,14 @@ def test_float32_and_zero(backend):
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         rhosvd(np.ones((10, 11, 12)), **kwargs)
+
+
+def test_same_result_in_any_memory_layout():
+    x = np.ascontiguousarray(decaying())
+    reference = rhosvd(x, 4, seed=3)
+    for stored in (
+        np.asfortranarray(x),
+        np.ascontiguousarray(x.transpose(1, 2, 0)).transpose(2, 0, 1),
+    ):
+        tucker = rhosvd(stored, 4, seed=3)
+        np.testing.assert_allclose(tucker.core, reference.core, rtol=1e-9, atol=1e-12)

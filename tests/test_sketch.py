@@ -6,14 +6,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tuckerlib import TuckerTensor, relative_error, rhosvd
+from tuckerlib._layout import memory_order
 from tuckerlib._namespace import get_namespace
-from tuckerlib.decompositions._factors import fibre_matrix
+from tuckerlib.decompositions._factors import fibre_columns, fibre_matrix
 from tuckerlib.decompositions._sketch import (
     Sketch,
     _nystrom_factor,
     gaussian_khatri_rao,
     randomized_factor,
-    sketch_columns,
 )
 
 
@@ -30,38 +30,55 @@ def _low_rank(rows, cols, rank, seed, decay=1.0):
 
 def test_test_matrix_is_a_khatri_rao_product(backend):
     like = backend.asarray(np.zeros((2, 2)))
-    omega = backend.to_numpy(
-        gaussian_khatri_rao(_xp(backend), np.random.default_rng(3), (4, 5, 6), 7, like)
-    )
+    columns = ((0, 4), (1, 5), (2, 6))
+    omega = gaussian_khatri_rao(_xp(backend), np.random.default_rng(3), columns, 7, like)
+    omega = backend.to_numpy(omega)
     rng = np.random.default_rng(3)
     g = [rng.standard_normal((size, 7)) for size in (4, 5, 6)]
     expected = np.stack([np.kron(np.kron(g[0][:, k], g[1][:, k]), g[2][:, k]) for k in range(7)], 1)
     np.testing.assert_allclose(omega, expected, rtol=1e-14)
 
 
+def test_test_matrix_rows_follow_the_column_order_not_the_draws():
+    like = np.zeros((2, 2))
+    forward = gaussian_khatri_rao(np, np.random.default_rng(1), ((0, 3), (2, 4)), 5, like)
+    backward = gaussian_khatri_rao(np, np.random.default_rng(1), ((2, 4), (0, 3)), 5, like)
+    np.testing.assert_array_equal(
+        forward.reshape(3, 4, 5), backward.reshape(4, 3, 5).swapaxes(0, 1)
+    )
+
+
 def test_test_matrix_float32_draws_float32(backend):
     like = backend.asarray(np.zeros((2, 2), dtype=np.float32))
-    omega = gaussian_khatri_rao(_xp(backend), np.random.default_rng(0), (30,), 4, like)
+    omega = gaussian_khatri_rao(_xp(backend), np.random.default_rng(0), ((0, 30),), 4, like)
     expected = np.random.default_rng(0).standard_normal((30, 4), dtype=np.float32)
     np.testing.assert_array_equal(backend.to_numpy(omega), expected)
 
 
-def test_sketch_columns_follow_fibre_matrix_order():
-    x = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+@pytest.mark.parametrize("axes", [(0, 1, 2, 3), (3, 1, 0, 2)])
+def test_fibre_columns_follow_fibre_matrix_order(axes):
+    stored = np.arange(120).reshape(tuple((2, 3, 4, 5)[k] for k in axes))
+    x = stored.transpose(np.argsort(axes))
+    order = memory_order(x)
     for mode in range(4):
-        columns = sketch_columns(x.shape, mode)
-        a = fibre_matrix(np, x, mode)
-        # Column j of the fibre matrix is the fibre at the C-order index j over ``columns``.
-        index = np.unravel_index(np.arange(a.shape[1]), columns)
-        full = [*index[:mode], slice(None), *index[mode:]]
-        np.testing.assert_array_equal(a, x[tuple(full)].T if mode else x[tuple(full)])
+        a = fibre_matrix(np, x, mode, order)
+        others = [k for k in order if k != mode]
+        # Column j is the fibre at the C-order index j over the other modes, in ``order``.
+        columns = fibre_columns(x.shape, mode, order)
+        assert [k for k, _ in columns] == others
+        index = np.unravel_index(np.arange(a.shape[1]), [size for _, size in columns])
+        full = [slice(None)] * 4
+        for k, position in zip(others, index, strict=True):
+            full[k] = position
+        fibres = np.moveaxis(x, mode, -1)[tuple(full[k] for k in range(4) if k != mode)]
+        np.testing.assert_array_equal(a, fibres.T)
 
 
 @pytest.mark.parametrize("power_iter", [0, 1, 2])
 def test_planted_range_found_exactly(backend, power_iter):
     a = _low_rank(40, 60, 3, seed=1)
     sketch = Sketch(oversample=4, power_iter=power_iter, rng=np.random.default_rng(7))
-    u, projected = randomized_factor(_xp(backend), backend.asarray(a), 3, sketch, (6, 10))
+    u, projected = randomized_factor(_xp(backend), backend.asarray(a), 3, sketch, ((1, 6), (2, 10)))
     u, projected = backend.to_numpy(u), backend.to_numpy(projected)
     np.testing.assert_allclose(u.T @ u, np.eye(3), atol=1e-12)
     assert np.all(u[np.argmax(np.abs(u), axis=0), np.arange(3)] > 0)
@@ -74,7 +91,7 @@ def test_same_seed_same_factor(backend):
 
     def run():
         sketch = Sketch(oversample=3, power_iter=1, rng=np.random.default_rng(11))
-        return backend.to_numpy(randomized_factor(_xp(backend), a, 4, sketch, (50,))[0])
+        return backend.to_numpy(randomized_factor(_xp(backend), a, 4, sketch, ((1, 50),))[0])
 
     np.testing.assert_array_equal(run(), run())
 
@@ -153,6 +170,6 @@ def test_khatri_rao_sketch_as_accurate_as_dense_gaussian_with_power_iteration():
             errors.append(np.linalg.norm(a - u @ projected))
         return np.mean(errors)
 
-    khatri_rao, dense = mean_error((n, n)), mean_error((n * n,))
+    khatri_rao, dense = mean_error(((1, n), (2, n))), mean_error(((1, n * n),))
     assert khatri_rao <= 1.05 * best
     assert khatri_rao <= 1.02 * dense

@@ -138,3 +138,10 @@ def test_bad_input(kwargs, error, match):
 def test_non_finite():
     with pytest.raises(ValueError, match="NaN or infinity"):
         sthosvd(np.full((2, 2), np.nan), 1)
+
+
+def test_fortran_ordered_input_matches_c_ordered():
+    x = np.random.default_rng(5).standard_normal((6, 7, 8))
+    reference = sthosvd(x, (2, 3, 4))
+    tucker = sthosvd(np.asfortranarray(x), (2, 3, 4))
+    np.testing.assert_allclose(tucker.to_tensor(), reference.to_tensor(), atol=1e-12)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
+from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import as_array, get_namespace, is_numpy, is_torch
 from tuckerlib._validation import check_mode, check_ndim
 
@@ -53,7 +54,21 @@ def _last_mode(xp: ModuleType, x2: Any, op: Any) -> Any:
 
 
 def _apply(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
-    """``x ×_mode op`` for a 2-D ``op`` of shape ``(J, I_mode)``, as one (batched) GEMM."""
+    """``x ×_mode op`` for a 2-D ``op`` of shape ``(J, I_mode)``, in ``x``'s memory layout.
+
+    A transposed view (a Fortran-ordered array, the result of a product in
+    another orientation) is multiplied along its memory order, where the
+    reshapes below are views, and the result comes back in the same layout.
+    """
+    order = memory_order(x)
+    if order == tuple(range(x.ndim)):
+        return _apply_c_order(xp, x, op, mode)
+    y = _apply_c_order(xp, xp.permute_dims(x, order), op, order.index(mode))
+    return xp.permute_dims(y, inverse(order))
+
+
+def _apply_c_order(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
+    """``x ×_mode op`` as one (batched) GEMM on reshaped views of a C-ordered ``x``."""
     shape = tuple(x.shape)
     before = math.prod(shape[:mode])
     after = math.prod(shape[mode + 1 :])
@@ -107,7 +122,10 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
     No unfolding is materialized. With ``P = prod(I_0..I_{n-1})`` and
     ``Q = prod(I_{n+1}..)``, ``x`` is viewed as ``(P, I_n, Q)``: the first
     and last modes are a single GEMM on a reshaped view, a middle mode a
-    batched GEMM (``matmul`` broadcasting ``M`` over ``P``).
+    batched GEMM (``matmul`` broadcasting ``M`` over ``P``). A strided
+    input that is a transposed view of a contiguous buffer (e.g.
+    Fortran-ordered) is handled in its memory order instead, and the result
+    keeps that layout, so no copy of ``x`` is made either.
 
     Examples
     --------

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import is_numpy
 from tuckerlib.decompositions._common import rank_for_threshold, to_host
 from tuckerlib.decompositions._linalg import left_singular, orthonormal, sign_fix
@@ -25,6 +26,7 @@ __all__ = [
     "METHODS",
     "check_method",
     "choose_method",
+    "fibre_columns",
     "fibre_matrix",
     "mode_factor",
     "unfibre",
@@ -65,34 +67,48 @@ def choose_method(
     return method
 
 
-def fibre_matrix(xp: ModuleType, x: Any, mode: int) -> Any:
+def fibre_matrix(xp: ModuleType, x: Any, mode: int, order: Sequence[int] | None = None) -> Any:
     """A ``(I_n, prod_{k != n} I_k)`` matrix whose columns are the mode-``n`` fibres.
 
-    Mode 0 and the last mode are views (no copy); the columns are in a
-    different order than Kolda-Bader's :func:`~tuckerlib.unfold`, which
+    The columns follow the C order of the other modes taken in ``order``
+    (default: :func:`~tuckerlib._layout.memory_order` of ``x``), which
+    makes the matrix a view (no copy) when mode ``n`` is the outermost or
+    innermost axis in memory: modes 0 and ``N - 1`` of a C-contiguous
+    tensor, modes ``N - 1`` and 0 of a Fortran-ordered one. The column
+    order differs from Kolda-Bader's :func:`~tuckerlib.unfold`, which
     leaves singular values and left singular vectors unchanged.
     """
-    shape = tuple(x.shape)
-    rows = shape[mode]
-    cols = math.prod(shape) // rows if rows else 0
-    if mode == 0:
-        return xp.reshape(x, (rows, cols))
-    if mode == len(shape) - 1:
-        return xp.reshape(x, (cols, rows)).T
-    order = (mode, *(k for k in range(len(shape)) if k != mode))
-    return xp.reshape(xp.permute_dims(x, order), (rows, cols))
+    order = memory_order(x) if order is None else tuple(order)
+    rows = x.shape[mode]
+    cols = math.prod(x.shape) // rows if rows else 0
+    if order[-1] == mode:
+        return xp.reshape(_permuted(xp, x, order), (cols, rows)).T
+    lead = (mode, *(k for k in order if k != mode))
+    return xp.reshape(_permuted(xp, x, lead), (rows, cols))
 
 
-def unfibre(xp: ModuleType, matrix: Any, mode: int, shape: tuple[int, ...]) -> Any:
-    """Inverse of :func:`fibre_matrix`: the tensor of ``shape`` with those mode fibres."""
-    ndim = len(shape)
-    if mode == 0:
-        return xp.reshape(matrix, shape)
-    if mode == ndim - 1:
-        return xp.reshape(matrix.T, shape)
-    order = (mode, *(k for k in range(ndim) if k != mode))
-    permuted = xp.reshape(matrix, tuple(shape[k] for k in order))
-    return xp.permute_dims(permuted, tuple(order.index(k) for k in range(ndim)))
+def fibre_columns(
+    shape: Sequence[int], mode: int, order: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """``(mode, size)`` of the modes indexing the columns of :func:`fibre_matrix`, in C order."""
+    return tuple((k, shape[k]) for k in order if k != mode)
+
+
+def unfibre(
+    xp: ModuleType, matrix: Any, mode: int, shape: Sequence[int], order: Sequence[int]
+) -> Any:
+    """Inverse of :func:`fibre_matrix` with the same ``order``: the tensor of ``shape``."""
+    if order[-1] == mode:
+        layout, matrix = tuple(order), matrix.T
+    else:
+        layout = (mode, *(k for k in order if k != mode))
+    permuted = xp.reshape(matrix, tuple(shape[k] for k in layout))
+    return _permuted(xp, permuted, inverse(layout))
+
+
+def _permuted(xp: ModuleType, x: Any, axes: Sequence[int]) -> Any:
+    axes = tuple(axes)
+    return x if axes == tuple(range(len(axes))) else xp.permute_dims(x, axes)
 
 
 def mode_factor(
@@ -105,18 +121,17 @@ def mode_factor(
     tol: float | None = None,
     ndim: int = 1,
     sketch: Sketch | None = None,
-    col_shape: Sequence[int] | None = None,
+    columns: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[Any, np.ndarray | None, Any]:
     """The sign-fixed factor ``u`` of one unfolding, its host spectrum, and ``uᵀ a``.
 
     Either ``rank`` is given, or the smallest rank whose discarded energy is
     at most ``threshold`` is used. A factor from a sketch comes with no
     spectrum (``None``) but with the projected unfolding ``uᵀ a`` for free;
-    otherwise the third value is ``None``. ``col_shape`` (the mode sizes
-    indexing the columns of ``a``, see
-    :func:`~tuckerlib.decompositions._sketch.sketch_columns`) shapes the
-    Khatri-Rao test matrix of a sketch; without it the test matrix is a
-    plain Gaussian one.
+    otherwise the third value is ``None``. ``columns`` (the modes indexing
+    the columns of ``a``, see :func:`fibre_columns`) shapes the Khatri-Rao
+    test matrix of a sketch; without it the test matrix is a plain Gaussian
+    one.
     """
     rows, cols = a.shape
     eps = float(xp.finfo(a.dtype).eps)
@@ -125,7 +140,7 @@ def mode_factor(
         if sketch is None:
             sketch = Sketch(oversample=10, power_iter=1, rng=np.random.default_rng(0))
         if rank is not None and rank + sketch.oversample < min(rows, cols):
-            columns = (cols,) if col_shape is None else tuple(col_shape)
+            columns = ((0, cols),) if columns is None else tuple(columns)
             u, projected = randomized_factor(xp, a, rank, sketch, columns)
             return u, None, projected
         # A sketch as wide as the matrix saves nothing: decompose it exactly.

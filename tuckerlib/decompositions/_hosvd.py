@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuckerlib._layout import memory_order
 from tuckerlib._products import multi_mode_product
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._common import prepare_tensor, resolve_rank_or_tol, squared_norm
-from tuckerlib.decompositions._factors import check_method, fibre_matrix, mode_factor
-from tuckerlib.decompositions._sketch import sketch_columns
+from tuckerlib.decompositions._factors import check_method, fibre_columns, fibre_matrix, mode_factor
 
 __all__ = ["hosvd"]
 
@@ -106,17 +106,18 @@ def hosvd(
     if method == "randomized" and ranks is None:
         raise ValueError('method="randomized" needs rank; it cannot choose ranks from tol')
     threshold = None if tol is None else tol * tol * squared_norm(xp, x) / x.ndim
+    layout = memory_order(x)
     factors = []
     for n in range(x.ndim):
         factor, _, _ = mode_factor(
             xp,
-            fibre_matrix(xp, x, n),
+            fibre_matrix(xp, x, n, layout),
             method,
             rank=None if ranks is None else ranks[n],
             threshold=threshold,
             tol=tol,
             ndim=x.ndim,
-            col_shape=sketch_columns(x.shape, n),
+            columns=fibre_columns(x.shape, n, layout),
         )
         factors.append(factor)
     core = multi_mode_product(x, factors, transpose=True)

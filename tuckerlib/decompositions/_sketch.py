@@ -32,7 +32,7 @@ import numpy as np
 
 from tuckerlib.decompositions._linalg import left_singular, orthonormal, sign_fix
 
-__all__ = ["Sketch", "gaussian_khatri_rao", "randomized_factor", "sketch_columns"]
+__all__ = ["Sketch", "gaussian_khatri_rao", "randomized_factor"]
 
 
 @dataclass(frozen=True)
@@ -45,24 +45,32 @@ class Sketch:
 
 
 def gaussian_khatri_rao(
-    xp: ModuleType, rng: np.random.Generator, col_shape: Sequence[int], width: int, like: Any
+    xp: ModuleType,
+    rng: np.random.Generator,
+    columns: Sequence[tuple[int, int]],
+    width: int,
+    like: Any,
 ) -> Any:
-    """A ``prod(col_shape) × width`` Khatri-Rao product of Gaussian matrices.
+    """A ``J × width`` Khatri-Rao product of Gaussian matrices, ``J = Π sizes``.
 
-    Row ``(j_1, ..., j_m)`` (C order, the column order of
-    :func:`~tuckerlib.decompositions._factors.fibre_matrix`) of column ``l``
-    is ``Π_i G_i[j_i, l]`` with independent standard normal ``G_i`` of shape
-    ``(col_shape[i], width)``. Only ``sum(col_shape) · width`` numbers are
-    drawn, on the host from ``rng`` (float32 for float32 ``like``, float64
-    otherwise), so a seed gives the same matrix on every backend and device;
-    the product is formed in ``like``'s library, dtype and device.
+    ``columns`` lists ``(mode, size)`` in the C order of the rows (the
+    column order of :func:`~tuckerlib.decompositions._factors.fibre_matrix`):
+    row ``(j_1, ..., j_m)`` of column ``l`` is ``Π_i G_{mode_i}[j_i, l]``
+    with independent standard normal ``G_mode`` of shape ``(size, width)``.
+    Only ``width · Σ sizes`` numbers are drawn, on the host from ``rng``
+    (float32 for float32 ``like``, float64 otherwise) in ascending mode
+    order, so a seed gives the same matrix, up to the row order that
+    follows the memory layout, on every backend and device; the product is
+    formed in ``like``'s library, dtype and device.
     """
     host_dtype = np.float32 if like.dtype == xp.float32 else np.float64
     device = array_api_compat.device(like)
+    drawn = {
+        mode: rng.standard_normal((size, width), dtype=host_dtype) for mode, size in sorted(columns)
+    }
     omega = None
-    for size in col_shape:
-        draw = rng.standard_normal((size, width), dtype=host_dtype)
-        factor = xp.asarray(draw, dtype=like.dtype, device=device)
+    for mode, _ in columns:
+        factor = xp.asarray(drawn[mode], dtype=like.dtype, device=device)
         if omega is None:
             omega = factor
         else:
@@ -71,17 +79,17 @@ def gaussian_khatri_rao(
 
 
 def randomized_factor(
-    xp: ModuleType, a: Any, rank: int, sketch: Sketch, col_shape: Sequence[int]
+    xp: ModuleType, a: Any, rank: int, sketch: Sketch, columns: Sequence[tuple[int, int]]
 ) -> tuple[Any, Any]:
     """Leading ``rank`` left singular vectors ``u`` of ``a`` and ``uᵀ a``, from a sketch.
 
-    ``col_shape`` holds the sizes of the modes that index the columns of
-    ``a``, in column order (``math.prod(col_shape) == a.shape[1]``); see the
-    module docstring for the algorithm.
+    ``columns`` holds ``(mode, size)`` of the modes that index the columns
+    of ``a``, in column order (the sizes multiply to ``a.shape[1]``); see
+    the module docstring for the algorithm.
     """
     rows, cols = a.shape
     width = min(rank + sketch.oversample, rows, cols)
-    omega = gaussian_khatri_rao(xp, sketch.rng, col_shape, width, a)
+    omega = gaussian_khatri_rao(xp, sketch.rng, columns, width, a)
     q = orthonormal(xp, a @ omega)
     if sketch.power_iter == 0:
         return _projected_factor(xp, a, q, rank)
@@ -131,8 +139,3 @@ def _nystrom_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any
     u = sign_fix(xp, q1 @ uc[:, :rank])
     coefficients = ((q1.T @ u).T @ c) @ basis.T
     return u, coefficients @ zt
-
-
-def sketch_columns(shape: Sequence[int], mode: int) -> tuple[int, ...]:
-    """The sizes of the modes other than ``mode``, in the column order of ``fibre_matrix``."""
-    return tuple(size for k, size in enumerate(shape) if k != mode)

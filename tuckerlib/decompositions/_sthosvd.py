@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from tuckerlib._layout import memory_order
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._common import (
@@ -19,9 +20,15 @@ from tuckerlib.decompositions._common import (
     squared_norm,
     tail_energies,
 )
-from tuckerlib.decompositions._factors import check_method, fibre_matrix, mode_factor, unfibre
+from tuckerlib.decompositions._factors import (
+    check_method,
+    fibre_columns,
+    fibre_matrix,
+    mode_factor,
+    unfibre,
+)
 from tuckerlib.decompositions._linalg import sign_fix
-from tuckerlib.decompositions._sketch import Sketch, sketch_columns
+from tuckerlib.decompositions._sketch import Sketch
 
 __all__ = ["sthosvd", "sthosvd_steps"]
 
@@ -54,7 +61,8 @@ def sthosvd_steps(
         rank = None if ranks is None else ranks[n]
         # The fibre matrix serves both the factor and the projection: for a
         # middle mode or a non-contiguous tensor it is a copy, made once.
-        a = fibre_matrix(xp, core, n)
+        layout = memory_order(core)
+        a = fibre_matrix(xp, core, n, layout)
         projected = None
         if step == 0 and known is not None and n in known:
             vectors, spectrum = known[n]
@@ -71,14 +79,15 @@ def sthosvd_steps(
                 tol=tol,
                 ndim=x.ndim,
                 sketch=sketch,
-                col_shape=sketch_columns(core.shape, n),
+                columns=fibre_columns(core.shape, n, layout),
             )
         rank = factor.shape[1]
         factors[n] = factor
         discarded += float("nan") if spectrum is None else float(tail_energies(spectrum)[rank])
         if projected is None:
             projected = factor.T @ a
-        core = unfibre(xp, projected, n, (*core.shape[:n], rank, *core.shape[n + 1 :]))
+        shape = (*core.shape[:n], rank, *core.shape[n + 1 :])
+        core = unfibre(xp, projected, n, shape, layout)
     return TuckerTensor(core, factors), discarded
 
 
