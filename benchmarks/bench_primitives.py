@@ -17,6 +17,8 @@ Tables:
    middle mode.
    1b. The two ways to do the middle mode: a batched matmul (what
    ``mode_product`` does) and one transpose copy followed by one GEMM.
+   1c. Other float64 middle-mode arrangements tried against the batched
+   matmul's overhead (all slower or no better).
 2. The same on PyTorch CPU tensors, against ``torch.matmul``.
 3. ``multi_mode_product`` (cheapest order) against the same products applied
    in mode order, where the order matters.
@@ -31,6 +33,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -167,6 +170,66 @@ def middle_alternatives(repeats: int) -> None:
     )
 
 
+def _split_batch(m: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    y = np.empty((x.shape[0], m.shape[0], x.shape[2]), x.dtype)
+    for i in range(0, x.shape[0], size):
+        np.matmul(m, x[i : i + size], out=y[i : i + size])
+    return y
+
+
+def _split_columns(m: np.ndarray, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], m.shape[0], x.shape[2]), x.dtype)
+    half = x.shape[2] // 2
+    for part in (slice(0, half), slice(half, None)):
+        np.matmul(m, x[:, :, part], out=y[:, :, part])
+    return y
+
+
+def _blocked_copies(m: np.ndarray, x: np.ndarray, size: int = 4) -> np.ndarray:
+    """Cache-sized blocks of slices, transposed into a buffer, one GEMM per block."""
+    p, j, q = x.shape
+    y = np.empty((p, m.shape[0], q), x.dtype)
+    block = np.empty((j, size, q), x.dtype)
+    out = np.empty((m.shape[0], size, q), x.dtype)
+    for i in range(0, p, size):
+        np.copyto(block, x[i : i + size].transpose(1, 0, 2))
+        np.matmul(m, block.reshape(j, size * q), out=out.reshape(m.shape[0], size * q))
+        np.copyto(y[i : i + size], out.transpose(1, 0, 2))
+    return y
+
+
+def _two_threads(pool: ThreadPoolExecutor, m: np.ndarray, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], m.shape[0], x.shape[2]), x.dtype)
+    half = x.shape[0] // 2
+    parts = (slice(0, half), slice(half, None))
+    futures = [pool.submit(np.matmul, m, x[part], out=y[part]) for part in parts]
+    for future in futures:
+        future.result()
+    return y
+
+
+def middle_arrangements(repeats: int) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(SHAPE)
+    m = rng.standard_normal((RANK, SHAPE[1]))
+    b = rng.standard_normal((SHAPE[1], SHAPE[0] * SHAPE[2]))
+    with ThreadPoolExecutor(2) as pool:
+        arrangements = {
+            "batched matmul (used)": lambda: np.matmul(m, x),
+            "batched, preallocated out=": lambda: np.matmul(m, x, out=np.empty((256, RANK, 256))),
+            "16 calls of 16 slices": lambda: _split_batch(m, x, 16),
+            "2 calls, half the columns each": lambda: _split_columns(m, x),
+            "transposed, x[i].T @ M.T": lambda: np.matmul(x.transpose(0, 2, 1), m.T),
+            "blocks of 4 slices copied, 1 GEMM each": lambda: _blocked_copies(m, x),
+            "2 Python threads, half the batch each": lambda: _two_threads(pool, m, x),
+        }
+        rows = [
+            [name, f"{alternate(fn, lambda: m @ b, repeats)[2]:.2f}"]
+            for name, fn in arrangements.items()
+        ]
+    print_table("1c. NumPy float64 middle mode, other arrangements, /GEMM", ["how", "/GEMM"], rows)
+
+
 def torch_modes(repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -232,6 +295,7 @@ def main() -> None:
     with limited_threads(args.threads):
         numpy_modes(args.repeats)
         middle_alternatives(args.repeats)
+        middle_arrangements(args.repeats)
         torch_modes(args.repeats)
         product_order(args.repeats)
 
