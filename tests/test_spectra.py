@@ -25,6 +25,14 @@ def test_matches_svd_of_every_unfolding(backend, shape, method):
         np.testing.assert_allclose(backend.to_numpy(s), expected, rtol=1e-10, atol=1e-7)
 
 
+@pytest.mark.parametrize("axes", [(2, 0, 3, 1), (3, 2, 1, 0)])
+def test_transposed_layouts_match_svd(axes):
+    stored = np.random.default_rng(2).standard_normal((6, 3, 4, 5))
+    x = stored.transpose(np.argsort(axes))
+    for s, expected in zip(mode_spectra(x), reference_spectra(x), strict=True):
+        np.testing.assert_allclose(s, expected, rtol=1e-10, atol=1e-7)
+
+
 def test_float32_and_integer_inputs(backend):
     x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
     assert all(backend.to_numpy(s).dtype == np.float32 for s in mode_spectra(backend.asarray(x)))

@@ -9,6 +9,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from tuckerlib._layout import memory_order
 from tuckerlib._namespace import is_numpy
 from tuckerlib.decompositions._common import prepare_tensor
 from tuckerlib.decompositions._factors import fibre_matrix
@@ -71,11 +72,18 @@ def _blocked_fibre_gram(x: np.ndarray, mode: int) -> np.ndarray:
 
 
 def _mode_spectrum(xp: ModuleType, x: Any, mode: int) -> Any:
-    """Gram-route spectrum of one unfolding of a tensor of three or more modes."""
+    """Gram-route spectrum of one unfolding of a tensor of three or more modes.
+
+    A mode that is neither outermost nor innermost in memory gets its NumPy
+    Gram matrix block by block, without a copy of the whole tensor.
+    """
     rows = x.shape[mode]
-    if is_numpy(xp) and 0 < mode < x.ndim - 1 and rows <= math.prod(x.shape) // rows:
-        return _descending_sqrt(xp, gram_eigvalsh(xp, _blocked_fibre_gram(x, mode)))
-    return unfolding_spectrum(xp, fibre_matrix(xp, x, mode))[0]
+    order = memory_order(x)
+    position = order.index(mode)
+    if is_numpy(xp) and 0 < position < x.ndim - 1 and rows <= math.prod(x.shape) // rows:
+        gram = _blocked_fibre_gram(np.transpose(x, order), position)
+        return _descending_sqrt(xp, gram_eigvalsh(xp, gram))
+    return unfolding_spectrum(xp, fibre_matrix(xp, x, mode, order))[0]
 
 
 def unfolding_spectrum(
