@@ -36,11 +36,12 @@ def test_close_to_sthosvd():
     assert relative_error(x, rhosvd(x, 5, seed=0)) <= 1.05 * relative_error(x, sthosvd(x, 5))
 
 
-def test_exact_recovery_of_planted_rank(backend):
+@pytest.mark.parametrize("power_iter", [0, 1, 2])
+def test_exact_recovery_of_planted_rank(backend, power_iter):
     rng = np.random.default_rng(1)
     factors = [np.linalg.qr(rng.standard_normal((s, 3)))[0] for s in (25, 26, 27)]
     x = TuckerTensor(rng.standard_normal((3, 3, 3)) + 2.0, factors).to_tensor()
-    tucker = rhosvd(backend.asarray(x), 3, oversample=2, power_iter=0, seed=0)
+    tucker = rhosvd(backend.asarray(x), 3, oversample=2, power_iter=power_iter, seed=0)
     assert relative_error(x, backend.to_numpy(tucker.to_tensor())) < 1e-10
     for factor in tucker.factors:
         u = backend.to_numpy(factor)
