@@ -20,7 +20,10 @@ __all__ = ["inverse", "memory_order"]
 def _element_strides(x: Any) -> tuple[int, ...] | None:
     """Strides in elements for NumPy, CuPy and PyTorch arrays, else ``None``."""
     if array_api_compat.is_torch_array(x):
-        return tuple(x.stride())
+        try:
+            return tuple(x.stride())
+        except RuntimeError:  # sparse and other non-strided layouts
+            return None
     if array_api_compat.is_numpy_array(x) or array_api_compat.is_cupy_array(x):
         return tuple(s // x.itemsize for s in x.strides)
     return None
