@@ -15,6 +15,7 @@ from tuckerlib.cli._common import (
     ArgumentParser,
     UsageError,
     describe,
+    energy_fraction,
     positive_int,
     progress,
     regex,
@@ -38,16 +39,6 @@ def _ranks(text: str) -> int | tuple[int, ...]:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _energy(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"energy {text} is outside (0, 1]")
-    return value
-
-
 def _add_extract(commands: Any) -> None:
     parser = commands.add_parser(
         "extract",
@@ -68,7 +59,10 @@ def _add_extract(commands: Any) -> None:
         help="one rank for every mode (clipped to its size), or one per mode",
     )
     rule.add_argument(
-        "--energy", type=_energy, metavar="E", help="per mode, keep this fraction of the energy"
+        "--energy",
+        type=energy_fraction,
+        metavar="E",
+        help="per mode, keep this fraction of the energy",
     )
     rule.add_argument(
         "--budget-like-lora",

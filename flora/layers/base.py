@@ -16,13 +16,23 @@ from torch import nn
 
 from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import reconstruct
-from flora.config import FORWARD_MODES, INIT_MODES, RankTemplate, clip_ranks
+from flora.config import DEFAULT_RANKS, FORWARD_MODES, INIT_MODES, RankTemplate, clip_ranks
 from flora.init import hosvd_init, init_factors
 from tuckerlib import tucker_params
 
-__all__ = ["FLoRALayer", "TuckerDelta", "adapter_dtype"]
+__all__ = ["KIND_DEFAULT", "FLoRALayer", "TuckerDelta", "adapter_dtype"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+class _KindDefault:
+    """The default ``ranks`` of a layer: :data:`flora.DEFAULT_RANKS` of its kind."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_RANKS[kind]"
+
+
+KIND_DEFAULT = _KindDefault()
 
 
 def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -201,15 +211,16 @@ class FLoRALayer(TuckerDelta):
     ----------
     base_layer : torch.nn.Module
         The wrapped module; its parameters are frozen.
-    ranks : int or sequence of int or None
-        Rank template, clipped to the weight's shape.
-    scale : float
+    ranks : int or sequence of int or None, optional
+        Rank template, clipped to the weight's shape; by default
+        :data:`flora.DEFAULT_RANKS` of the subclass's ``kind``.
+    scale : float, optional
         The factor ``s``.
-    dropout : float
+    dropout : float, optional
         Dropout probability on the branch input.
-    init : {"zero_core", "hosvd", "gaussian"}
+    init : {"zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
-    forward : {"auto", "dense", "factorized"}
+    forward : {"auto", "dense", "factorized"}, optional
         How the branch runs; see :doc:`/flora_math`.
     """
 
@@ -219,12 +230,12 @@ class FLoRALayer(TuckerDelta):
     def __init__(
         self,
         base_layer: nn.Module,
-        ranks: RankTemplate,
+        ranks: RankTemplate | _KindDefault = KIND_DEFAULT,
         *,
-        scale: float,
-        dropout: float,
-        init: str,
-        forward: str,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        init: str = "zero_core",
+        forward: str = "auto",
     ):
         if type(base_layer) is not self.base_type:
             raise TypeError(
@@ -237,6 +248,8 @@ class FLoRALayer(TuckerDelta):
             raise TypeError(f"dropout must be a float, got {dropout!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if isinstance(ranks, _KindDefault):
+            ranks = DEFAULT_RANKS[self.kind]
         super().__init__(base_layer.weight, ranks, scale=scale, init=init)
         self.base_layer = base_layer
         base_layer.requires_grad_(False)

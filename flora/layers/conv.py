@@ -25,7 +25,6 @@ from torch import nn
 
 from flora._cost import Op, reconstruction_ops
 from flora._tucker import reconstruct
-from flora.config import DEFAULT_RANKS, RankTemplate
 from flora.layers.base import FLoRALayer
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
@@ -37,20 +36,6 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
 
 class _ConvNd(FLoRALayer):
     _conv: Callable[..., torch.Tensor]
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        ranks: RankTemplate,
-        *,
-        scale: float = 1.0,
-        dropout: float = 0.0,
-        init: str = "zero_core",
-        forward: str = "auto",
-    ):
-        super().__init__(
-            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
-        )
 
     @property
     def factorizable(self) -> bool:
@@ -132,41 +117,9 @@ class _ConvNd(FLoRALayer):
 class Conv1d(_ConvNd):
     """A ``torch.nn.Conv1d`` with a FLoRA adapter on its weight.
 
-    The Tucker modes are the weight axes ``(out, in/groups, k)``.
-
-    Any ``stride``, ``padding`` (ints, tuples, ``"same"``, ``"valid"``),
-    ``dilation``, ``groups`` (depthwise included) and ``padding_mode``.
-
-    Parameters
-    ----------
-    base_layer : torch.nn.Conv1d
-        The layer to adapt; frozen, kept as ``self.base_layer``.
-    ranks : int or sequence of int or None, optional
-        Ranks ``(R_out, R_in, R_k)``, clipped to the weight's
-        shape (a depthwise layer's ``in/groups`` mode of size 1 gets rank 1).
-        The default is the paper's ConvNeXt configuration.
-    scale : float, optional
-        The factor ``s``.
-    dropout : float, optional
-        Dropout probability on the branch input.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
-        See :mod:`flora.init`.
-    forward : {"auto", "dense", "factorized"}, optional
-        ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see
-        :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
-        convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
-        dense.
-
-    Raises
-    ------
-    TypeError
-        If ``base_layer`` is not exactly a ``torch.nn.Conv1d``.
-    ValueError
-        For invalid ranks, scale, dropout, init or forward.
-
-    See Also
-    --------
-    flora.inject : Adapt every matching layer of a model.
+    The Tucker modes are the weight axes ``(out, in/groups, k)``, with
+    ranks ``(R_out, R_in, R_k)``. Parameters, options and errors are those
+    of :class:`Conv2d`, for a ``torch.nn.Conv1d`` base layer.
 
     Examples
     --------
@@ -183,20 +136,6 @@ class Conv1d(_ConvNd):
     kind = "Conv1d"
     base_type = nn.Conv1d
     _conv = F.conv1d
-
-    def __init__(
-        self,
-        base_layer: nn.Conv1d,
-        ranks: RankTemplate = DEFAULT_RANKS["Conv1d"],
-        *,
-        scale: float = 1.0,
-        dropout: float = 0.0,
-        init: str = "zero_core",
-        forward: str = "auto",
-    ):
-        super().__init__(
-            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
-        )
 
 
 class Conv2d(_ConvNd):
@@ -254,59 +193,14 @@ class Conv2d(_ConvNd):
     base_type = nn.Conv2d
     _conv = F.conv2d
 
-    def __init__(
-        self,
-        base_layer: nn.Conv2d,
-        ranks: RankTemplate = DEFAULT_RANKS["Conv2d"],
-        *,
-        scale: float = 1.0,
-        dropout: float = 0.0,
-        init: str = "zero_core",
-        forward: str = "auto",
-    ):
-        super().__init__(
-            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
-        )
-
 
 class Conv3d(_ConvNd):
     """A ``torch.nn.Conv3d`` with a FLoRA adapter on its weight.
 
-    The Tucker modes are the weight axes ``(out, in/groups, kd, kh, kw)``.
-
-    Any ``stride``, ``padding`` (ints, tuples, ``"same"``, ``"valid"``),
-    ``dilation``, ``groups`` (depthwise included) and ``padding_mode``.
-
-    Parameters
-    ----------
-    base_layer : torch.nn.Conv3d
-        The layer to adapt; frozen, kept as ``self.base_layer``.
-    ranks : int or sequence of int or None, optional
-        Ranks ``(R_out, R_in, R_kd, R_kh, R_kw)``, clipped to the weight's
-        shape (a depthwise layer's ``in/groups`` mode of size 1 gets rank 1).
-        The default is the paper's ConvNeXt configuration.
-    scale : float, optional
-        The factor ``s``.
-    dropout : float, optional
-        Dropout probability on the branch input.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
-        See :mod:`flora.init`.
-    forward : {"auto", "dense", "factorized"}, optional
-        ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see
-        :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
-        convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
-        dense.
-
-    Raises
-    ------
-    TypeError
-        If ``base_layer`` is not exactly a ``torch.nn.Conv3d``.
-    ValueError
-        For invalid ranks, scale, dropout, init or forward.
-
-    See Also
-    --------
-    flora.inject : Adapt every matching layer of a model.
+    The Tucker modes are the weight axes ``(out, in/groups, kd, kh, kw)``,
+    with ranks ``(R_out, R_in, R_kd, R_kh, R_kw)``. Parameters, options and
+    errors are those of :class:`Conv2d`, for a ``torch.nn.Conv3d`` base
+    layer.
 
     Examples
     --------
@@ -323,17 +217,3 @@ class Conv3d(_ConvNd):
     kind = "Conv3d"
     base_type = nn.Conv3d
     _conv = F.conv3d
-
-    def __init__(
-        self,
-        base_layer: nn.Conv3d,
-        ranks: RankTemplate = DEFAULT_RANKS["Conv3d"],
-        *,
-        scale: float = 1.0,
-        dropout: float = 0.0,
-        init: str = "zero_core",
-        forward: str = "auto",
-    ):
-        super().__init__(
-            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
-        )

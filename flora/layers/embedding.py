@@ -7,7 +7,6 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
-from flora.config import DEFAULT_RANKS, RankTemplate
 from flora.layers.base import FLoRALayer
 
 __all__ = ["Embedding"]
@@ -58,20 +57,6 @@ class Embedding(FLoRALayer):
 
     kind = "Embedding"
     base_type = nn.Embedding
-
-    def __init__(
-        self,
-        base_layer: nn.Embedding,
-        ranks: RankTemplate = DEFAULT_RANKS["Embedding"],
-        *,
-        scale: float = 1.0,
-        dropout: float = 0.0,
-        init: str = "zero_core",
-        forward: str = "auto",
-    ):
-        super().__init__(
-            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
-        )
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔE = s · U_0 G U_1ᵀ`` with the ``padding_idx`` row zeroed.

@@ -7,7 +7,6 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
-from flora.config import DEFAULT_RANKS, RankTemplate
 from flora.layers.base import FLoRALayer
 
 __all__ = ["Linear"]
@@ -58,20 +57,6 @@ class Linear(FLoRALayer):
 
     kind = "Linear"
     base_type = nn.Linear
-
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        ranks: RankTemplate = DEFAULT_RANKS["Linear"],
-        *,
-        scale: float = 1.0,
-        dropout: float = 0.0,
-        init: str = "zero_core",
-        forward: str = "auto",
-    ):
-        super().__init__(
-            base_layer, ranks, scale=scale, dropout=dropout, init=init, forward=forward
-        )
 
     def _factorized(self, x: torch.Tensor) -> torch.Tensor:
         out_factor, in_factor = self.factors

@@ -23,6 +23,7 @@ __all__ = [
     "ArgumentParser",
     "UsageError",
     "bundled_example",
+    "energy_fraction",
     "parse_energies",
     "positive_int",
     "progress",
@@ -76,19 +77,22 @@ def regex(text: str) -> re.Pattern[str]:
         raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {exc}") from None
 
 
+def energy_fraction(text: str, expected: str = "a number") -> float:
+    """Argparse type: one energy fraction in (0, 1]; ``expected`` words the parse error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected} in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"energy {text} is outside (0, 1]")
+    return value
+
+
 def parse_energies(text: str) -> tuple[tuple[str, float], ...]:
     """Argparse type: comma-separated energy fractions in (0, 1], kept with their text."""
     energies = []
     for item in (part.strip() for part in text.split(",")):
-        try:
-            value = float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated numbers in (0, 1], got {item!r}"
-            ) from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"energy {item} is outside (0, 1]")
-        energies.append((item, value))
+        energies.append((item, energy_fraction(item, "comma-separated numbers")))
     keys = [key for key, _ in energies]
     if len(set(keys)) != len(keys):
         raise argparse.ArgumentTypeError(f"energy {text!r} lists a value twice")
