@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
+
+from tuckerlib._validation import as_int
 
 __all__ = ["resolve_rank", "tucker_params"]
 
 Rank = int | Sequence[int | None] | None
-
-
-def _as_int(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
 
 
 def resolve_rank(rank: Rank, shape: Sequence[int], name: str = "rank") -> tuple[int, ...]:
@@ -60,7 +52,7 @@ def resolve_rank(rank: Rank, shape: Sequence[int], name: str = "rank") -> tuple[
     if rank is None:
         return shape
     if not isinstance(rank, Sequence) or isinstance(rank, str):
-        value = _as_int(rank, name)
+        value = as_int(rank, name)
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
         return tuple(min(value, size) for size in shape)
@@ -73,7 +65,7 @@ def resolve_rank(rank: Rank, shape: Sequence[int], name: str = "rank") -> tuple[
         if r is None:
             ranks.append(size)
             continue
-        value = _as_int(r, f"{name}[{mode}]")
+        value = as_int(r, f"{name}[{mode}]")
         if not 1 <= value <= size:
             raise ValueError(
                 f"{name}[{mode}]={value} is outside [1, {size}] (mode {mode} has size {size}; "

@@ -10,7 +10,25 @@ import operator
 from types import ModuleType
 from typing import Any
 
-__all__ = ["check_finite", "check_mode", "check_ndim"]
+__all__ = ["as_int", "check_finite", "check_int", "check_mode", "check_ndim"]
+
+
+def as_int(value: Any, name: str, expected: str = "an integer") -> int:
+    """Return ``value`` as an ``int``; a TypeError says ``name`` must be ``expected``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
+
+
+def check_int(value: Any, name: str, minimum: int, expected: str | None = None) -> int:
+    """:func:`as_int`, then a ValueError unless ``value >= minimum``."""
+    value = as_int(value, name, f"an integer >= {minimum}" if expected is None else expected)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def check_mode(mode: Any, ndim: int, name: str = "mode") -> int:
@@ -18,12 +36,7 @@ def check_mode(mode: Any, ndim: int, name: str = "mode") -> int:
 
     Negative modes count from the end, as NumPy axes do.
     """
-    if isinstance(mode, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        mode = operator.index(mode)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(mode).__name__}") from None
+    mode = as_int(mode, name)
     if not -ndim <= mode < ndim:
         raise ValueError(
             f"{name}={mode} is out of range for a tensor with {ndim} modes "

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from tuckerlib._ranks import tucker_params
-from tuckerlib._validation import check_mode
+from tuckerlib._validation import as_int, check_int, check_mode
 from tuckerlib.analysis._inputs import host_spectra, shape_of
 
 __all__ = ["check_budget", "ranks_for_budget"]
@@ -26,17 +25,7 @@ _TIE = 1e-12
 
 def check_budget(budget: Any) -> int:
     """Return ``budget`` as an integer >= 1."""
-    if isinstance(budget, bool):
-        raise TypeError("budget must be an integer number of parameters, got bool")
-    try:
-        value = operator.index(budget)
-    except TypeError:
-        raise TypeError(
-            f"budget must be an integer number of parameters, got {type(budget).__name__}"
-        ) from None
-    if value < 1:
-        raise ValueError(f"budget must be >= 1, got {value}")
-    return value
+    return check_int(budget, "budget", 1, "an integer number of parameters")
 
 
 def _check_fixed(fixed: Any, shape: tuple[int, ...]) -> list[int | None]:
@@ -58,14 +47,7 @@ def _check_fixed(fixed: Any, shape: tuple[int, ...]) -> list[int | None]:
             f"got {type(fixed).__name__}"
         )
     for n, r in items:
-        if isinstance(r, bool):
-            raise TypeError(f"fixed rank of mode {n} must be an integer, got bool")
-        try:
-            value = operator.index(r)
-        except TypeError:
-            raise TypeError(
-                f"fixed rank of mode {n} must be an integer, got {type(r).__name__}"
-            ) from None
+        value = as_int(r, f"fixed rank of mode {n}")
         if not 1 <= value <= shape[n]:
             raise ValueError(f"fixed rank of mode {n} is {value}, outside [1, {shape[n]}]")
         pinned[n] = value

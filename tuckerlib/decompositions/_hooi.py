@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal, overload
@@ -12,6 +11,7 @@ from typing import Any, Literal, overload
 from tuckerlib._products import mode_product, multi_mode_product
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
+from tuckerlib._validation import check_int
 from tuckerlib.decompositions._common import default_order, prepare_tensor, squared_norm
 from tuckerlib.decompositions._factors import fibre_matrix, mode_factor
 from tuckerlib.decompositions._hosvd import hosvd
@@ -56,20 +56,6 @@ class HOOIInfo:
     converged: bool
     #: Number of sweeps run.
     n_iter: int
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be an integer >= {minimum}, got {type(value).__name__}"
-        ) from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_stop_tol(tol: Any) -> float:
@@ -230,7 +216,7 @@ def hooi(
     if rank is None:
         raise ValueError("hooi needs rank (an int or one rank per mode); got None")
     ranks = resolve_rank(rank, x.shape)
-    max_iter = _check_int(max_iter, "max_iter", 0)
+    max_iter = check_int(max_iter, "max_iter", 0)
     tol = _check_stop_tol(tol)
     norm2 = squared_norm(xp, x)
     best = _initial(xp, x, ranks, init)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import numpy as np
 
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
+from tuckerlib._validation import check_int
 from tuckerlib.decompositions._common import default_order, prepare_tensor
 from tuckerlib.decompositions._sketch import Sketch
 from tuckerlib.decompositions._sthosvd import sthosvd_steps
@@ -18,32 +18,12 @@ __all__ = ["rhosvd"]
 Seed = int | np.random.Generator | None
 
 
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= 0, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer >= 0, got {type(value).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
 def _check_seed(seed: Any) -> np.random.Generator:
     if seed is None or isinstance(seed, np.random.Generator):
         return np.random.default_rng(seed)
-    if isinstance(seed, bool):
-        raise TypeError("seed must be None, an int or a numpy.random.Generator, got bool")
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise TypeError(
-            f"seed must be None, an int or a numpy.random.Generator, got {type(seed).__name__}"
-        ) from None
-    if value < 0:
-        raise ValueError(f"seed must be >= 0, got {value}")
-    return np.random.default_rng(value)
+    return np.random.default_rng(
+        check_int(seed, "seed", 0, "None, an int or a numpy.random.Generator")
+    )
 
 
 def rhosvd(
@@ -182,8 +162,8 @@ def rhosvd(
         raise ValueError("rhosvd needs rank (an int or one rank per mode); got None")
     ranks = resolve_rank(rank, x.shape)
     sketch = Sketch(
-        oversample=_check_count(oversample, "oversample"),
-        power_iter=_check_count(power_iter, "power_iter"),
+        oversample=check_int(oversample, "oversample", 0),
+        power_iter=check_int(power_iter, "power_iter", 0),
         rng=_check_seed(seed),
     )
     order = default_order(x.shape, ranks)
