@@ -60,7 +60,7 @@ def sthosvd_steps(
     for step, n in enumerate(order):
         rank = None if ranks is None else ranks[n]
         # The fibre matrix serves both the factor and the projection: for a
-        # middle mode or a non-contiguous tensor it is a copy, made once.
+        # mode in the middle of the memory order it is a copy, made once.
         layout = memory_order(core)
         a = fibre_matrix(xp, core, n, layout)
         projected = None
