@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.extraction import Extraction, extract
-from tuckerlib.cli._common import (
+from tuckerlib.cli.common import (
     EXIT_OK,
     ArgumentParser,
     UsageError,

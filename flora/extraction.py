@@ -24,7 +24,7 @@ from tuckerlib import (
     resolve_rank,
     sthosvd,
 )
-from tuckerlib.cli._report import budget_ranks, tensor_kind
+from tuckerlib.analysis import lora_budget_ranks, tensor_kind
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
 
 __all__ = ["ExtractedLayer", "Extraction", "extract"]
@@ -135,7 +135,7 @@ def _rank_rule(
     def by_budget(name: str, delta: np.ndarray) -> tuple[int, ...]:
         spectra = [np.asarray(s) for s in mode_spectra(delta)]
         kind = tensor_kind(name, delta.shape)
-        return budget_ranks(spectra, kind, lora_rank, fixed_kernel_rank)[0]
+        return lora_budget_ranks(spectra, kind, lora_rank, kernel_rank=fixed_kernel_rank)[0]
 
     return by_budget
 

@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from tuckerlib import tucker_params
+from tuckerlib.analysis import lora_budget, tensor_kind
 from tuckerlib.cli import main
-from tuckerlib.cli._report import lora_budget, tensor_kind
 
 PLANTED = {"conv.weight": (3, 2, 2, 1), "fc.weight": (4, 4)}
 SHAPES = {"conv.weight": (12, 10, 3, 3), "fc.weight": (20, 16)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuckerlib.cli._common import bundled_example
+from tuckerlib.cli.common import bundled_example
 from tuckerlib.io import open_checkpoint
 
 torch = pytest.importorskip("torch", reason="the example network is a torch module")

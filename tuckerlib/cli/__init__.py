@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tuckerlib.cli._analyze import add_parser as _add_analyze
-from tuckerlib.cli._common import ArgumentParser, run
+from tuckerlib.cli.common import ArgumentParser, run
 
 __all__ = ["main"]
 

@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from tuckerlib.cli._common import (
+from tuckerlib.cli._formats import FORMATS, render
+from tuckerlib.cli._plots import plot_summary, plot_tensor, pyplot
+from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport, analyze_delta
+from tuckerlib.cli.common import (
     EXIT_OK,
     UsageError,
     bundled_example,
@@ -19,9 +22,6 @@ from tuckerlib.cli._common import (
     progress,
     regex,
 )
-from tuckerlib.cli._formats import FORMATS, render
-from tuckerlib.cli._plots import plot_summary, plot_tensor, pyplot
-from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport, analyze_delta
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
 
 __all__ = ["FLOAT64_MAX_SIZE", "add_parser", "analyze_pair", "run_analyze"]

@@ -8,8 +8,9 @@ import os
 import textwrap
 from collections.abc import Callable, Sequence
 
-from tuckerlib.cli._common import describe
-from tuckerlib.cli._report import KINDS, Report, TensorReport
+from tuckerlib.analysis import TENSOR_KINDS
+from tuckerlib.cli._report import Report, TensorReport
+from tuckerlib.cli.common import describe
 
 __all__ = ["FORMATS", "render"]
 
@@ -66,7 +67,7 @@ def _pooled(tensors: list[TensorReport], attr: str) -> float:
 
 
 def _summary_rows(report: Report) -> list[list[str]]:
-    groups = [(kind, [t for t in report.tensors if t.kind == kind]) for kind in KINDS]
+    groups = [(kind, [t for t in report.tensors if t.kind == kind]) for kind in TENSOR_KINDS]
     groups = [(kind, ts) for kind, ts in groups if ts]
     if len(groups) > 1:
         groups.append(("all", report.tensors))

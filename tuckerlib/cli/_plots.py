@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from tuckerlib.cli._common import UsageError
 from tuckerlib.cli._report import Report, TensorReport
+from tuckerlib.cli.common import UsageError
 
 __all__ = ["SUMMARY_FILE", "plot_summary", "plot_tensor", "pyplot", "spectra_file"]
 

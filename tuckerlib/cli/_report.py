@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +12,11 @@ from tuckerlib import (
     effective_rank,
     energy_ranks,
     mode_spectra,
-    ranks_for_budget,
     relative_error,
     sthosvd,
-    tucker_params,
     tucker_vs_matrix,
 )
+from tuckerlib.analysis import lora_budget_ranks, tensor_kind
 
 __all__ = [
     "JSON_VERSION",
@@ -26,44 +24,9 @@ __all__ = [
     "Report",
     "TensorReport",
     "analyze_delta",
-    "budget_ranks",
-    "lora_budget",
-    "tensor_kind",
 ]
 
 JSON_VERSION = 1
-KINDS = ("linear", "conv", "embedding", "other")
-
-_EMBEDDING_NAME = re.compile(r"emb|wte|wpe|tok_embeddings|lookup", re.IGNORECASE)
-
-
-def tensor_kind(name: str, shape: tuple[int, ...]) -> str:
-    """Classify a parameter as ``linear``, ``conv``, ``embedding`` or ``other``.
-
-    Layers store weights in the axis orders of DESIGN §2: Linear
-    ``(out, in)``, ConvNd ``(out, in/groups, *kernel)``, Embedding
-    ``(num, dim)``. Only tensors whose name ends in ``weight`` (or
-    ``kernel``) count as layer weights; 2-D ones whose name mentions an
-    embedding are embeddings.
-    """
-    leaf = name.rsplit(".", 1)[-1].lower()
-    if not leaf.endswith(("weight", "kernel")):
-        return "other"
-    if len(shape) == 2:
-        return "embedding" if _EMBEDDING_NAME.search(name) else "linear"
-    if 3 <= len(shape) <= 5:
-        return "conv"
-    return "other"
-
-
-def lora_budget(shape: tuple[int, ...], lora_rank: int) -> int:
-    """Parameters of a rank-``lora_rank`` LoRA of the ``(out, rest)`` reshape.
-
-    The rank is clipped to ``min(out, rest)``: a LoRA pair of higher rank
-    holds the full matrix and more.
-    """
-    rows, cols = shape[0], math.prod(shape[1:])
-    return min(lora_rank, rows, cols) * (rows + cols)
 
 
 @dataclass(frozen=True)
@@ -142,12 +105,6 @@ class Report:
         }
 
 
-def _fixed_ranks(kind: str, shape: tuple[int, ...], rank: int | None) -> dict[int, int] | None:
-    if rank is None or kind != "conv":
-        return None
-    return {mode: min(rank, shape[mode]) for mode in range(2, len(shape))}
-
-
 def _tucker_error(
     delta: np.ndarray, ranks: tuple[int, ...], budget: int, comparison: dict[str, Any]
 ) -> float:
@@ -158,25 +115,6 @@ def _tucker_error(
     return relative_error(delta, sthosvd(delta, ranks))
 
 
-def budget_ranks(
-    spectra: list[np.ndarray], kind: str, lora_rank: int, fixed_kernel_rank: int | None = None
-) -> tuple[tuple[int, ...], int]:
-    """FLoRA ranks within the budget of a rank-``lora_rank`` LoRA, and that budget.
-
-    ``spectra`` are the tensor's mode spectra (their lengths give its
-    shape). Kernel modes of convolutions are pinned to ``fixed_kernel_rank``
-    when it is given.
-    """
-    shape = tuple(len(s) for s in spectra)
-    fixed = _fixed_ranks(kind, shape, fixed_kernel_rank)
-    pinned = fixed or {}
-    floor = tucker_params(shape, [pinned.get(n, 1) for n in range(len(shape))])
-    # A 1x1 convolution at LoRA rank 1 affords less than rank 1 in every
-    # mode; lift the budget to that minimum rather than report nothing.
-    budget = max(lora_budget(shape, lora_rank), floor)
-    return ranks_for_budget(spectra, budget, fixed=fixed), budget
-
-
 def analyze_delta(
     name: str, delta: np.ndarray, base_norm: float, options: AnalyzeOptions
 ) -> TensorReport:
@@ -184,7 +122,9 @@ def analyze_delta(
     shape = tuple(int(d) for d in delta.shape)
     kind = tensor_kind(name, shape)
     spectra = [np.asarray(s, dtype=np.float64) for s in mode_spectra(delta)]
-    ranks, budget = budget_ranks(spectra, kind, options.lora_rank, options.fixed_kernel_rank)
+    ranks, budget = lora_budget_ranks(
+        spectra, kind, options.lora_rank, kernel_rank=options.fixed_kernel_rank
+    )
     comparison = tucker_vs_matrix(delta, budget, spectra=spectra)
     # Every unfolding holds all entries: one spectrum's energy is ‖ΔW‖².
     delta_norm = math.sqrt(float(np.sum(spectra[0] ** 2)))

@@ -45,6 +45,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line on stderr and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``message`` as one usage line and exit with status 2."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
