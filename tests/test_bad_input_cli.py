@@ -24,7 +24,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tuckerlib.cli import main
-from tuckerlib.cli.common import UsageError, atomic_output, bundled_example, run
+from tuckerlib.cli.common import UsageError, atomic_output, bundled_example, progress, run
 from tuckerlib.io import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -347,6 +347,34 @@ def test_run_reports_expected_failures_as_one_line(capsys, exc, match) -> None:
 def test_run_lets_a_bug_show_its_traceback(bug) -> None:
     with pytest.raises(type(bug)):
         run("demo", _raise(bug))
+
+
+API_CASES = [
+    pytest.param(
+        lambda: main("analyze --quiet"),
+        TypeError,
+        r"argv must be a sequence of arguments \(e\.g\. 'analyze --quiet'\.split\(\)\), got str",
+        id="main-argv-string",
+    ),
+    pytest.param(
+        lambda: progress([1, 2], quiet="no"),
+        TypeError,
+        r"quiet must be True or False, got str",
+        id="progress-quiet-string",
+    ),
+    pytest.param(
+        lambda: progress([1, 2], quiet=42),
+        TypeError,
+        r"quiet must be True or False, got int",
+        id="progress-quiet-int",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), API_CASES)
+def test_bad_arguments_to_the_python_entry_points(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_atomic_output_turns_a_writer_error_into_one_line(tmp_path: Path) -> None:

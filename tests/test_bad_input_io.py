@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,12 @@ def _entry(**fields: object) -> bytes:
 def _truncated() -> bytes:
     buffer = _header({"w": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}})
     return buffer[:-5]
+
+
+def _duplicate_header() -> bytes:
+    entry = json.dumps({"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]})
+    raw = f'{{"w": {entry}, "w": {entry}}}'.encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 48
 
 
 def _torch_file(name: str, tensors: Callable[[], dict]) -> Callable[[Path], Path]:
@@ -210,6 +217,11 @@ FILES = [
         id="size-mismatch",
     ),
     pytest.param(
+        _bytes("dup.safetensors", lambda: _duplicate_header()),
+        r"dup\.safetensors: not a safetensors file \(bad JSON header: key 'w' appears twice\)",
+        id="header-names-a-tensor-twice",
+    ),
+    pytest.param(
         _bytes("f8.safetensors", lambda: _entry(dtype="F8_E4M3", data_offsets=[0, 12])),
         r"f8\.safetensors: tensor 'w' has unsupported dtype F8_E4M3",
         id="unsupported-dtype-read",
@@ -249,6 +261,11 @@ FILES = [
         id="torch-broken-zip",
     ),
     pytest.param(
+        _torch_file("keys.pt", lambda: {1: torch.ones(2), "1": torch.ones(3)}),
+        r"keys\.pt: keys 1 and '1' of the state dict both read as tensor name '1'",
+        id="torch-keys-that-collide",
+    ),
+    pytest.param(
         _torch_file("none.pt", lambda: {"step": 3}),
         r"none\.pt: no tensors found",
         id="torch-no-tensors",
@@ -276,6 +293,11 @@ FILES = [
         _sharded({"weights": {}}),
         r"index\.json: not a checkpoint index \(no \"weight_map\"",
         id="index-without-weight-map",
+    ),
+    pytest.param(
+        _sharded(b'{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}'),
+        r"index\.json: not a checkpoint index \(bad JSON: key 'w' appears twice\)",
+        id="index-names-a-tensor-twice",
     ),
     pytest.param(
         _sharded(WEIGHT_MAP),
@@ -377,8 +399,14 @@ CALLS = [
     pytest.param(
         lambda c: pair_checkpoints(c, c, include=3),
         TypeError,
-        r"include must be a regular expression \(str or re\.Pattern\), got int",
+        r"include must be a regular expression \(str or re\.Pattern\) .*, got int",
         id="pair-include-int",
+    ),
+    pytest.param(
+        lambda c: pair_checkpoints(c, c, include=re.compile(b"w")),
+        TypeError,
+        r"include must be a regular expression .* matching str names, got bytes",
+        id="pair-include-bytes-pattern",
     ),
     pytest.param(
         lambda c: pair_checkpoints(None, c),
@@ -423,6 +451,13 @@ CALLS = [
 def test_bad_arguments_get_a_clear_error(good, call, error, match) -> None:
     with pytest.raises(error, match=match):
         call(good)
+
+
+def test_a_device_is_not_a_checkpoint() -> None:
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null here")
+    with pytest.raises(CheckpointError, match=r"^/dev/null: not a regular file$"):
+        open_checkpoint("/dev/null")
 
 
 def test_operating_system_errors_become_checkpoint_errors(tmp_path: Path, monkeypatch) -> None:

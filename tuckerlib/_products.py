@@ -42,6 +42,8 @@ def _as_operator(matrix: Any, size: int, mode: int, transpose: bool, name: str) 
 
 def _promoted(xp: ModuleType, arrays: list[Any], names: list[str]) -> list[Any]:
     """``arrays`` in their common dtype: PyTorch's matmul does not promote by itself."""
+    if all(a.dtype == arrays[0].dtype for a in arrays):
+        return arrays
     try:
         dtype = xp.result_type(*arrays)
     except TypeError:

@@ -101,6 +101,8 @@ def as_numeric_array(x: Any, xp: ModuleType, name: str, *, allow_bool: bool = Fa
         array = as_array(x, xp)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} cannot be converted to an array ({exc})") from None
+    if xp.isdtype(array.dtype, "numeric"):
+        return array
     if xp.isdtype(array.dtype, "bool"):
         if allow_bool:
             return array
@@ -108,12 +110,8 @@ def as_numeric_array(x: Any, xp: ModuleType, name: str, *, allow_bool: bool = Fa
             f"{name} is a boolean array; boolean arrays are not supported here "
             "(convert it with astype to an integer or floating dtype)"
         )
-    if not xp.isdtype(array.dtype, "numeric"):
-        got = f"an array of dtype {array.dtype}" if is_array else type(x).__name__
-        raise TypeError(
-            f"{name} must be a numeric array (or nested sequence of numbers), got {got}"
-        )
-    return array
+    got = f"an array of dtype {array.dtype}" if is_array else type(x).__name__
+    raise TypeError(f"{name} must be a numeric array (or nested sequence of numbers), got {got}")
 
 
 def as_floating(x: Any, xp: ModuleType) -> Any:

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from tuckerlib._validation import check_bool
 from tuckerlib.io import CheckpointError
 
 __all__ = [
@@ -202,8 +203,14 @@ def parse_energies(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def progress(items: Sequence[T], *, quiet: bool, unit: str = "tensor") -> Iterator[T]:
-    """Iterate with a tqdm bar on stderr, unless quiet, stderr is no TTY, or no tqdm."""
-    if quiet or not sys.stderr.isatty():
+    """Iterate with a tqdm bar on stderr, unless quiet, stderr is no TTY, or no tqdm.
+
+    Raises
+    ------
+    TypeError
+        If ``quiet`` is not a bool.
+    """
+    if check_bool(quiet, "quiet") or not sys.stderr.isatty():
         return iter(items)
     try:
         from tqdm import tqdm

@@ -7,11 +7,11 @@ from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "read_error", "widen_bf16"]
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "read_error", "unique_keys", "widen_bf16"]
 
 # 1 MiB chunks keep the temporary copies of a streamed tensor small next to
 # the tensor itself (and below the sizes malloc keeps around after freeing)
@@ -44,6 +44,20 @@ class CheckpointError(ValueError):
 
     The message starts with the path of the file at fault.
     """
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a JSON object naming a key twice is malformed.
+
+    Python keeps the last of two equal keys silently, which would drop a
+    tensor of a corrupt header or index without a word.
+    """
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice")
+        result[key] = value
+    return result
 
 
 def read_error(path: Path, exc: OSError) -> CheckpointError:

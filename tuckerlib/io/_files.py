@@ -32,7 +32,8 @@ def open_file(path: Path) -> Checkpoint:
     by its first bytes.
     """
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        what = "not a regular file" if path.exists() else "no such file"
+        raise CheckpointError(f"{path}: {what}")
     if path.suffix == ".safetensors":
         return SafetensorsCheckpoint(path)
     if path.suffix in TORCH_SUFFIXES or _looks_like_torch(path):

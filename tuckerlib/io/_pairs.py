@@ -54,12 +54,16 @@ def _skip_reason(base: TensorInfo, tuned: TensorInfo) -> str | None:
 
 
 def _pattern(pattern: str | re.Pattern[str] | None, name: str) -> re.Pattern[str] | None:
-    if pattern is None or isinstance(pattern, re.Pattern):
-        return pattern
-    if not isinstance(pattern, str):
+    if pattern is None:
+        return None
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    if not isinstance(text, str):
         raise TypeError(
-            f"{name} must be a regular expression (str or re.Pattern), got {type(pattern).__name__}"
+            f"{name} must be a regular expression (str or re.Pattern) matching str names, "
+            f"got {type(text).__name__}"
         )
+    if isinstance(pattern, re.Pattern):
+        return pattern
     try:
         return re.compile(pattern)
     except re.error as exc:

@@ -27,6 +27,7 @@ from tuckerlib.io._base import (
     CheckpointError,
     TensorInfo,
     read_error,
+    unique_keys,
     widen_bf16,
 )
 
@@ -46,8 +47,8 @@ def _read_header(path: Path, handle: Any, size: int) -> tuple[dict[str, Any], in
             f"{path}: not a safetensors file (header length {length} exceeds the file)"
         )
     try:
-        header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(handle.read(length), object_pairs_hook=unique_keys)
+    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
         raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")

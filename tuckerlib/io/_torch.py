@@ -88,14 +88,25 @@ def _load(torch: Any, path: Path) -> Any:
         ) from None
 
 
-def _tensors_of(torch: Any, obj: Any) -> dict[str, Any]:
+def _tensors_of(torch: Any, obj: Any, path: Path) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         return {}
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = str(key)
+        if name in keys:
+            raise CheckpointError(
+                f"{path}: keys {keys[name]!r} and {key!r} of the state dict both read as "
+                f"tensor name {name!r}"
+            )
+        tensors[name], keys[name] = value, key
     if tensors:
         return tensors
     for key in _WRAPPER_KEYS:
-        nested = _tensors_of(torch, obj.get(key))
+        nested = _tensors_of(torch, obj.get(key), path)
         if nested:
             return nested
     return {}
@@ -142,7 +153,7 @@ class TorchCheckpoint(Checkpoint):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         torch = _import_torch(self.path)
-        self._tensors = _tensors_of(torch, _load(torch, self.path))
+        self._tensors = _tensors_of(torch, _load(torch, self.path), self.path)
         if not self._tensors:
             raise CheckpointError(f"{self.path}: no tensors found in this PyTorch checkpoint")
         for name, tensor in self._tensors.items():
