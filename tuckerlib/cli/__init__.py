@@ -26,8 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> from tuckerlib.cli import main
-    >>> out = getfixture("tmp_path") / "report.json"
+    >>> out = Path(tempfile.mkdtemp()) / "report.json"
     >>> main(["analyze", "--format", "json", "--quiet", "--out", str(out)])
     0
     """

@@ -81,10 +81,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> import numpy as np
     >>> from safetensors.numpy import save_file
     >>> from tuckerlib.io import open_checkpoint
-    >>> path = getfixture("tmp_path") / "model.safetensors"
+    >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
     >>> save_file({"fc.weight": np.ones((3, 4), np.float32)}, path)
     >>> with open_checkpoint(path) as ckpt:
     ...     print(list(ckpt), ckpt.info("fc.weight"), ckpt["fc.weight"].sum())

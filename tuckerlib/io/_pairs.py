@@ -87,10 +87,12 @@ def pair_checkpoints(
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> import numpy as np
     >>> from safetensors.numpy import save_file
     >>> from tuckerlib.io import open_checkpoint, pair_checkpoints
-    >>> tmp = getfixture("tmp_path")
+    >>> tmp = Path(tempfile.mkdtemp())
     >>> w = np.ones((4, 3), np.float32)
     >>> save_file({"fc.weight": w, "fc.bias": w[0], "old": w}, tmp / "base.safetensors")
     >>> save_file({"fc.weight": 2 * w, "fc.bias": w[0], "new": w}, tmp / "tuned.safetensors")
@@ -163,10 +165,12 @@ def read_delta(
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> import numpy as np
     >>> from safetensors.numpy import save_file
     >>> from tuckerlib.io import open_checkpoint, read_delta
-    >>> tmp = getfixture("tmp_path")
+    >>> tmp = Path(tempfile.mkdtemp())
     >>> save_file({"w": np.ones((2, 2), np.float32)}, tmp / "a.safetensors")
     >>> save_file({"w": np.full((2, 2), 3, np.float32)}, tmp / "b.safetensors")
     >>> base, tuned = open_checkpoint(tmp / "a.safetensors"), open_checkpoint(tmp / "b.safetensors")
