@@ -1,4 +1,4 @@
-"""The rank rules of DESIGN.md §2, in one place."""
+"""The rank rules (an int, a sequence with ``None`` entries, or ``None``), in one place."""
 
 from __future__ import annotations
 
