@@ -39,8 +39,8 @@ from flora.model import (
     unload,
     unmerge,
 )
+from flora.report import summary
 from flora.spec import LayerSpec
-from flora.summary import summary
 
 __all__ = [
     "DEFAULT_RANKS",

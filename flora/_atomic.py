@@ -25,7 +25,7 @@ def replace_directory(
     """Let ``fill`` write into a new directory beside ``target``, then swap it into place.
 
     ``target`` may be missing, empty, or hold only files named in
-    ``allowed`` (an earlier version of the same kind of directory), which
+    ``allowed`` (the previous copy of the same directory), which
     is then replaced as a whole. If ``fill`` fails, ``target`` is untouched
     and the new directory removed. Between the two renames of a replacement
     the old directory exists under a hidden name beside ``target``, so an

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora._hf import guard_save_pretrained
 from flora.layers import (
     AdaptedWeight,
     Conv1d,
@@ -283,6 +284,7 @@ def apply(
             replace_module(modules, saved.name, wrapper)
         wrapper.add_copy(adapter_name, saved.copy, trainable=trainable)
     refresh_requires_grad(model)
+    guard_save_pretrained(model)
 
 
 def refresh_requires_grad(model: nn.Module) -> None:

@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from flora.spec import (
-    FORWARD_MODES,
-    INIT_MODES,
     KINDS,
     LayerSpec,
     RankTemplate,
@@ -18,18 +16,9 @@ from flora.spec import (
     check_init,
     check_scale,
     check_template,
-    clip_ranks,
 )
 
-__all__ = [
-    "DEFAULT_RANKS",
-    "FORWARD_MODES",
-    "INIT_MODES",
-    "KINDS",
-    "FLoRAConfig",
-    "clip_ranks",
-    "name_matches",
-]
+__all__ = ["DEFAULT_RANKS", "FLoRAConfig", "name_matches"]
 
 Ranks = RankTemplate | Mapping[str, RankTemplate] | None
 

@@ -77,7 +77,6 @@ from flora._tucker import compress
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
-from flora.model import guard_save_pretrained
 from flora.spec import LayerSpec, usable_ranks
 
 __all__ = [
@@ -666,7 +665,6 @@ def load_adapter(
         Addition(site, _loaded(saved, site.name, site.weight, trainable)) for site in sites
     ]
     apply(model, name, additions, copies, trainable=trainable)
-    guard_save_pretrained(model)
     return model
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora._hf import release_save_pretrained
 from flora._plan import (
     Addition,
     SavedCopy,
@@ -37,7 +38,6 @@ from flora._tucker import block_sum
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.layers.base import check_adapter_name
-from flora.model import guard_save_pretrained, release_save_pretrained
 from flora.spec import LayerSpec
 
 __all__ = [
@@ -411,5 +411,4 @@ def add_weighted_adapter(
         if source is not None:
             copies.append(SavedCopy(name, wrapper, copy.deepcopy(wrapper.copies[source])))
     apply(model, new_name, additions, copies)
-    guard_save_pretrained(model)
     return model

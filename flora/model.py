@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora._hf import release_save_pretrained
 from flora._plan import (
     LAYER_TYPES,
     Addition,
@@ -193,44 +193,6 @@ def _create(site: Site, config: FLoRAConfig) -> TuckerDelta:
     return adapter
 
 
-class _SavePretrainedGuard:
-    """Stands in for a Hugging Face model's ``save_pretrained`` while it holds FLoRA adapters.
-
-    Without an explicit ``state_dict`` the checkpoint would hold the adapted
-    layout (``base_layer``, ``adapters`` keys), which ``from_pretrained``
-    does not recognise: it initializes those weights randomly with only a
-    logged warning.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        adapted = find_adapted(self.model) or find_saved(self.model)
-        if adapted and kwargs.get("state_dict") is None:
-            raise RuntimeError(
-                "this model holds FLoRA adapters, so its state dict is not the plain model's "
-                "and from_pretrained would silently re-initialize the adapted layers; save "
-                "with model.save_pretrained(directory, state_dict=flora.merged_state_dict(model)) "
-                "or call flora.unload(model) first (flora.save_adapter saves the adapter alone)"
-            )
-        return type(self.model).save_pretrained(self.model, *args, **kwargs)
-
-
-def guard_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` refuse to write the adapted layout (Hugging Face models)."""
-    guarded = isinstance(model.__dict__.get("save_pretrained"), _SavePretrainedGuard)
-    if callable(getattr(type(model), "save_pretrained", None)) and not guarded:
-        model.save_pretrained = _SavePretrainedGuard(model)
-
-
-def release_save_pretrained(model: nn.Module) -> None:
-    """Undo :func:`guard_save_pretrained` once no adapter is left."""
-    guarded = isinstance(model.__dict__.get("save_pretrained"), _SavePretrainedGuard)
-    if guarded and not (find_adapted(model) or find_saved(model)):
-        del model.__dict__["save_pretrained"]
-
-
 def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "default") -> nn.Module:
     """Add a FLoRA adapter to ``model`` in place and freeze everything else.
 
@@ -315,7 +277,6 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
         original = module.original_module if isinstance(module, ModulesToSave) else module
         copies.append(SavedCopy(name, module, copy.deepcopy(original)))
     apply(model, adapter_name, additions, copies)
-    guard_save_pretrained(model)
     return model
 
 

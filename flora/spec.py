@@ -8,7 +8,7 @@ record it (:meth:`LayerSpec.to_record`) and loading reads it back
 these settings lives in this module.
 
 Ranks are clipped to what a Tucker tensor can use: ``R_n <= I_n`` and
-``R_n <= prod_{m != n} R_m`` for every mode (:func:`usable_ranks`). A mode
+``R_n <= prod_{m != n} R_m`` for every mode (:func:`flora.spec.usable_ranks`). A mode
 rank above the product of the others adds parameters but no expressible
 update, because the mode-``n`` unfolding of the core has at most that many
 independent columns.
@@ -83,21 +83,21 @@ def check_dropout(value: object) -> float:
 
 
 def check_init(value: object) -> str:
-    """``value`` if it is one of :data:`INIT_MODES`."""
+    """``value`` if it is one of ``"zero_core"``, ``"hosvd"``, ``"gaussian"``."""
     if value not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {value!r}")
     return str(value)
 
 
 def check_forward(value: object) -> str:
-    """``value`` if it is one of :data:`FORWARD_MODES`."""
+    """``value`` if it is one of ``"auto"``, ``"dense"``, ``"factorized"``."""
     if value not in FORWARD_MODES:
         raise ValueError(f"forward must be one of {FORWARD_MODES}, got {value!r}")
     return str(value)
 
 
 def check_kind(value: object) -> str:
-    """``value`` if it is one of :data:`KINDS`."""
+    """``value`` if it is a layer kind: ``"Linear"``, ``"Conv1d"``, ..., ``"Parameter"``."""
     if value not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {value!r}")
     return str(value)
@@ -196,7 +196,7 @@ def clip_ranks(
     Returns
     -------
     tuple of int
-        ``min(R_n, I_n)`` for every mode, then :func:`usable_ranks`: a
+        ``min(R_n, I_n)`` for every mode, then :func:`flora.spec.usable_ranks`: a
         depthwise convolution's ``in/groups`` mode of size 1 gets rank 1, and
         its output mode at most the product of the kernel ranks.
 
@@ -236,12 +236,13 @@ class LayerSpec:
     Parameters
     ----------
     kind : str
-        One of :data:`KINDS`.
+        ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``, ``"Embedding"`` or
+        ``"Parameter"``.
     shape : sequence of int
         The adapted weight's shape ``(I_0, ..., I_{N-1})``.
     ranks : sequence of int
         One rank per mode, usable as they are: ``1 <= R_n <= I_n`` and
-        ``R_n <= prod_{m != n} R_m`` (:meth:`from_template` clips a template).
+        ``R_n <= prod_{m != n} R_m`` (:meth:`flora.LayerSpec.from_template` clips a template).
     scale : float, optional
         The factor ``s`` of ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}``.
     init : {"zero_core", "hosvd", "gaussian"}, optional
@@ -314,7 +315,7 @@ class LayerSpec:
     ) -> LayerSpec:
         """The spec for a weight of ``shape`` with ranks clipped from ``template``.
 
-        See :func:`clip_ranks` for the clipping; the options are as in the
+        See :func:`flora.spec.clip_ranks` for the clipping; the options are as in the
         class.
         """
         ranks = clip_ranks(template, shape)
@@ -348,7 +349,7 @@ class LayerSpec:
 
     @classmethod
     def from_record(cls, record: object) -> LayerSpec:
-        """Read a spec from :meth:`to_record` output (``forward``, ``dropout`` optional).
+        """Read a spec from ``to_record()`` output (``forward`` and ``dropout`` optional).
 
         Parameters
         ----------

@@ -93,8 +93,8 @@ def _check_weight(weight: torch.Tensor) -> None:
 class TuckerDelta(nn.Module):
     """One adapter: ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` for a weight of ``spec.shape``.
 
-    Build it with :meth:`create` (initialized as ``spec.init`` says) or from
-    given tensors; add it to a layer with :meth:`AdaptedWeight.add_adapter`.
+    Build it with :meth:`flora.TuckerDelta.create` (initialized as ``spec.init`` says) or from
+    given tensors; add it to a layer with :meth:`flora.AdaptedWeight.add_adapter`.
 
     Parameters
     ----------
@@ -222,7 +222,7 @@ class TuckerDelta(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}``, in the adapter's dtype.
 
-        Layers apply their own masks on top (:meth:`AdaptedWeight.delta_weight`).
+        Layers apply their own masks on top (:meth:`flora.AdaptedWeight.delta_weight`).
         """
         return reconstruct(self.core * self.spec.scale, list(self.factors))
 
@@ -416,7 +416,7 @@ class AdaptedWeight(nn.Module):
         return self._mask(functools.reduce(operator.add, present))
 
     def add_adapter(self, name: str, adapter: TuckerDelta) -> None:
-        """Add ``adapter`` under ``name``; inactive until :meth:`set_adapter` names it.
+        """Add ``adapter`` under ``name``, inactive until :meth:`set_adapter` names it.
 
         An ``init="hosvd"`` adapter's initial update is taken out of the base
         weight, so the layer's output does not change.
@@ -492,7 +492,7 @@ class AdaptedWeight(nn.Module):
         return list(adapter_names)
 
     def check_merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
-        """Raise what :meth:`merge` would raise, changing nothing.
+        """Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
 
         Raises
         ------
@@ -537,7 +537,7 @@ class AdaptedWeight(nn.Module):
         RuntimeError
             If a named adapter is already merged.
         ValueError
-            See :meth:`check_merge`.
+            See :meth:`flora.AdaptedWeight.check_merge`.
         """
         self.check_merge(adapter_names, safe=safe)
         names = self._merge_names(adapter_names)
@@ -581,7 +581,7 @@ class AdaptedWeight(nn.Module):
             adapter.merged = False
 
     def merge_effective(self) -> None:
-        """Put what the adapters add now (:meth:`effective_delta`) into the base weight.
+        """Put what the adapters add now (``effective_delta()``) into the base weight.
 
         Used before the adapters are dropped: the base weight then computes
         what the layer computes.
@@ -627,7 +627,7 @@ class FLoRALayer(AdaptedWeight):
         How the branch runs; see :doc:`/flora_math`.
     adapter_name : str or None, optional
         Name of the adapter created; ``None`` creates the wrapper without
-        adapters (add them with :meth:`add_adapter`).
+        adapters (add them with :meth:`flora.AdaptedWeight.add_adapter`).
 
     Notes
     -----

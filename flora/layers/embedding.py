@@ -20,7 +20,7 @@ class Embedding(FLoRALayer):
     The factorized lookup gathers rows of ``U_0`` (shape
     ``(num_embeddings, R_0)``) and multiplies them by ``s · G U_1ᵀ``; it
     never builds ``ΔE``. The row of ``padding_idx`` gets no update, in both
-    forwards and in :meth:`merge`.
+    forwards and in :func:`flora.merge`.
 
     Parameters
     ----------

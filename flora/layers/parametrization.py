@@ -26,7 +26,7 @@ class TuckerParametrization(AdaptedWeight):
     Constructing it registers it on ``module`` with
     ``torch.nn.utils.parametrize.register_parametrization``; the
     original tensor then lives at ``module.parametrizations[name].original``
-    and is frozen. Further named adapters are added with :meth:`add_adapter`
+    and is frozen. Further named adapters are added with :meth:`flora.AdaptedWeight.add_adapter`
     (or :func:`flora.inject` with another ``adapter_name``).
 
     Parameters
@@ -126,7 +126,7 @@ class TuckerParametrization(AdaptedWeight):
         return f"parameter={self.parameter_name!r}, {super().extra_repr()}"
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` plus what the adapters add (:meth:`effective_delta`), in their dtype."""
+        """``weight`` plus what the adapters add now (``effective_delta()``), in their dtype."""
         delta = self.effective_delta()
         if delta is None:
             return weight

@@ -17,7 +17,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     Examples
     --------
     >>> import torch
-    >>> from flora.summary import parameter_counts
+    >>> from flora.report import parameter_counts
     >>> parameter_counts(torch.nn.Linear(3, 2))
     (8, 8)
     """
