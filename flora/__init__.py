@@ -32,6 +32,7 @@ from flora.lifecycle import (
 )
 from flora.model import (
     adapted_layers,
+    attach_adapter,
     inject,
     merge,
     merged_state_dict,
@@ -64,6 +65,7 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "add_weighted_adapter",
+    "attach_adapter",
     "delete_adapter",
     "disable_adapter",
     "extract",

@@ -11,7 +11,8 @@ and :func:`flora.add_weighted_adapter` share :func:`resolve`,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "refresh_requires_grad",
     "replace_module",
     "resolve",
+    "saved_copy",
     "walk",
 ]
 
@@ -243,6 +245,35 @@ class SavedCopy:
     name: str
     module: nn.Module
     copy: nn.Module
+
+
+def saved_copy(
+    modules: dict[str, nn.Module], name: str, state: Mapping[str, torch.Tensor]
+) -> SavedCopy:
+    """A copy of saved module ``name`` holding ``state``, checked against the model's module."""
+    module = modules.get(name)
+    if module is None or isinstance(module, AdaptedWeight):
+        raise ValueError(f"saved module {name!r}: the model has no plain module {name!r}")
+    original = module.original_module if isinstance(module, ModulesToSave) else module
+    if any(isinstance(m, AdaptedWeight) for m in original.modules()):
+        raise ValueError(f"saved module {name!r} holds FLoRA adapters in this model")
+    expected = original.state_dict()
+    mismatched = sorted(
+        key
+        for key in set(expected) | set(state)
+        if key not in expected
+        or key not in state
+        or expected[key].shape != state[key].shape
+        or expected[key].dtype != state[key].dtype
+    )
+    if mismatched:
+        raise ValueError(
+            f"saved module {name!r}: tensors {mismatched} do not match the model's module "
+            "(missing, unexpected, or another shape or dtype)"
+        )
+    duplicate = copy.deepcopy(original)
+    duplicate.load_state_dict(state, strict=True)
+    return SavedCopy(name, module, duplicate)
 
 
 def replace_module(modules: dict[str, nn.Module], name: str, new: nn.Module) -> None:

@@ -48,7 +48,6 @@ reads and validates one without a model.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,21 +61,15 @@ from torch import nn
 
 from flora._atomic import replace_directory
 from flora._plan import (
-    Addition,
-    SavedCopy,
-    apply,
-    check_enabled,
-    check_sites,
     current_active,
     find_adapted,
     find_saved,
-    resolve,
-    walk,
 )
 from flora._tucker import compress
 from flora.config import FLoRAConfig
-from flora.layers import AdaptedWeight, ModulesToSave, TuckerDelta
-from flora.layers.base import adapter_dtype, check_adapter_name
+from flora.layers import TuckerDelta
+from flora.layers.base import check_adapter_name
+from flora.model import attach_adapter
 from flora.spec import LayerSpec, usable_ranks
 
 __all__ = [
@@ -438,6 +431,20 @@ class SavedAdapter:
         larger ranks are compressed exactly).
     modules_to_save : list of str
         Modules saved whole.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> import flora
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"], modules_to_save=["1"])
+    >>> _ = flora.inject(model, config)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     saved = flora.read_adapter(flora.save_adapter(model, tmp))
+    >>> core, factors = saved.tucker("0")
+    >>> tuple(core.shape), sorted(saved.saved_state("1"))
+    ((2, 2), ['bias', 'weight'])
     """
 
     #: The saved adapter's name.
@@ -570,34 +577,6 @@ def _compress_layer(tensors: dict[str, torch.Tensor], layer: str, spec: LayerSpe
             tensors[f"{key}factors.{n}"] = factor
 
 
-def _saved_module(
-    modules: dict[str, nn.Module], name: str, state: Mapping[str, torch.Tensor]
-) -> SavedCopy:
-    module = modules.get(name)
-    if module is None or isinstance(module, AdaptedWeight):
-        raise ValueError(f"saved module {name!r}: the model has no plain module {name!r}")
-    original = module.original_module if isinstance(module, ModulesToSave) else module
-    if any(isinstance(m, AdaptedWeight) for m in original.modules()):
-        raise ValueError(f"saved module {name!r} holds FLoRA adapters in this model")
-    expected = original.state_dict()
-    mismatched = sorted(
-        key
-        for key in set(expected) | set(state)
-        if key not in expected
-        or key not in state
-        or expected[key].shape != state[key].shape
-        or expected[key].dtype != state[key].dtype
-    )
-    if mismatched:
-        raise ValueError(
-            f"saved module {name!r}: tensors {mismatched} do not match the model's module "
-            "(missing, unexpected, or another shape or dtype)"
-        )
-    duplicate = copy.deepcopy(original)
-    duplicate.load_state_dict(state, strict=True)
-    return SavedCopy(name, module, duplicate)
-
-
 def load_adapter(
     model: nn.Module,
     directory: str | PathLike[str],
@@ -646,38 +625,34 @@ def load_adapter(
     See Also
     --------
     save_adapter : Writes the directory.
+    attach_adapter : Adds an adapter built from tensors.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> import flora
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> for name in ("a", "b"):
+    ...     _ = flora.inject(model, flora.FLoRAConfig(ranks=2), adapter_name=name)
+    >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for name in ("a", "b"):
+    ...         _ = flora.save_adapter(model, f"{tmp}/{name}", adapter_name=name)
+    ...         _ = flora.load_adapter(base, f"{tmp}/{name}")
+    >>> flora.adapter_names(base), flora.active_adapters(base), flora.trainable_parameters(base)
+    (['a', 'b'], ['a'], 0)
     """
     saved = read_adapter(directory)
-    name = check_adapter_name(saved.name if adapter_name is None else adapter_name)
-    check_enabled(model)
-    modules = dict(walk(model))
-    sites = [resolve(modules, layer, spec.kind) for layer, spec in saved.layers.items()]
-    for site in sites:
-        expected = saved.layers[site.name].shape
-        if tuple(site.weight.shape) != expected:
-            raise ValueError(
-                f"layer {site.name!r}: the adapter is for shape {list(expected)}, the model's "
-                f"weight has shape {list(site.weight.shape)}"
-            )
-    check_sites(model, sites, name)
-    copies = [_saved_module(modules, m, saved.saved_state(m)) for m in saved.modules_to_save]
-    additions = [
-        Addition(site, _loaded(saved, site.name, site.weight, trainable)) for site in sites
-    ]
-    apply(model, name, additions, copies, trainable=trainable)
-    return model
+    adapters = {layer: _loaded(saved, layer) for layer in saved.layers}
+    states = {m: saved.saved_state(m) for m in saved.modules_to_save}
+    name = saved.name if adapter_name is None else adapter_name
+    return attach_adapter(model, name, adapters, modules_to_save=states, trainable=trainable)
 
 
-def _loaded(saved: SavedAdapter, layer: str, weight: torch.Tensor, trainable: bool) -> TuckerDelta:
+def _loaded(saved: SavedAdapter, layer: str) -> TuckerDelta:
     spec = saved.layers[layer]
-    options = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
-
-    def cast(
-        tucker: tuple[torch.Tensor, list[torch.Tensor]],
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return tucker[0].to(**options), [f.to(**options) for f in tucker[1]]
-
-    initial = cast(saved.tucker(layer, initial=True)) if spec.init == "hosvd" else None
-    adapter = TuckerDelta(spec, *cast(saved.tucker(layer)), initial=initial, trainable=trainable)
+    initial = saved.tucker(layer, initial=True) if spec.init == "hosvd" else None
+    adapter = TuckerDelta(spec, *saved.tucker(layer), initial=initial)
     adapter.config = saved.config
     return adapter

@@ -72,6 +72,14 @@ def active_adapters(model: nn.Module) -> list[str]:
     See Also
     --------
     set_adapter : Change them.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), flora.FLoRAConfig(ranks=2))
+    >>> flora.active_adapters(model)
+    ['default']
     """
     return list(_current_active(model))
 

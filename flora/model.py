@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -23,15 +23,17 @@ from flora._plan import (
     find_saved,
     replace_module,
     resolve,
+    saved_copy,
     walk,
 )
 from flora.config import FLoRAConfig, name_matches
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
-from flora.layers.base import check_adapter_name
+from flora.layers.base import adapter_dtype, check_adapter_name
 
 __all__ = [
     "LAYER_TYPES",
     "adapted_layers",
+    "attach_adapter",
     "inject",
     "merge",
     "merged_state_dict",
@@ -280,6 +282,90 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
     return model
 
 
+def attach_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    adapters: Mapping[str, TuckerDelta],
+    *,
+    modules_to_save: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """Add adapter ``adapter_name`` made of ready :class:`flora.TuckerDelta` objects.
+
+    The building block of :func:`flora.load_adapter`, for adapters computed
+    elsewhere (converted from another format, say): every layer is found,
+    checked and the whole adapter attached, or nothing changes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, with or without other adapters.
+    adapter_name : str
+        A name new to the model. The first adapter of a model is active;
+        further ones are added inactive.
+    adapters : dict of str to TuckerDelta
+        Layer name (a module, or ``"module.parameter"`` for kind
+        ``"Parameter"``) to its adapter (see :meth:`flora.TuckerDelta.from_tucker`),
+        whose spec must match the layer's kind and weight shape. The
+        adapters are moved to their weight's device and adapter dtype
+        (float32 for half-precision weights) and then owned by the model.
+    modules_to_save : dict of str to dict, optional
+        Module name to the ``state_dict`` of this adapter's copy of it.
+    trainable : bool, optional
+        Whether the adapter and its saved modules require gradients while
+        active.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, base frozen.
+
+    Raises
+    ------
+    ValueError
+        If a layer or module is missing, of another kind or shape, shares
+        its weight with another module, the name is taken, or a saved
+        module's state does not match (nothing changes then).
+    RuntimeError
+        Inside :func:`flora.disable_adapter`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    >>> b, a = torch.randn(4, 2), torch.randn(2, 5)
+    >>> delta = flora.TuckerDelta.from_tucker("Linear", torch.eye(2), [b, a.T])
+    >>> _ = flora.attach_adapter(model, "imported", {"0": delta})
+    >>> torch.allclose(model[0].delta_weight(), b @ a, atol=1e-6)
+    True
+    """
+    check_adapter_name(adapter_name)
+    check_enabled(model)
+    modules = dict(walk(model))
+    sites = []
+    for name, adapter in adapters.items():
+        site = resolve(modules, name, adapter.spec.kind)
+        if tuple(site.weight.shape) != adapter.spec.shape:
+            raise ValueError(
+                f"layer {name!r}: the adapter is for shape {list(adapter.spec.shape)}, the "
+                f"model's weight has shape {list(site.weight.shape)}"
+            )
+        sites.append(site)
+    if not sites:
+        raise ValueError("an adapter needs at least one layer")
+    check_sites(model, sites, adapter_name)
+    states = dict(modules_to_save or {})
+    copies = [saved_copy(modules, name, state) for name, state in states.items()]
+    additions = []
+    for site, adapter in zip(sites, adapters.values(), strict=True):
+        adapter.to(device=site.weight.device, dtype=adapter_dtype(site.weight.dtype))
+        adapter.trainable = trainable
+        additions.append(Addition(site, adapter))
+    apply(model, adapter_name, additions, copies, trainable=trainable)
+    return model
+
+
 def _require_adapters(model: nn.Module) -> dict[str, AdaptedWeight]:
     layers = find_adapted(model)
     if not layers:
@@ -374,6 +460,17 @@ def unmerge(model: nn.Module) -> nn.Module:
         If no adapter is merged, or inside :func:`flora.disable_adapter`.
     ValueError
         If the model has no adapters.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> linear = torch.nn.Linear(4, 4)
+    >>> weight = linear.weight.detach().clone()
+    >>> model = flora.inject(torch.nn.Sequential(linear), flora.FLoRAConfig(ranks=2))
+    >>> _ = flora.unmerge(flora.merge(model))
+    >>> torch.equal(linear.weight, weight)  # the core is zero: nothing to round
+    True
     """
     layers = _require_adapters(model)
     merged = [layer for layer in layers.values() if layer.merged]

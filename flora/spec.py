@@ -74,7 +74,14 @@ def check_scale(value: object) -> float:
 
 
 def check_dropout(value: object) -> float:
-    """``value`` as a float in ``[0, 1)`` (Python or NumPy real; not bool)."""
+    """``value`` as a float in ``[0, 1)`` (Python or NumPy real; not bool).
+
+    Examples
+    --------
+    >>> from flora.spec import check_dropout
+    >>> check_dropout(0)
+    0.0
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"dropout must be a real number, got {value!r}")
     if not 0 <= value < 1:
@@ -83,21 +90,42 @@ def check_dropout(value: object) -> float:
 
 
 def check_init(value: object) -> str:
-    """``value`` if it is one of ``"zero_core"``, ``"hosvd"``, ``"gaussian"``."""
+    """``value`` if it is one of ``"zero_core"``, ``"hosvd"``, ``"gaussian"``.
+
+    Examples
+    --------
+    >>> from flora.spec import check_init
+    >>> check_init("hosvd")
+    'hosvd'
+    """
     if value not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {value!r}")
     return str(value)
 
 
 def check_forward(value: object) -> str:
-    """``value`` if it is one of ``"auto"``, ``"dense"``, ``"factorized"``."""
+    """``value`` if it is one of ``"auto"``, ``"dense"``, ``"factorized"``.
+
+    Examples
+    --------
+    >>> from flora.spec import check_forward
+    >>> check_forward("dense")
+    'dense'
+    """
     if value not in FORWARD_MODES:
         raise ValueError(f"forward must be one of {FORWARD_MODES}, got {value!r}")
     return str(value)
 
 
 def check_kind(value: object) -> str:
-    """``value`` if it is a layer kind: ``"Linear"``, ``"Conv1d"``, ..., ``"Parameter"``."""
+    """``value`` if it is a layer kind: ``"Linear"``, ``"Conv1d"``, ..., ``"Parameter"``.
+
+    Examples
+    --------
+    >>> from flora.spec import check_kind
+    >>> check_kind("Conv2d")
+    'Conv2d'
+    """
     if value not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {value!r}")
     return str(value)

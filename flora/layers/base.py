@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from flora._cost import Op, choose, reconstruction_ops
-from flora._tucker import reconstruct
+from flora._tucker import compress, reconstruct
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.init import hosvd_init, init_factors
 from flora.spec import LayerSpec, RankTemplate
@@ -76,6 +76,12 @@ def check_adapter_name(name: object) -> str:
     ValueError
         Otherwise, or if the name is an attribute of ``torch.nn.ModuleDict``
         (such as ``"keys"``), which cannot key a submodule.
+
+    Examples
+    --------
+    >>> from flora.layers.base import check_adapter_name
+    >>> check_adapter_name("task_a")
+    'task_a'
     """
     if not isinstance(name, str) or not name or "." in name or name in _RESERVED:
         raise ValueError(
@@ -211,6 +217,72 @@ class TuckerDelta(nn.Module):
         init_factors(factors, spec.init)
         return cls(spec, torch.zeros(spec.ranks, **options), factors, trainable=trainable)
 
+    @classmethod
+    def from_tucker(
+        cls,
+        kind: str,
+        core: torch.Tensor,
+        factors: Sequence[torch.Tensor],
+        *,
+        scale: float = 1.0,
+        forward: str = "auto",
+        dropout: float = 0.0,
+        trainable: bool = True,
+    ) -> TuckerDelta:
+        """An adapter holding ``ΔW = scale · core ×_0 factors[0] … ×_{N-1} factors[N-1]``.
+
+        Modes whose rank exceeds what the tensor can use are compressed
+        without loss first (reduced QR of the factor times the core's
+        unfolding), so the spec's ranks are usable; ``ΔW`` is unchanged up to
+        rounding. The adapter has ``init="zero_core"`` (no initial update).
+
+        Parameters
+        ----------
+        kind : str
+            The layer kind (``"Linear"``, ``"Conv2d"``, ..., ``"Parameter"``).
+        core : torch.Tensor
+            Floating tensor of shape ``(R_0, ..., R_{N-1})``.
+        factors : sequence of torch.Tensor
+            ``factors[n]`` of shape ``(I_n, R_n)``, same dtype as ``core``.
+        scale, forward, dropout : optional
+            As in :class:`flora.LayerSpec`.
+        trainable : bool, optional
+            See the class.
+
+        Returns
+        -------
+        TuckerDelta
+
+        Raises
+        ------
+        ValueError
+            If the shapes do not chain or the tensors are not floating point.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from flora import TuckerDelta
+        >>> b, a = torch.randn(2, 6), torch.randn(6, 5)  # a rank-6 LoRA pair on a 2x5 weight
+        >>> delta = TuckerDelta.from_tucker("Linear", torch.eye(6), [b, a.T], scale=0.5)
+        >>> delta.spec.ranks
+        (2, 2)
+        >>> torch.allclose(delta.delta_weight(), 0.5 * b @ a, atol=1e-5)
+        True
+        """
+        factors = list(factors)
+        ranks = [f.shape[1] if f.ndim == 2 else -1 for f in factors]
+        if core.ndim != len(factors) or list(core.shape) != ranks:
+            raise ValueError(
+                f"factors must have shapes (I_n, R_n) with R_n the core's shape "
+                f"{tuple(core.shape)}, got {[tuple(f.shape) for f in factors]}"
+            )
+        if not all(t.is_floating_point() for t in (core, *factors)):
+            raise ValueError("core and factors must be floating-point tensors")
+        core, factors = compress(core.detach(), [f.detach() for f in factors])
+        shape = tuple(f.shape[0] for f in factors)
+        spec = LayerSpec(kind, shape, tuple(core.shape), scale, "zero_core", forward, dropout)
+        return cls(spec, core, factors, trainable=trainable)
+
     @property
     def initial(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """The initial core and factors (``init="hosvd"``), else None."""
@@ -272,6 +344,19 @@ class AdaptedWeight(nn.Module):
     ``core``, ``factors``, ``ranks``, ``scale``, ``init``, ``spec`` and
     ``n_adapter_params`` are those of the one active adapter (an error when
     several are active: use ``adapters[name]``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Linear(torch.nn.Linear(6, 4), ranks=2)
+    >>> spec = flora.LayerSpec.from_template("Linear", layer.shape, 3)
+    >>> layer.add_adapter("wide", flora.TuckerDelta.create(spec, layer.base_weight()))
+    >>> layer.adapter_names, layer.active_adapters
+    (('default', 'wide'), ('default',))
+    >>> layer.set_adapter("wide")
+    >>> layer.ranks
+    (3, 3)
     """
 
     kind: str = ""
@@ -634,6 +719,14 @@ class FLoRALayer(AdaptedWeight):
     Subclasses say how to run an adapter's branch factorized, dense or fused
     into the base op, and which ops each runs, for the cost model of
     ``forward="auto"`` (see :doc:`/flora_math`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Linear(torch.nn.Linear(1024, 1024))
+    >>> isinstance(layer, flora.FLoRALayer), layer.choose_forward(torch.randn(1, 1024))
+    (True, 'factorized')
     """
 
     base_type: type[nn.Module] = nn.Module
