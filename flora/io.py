@@ -625,7 +625,7 @@ def load_adapter(
     See Also
     --------
     save_adapter : Writes the directory.
-    attach_adapter : Adds an adapter built from tensors.
+    flora.attach_adapter : Adds an adapter built from tensors.
 
     Examples
     --------
