@@ -227,3 +227,25 @@ def test_config_round_trip_and_defaults() -> None:
     assert config.ranks_for("Conv2d", "a") == 2
     with pytest.raises(ValueError, match="unknown fields"):
         flora.FLoRAConfig.from_dict({"rank": 4})
+
+
+def test_merged_state_dict_loads_into_the_plain_model() -> None:
+    model, idx = _net()
+    plain, _ = _net()
+    config = flora.FLoRAConfig(
+        ranks=3,
+        target_modules=["embed", "conv", "depthwise"],
+        target_parameters=ALL.target_parameters,
+        modules_to_save=["head"],
+    )
+    flora.inject(model, config)
+    _randomize(model)
+    with torch.no_grad():
+        model.head.copies["default"].bias.add_(1.0)
+    state = flora.merged_state_dict(model)
+    assert sorted(state) == sorted(plain.state_dict())
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(idx), model(idx), rtol=1e-5, atol=1e-5)
+    with flora.disable_adapter(model):
+        plain.load_state_dict(flora.merged_state_dict(model))
+        torch.testing.assert_close(plain(idx), model(idx), rtol=1e-5, atol=1e-5)
