@@ -51,8 +51,10 @@ def main() -> None:
         flora.save_adapter(model, directory)
         twin = make_model()
         twin.load_state_dict(base_state)
-        flora.load_adapter(twin, directory)
-        print("reloaded adapter reproduces outputs:", torch.equal(twin(x), model(x)))
+        flora.load_adapter(twin, directory)  # frozen, for inference
+        # Equal to float32 rounding: a frozen adapter may take other kernels.
+        reproduced = torch.allclose(twin(x), model(x), rtol=1e-5, atol=1e-6)
+        print("reloaded adapter reproduces outputs:", reproduced)
 
     adapted = model(x)
     flora.merge(model)

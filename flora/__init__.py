@@ -2,21 +2,50 @@
 
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.extraction import ExtractedLayer, Extraction, extract
-from flora.io import adapter_state_dict, load_adapter, save_adapter, write_adapter
+from flora.io import (
+    SavedAdapter,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    write_adapter,
+)
 from flora.layers import (
+    AdaptedWeight,
     Conv1d,
     Conv2d,
     Conv3d,
     Embedding,
     FLoRALayer,
     Linear,
+    ModulesToSave,
     TuckerDelta,
     TuckerParametrization,
 )
-from flora.model import adapted_layers, inject, merge, trainable_parameters, unload, unmerge
+from flora.lifecycle import (
+    active_adapters,
+    adapter_names,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter,
+    set_adapter,
+)
+from flora.model import (
+    adapted_layers,
+    attach_adapter,
+    inject,
+    merge,
+    merged_state_dict,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from flora.report import summary
+from flora.spec import LayerSpec
 
 __all__ = [
     "DEFAULT_RANKS",
+    "AdaptedWeight",
     "Conv1d",
     "Conv2d",
     "Conv3d",
@@ -25,16 +54,29 @@ __all__ = [
     "Extraction",
     "FLoRAConfig",
     "FLoRALayer",
+    "LayerSpec",
     "Linear",
+    "ModulesToSave",
+    "SavedAdapter",
     "TuckerDelta",
     "TuckerParametrization",
+    "active_adapters",
     "adapted_layers",
+    "adapter_names",
     "adapter_state_dict",
+    "add_weighted_adapter",
+    "attach_adapter",
+    "delete_adapter",
+    "disable_adapter",
     "extract",
     "inject",
     "load_adapter",
     "merge",
+    "merged_state_dict",
+    "read_adapter",
     "save_adapter",
+    "set_adapter",
+    "summary",
     "trainable_parameters",
     "unload",
     "unmerge",

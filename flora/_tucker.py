@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["mode_order", "reconstruct"]
+from tuckerlib import fold, unfold
+
+__all__ = ["block_sum", "compress", "mode_order", "reconstruct"]
 
 
 def mode_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int]) -> list[int]:
@@ -45,3 +47,50 @@ def reconstruct(
     for n in mode_order(shape, core.shape, modes):
         x = _mode_product(x, factors[n], n)
     return x
+
+
+def compress(
+    core: torch.Tensor, factors: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same Tucker tensor at its usable ranks, exactly (up to rounding).
+
+    A mode whose rank exceeds ``min(I_n, prod_{m != n} R_m)`` holds more
+    columns than the tensor can use: ``U_n @ unfold(core, n)`` has at most
+    that rank, so its reduced QR ``Q R`` gives an orthonormal factor ``Q``
+    and the core's new unfolding ``R``. Repeated until every mode fits
+    (the ranks are then :func:`flora.spec.usable_ranks`); modes that already
+    fit are untouched.
+    """
+    factors = list(factors)
+    shape = [f.shape[0] for f in factors]
+    while True:
+        ranks = tuple(core.shape)
+        bounds = [min(shape[n], math.prod(ranks[:n] + ranks[n + 1 :])) for n in range(core.ndim)]
+        modes = [n for n in range(core.ndim) if bounds[n] < ranks[n]]
+        if not modes:
+            return core, factors
+        n = modes[0]
+        q, r = torch.linalg.qr(factors[n] @ unfold(core, n))
+        new_shape = (*ranks[:n], q.shape[1], *ranks[n + 1 :])
+        core, factors[n] = fold(r, n, new_shape), q
+
+
+def block_sum(
+    terms: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``Σ_i core_i ×_n U_n^i`` as one Tucker tensor, exactly, at usable ranks.
+
+    The core is block-diagonal (term ``i`` at offset ``Σ_{j<i} R^j`` in every
+    mode), the factors are the terms' factors side by side; :func:`compress`
+    then takes out what the sum cannot use.
+    """
+    ranks = [sum(core.shape[n] for core, _ in terms) for n in range(terms[0][0].ndim)]
+    first = terms[0][0]
+    core = torch.zeros(ranks, dtype=first.dtype, device=first.device)
+    offsets = [0] * len(ranks)
+    for block, _ in terms:
+        index = tuple(slice(o, o + r) for o, r in zip(offsets, block.shape, strict=True))
+        core[index] = block
+        offsets = [o + r for o, r in zip(offsets, block.shape, strict=True)]
+    factors = [torch.cat([f[n] for _, f in terms], dim=1) for n in range(len(ranks))]
+    return compress(core, factors)

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-__all__ = [
-    "DEFAULT_RANKS",
-    "FORWARD_MODES",
-    "INIT_MODES",
-    "KINDS",
-    "FLoRAConfig",
-    "clip_ranks",
-]
+from flora.spec import (
+    KINDS,
+    LayerSpec,
+    RankTemplate,
+    check_dropout,
+    check_forward,
+    check_init,
+    check_scale,
+    check_template,
+)
 
-RankTemplate = int | Sequence[int | None]
+__all__ = ["DEFAULT_RANKS", "FLoRAConfig", "name_matches"]
+
 Ranks = RankTemplate | Mapping[str, RankTemplate] | None
-
-#: Layer kinds, as written in configs and saved adapters.
-KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
-INIT_MODES = ("zero_core", "hosvd", "gaussian")
-FORWARD_MODES = ("auto", "dense", "factorized")
 
 #: Ranks used for a layer kind that ``FLoRAConfig.ranks`` does not name. The
 #: convolution ranks are the paper's ConvNeXt configuration (16 on the channel
@@ -40,71 +37,6 @@ DEFAULT_RANKS: Mapping[str, RankTemplate] = {
 }
 
 
-def _check_template(value: object, name: str) -> RankTemplate:
-    if isinstance(value, bool) or not isinstance(value, (int, Sequence)) or isinstance(value, str):
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-        return value
-    entries = tuple(value)
-    for i, r in enumerate(entries):
-        if r is None:
-            continue
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{name}[{i}] must be a positive int or None, got {r!r}")
-    return entries
-
-
-def clip_ranks(
-    template: RankTemplate, shape: Sequence[int], name: str = "ranks"
-) -> tuple[int, ...]:
-    """Clip a rank template to a weight's shape, mode by mode.
-
-    Parameters
-    ----------
-    template : int or sequence of int or None
-        An int applies to every mode; a sequence gives one rank per mode
-        (``None`` keeps the mode full).
-    shape : sequence of int
-        The weight's shape ``(I_0, ..., I_{N-1})``.
-    name : str, optional
-        Name used in error messages.
-
-    Returns
-    -------
-    tuple of int
-        ``min(R_n, I_n)`` for every mode, so a depthwise convolution's
-        ``in/groups`` mode of size 1 gets rank 1.
-
-    Raises
-    ------
-    ValueError
-        If a sequence template has a different number of entries than
-        ``shape`` has modes, or a rank is below 1.
-    TypeError
-        If the template is not an int or a sequence.
-
-    Examples
-    --------
-    >>> from flora.config import clip_ranks
-    >>> clip_ranks((16, 16, 2, 2), (96, 1, 7, 7))
-    (16, 1, 2, 2)
-    >>> clip_ranks(8, (4, 32))
-    (4, 8)
-    """
-    template = _check_template(template, name)
-    shape = tuple(int(s) for s in shape)
-    if isinstance(template, int):
-        return tuple(min(template, s) for s in shape)
-    if len(template) != len(shape):
-        raise ValueError(
-            f"{name}={template} has {len(template)} entries but the weight has "
-            f"{len(shape)} modes (shape {shape})"
-        )
-    return tuple(s if r is None else min(r, s) for r, s in zip(template, shape, strict=True))
-
-
 def _check_names(value: object, name: str) -> list[str] | str | None:
     if value is None:
         return None
@@ -119,6 +51,33 @@ def _check_names(value: object, name: str) -> list[str] | str | None:
     raise TypeError(f"{name} must be None, a regex string or a list of non-empty names")
 
 
+def name_matches(name: str, entry: str, *, regex: bool = True) -> bool:
+    """Whether ``entry`` names ``name``: exactly, as a dotted suffix or (``regex``) a full regex.
+
+    Examples
+    --------
+    >>> from flora.config import name_matches
+    >>> name_matches("blocks.0.query", "query"), name_matches("blocks.0.query", "blocks.*query")
+    (True, True)
+    >>> name_matches("blocks.0.query", "ery")
+    False
+    """
+    if name == entry or name.endswith("." + entry):
+        return True
+    return regex and re.fullmatch(entry, name) is not None
+
+
+def _pattern_rank(pattern: str, name: str) -> int | None:
+    """How specifically a ``rank_pattern`` key names ``name``: 0 exact, 1 suffix, 2 regex."""
+    if name == pattern:
+        return 0
+    if name.endswith("." + pattern):
+        return 1
+    if re.fullmatch(pattern, name) is not None:
+        return 2
+    return None
+
+
 @dataclass
 class FLoRAConfig:
     """Where to put FLoRA adapters and how to build them.
@@ -126,11 +85,12 @@ class FLoRAConfig:
     Parameters
     ----------
     ranks : int, sequence, dict or None, optional
-        Rank template, clipped layer by layer to each mode's size: an int for
-        every mode of every layer, a sequence with one rank per mode, or a
-        dict from layer kind (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``,
-        ``"Conv3d"``, ``"Embedding"``, ``"Parameter"``) to either. Kinds not
-        given (and ``None``) use :data:`DEFAULT_RANKS`.
+        Rank template, clipped layer by layer to each mode's size and to the
+        usable ranks (:func:`flora.spec.clip_ranks`): an int for every mode
+        of every layer, a sequence with one rank per mode, or a dict from
+        layer kind (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``,
+        ``"Embedding"``, ``"Parameter"``) to either. Kinds not given (and
+        ``None``) use :data:`DEFAULT_RANKS`.
     scale : float, optional
         The factor ``s`` of ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}``.
     dropout : float, optional
@@ -140,14 +100,18 @@ class FLoRAConfig:
         (``"fc1"`` matches ``"blocks.0.fc1"``); a string is a regular
         expression matched against the whole name (``re.fullmatch``).
         ``None`` adapts every Linear, Conv1d/2d/3d and Embedding module
-        (exact types, not subclasses) unless ``target_parameters`` is given,
-        in which case only those parameters are adapted.
+        (exact types, not subclasses) outside ``modules_to_save``, unless
+        ``target_parameters`` is given, in which case only those parameters
+        are adapted.
     exclude_modules : list of str, str or None, optional
         Names removed from the targets, matched like ``target_modules``.
     rank_pattern : dict, optional
-        Regular expression (matched against the whole module or parameter
-        name) to a rank template; the first matching pattern wins over
-        ``ranks``.
+        Layer name to a rank template, overriding ``ranks``. A key names a
+        layer exactly, as a dotted suffix (``"query"`` matches
+        ``"blocks.0.query"``) or as a regular expression matched against the
+        whole name; the most specific match wins (exact, then suffix, then
+        regex; in dict order among equals). A key that matches no adapted
+        layer is an error when the config is injected.
     target_parameters : list of str, str or None, optional
         Parameters (by full name, e.g. ``"moe.experts"``, or dotted suffix)
         adapted through :class:`flora.TuckerParametrization`, whatever their
@@ -156,6 +120,11 @@ class FLoRAConfig:
         How the adapter starts; see :doc:`/flora_math`.
     forward : {"auto", "dense", "factorized"}, optional
         How the adapter branch is computed; see :doc:`/flora_math`.
+    modules_to_save : list of str, str or None, optional
+        Whole modules (a new classification head, say) that are trained and
+        saved with the adapter, matched like ``target_modules``: each adapter
+        gets its own trainable copy, the original stays frozen and is what
+        :func:`flora.disable_adapter` runs.
 
     Raises
     ------
@@ -169,9 +138,12 @@ class FLoRAConfig:
     Examples
     --------
     >>> from flora import FLoRAConfig
-    >>> config = FLoRAConfig(ranks={"Linear": 4}, target_modules=["fc1", "fc2"])
-    >>> config.ranks_for("Conv2d"), config.ranks_for("Linear")
-    ((16, 16, 2, 2), 4)
+    >>> config = FLoRAConfig(ranks={"Linear": 4}, target_modules=["fc1", "fc2"],
+    ...                      rank_pattern={"fc2": 2})
+    >>> config.ranks_for("Conv2d"), config.ranks_for("Linear", "blocks.0.fc2")
+    ((16, 16, 2, 2), 2)
+    >>> config.spec_for("Linear", (2, 256), "blocks.0.fc1").ranks
+    (2, 2)
     >>> FLoRAConfig.from_dict(config.to_dict()) == config
     True
     """
@@ -185,32 +157,24 @@ class FLoRAConfig:
     target_parameters: list[str] | str | None = None
     init: Literal["zero_core", "hosvd", "gaussian"] = "zero_core"
     forward: Literal["auto", "dense", "factorized"] = "auto"
+    modules_to_save: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         self.ranks = self._check_ranks(self.ranks)
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-            raise TypeError(f"scale must be a float, got {self.scale!r}")
-        if not math.isfinite(self.scale) or self.scale == 0:
-            raise ValueError(f"scale must be finite and non-zero, got {self.scale}")
-        self.scale = float(self.scale)
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
+        self.scale = check_scale(self.scale)
+        self.dropout = check_dropout(self.dropout)
         self.target_modules = _check_names(self.target_modules, "target_modules")
         self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules")
         self.target_parameters = _check_names(self.target_parameters, "target_parameters")
+        self.modules_to_save = _check_names(self.modules_to_save, "modules_to_save")
         if not isinstance(self.rank_pattern, Mapping):
-            raise TypeError("rank_pattern must be a dict from regex to ranks")
+            raise TypeError("rank_pattern must be a dict from layer name or regex to ranks")
         self.rank_pattern = {
-            str(_check_names(str(k), "rank_pattern key")): _check_template(
-                v, f"rank_pattern[{k!r}]"
-            )
+            str(_check_names(str(k), "rank_pattern key")): check_template(v, f"rank_pattern[{k!r}]")
             for k, v in self.rank_pattern.items()
         }
-        if self.init not in INIT_MODES:
-            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
-        if self.forward not in FORWARD_MODES:
-            raise ValueError(f"forward must be one of {FORWARD_MODES}, got {self.forward!r}")
+        self.init = check_init(self.init)
+        self.forward = check_forward(self.forward)
 
     @staticmethod
     def _check_ranks(ranks: Ranks) -> Ranks:
@@ -220,8 +184,29 @@ class FLoRAConfig:
             unknown = set(ranks) - set(KINDS)
             if unknown:
                 raise ValueError(f"ranks names unknown layer kinds {sorted(unknown)}; use {KINDS}")
-            return {k: _check_template(v, f"ranks[{k!r}]") for k, v in ranks.items()}
-        return _check_template(ranks, "ranks")
+            return {k: check_template(v, f"ranks[{k!r}]") for k, v in ranks.items()}
+        return check_template(ranks, "ranks")
+
+    def pattern_for(self, name: str) -> str | None:
+        """The ``rank_pattern`` key that sets the ranks of layer ``name``, if any.
+
+        Parameters
+        ----------
+        name : str
+            A module or parameter name.
+
+        Returns
+        -------
+        str or None
+            The most specific matching key (exact name, then dotted suffix,
+            then full regex match; the first in dict order among equals).
+        """
+        best: tuple[int, str] | None = None
+        for key in self.rank_pattern:
+            rank = _pattern_rank(key, name)
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, key)
+        return None if best is None else best[1]
 
     def ranks_for(self, kind: str, name: str | None = None) -> RankTemplate:
         """The rank template of a layer, before clipping to its shape.
@@ -236,8 +221,8 @@ class FLoRAConfig:
         Returns
         -------
         int or tuple
-            The first matching ``rank_pattern`` entry, else ``ranks`` for
-            this kind, else :data:`DEFAULT_RANKS` for this kind.
+            The matching ``rank_pattern`` entry (:meth:`pattern_for`), else
+            ``ranks`` for this kind, else :data:`DEFAULT_RANKS` for this kind.
 
         Raises
         ------
@@ -246,13 +231,75 @@ class FLoRAConfig:
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if name is not None:
-            for pattern, template in self.rank_pattern.items():
-                if re.fullmatch(pattern, name):
-                    return template
+        key = None if name is None else self.pattern_for(name)
+        if key is not None:
+            return self.rank_pattern[key]
         if isinstance(self.ranks, Mapping):
             return self.ranks.get(kind, DEFAULT_RANKS[kind])
         return DEFAULT_RANKS[kind] if self.ranks is None else self.ranks
+
+    def spec_for(self, kind: str, shape: Sequence[int], name: str | None = None) -> LayerSpec:
+        """The :class:`flora.LayerSpec` of a layer of ``kind`` and ``shape`` called ``name``.
+
+        Ranks come from :meth:`ranks_for`, clipped to ``shape`` and to the
+        usable ranks; scale, init, forward and dropout from the config.
+
+        Raises
+        ------
+        ValueError
+            If the rank template does not fit ``shape`` (the message names
+            the layer).
+        """
+        try:
+            return LayerSpec.from_template(
+                kind,
+                tuple(shape),
+                self.ranks_for(kind, name),
+                scale=self.scale,
+                init=self.init,
+                forward=self.forward,
+                dropout=self.dropout,
+            )
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
+
+    @classmethod
+    def for_layers(cls, specs: Mapping[str, LayerSpec]) -> FLoRAConfig:
+        """A config that targets exactly these layers with exactly these ranks.
+
+        Options (scale, init, forward, dropout) are those of the first spec.
+        Saved adapters that were not made by :func:`flora.inject` (extracted
+        or combined ones) record it.
+
+        Parameters
+        ----------
+        specs : dict of str to LayerSpec
+            Layer name (module, or ``module.parameter`` for kind
+            ``"Parameter"``) to its spec; not empty.
+
+        Returns
+        -------
+        FLoRAConfig
+
+        Examples
+        --------
+        >>> from flora import FLoRAConfig, LayerSpec
+        >>> config = FLoRAConfig.for_layers({"fc": LayerSpec("Linear", (3, 4), (2, 2))})
+        >>> config.target_modules, config.rank_pattern
+        (['fc'], {'fc': (2, 2)})
+        """
+        first = next(iter(specs.values()))
+        modules = [name for name, spec in specs.items() if spec.kind != "Parameter"]
+        parameters = [name for name, spec in specs.items() if spec.kind == "Parameter"]
+        return cls(
+            target_modules=modules or None,
+            target_parameters=parameters or None,
+            rank_pattern={name: spec.ranks for name, spec in specs.items()},
+            scale=first.scale,
+            init=first.init,
+            forward=first.forward,
+            dropout=first.dropout,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values (tuples become lists).

@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from flora.config import FLoRAConfig
 from flora.io import write_adapter
+from flora.spec import LayerSpec, usable_ranks
 from tuckerlib import (
     TuckerTensor,
     energy_ranks,
@@ -118,6 +118,17 @@ def _rank_rule(
     given = [v is not None for v in (ranks, energy, budget_like_lora)]
     if sum(given) > 1:
         raise ValueError("give at most one of ranks, energy and budget_like_lora")
+    rule = _base_rule(ranks, energy, budget_like_lora, fixed_kernel_rank)
+    # A rank above what the Tucker tensor can use adds parameters, not accuracy.
+    return lambda name, delta: usable_ranks(rule(name, delta), delta.shape)
+
+
+def _base_rule(
+    ranks: int | Sequence[int] | None,
+    energy: float | None,
+    budget_like_lora: int | None,
+    fixed_kernel_rank: int | None,
+) -> Callable[[str, np.ndarray], tuple[int, ...]]:
     if ranks is not None:
 
         def by_ranks(name: str, delta: np.ndarray) -> tuple[int, ...]:
@@ -154,16 +165,6 @@ def _unusable(delta: np.ndarray) -> str | None:
     return None
 
 
-def _config(layers: list[ExtractedLayer]) -> FLoRAConfig:
-    modules = [layer.name for layer in layers if layer.kind != "Parameter"]
-    parameters = [layer.name for layer in layers if layer.kind == "Parameter"]
-    return FLoRAConfig(
-        target_modules=modules or None,
-        target_parameters=parameters or None,
-        rank_pattern={re.escape(layer.name): list(layer.ranks) for layer in layers},
-    )
-
-
 def extract(
     base: Checkpoint | str | os.PathLike[str],
     tuned: Checkpoint | str | os.PathLike[str],
@@ -196,7 +197,8 @@ def extract(
     ranks : int or sequence of int, optional
         Ranks for every layer: an int for every mode (clipped to each mode's
         size), or one rank per mode (every selected tensor must then have
-        that many modes).
+        that many modes). Whatever the rule, ranks are then clipped to the
+        usable ones (:func:`flora.spec.usable_ranks`).
     energy : float, optional
         Per layer and mode, the smallest rank that keeps this fraction of
         the energy of ΔW's unfolding (:func:`tuckerlib.energy_ranks`).
@@ -252,10 +254,12 @@ def extract(
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> import numpy as np
     >>> from safetensors.numpy import save_file
     >>> import flora
-    >>> tmp = getfixture("tmp_path")
+    >>> tmp = Path(tempfile.mkdtemp())
     >>> rng = np.random.default_rng(0)
     >>> w0 = rng.standard_normal((6, 5)).astype(np.float32)
     >>> step = np.outer(rng.standard_normal(6), rng.standard_normal(5)).astype(np.float32)
@@ -289,9 +293,9 @@ def extract(
             tensors.update(layer_tensors)
     if not layers:
         raise ValueError("nothing to extract: no changed tensor of 2 or more dimensions")
-    config = _config(layers)
-    records = {layer.name: _record(layer) for layer in layers}
-    return Extraction(write_adapter(directory, config, records, tensors), layers, skipped, config)
+    specs = {layer.name: LayerSpec(layer.kind, layer.shape, layer.ranks) for layer in layers}
+    config = FLoRAConfig.for_layers(specs)
+    return Extraction(write_adapter(directory, config, specs, tensors), layers, skipped, config)
 
 
 def _extract_layer(
@@ -305,13 +309,3 @@ def _extract_layer(
     for n, factor in enumerate(tucker.factors):
         tensors[f"{layer_name}.factors.{n}"] = torch.from_numpy(np.asarray(factor, np.float32))
     return layer, tensors
-
-
-def _record(layer: ExtractedLayer) -> dict[str, Any]:
-    return {
-        "kind": layer.kind,
-        "shape": list(layer.shape),
-        "ranks": list(layer.ranks),
-        "scale": 1.0,
-        "init": "zero_core",
-    }

@@ -1,42 +1,55 @@
 """Adapter-only files: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
-An adapter directory holds two files (format version 1):
+An adapter directory holds one named adapter in two files (format version 2):
 
 ``adapter_config.json``
     A JSON object::
 
-        {"format": "flora", "format_version": 1, "adapter_name": "default",
+        {"format": "flora", "format_version": 2, "adapter_name": "default",
          "config": {...FLoRAConfig fields (FLoRAConfig.to_dict())...},
          "layers": {NAME: {"kind": KIND, "shape": [I_0, ...], "ranks": [R_0, ...],
-                           "scale": s, "init": INIT, "forward": MODE, "dropout": p}}}
+                           "scale": s, "init": INIT, "forward": MODE, "dropout": p}},
+         "modules_to_save": [MODULE, ...]}
 
+    ``adapter_name`` is the adapter's name in the model it was saved from.
     ``NAME`` is the adapted module's name in the model (``"blocks.0.fc1"``)
     or, for kind ``"Parameter"``, the parameter's full name
     (``"blocks.0.experts.weight"``). ``KIND`` is one of ``"Linear"``,
     ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``, ``"Embedding"`` (the module
     must be exactly that torch type) or ``"Parameter"`` (any parameter,
-    adapted with :class:`flora.TuckerParametrization`). ``shape`` is the
-    weight's shape and ``ranks`` the ranks clipped to it. ``forward`` and
-    ``dropout`` may be left out (``"auto"``, ``0.0``). The per-layer entries
-    are authoritative; ``config`` records how the adapter was made.
+    adapted with :class:`flora.TuckerParametrization`). Each layer entry is
+    :meth:`flora.LayerSpec.to_record`: ``shape`` is the weight's shape and
+    ``ranks`` the usable ranks (``R_n <= I_n`` and ``R_n <= prod_{m != n}
+    R_m``). The per-layer entries are authoritative; ``config`` records how
+    the adapter was made. ``modules_to_save`` (optional) lists the modules
+    saved whole with the adapter.
 
 ``adapter_model.safetensors``
     For each layer ``NAME``: ``NAME.core`` of shape ``ranks`` and
     ``NAME.factors.n`` of shape ``(shape[n], ranks[n])``; with
     ``init == "hosvd"`` also ``NAME.initial_core`` and
     ``NAME.initial_factors.n`` (the adapter at initialization, which the
-    base gave up: loading subtracts it from the fresh base weight). Nothing
-    else. Files are read with ``safetensors`` only, never unpickled.
+    base gave up: loading subtracts it from the fresh base weight). For each
+    saved module ``MODULE``: ``modules_to_save.MODULE.KEY`` for every entry
+    ``KEY`` of that module's ``state_dict()``. Nothing else. Files are read
+    with ``safetensors`` only, never unpickled.
 
-:func:`write_adapter` writes such a directory from plain tensors, e.g. for
-adapters computed outside a model.
+Version 1 directories (written by earlier releases) have no
+``modules_to_save`` and may leave out ``forward`` and ``dropout``
+(``"auto"``, ``0.0``); ranks above the usable ones are compressed exactly
+when they are loaded.
+
+Saving writes a new directory beside the target and renames it into place,
+so a failed save leaves the previous adapter complete, never a mix of old
+and new files. :func:`write_adapter` writes such a directory from plain
+tensors, e.g. for adapters computed outside a model; :func:`read_adapter`
+reads and validates one without a model.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -45,37 +58,47 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils import parametrize
 
-from flora.config import FORWARD_MODES, INIT_MODES, KINDS, FLoRAConfig
-from flora.layers import FLoRALayer, TuckerDelta, TuckerParametrization
-from flora.model import LAYER_TYPES, _freeze_base, adapted_layers
+from flora._atomic import replace_directory
+from flora._plan import (
+    current_active,
+    find_adapted,
+    find_saved,
+)
+from flora._tucker import compress
+from flora.config import FLoRAConfig
+from flora.layers import TuckerDelta
+from flora.layers.base import check_adapter_name
+from flora.model import attach_adapter
+from flora.spec import LayerSpec, usable_ranks
 
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
+    "SAVED_PREFIX",
     "WEIGHTS_NAME",
+    "SavedAdapter",
     "adapter_state_dict",
     "load_adapter",
+    "read_adapter",
     "save_adapter",
     "write_adapter",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Key prefix of the tensors of modules saved whole (``modules_to_save``).
+SAVED_PREFIX = "modules_to_save."
 
-_MODULE_TYPES = {layer.kind: torch_type for torch_type, layer in LAYER_TYPES.items()}
 
-
-def _layer_keys(name: str, record: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every tensor key a layer record needs, with its shape."""
-    shape, ranks = record["shape"], record["ranks"]
-    prefixes = ["", "initial_"] if record["init"] == "hosvd" else [""]
+def _layer_keys(name: str, spec: LayerSpec, ranks: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Every tensor key a layer needs, with its shape (``ranks`` as stored)."""
+    prefixes = ["", "initial_"] if spec.init == "hosvd" else [""]
     keys = {}
     for prefix in prefixes:
         keys[f"{name}.{prefix}core"] = tuple(ranks)
-        for n, (size, rank) in enumerate(zip(shape, ranks, strict=True)):
+        for n, (size, rank) in enumerate(zip(spec.shape, ranks, strict=True)):
             keys[f"{name}.{prefix}factors.{n}"] = (size, rank)
     return keys
 
@@ -87,19 +110,51 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach()
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors only, under the keys of the adapter file format.
+def _resolve_name(model: nn.Module, adapter_name: str | None) -> str:
+    names = [n for host in find_adapted(model).values() for n in host.adapters]
+    if not names:
+        raise ValueError("the model has no FLoRA adapters; call flora.inject first")
+    if adapter_name is None:
+        active = list(current_active(model))
+        if len(active) != 1:
+            raise ValueError(f"adapters {active} are active; pass adapter_name to pick one")
+        return active[0]
+    if adapter_name not in names:
+        raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(set(names))}")
+    return adapter_name
+
+
+def _adapter_layers(model: nn.Module, name: str) -> dict[str, TuckerDelta]:
+    return {
+        layer_name: host.adapters[name]
+        for layer_name, host in find_adapted(model).items()
+        if name in host.adapters
+    }
+
+
+def adapter_state_dict(
+    model: nn.Module, *, adapter_name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """One adapter's tensors, under the keys of the adapter file format.
 
     Parameters
     ----------
     model : torch.nn.Module
         A model with adapters. Parameters sharded by FSDP2 are gathered
         (a collective call: run it on every rank).
+    adapter_name : str, optional
+        Default: the active adapter (exactly one must be active).
 
     Returns
     -------
     dict of str to torch.Tensor
         Detached tensors, see the module docstring for the keys.
+
+    Raises
+    ------
+    ValueError
+        If the model has no adapters, the name is unknown, or it is None
+        and several adapters are active.
 
     Examples
     --------
@@ -109,79 +164,51 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     >>> {k: tuple(v.shape) for k, v in flora.adapter_state_dict(model).items()}
     {'0.core': (2, 2), '0.factors.0': (3, 2), '0.factors.1': (4, 2)}
     """
+    name = _resolve_name(model, adapter_name)
     state = {}
-    for name, layer in adapted_layers(model).items():
-        state[f"{name}.core"] = _full(layer.core)
-        for n, factor in enumerate(layer.factors):
-            state[f"{name}.factors.{n}"] = _full(factor)
-        if layer.init == "hosvd":
-            state[f"{name}.initial_core"] = _full(layer.initial_core)
-            for n in range(len(layer.shape)):
-                state[f"{name}.initial_factors.{n}"] = _full(getattr(layer, f"initial_factor_{n}"))
+    for layer_name, adapter in _adapter_layers(model, name).items():
+        state[f"{layer_name}.core"] = _full(adapter.core)
+        for n, factor in enumerate(adapter.factors):
+            state[f"{layer_name}.factors.{n}"] = _full(factor)
+        initial = adapter.initial
+        if initial is not None:
+            state[f"{layer_name}.initial_core"] = _full(initial[0])
+            for n, factor in enumerate(initial[1]):
+                state[f"{layer_name}.initial_factors.{n}"] = _full(factor)
+    for module_name, wrapper in find_saved(model).items():
+        if name in wrapper.copies:
+            for key, value in wrapper.copies[name].state_dict().items():
+                state[f"{SAVED_PREFIX}{module_name}.{key}"] = _full(value)
     return state
 
 
-def _record(layer: TuckerDelta) -> dict[str, Any]:
-    record = {
-        "kind": layer.kind,
-        "shape": list(layer.shape),
-        "ranks": list(layer.ranks),
-        "scale": layer.scale,
-        "init": layer.init,
-    }
-    if isinstance(layer, FLoRALayer):
-        dropout = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
-        record.update(forward=layer.forward_mode, dropout=dropout)
-    return record
-
-
-def _check_record(name: str, record: object) -> dict[str, Any]:
-    """Validate one layer entry of ``adapter_config.json``; fill defaults."""
-    if not isinstance(record, Mapping):
-        raise ValueError(f"layer {name!r}: entry must be a JSON object")
-    required = {"kind", "shape", "ranks", "scale", "init"}
-    allowed = required | {"forward", "dropout"}
-    if not required <= set(record) <= allowed:
-        raise ValueError(
-            f"layer {name!r}: entry must have keys {sorted(required)} (optional forward, "
-            f"dropout), got {sorted(record)}"
-        )
-    record = {"forward": "auto", "dropout": 0.0, **record}
-    shape, ranks = record["shape"], record["ranks"]
-    if record["kind"] not in KINDS:
-        raise ValueError(f"layer {name!r}: kind must be one of {KINDS}, got {record['kind']!r}")
-    ints = (shape, ranks)
-    if not all(isinstance(v, list) and all(type(i) is int and i > 0 for i in v) for v in ints):
-        raise ValueError(f"layer {name!r}: shape and ranks must be lists of positive ints")
-    if (
-        len(shape) != len(ranks)
-        or not shape
-        or any(r > s for r, s in zip(ranks, shape, strict=False))
-    ):
-        raise ValueError(f"layer {name!r}: ranks {ranks} do not fit shape {shape}")
-    scale = record["scale"]
-    if type(scale) not in (int, float) or not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"layer {name!r}: scale must be finite and non-zero, got {scale!r}")
-    if record["init"] not in INIT_MODES or record["forward"] not in FORWARD_MODES:
-        raise ValueError(
-            f"layer {name!r}: unknown init or forward ({record['init']!r}, {record['forward']!r})"
-        )
-    if type(record["dropout"]) not in (int, float) or not 0 <= record["dropout"] < 1:
-        raise ValueError(f"layer {name!r}: dropout must lie in [0, 1)")
-    return record
+def _saved_owner(key: str, modules: Sequence[str]) -> str | None:
+    rest = key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else None
+    if rest is None:
+        return None
+    owners = [m for m in modules if rest.startswith(m + ".")]
+    return max(owners, key=len) if owners else None
 
 
 def _check_tensors(
-    layers: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]
+    layers: Mapping[str, tuple[LayerSpec, Sequence[int]]],
+    modules: Sequence[str],
+    tensors: Mapping[str, torch.Tensor],
 ) -> None:
     expected: dict[str, tuple[int, ...]] = {}
-    for name, record in layers.items():
-        expected.update(_layer_keys(name, record))
+    for name, (spec, ranks) in layers.items():
+        for key, shape in _layer_keys(name, spec, ranks).items():
+            if key in expected:
+                raise ValueError(f"layers {sorted(layers)} give tensor key {key!r} twice")
+            expected[key] = shape
+    saved = {k for k in tensors if _saved_owner(k, modules) is not None}
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
+    unexpected = sorted(set(tensors) - set(expected) - saved)
+    empty = [m for m in modules if not any(_saved_owner(k, modules) == m for k in saved)]
+    if missing or unexpected or empty:
         raise ValueError(
-            f"adapter tensors do not match the config: missing {missing}, unexpected {unexpected}"
+            f"adapter tensors do not match the config: missing {missing}, unexpected "
+            f"{unexpected}, saved modules without tensors {empty}"
         )
     for key, shape in expected.items():
         tensor = tensors[key]
@@ -192,30 +219,43 @@ def _check_tensors(
             )
 
 
+def _check_modules(value: object) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
+        raise ValueError(f"modules_to_save must be a list of module names, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"modules_to_save lists a module twice: {value!r}")
+    return list(value)
+
+
 def write_adapter(
     directory: str | PathLike[str],
     config: FLoRAConfig,
-    layers: Mapping[str, Mapping[str, Any]],
+    layers: Mapping[str, LayerSpec | Mapping[str, Any]],
     tensors: Mapping[str, torch.Tensor],
     *,
     adapter_name: str = "default",
+    modules_to_save: Sequence[str] = (),
 ) -> Path:
-    """Write an adapter directory from a config, layer records and tensors.
+    """Write an adapter directory from a config, layer specs and tensors.
 
     Parameters
     ----------
     directory : str or path-like
-        Created if missing; the two files are overwritten.
+        Created if missing; an existing directory must be empty or hold an
+        adapter only, and is replaced as a whole (the files are written
+        into a new directory beside it that is then renamed into place).
     config : FLoRAConfig
         Recorded as ``"config"``.
     layers : dict
-        Layer name to record (``kind``, ``shape``, ``ranks``, ``scale``,
-        ``init``, optional ``forward`` and ``dropout``), see the module
-        docstring.
+        Layer name to :class:`flora.LayerSpec` or its record (``kind``,
+        ``shape``, ``ranks``, ``scale``, ``init``, optional ``forward`` and
+        ``dropout``), see the module docstring.
     tensors : dict of str to torch.Tensor
-        Exactly the keys the records need, with their shapes.
+        Exactly the keys the layers and saved modules need, with their shapes.
     adapter_name : str, optional
         Recorded as ``"adapter_name"``.
+    modules_to_save : sequence of str, optional
+        Modules saved whole; their tensors are under ``modules_to_save.MODULE.``.
 
     Returns
     -------
@@ -226,60 +266,80 @@ def write_adapter(
     ------
     ValueError
         If a record is invalid or the tensors' keys or shapes do not match
-        the records (nothing is written then).
+        the records, or ``directory`` holds other files (nothing is written
+        then).
     TypeError
         If ``config`` is not a :class:`flora.FLoRAConfig`.
+    OSError
+        If writing fails; ``directory`` is then as it was.
 
     Examples
     --------
     >>> import tempfile
     >>> import torch
-    >>> from flora import FLoRAConfig
+    >>> from flora import FLoRAConfig, LayerSpec
     >>> from flora.io import write_adapter
-    >>> record = {"kind": "Linear", "shape": [3, 4], "ranks": [1, 1], "scale": 1.0,
-    ...           "init": "zero_core"}
+    >>> spec = LayerSpec("Linear", (3, 4), (1, 1))
     >>> tensors = {"fc.core": torch.ones(1, 1), "fc.factors.0": torch.ones(3, 1),
     ...            "fc.factors.1": torch.ones(4, 1)}
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     path = write_adapter(tmp, FLoRAConfig(), {"fc": record}, tensors)
+    ...     path = write_adapter(f"{tmp}/adapter", FLoRAConfig(), {"fc": spec}, tensors)
     ...     sorted(p.name for p in path.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
     """
     if not isinstance(config, FLoRAConfig):
         raise TypeError(f"config must be a FLoRAConfig, got {type(config).__name__}")
-    checked = {name: _check_record(name, record) for name, record in layers.items()}
-    _check_tensors(checked, tensors)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    document = {
+    check_adapter_name(adapter_name)
+    specs = {}
+    for name, layer in layers.items():
+        try:
+            specs[name] = layer if isinstance(layer, LayerSpec) else LayerSpec.from_record(layer)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
+    if not specs:
+        raise ValueError("an adapter needs at least one layer")
+    modules = _check_modules(list(modules_to_save))
+    _check_tensors({n: (s, s.ranks) for n, s in specs.items()}, modules, tensors)
+    document: dict[str, Any] = {
         "format": "flora",
         "format_version": FORMAT_VERSION,
         "adapter_name": adapter_name,
         "config": config.to_dict(),
-        "layers": checked,
+        "layers": {name: spec.to_record() for name, spec in specs.items()},
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
+    if modules:
+        document["modules_to_save"] = modules
     # safetensors refuses tensors that share storage; a clone owns its memory.
     files = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(files, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    return directory
+
+    def fill(path: Path) -> None:
+        save_file(files, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        (path / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
+
+    return replace_directory(Path(directory), fill, allowed=(CONFIG_NAME, WEIGHTS_NAME))
 
 
 def save_adapter(
     model: nn.Module,
     directory: str | PathLike[str],
     *,
+    adapter_name: str | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save the adapters of ``model`` (not the base weights) to ``directory``.
+    """Save one adapter of ``model`` (not the base weights) to ``directory``.
 
     Parameters
     ----------
     model : torch.nn.Module
         A model with adapters.
     directory : str or path-like
-        Created if missing; receives ``adapter_model.safetensors`` and
-        ``adapter_config.json`` (format in :mod:`flora.io`).
+        Receives ``adapter_model.safetensors`` and ``adapter_config.json``
+        (format in :mod:`flora.io`); created if missing. An existing
+        directory must be empty or hold an adapter, which is replaced as a
+        whole: a failed save leaves it as it was.
+    adapter_name : str, optional
+        The adapter to save, one per directory; default: the active adapter
+        (exactly one must be active).
     state_dict : dict of str to torch.Tensor, optional
         The adapter tensors to write, as returned by
         :func:`adapter_state_dict` (default: computed here). Under FSDP2
@@ -290,7 +350,7 @@ def save_adapter(
             if torch.distributed.get_rank() == 0:
                 flora.save_adapter(model, directory, state_dict=sd)
 
-        Its keys and shapes must match the model's adapted layers.
+        Its keys and shapes must match the adapter's layers.
 
     Returns
     -------
@@ -300,9 +360,10 @@ def save_adapter(
     Raises
     ------
     ValueError
-        If the model has no adapters, or ``state_dict`` does not match its
-        adapted layers (missing or unexpected keys, wrong shapes, tensors
-        still sharded); nothing is written then.
+        If the model has no adapters, the name is unknown (or None with
+        several active adapters), ``state_dict`` does not match the adapter
+        (missing or unexpected keys, wrong shapes, tensors still sharded),
+        or ``directory`` holds other files; nothing is written then.
     TypeError
         If ``state_dict`` is not a mapping.
 
@@ -329,11 +390,10 @@ def save_adapter(
     >>> torch.equal(fresh(x), model(x))
     True
     """
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("the model has no FLoRA adapters; call flora.inject first")
+    name = _resolve_name(model, adapter_name)
+    adapters = _adapter_layers(model, name)
     if state_dict is None:
-        state_dict = adapter_state_dict(model)
+        state_dict = adapter_state_dict(model, adapter_name=name)
     elif not isinstance(state_dict, Mapping):
         raise TypeError(
             f"state_dict must be a dict of tensors from flora.adapter_state_dict, "
@@ -346,155 +406,253 @@ def save_adapter(
                 f"state_dict holds sharded DTensors {sharded}; pass the gathered tensors "
                 "that flora.adapter_state_dict(model) returns"
             )
-    first = next(iter(layers.values()))
-    config = getattr(first, "config", None) or FLoRAConfig(scale=first.scale, init=first.init)
+    specs = {layer_name: adapter.spec for layer_name, adapter in adapters.items()}
+    config = next(iter(adapters.values())).config or FLoRAConfig.for_layers(specs)
+    saved = [m for m, wrapper in find_saved(model).items() if name in wrapper.copies]
     return write_adapter(
-        directory,
-        config,
-        {name: _record(layer) for name, layer in layers.items()},
-        state_dict,
-        adapter_name=getattr(first, "adapter_name", "default"),
+        directory, config, specs, state_dict, adapter_name=name, modules_to_save=saved
     )
 
 
 @dataclass(frozen=True)
-class _Planned:
-    name: str
-    record: dict[str, Any]
-    module: nn.Module
-    parameter: str | None
-
-
-def _read(directory: Path) -> tuple[dict[str, Any], FLoRAConfig, dict[str, torch.Tensor]]:
-    document = json.loads((directory / CONFIG_NAME).read_text())
-    if not isinstance(document, dict) or document.get("format") != "flora":
-        raise ValueError(f"{directory / CONFIG_NAME} is not a flora adapter config")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"unsupported adapter format_version {document.get('format_version')!r}; "
-            f"this flora reads version {FORMAT_VERSION}"
-        )
-    if not isinstance(document.get("layers"), dict) or not document["layers"]:
-        raise ValueError(f"{directory / CONFIG_NAME} lists no layers")
-    config = FLoRAConfig.from_dict(document.get("config", {}))
-    tensors = load_file(str(directory / WEIGHTS_NAME))
-    return document, config, tensors
-
-
-def _plan(model: nn.Module, layers: Mapping[str, dict[str, Any]]) -> list[_Planned]:
-    """Check every layer against the model; raise before anything changes."""
-    plan = []
-    for name, record in layers.items():
-        module_name, parameter = name, None
-        if record["kind"] == "Parameter":
-            module_name, _, parameter = name.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            raise ValueError(f"layer {name!r}: the model has no module {module_name!r}") from None
-        if isinstance(module, FLoRALayer) or (
-            parameter is not None and parametrize.is_parametrized(module, parameter)
-        ):
-            raise ValueError(f"layer {name!r} is already adapted or parametrized")
-        if parameter is None:
-            expected_type = _MODULE_TYPES[record["kind"]]
-            if type(module) is not expected_type:
-                raise ValueError(
-                    f"layer {name!r}: the config says {record['kind']} but the model has a "
-                    f"{type(module).__name__}"
-                )
-            weight = module.weight
-        else:
-            weight = getattr(module, parameter, None)
-            if not isinstance(weight, nn.Parameter):
-                raise ValueError(f"layer {name!r}: the model has no parameter {name!r}")
-        if list(weight.shape) != record["shape"]:
-            raise ValueError(
-                f"layer {name!r}: the adapter is for shape {record['shape']}, the model's "
-                f"weight has shape {list(weight.shape)}"
-            )
-        plan.append(_Planned(name, record, module, parameter))
-    wrapped = {id(p.module) for p in plan if p.parameter is None}
-    clashes = [p.name for p in plan if p.parameter is not None and id(p.module) in wrapped]
-    if clashes:
-        raise ValueError(f"parameters {clashes} belong to modules adapted as layers too")
-    return plan
-
-
-def _attach_loaded(model: nn.Module, item: _Planned) -> TuckerDelta:
-    record = item.record
-    options = {"scale": record["scale"], "init": "zero_core"}
-    if item.parameter is not None:
-        return TuckerParametrization(item.module, item.parameter, record["ranks"], **options)
-    layer = LAYER_TYPES[type(item.module)](
-        item.module,
-        record["ranks"],
-        forward=record["forward"],
-        dropout=record["dropout"],
-        **options,
-    )
-    parent, _, child = item.name.rpartition(".")
-    setattr(model.get_submodule(parent), child, layer)
-    return layer
-
-
-def _fill(layer: TuckerDelta, name: str, tensors: Mapping[str, torch.Tensor], init: str) -> None:
-    def get(key: str) -> torch.Tensor:
-        return tensors[f"{name}.{key}"].to(layer.core.device, layer.core.dtype)
-
-    with torch.no_grad():
-        layer.core.copy_(get("core"))
-        for n, factor in enumerate(layer.factors):
-            factor.copy_(get(f"factors.{n}"))
-    if init == "hosvd":
-        layer.init = "hosvd"
-        layer._store_initial(
-            get("initial_core"), [get(f"initial_factors.{n}") for n in range(len(layer.shape))]
-        )
-        layer._take_initial_from_base()
-
-
-def load_adapter(model: nn.Module, directory: str | PathLike[str]) -> nn.Module:
-    """Inject the adapters saved in ``directory`` into ``model`` and load their tensors.
-
-    Every layer name, kind and shape and every tensor key and shape is
-    checked before the model is touched: a failed load raises and leaves the
-    model exactly as it was.
+class SavedAdapter:
+    """An adapter directory, read and validated (:func:`read_adapter`).
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The base model the adapter was trained on (without adapters).
+    name : str
+        The saved adapter's name.
+    config : FLoRAConfig
+        How it was made.
+    layers : dict of str to LayerSpec
+        Layer name to spec (usable ranks).
+    tensors : dict of str to torch.Tensor
+        Under the file's keys, at the specs' ranks (version 1 tensors of
+        larger ranks are compressed exactly).
+    modules_to_save : list of str
+        Modules saved whole.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> import flora
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"], modules_to_save=["1"])
+    >>> _ = flora.inject(model, config)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     saved = flora.read_adapter(flora.save_adapter(model, tmp))
+    >>> core, factors = saved.tucker("0")
+    >>> tuple(core.shape), sorted(saved.saved_state("1"))
+    ((2, 2), ['bias', 'weight'])
+    """
+
+    #: The saved adapter's name.
+    name: str
+    #: How it was made.
+    config: FLoRAConfig
+    #: Layer name to spec.
+    layers: dict[str, LayerSpec]
+    #: Tensors under the file's keys.
+    tensors: dict[str, torch.Tensor]
+    #: Modules saved whole.
+    modules_to_save: list[str]
+
+    def tucker(
+        self, layer: str, *, initial: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The (initial) core and factors of ``layer``."""
+        prefix = f"{layer}.initial_" if initial else f"{layer}."
+        rank = len(self.layers[layer].shape)
+        factors = [self.tensors[f"{prefix}factors.{n}"] for n in range(rank)]
+        return self.tensors[f"{prefix}core"], factors
+
+    def saved_state(self, module: str) -> dict[str, torch.Tensor]:
+        """The ``state_dict`` of saved module ``module``."""
+        prefix = f"{SAVED_PREFIX}{module}."
+        mine = [k for k in self.tensors if _saved_owner(k, self.modules_to_save) == module]
+        return {k[len(prefix) :]: self.tensors[k] for k in mine}
+
+
+def _version1_spec(name: str, record: object) -> tuple[LayerSpec, list[int]]:
+    """A version 1 record's spec at usable ranks, and its ranks as stored."""
+    shape, ranks = (
+        (record.get(k) for k in ("shape", "ranks")) if isinstance(record, Mapping) else ((), ())
+    )
+    lists = [shape, ranks]
+    ints = all(isinstance(v, list) and all(type(i) is int and i > 0 for i in v) for v in lists)
+    if (
+        ints
+        and len(shape) == len(ranks)
+        and all(r <= s for r, s in zip(ranks, shape, strict=False))
+    ):
+        return _spec(name, {**record, "ranks": list(usable_ranks(ranks, shape))}), ranks
+    spec = _spec(name, record)
+    return spec, list(spec.ranks)
+
+
+def _spec(name: str, record: object) -> LayerSpec:
+    try:
+        return LayerSpec.from_record(record)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc}") from None
+
+
+def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
+    """Read and validate an adapter directory (either format version) without a model.
+
+    Parameters
+    ----------
     directory : str or path-like
-        A directory written by :func:`save_adapter` or :func:`write_adapter`.
+        Written by :func:`save_adapter` or :func:`write_adapter`.
 
     Returns
     -------
-    torch.nn.Module
-        ``model``, with adapters, base frozen.
+    SavedAdapter
 
     Raises
     ------
     FileNotFoundError
         If a file is missing.
     ValueError
-        If the config is invalid, names a module or parameter the model
-        lacks or has with another kind or shape, or the tensors do not
-        match the config.
+        If the config is not a flora adapter config of a known version, a
+        layer record is invalid, or the tensors do not match the records
+        (keys, shapes, floating dtype) or hold NaN or infinite values.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> import flora
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), flora.FLoRAConfig(ranks=2))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     saved = flora.read_adapter(flora.save_adapter(model, tmp))
+    >>> saved.name, saved.layers["0"].ranks
+    ('default', (2, 2))
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != "flora":
+        raise ValueError(f"{path} is not a flora adapter config")
+    version = document.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(
+            f"unsupported adapter format_version {version!r}; this flora reads 1 and "
+            f"{FORMAT_VERSION}"
+        )
+    if not isinstance(document.get("layers"), dict) or not document["layers"]:
+        raise ValueError(f"{path} lists no layers")
+    name = check_adapter_name(document.get("adapter_name", "default"))
+    config = FLoRAConfig.from_dict(document.get("config", {}))
+    modules = _check_modules(document.get("modules_to_save", []) if version > 1 else [])
+    records = document["layers"]
+    if version == 1:
+        stored = {n: _version1_spec(n, r) for n, r in records.items()}
+    else:
+        stored = {n: (spec := _spec(n, r), list(spec.ranks)) for n, r in records.items()}
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    _check_tensors(stored, modules, tensors)
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all())
+    if bad:
+        raise ValueError(f"tensors {bad} hold NaN or infinite values")
+    for layer, (spec, ranks) in stored.items():
+        if list(spec.ranks) != ranks:
+            _compress_layer(tensors, layer, spec)
+    layers = {n: spec for n, (spec, _) in stored.items()}
+    return SavedAdapter(name, config, layers, tensors, modules)
+
+
+def _compress_layer(tensors: dict[str, torch.Tensor], layer: str, spec: LayerSpec) -> None:
+    prefixes = ["", "initial_"] if spec.init == "hosvd" else [""]
+    for prefix in prefixes:
+        key = f"{layer}.{prefix}"
+        factors = [tensors[f"{key}factors.{n}"] for n in range(len(spec.shape))]
+        core, factors = compress(tensors[f"{key}core"], factors)
+        tensors[f"{key}core"] = core
+        for n, factor in enumerate(factors):
+            tensors[f"{key}factors.{n}"] = factor
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    trainable: bool = False,
+) -> nn.Module:
+    """Add the adapter saved in ``directory`` to ``model`` and load its tensors.
+
+    Every layer name, kind and shape, every tensor key, shape, dtype and
+    value (finite) and every saved module is checked before the model is
+    touched: a failed load raises and leaves the model exactly as it was.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The base model the adapter was trained on, with or without other
+        adapters.
+    directory : str or path-like
+        A directory written by :func:`save_adapter` or :func:`write_adapter`.
+    adapter_name : str, optional
+        Name of the adapter in ``model``; default: the saved name. The first
+        adapter of a model is active; further ones are added inactive (see
+        :func:`flora.set_adapter`).
+    trainable : bool, optional
+        Whether the adapter (and its saved modules) require gradients when
+        active. Loading is for inference by default, as with PEFT's
+        ``PeftModel.from_pretrained``.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, with the adapter; the base frozen.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a file is missing.
+    ValueError
+        If the directory is invalid (see :func:`read_adapter`), names a
+        module or parameter the model lacks or has with another kind or
+        shape, the adapter name is taken, or a saved module does not match.
+    RuntimeError
+        Inside :func:`flora.disable_adapter`.
 
     See Also
     --------
     save_adapter : Writes the directory.
+    flora.attach_adapter : Adds an adapter built from tensors.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> import flora
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> for name in ("a", "b"):
+    ...     _ = flora.inject(model, flora.FLoRAConfig(ranks=2), adapter_name=name)
+    >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for name in ("a", "b"):
+    ...         _ = flora.save_adapter(model, f"{tmp}/{name}", adapter_name=name)
+    ...         _ = flora.load_adapter(base, f"{tmp}/{name}")
+    >>> flora.adapter_names(base), flora.active_adapters(base), flora.trainable_parameters(base)
+    (['a', 'b'], ['a'], 0)
     """
-    directory = Path(directory)
-    document, config, tensors = _read(directory)
-    layers = {name: _check_record(name, record) for name, record in document["layers"].items()}
-    _check_tensors(layers, tensors)
-    plan = _plan(model, layers)
-    for item in plan:
-        layer = _attach_loaded(model, item)
-        _fill(layer, item.name, tensors, item.record["init"])
-        layer.adapter_name = document.get("adapter_name", "default")
-        layer.config = config
-    _freeze_base(model)
-    return model
+    saved = read_adapter(directory)
+    adapters = {layer: _loaded(saved, layer) for layer in saved.layers}
+    states = {m: saved.saved_state(m) for m in saved.modules_to_save}
+    name = saved.name if adapter_name is None else adapter_name
+    return attach_adapter(model, name, adapters, modules_to_save=states, trainable=trainable)
+
+
+def _loaded(saved: SavedAdapter, layer: str) -> TuckerDelta:
+    spec = saved.layers[layer]
+    initial = saved.tucker(layer, initial=True) if spec.init == "hosvd" else None
+    adapter = TuckerDelta(spec, *saved.tucker(layer), initial=initial)
+    adapter.config = saved.config
+    return adapter

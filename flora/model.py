@@ -2,62 +2,49 @@
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from flora.config import FLoRAConfig, clip_ranks
-from flora.layers import (
-    Conv1d,
-    Conv2d,
-    Conv3d,
-    Embedding,
-    FLoRALayer,
-    Linear,
-    TuckerDelta,
-    TuckerParametrization,
+from flora._hf import release_save_pretrained
+from flora._plan import (
+    LAYER_TYPES,
+    Addition,
+    SavedCopy,
+    Site,
+    apply,
+    check_enabled,
+    check_sites,
+    find_adapted,
+    find_saved,
+    replace_module,
+    resolve,
+    saved_copy,
+    walk,
 )
+from flora.config import FLoRAConfig, name_matches
+from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
+from flora.layers.base import adapter_dtype, check_adapter_name
 
 __all__ = [
     "LAYER_TYPES",
     "adapted_layers",
+    "attach_adapter",
     "inject",
     "merge",
+    "merged_state_dict",
     "trainable_parameters",
     "unload",
     "unmerge",
 ]
 
-#: The torch module types ``inject`` adapts (exact types) and their FLoRA layer.
-LAYER_TYPES: dict[type[nn.Module], type[FLoRALayer]] = {
-    nn.Linear: Linear,
-    nn.Conv1d: Conv1d,
-    nn.Conv2d: Conv2d,
-    nn.Conv3d: Conv3d,
-    nn.Embedding: Embedding,
-}
 
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` without the insides of FLoRA layers and parametrizations."""
-    yield prefix, module
-    if isinstance(module, FLoRALayer):
-        return
-    for name, child in module.named_children():
-        if name == "parametrizations" and parametrize.is_parametrized(module):
-            continue
-        yield from _walk(child, _join(prefix, name))
-
-
-def adapted_layers(model: nn.Module) -> dict[str, TuckerDelta]:
-    """Every FLoRA adapter of ``model``, by name.
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedWeight]:
+    """Every adapted weight of ``model``, by name.
 
     Parameters
     ----------
@@ -66,9 +53,11 @@ def adapted_layers(model: nn.Module) -> dict[str, TuckerDelta]:
 
     Returns
     -------
-    dict of str to TuckerDelta
-        Module adapters under their module's name; parameter adapters
-        (:class:`flora.TuckerParametrization`) under ``"module.parameter"``.
+    dict of str to AdaptedWeight
+        FLoRA layers (:class:`flora.FLoRALayer`) under their module's name;
+        parameter adapters (:class:`flora.TuckerParametrization`) under
+        ``"module.parameter"``. Each holds its named adapters in
+        ``adapters`` (name to :class:`flora.TuckerDelta`).
 
     Examples
     --------
@@ -76,19 +65,14 @@ def adapted_layers(model: nn.Module) -> dict[str, TuckerDelta]:
     >>> import flora
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=2))
-    >>> list(flora.adapted_layers(model))
-    ['0', '2']
+    >>> {name: layer.adapter_names for name, layer in flora.adapted_layers(model).items()}
+    {'0': ('default',), '2': ('default',)}
     """
-    found: dict[str, TuckerDelta] = {}
-    for name, module in _walk(model):
-        if isinstance(module, FLoRALayer):
-            found[name] = module
-        elif parametrize.is_parametrized(module):
-            for pname, chain in module.parametrizations.items():
-                for item in chain:
-                    if isinstance(item, TuckerParametrization):
-                        found[_join(name, pname)] = item
-    return found
+    return find_adapted(model)
+
+
+def _entries(spec: list[str] | str) -> list[str]:
+    return [spec] if isinstance(spec, str) else spec
 
 
 def _matches(name: str, spec: list[str] | str | None) -> bool:
@@ -96,140 +80,172 @@ def _matches(name: str, spec: list[str] | str | None) -> bool:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == target or name.endswith("." + target) for target in spec)
+    return any(name_matches(name, entry, regex=False) for entry in spec)
 
 
 def _check_each_entry_matches(spec: list[str] | str | None, names: list[str], field: str) -> None:
     if spec is None:
         return
-    entries = [spec] if isinstance(spec, str) else spec
-    for entry in entries:
-        if not any(_matches(name, [entry] if isinstance(spec, list) else entry) for name in names):
+    for entry in _entries(spec):
+        single: list[str] | str = [entry] if isinstance(spec, list) else entry
+        if not any(_matches(name, single) for name in names):
             raise ValueError(f"{field} entry {entry!r} matches no name in the model")
 
 
-@dataclass(frozen=True)
-class _Target:
-    name: str
-    module: nn.Module
-    parameter: str | None
-    ranks: tuple[int, ...]
+def _inside(name: str, outer: list[str]) -> bool:
+    return any(name == o or name.startswith(o + ".") for o in outer)
 
 
-def _module_targets(model: nn.Module, config: FLoRAConfig) -> list[_Target]:
-    modules = [(name, m) for name, m in _walk(model) if name]
-    _check_each_entry_matches(config.target_modules, [n for n, _ in modules], "target_modules")
+def _saved_names(modules: dict[str, nn.Module], config: FLoRAConfig) -> list[str]:
+    if config.modules_to_save is None:
+        return []
+    names = [n for n in modules if n]
+    _check_each_entry_matches(config.modules_to_save, names, "modules_to_save")
+    matched = [n for n in names if _matches(n, config.modules_to_save)]
+    outermost = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
+    for name in outermost:
+        module = modules[name]
+        inner = [m for m in module.modules() if isinstance(m, AdaptedWeight)]
+        if isinstance(module, AdaptedWeight) or inner or parametrize.is_parametrized(module):
+            raise ValueError(
+                f"modules_to_save entry {name!r} holds FLoRA adapters or parametrizations; "
+                "a module is either adapted or saved whole"
+            )
+    return outermost
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, FLoRALayer):
+        return module.kind
+    layer = LAYER_TYPES.get(type(module))
+    return None if layer is None else layer.kind
+
+
+def _module_sites(
+    modules: dict[str, nn.Module], config: FLoRAConfig, saved: list[str]
+) -> list[Site]:
+    names = [n for n in modules if n]
+    _check_each_entry_matches(config.target_modules, names, "target_modules")
     everything = config.target_modules is None and config.target_parameters is None
-    targets = []
-    for name, module in modules:
+    sites = []
+    for name in names:
+        module = modules[name]
         if _matches(name, config.exclude_modules):
             continue
         if config.target_modules is None:
-            if not everything or type(module) not in LAYER_TYPES:
+            if not everything or _kind(module) is None or _inside(name, saved):
                 continue
         elif not _matches(name, config.target_modules):
             continue
-        if isinstance(module, TuckerDelta):
-            raise ValueError(f"module {name!r} already has a FLoRA adapter")
-        if type(module) not in LAYER_TYPES:
-            kinds = ", ".join(t.__name__ for t in LAYER_TYPES)
+        if _inside(name, saved):
+            raise ValueError(f"module {name!r} is a target and in modules_to_save; pick one")
+        kind = _kind(module)
+        if kind is None:
+            supported = ", ".join(t.__name__ for t in LAYER_TYPES)
             raise TypeError(
                 f"module {name!r} is a {type(module).__name__}, which inject cannot adapt "
-                f"(supported: {kinds}; use target_parameters for other weights)"
+                f"(supported: {supported}; use target_parameters for other weights)"
             )
-        kind = LAYER_TYPES[type(module)].kind
-        ranks = clip_ranks(config.ranks_for(kind, name), module.weight.shape, f"ranks of {name!r}")
-        targets.append(_Target(name, module, None, ranks))
-    return targets
+        sites.append(resolve(modules, name, kind))
+    return sites
 
 
-def _parameter_targets(model: nn.Module, config: FLoRAConfig) -> list[_Target]:
+def _parameter_sites(
+    modules: dict[str, nn.Module], config: FLoRAConfig, saved: list[str]
+) -> list[Site]:
     if config.target_parameters is None:
         return []
-    candidates = []
-    for module_name, module in _walk(model):
+    full = []
+    for module_name, module in modules.items():
+        if isinstance(module, (FLoRALayer, ModulesToSave)):
+            continue
         names = [n for n, _ in module.named_parameters(recurse=False)]
         if parametrize.is_parametrized(module):
             names += list(module.parametrizations.keys())
-        candidates += [(module_name, module, pname) for pname in names]
-    full = [_join(m, p) for m, _, p in candidates]
-    _check_each_entry_matches(config.target_parameters, full, "target_parameters")
-    targets = []
-    for name, (module_name, module, pname) in zip(full, candidates, strict=True):
+        full += [(module_name, f"{module_name}.{p}" if module_name else p) for p in names]
+    _check_each_entry_matches(config.target_parameters, [n for _, n in full], "target_parameters")
+    sites = []
+    for module_name, name in full:
         if not _matches(name, config.target_parameters):
             continue
         if _matches(name, config.exclude_modules) or _matches(module_name, config.exclude_modules):
             continue
-        if isinstance(module, FLoRALayer) or parametrize.is_parametrized(module, pname):
-            raise ValueError(f"parameter {name!r} already has an adapter or a parametrization")
-        shape = getattr(module, pname).shape
-        if len(shape) == 0:
-            raise ValueError(f"parameter {name!r} is 0-D; FLoRA needs at least one dimension")
-        ranks = clip_ranks(config.ranks_for("Parameter", name), shape, f"ranks of {name!r}")
-        targets.append(_Target(name, module, pname, ranks))
-    return targets
+        if _inside(module_name, saved):
+            raise ValueError(f"parameter {name!r} is a target and in modules_to_save; pick one")
+        sites.append(resolve(modules, name, "Parameter"))
+    return sites
 
 
-def _freeze_base(model: nn.Module) -> None:
-    adapter_params = {
-        id(p) for layer in adapted_layers(model).values() for p in (layer.core, *layer.factors)
-    }
-    for param in model.parameters():
-        param.requires_grad_(id(param) in adapter_params)
+def _check_rank_pattern(config: FLoRAConfig, names: list[str]) -> None:
+    for key in config.rank_pattern:
+        if not any(name_matches(name, key) for name in names):
+            raise ValueError(
+                f"rank_pattern key {key!r} matches no adapted layer "
+                f"(they are {names[:5]}{' ...' if len(names) > 5 else ''})"
+            )
 
 
-def _attach(model: nn.Module, target: _Target, config: FLoRAConfig) -> TuckerDelta:
-    if target.parameter is not None:
-        return TuckerParametrization(
-            target.module, target.parameter, target.ranks, scale=config.scale, init=config.init
-        )
-    layer = LAYER_TYPES[type(target.module)](
-        target.module,
-        target.ranks,
-        scale=config.scale,
-        dropout=config.dropout,
-        init=config.init,
-        forward=config.forward,
-    )
-    parent_name, _, child = target.name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, layer)
-    return layer
+def _create(site: Site, config: FLoRAConfig) -> TuckerDelta:
+    spec = config.spec_for(site.kind, tuple(site.weight.shape), site.name)
+    try:
+        adapter = TuckerDelta.create(spec, site.weight)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"layer {site.name!r}: {exc}") from None
+    adapter.config = config
+    return adapter
 
 
 def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "default") -> nn.Module:
-    """Add FLoRA adapters to ``model`` in place and freeze everything else.
+    """Add a FLoRA adapter to ``model`` in place and freeze everything else.
+
+    Matching modules are replaced by FLoRA layers that wrap them (modules
+    already adapted get a further adapter), matching parameters get a
+    :class:`flora.TuckerParametrization`, and each ``modules_to_save``
+    module gets a trainable copy for this adapter.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The model; matching submodules are replaced by FLoRA layers that
-        wrap them, matching parameters get a :class:`flora.TuckerParametrization`.
+        The model.
     config : FLoRAConfig
-        Targets, ranks, scale, dropout, init and forward mode.
+        Targets, ranks, scale, dropout, init, forward mode, modules to save.
     adapter_name : str, optional
-        Recorded on every new adapter (``layer.adapter_name``) and in saved
-        adapters.
+        The adapter's name, new to the model. The first adapter of a model
+        is active; further ones are added inactive (and frozen) until
+        :func:`flora.set_adapter` names them, as with PEFT's ``add_adapter``.
 
     Returns
     -------
     torch.nn.Module
-        ``model`` itself. Only adapter parameters require gradients
-        afterwards.
+        ``model`` itself. Only the active adapters' parameters (and their
+        saved modules) require gradients afterwards.
 
     Raises
     ------
     ValueError
-        If a ``target_modules``/``target_parameters`` entry matches nothing,
-        no module matches at all, a target already has an adapter, or ranks
-        do not fit a layer. Nothing is changed in that case.
+        If a ``target_modules``/``target_parameters``/``modules_to_save``
+        entry or a ``rank_pattern`` key matches nothing, no module matches
+        at all, the adapter name is taken, two targets share a weight (tied
+        weights), ``init="hosvd"`` meets a non-finite weight, or ranks do
+        not fit a layer. Nothing is changed in that case.
     TypeError
         If ``config`` is not a :class:`flora.FLoRAConfig` or a target module is of
         a kind FLoRA cannot adapt (see ``LAYER_TYPES``).
+    RuntimeError
+        Inside :func:`flora.disable_adapter`.
 
     See Also
     --------
     unload : Take the adapters out again.
-    flora.load_adapter : Inject and load a saved adapter.
+    flora.load_adapter : Add a saved adapter.
+    flora.set_adapter : Switch between named adapters.
+
+    Notes
+    -----
+    A Hugging Face model (one with ``save_pretrained``) gets a guard: while
+    it holds adapters, ``model.save_pretrained(directory)`` raises instead
+    of writing a checkpoint that ``from_pretrained`` would misread; pass
+    ``state_dict=flora.merged_state_dict(model)``.
 
     Examples
     --------
@@ -247,37 +263,140 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
     """
     if not isinstance(config, FLoRAConfig):
         raise TypeError(f"config must be a FLoRAConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
-    targets = _module_targets(model, config) + _parameter_targets(model, config)
-    if not targets:
+    check_adapter_name(adapter_name)
+    check_enabled(model)
+    modules = dict(walk(model))
+    saved = _saved_names(modules, config)
+    sites = _module_sites(modules, config, saved) + _parameter_sites(modules, config, saved)
+    if not sites:
         raise ValueError("the config matches no module or parameter of the model")
-    wrapped = {id(t.module): t.name for t in targets if t.parameter is None}
-    for target in targets:
-        if target.parameter is not None and id(target.module) in wrapped:
-            raise ValueError(
-                f"parameter {target.name!r} belongs to module {wrapped[id(target.module)]!r}, "
-                "which is adapted too"
-            )
-    for target in targets:
-        layer = _attach(model, target, config)
-        layer.adapter_name = adapter_name
-        layer.config = config
-    _freeze_base(model)
+    _check_rank_pattern(config, [site.name for site in sites])
+    check_sites(model, sites, adapter_name)
+    additions = [Addition(site, _create(site, config)) for site in sites]
+    copies = []
+    for name in saved:
+        module = modules[name]
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        copies.append(SavedCopy(name, module, copy.deepcopy(original)))
+    apply(model, adapter_name, additions, copies)
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Add every adapter's ``ΔW`` into its base weight (``W ← W + ΔW``).
+def attach_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    adapters: Mapping[str, TuckerDelta],
+    *,
+    modules_to_save: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """Add adapter ``adapter_name`` made of ready :class:`flora.TuckerDelta` objects.
 
-    Merged layers run only their base op; outputs equal the unmerged
-    model's to rounding. ``ΔW`` is computed in the adapter's precision
-    (float32 for half-precision bases) and cast once.
+    The building block of :func:`flora.load_adapter`, for adapters computed
+    elsewhere (converted from another format, say): every layer is found,
+    checked and the whole adapter attached, or nothing changes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, with or without other adapters.
+    adapter_name : str
+        A name new to the model. The first adapter of a model is active;
+        further ones are added inactive.
+    adapters : dict of str to TuckerDelta
+        Layer name (a module, or ``"module.parameter"`` for kind
+        ``"Parameter"``) to its adapter (see :meth:`flora.TuckerDelta.from_tucker`),
+        whose spec must match the layer's kind and weight shape. The
+        adapters are moved to their weight's device and adapter dtype
+        (float32 for half-precision weights) and then owned by the model.
+    modules_to_save : dict of str to dict, optional
+        Module name to the ``state_dict`` of this adapter's copy of it.
+    trainable : bool, optional
+        Whether the adapter and its saved modules require gradients while
+        active.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, base frozen.
+
+    Raises
+    ------
+    ValueError
+        If a layer or module is missing, of another kind or shape, shares
+        its weight with another module, the name is taken, or a saved
+        module's state does not match (nothing changes then).
+    RuntimeError
+        Inside :func:`flora.disable_adapter`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    >>> b, a = torch.randn(4, 2), torch.randn(2, 5)
+    >>> delta = flora.TuckerDelta.from_tucker("Linear", torch.eye(2), [b, a.T])
+    >>> _ = flora.attach_adapter(model, "imported", {"0": delta})
+    >>> torch.allclose(model[0].delta_weight(), b @ a, atol=1e-6)
+    True
+    """
+    check_adapter_name(adapter_name)
+    check_enabled(model)
+    modules = dict(walk(model))
+    sites = []
+    for name, adapter in adapters.items():
+        site = resolve(modules, name, adapter.spec.kind)
+        if tuple(site.weight.shape) != adapter.spec.shape:
+            raise ValueError(
+                f"layer {name!r}: the adapter is for shape {list(adapter.spec.shape)}, the "
+                f"model's weight has shape {list(site.weight.shape)}"
+            )
+        sites.append(site)
+    if not sites:
+        raise ValueError("an adapter needs at least one layer")
+    check_sites(model, sites, adapter_name)
+    states = dict(modules_to_save or {})
+    copies = [saved_copy(modules, name, state) for name, state in states.items()]
+    additions = []
+    for site, adapter in zip(sites, adapters.values(), strict=True):
+        adapter.to(device=site.weight.device, dtype=adapter_dtype(site.weight.dtype))
+        adapter.trainable = trainable
+        additions.append(Addition(site, adapter))
+    apply(model, adapter_name, additions, copies, trainable=trainable)
+    return model
+
+
+def _require_adapters(model: nn.Module) -> dict[str, AdaptedWeight]:
+    layers = find_adapted(model)
+    if not layers:
+        raise ValueError("the model has no FLoRA adapters; call flora.inject first")
+    check_enabled(model)
+    return layers
+
+
+def _named(error: Exception, name: str) -> Exception:
+    return type(error)(f"layer {name!r}: {error}")
+
+
+def merge(
+    model: nn.Module, *, adapter_names: list[str] | None = None, safe: bool = True
+) -> nn.Module:
+    """Add ``ΔW`` of the active (or named) adapters into the base weights (``W ← W + ΔW``).
+
+    Merged layers run only their base op for those adapters; outputs equal
+    the unmerged model's to rounding. ``ΔW`` is computed in the adapter's
+    precision (float32 for half-precision bases) and cast once.
 
     Parameters
     ----------
     model : torch.nn.Module
         A model with adapters.
+    adapter_names : list of str, optional
+        The adapters to merge; default: the active ones.
+    safe : bool, optional
+        Check every merged weight for NaN and infinite values first and
+        refuse, with all weights untouched, if one has any. ``False``
+        merges whatever the adapters hold.
 
     Returns
     -------
@@ -287,9 +406,11 @@ def merge(model: nn.Module) -> nn.Module:
     Raises
     ------
     RuntimeError
-        If any adapter is already merged (nothing is merged then).
+        If a named adapter is already merged, or inside
+        :func:`flora.disable_adapter` (nothing is merged then).
     ValueError
-        If the model has no adapters.
+        If the model has no adapters, a name is unknown, or (``safe``) a
+        merged weight would not be finite; the message names the layer.
 
     Examples
     --------
@@ -302,16 +423,26 @@ def merge(model: nn.Module) -> nn.Module:
     >>> _ = flora.unmerge(model)
     """
     layers = _require_adapters(model)
-    merged = [name for name, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"adapters already merged: {merged}; call unmerge() first")
-    for layer in layers.values():
-        layer.merge()
+    if adapter_names is not None:
+        known = {n for layer in layers.values() for n in layer.adapters}
+        unknown = [n for n in adapter_names if n not in known]
+        if unknown:
+            raise ValueError(f"no adapters {unknown} in the model; it has {sorted(known)}")
+    plan = {}
+    for name, layer in layers.items():
+        names = None if adapter_names is None else [n for n in adapter_names if n in layer.adapters]
+        try:
+            layer.check_merge(names, safe=safe)
+        except (RuntimeError, ValueError) as exc:
+            raise _named(exc, name) from None
+        plan[name] = names
+    for name, layer in layers.items():
+        layer.merge(plan[name], safe=False)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract every adapter's ``ΔW`` from its base weight again.
+    """Subtract ``ΔW`` of every merged adapter from its base weight again.
 
     Parameters
     ----------
@@ -326,24 +457,28 @@ def unmerge(model: nn.Module) -> nn.Module:
     Raises
     ------
     RuntimeError
-        If any adapter is not merged (nothing is changed then).
+        If no adapter is merged, or inside :func:`flora.disable_adapter`.
     ValueError
         If the model has no adapters.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> linear = torch.nn.Linear(4, 4)
+    >>> weight = linear.weight.detach().clone()
+    >>> model = flora.inject(torch.nn.Sequential(linear), flora.FLoRAConfig(ranks=2))
+    >>> _ = flora.unmerge(flora.merge(model))
+    >>> torch.equal(linear.weight, weight)  # the core is zero: nothing to round
+    True
     """
     layers = _require_adapters(model)
-    unmerged = [name for name, layer in layers.items() if not layer.merged]
-    if unmerged:
-        raise RuntimeError(f"adapters not merged: {unmerged}; call merge() first")
-    for layer in layers.values():
+    merged = [layer for layer in layers.values() if layer.merged]
+    if not merged:
+        raise RuntimeError("no adapter is merged; call merge() first")
+    for layer in merged:
         layer.unmerge()
     return model
-
-
-def _require_adapters(model: nn.Module) -> dict[str, TuckerDelta]:
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("the model has no FLoRA adapters; call flora.inject first")
-    return layers
 
 
 def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
@@ -354,11 +489,13 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     model : torch.nn.Module
         A model with adapters.
     merge : bool, optional
-        Keep the adapters' effect in the weights (``W0 + ΔW``). With
-        ``False`` the original modules come back with their original
-        weights: bitwise for ``init="zero_core"``/``"gaussian"`` adapters
-        that were never merged, to rounding after a merge/unmerge cycle or
-        for ``"hosvd"`` (whose base held ``W0 - ΔW_init``).
+        Keep what the model computes now: the active adapters' updates go
+        into the weights, the other adapters are dropped, and each saved
+        module (``modules_to_save``) is replaced by the active adapter's
+        copy. With ``False`` the original modules come back with their
+        original weights: bitwise for ``init="zero_core"``/``"gaussian"``
+        adapters that were never merged, to rounding after a merge/unmerge
+        cycle or for ``"hosvd"`` (whose base held ``W0 - ΔW_init``).
 
     Returns
     -------
@@ -368,7 +505,10 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     Raises
     ------
     ValueError
-        If the model has no adapters.
+        If the model has no adapters, or (``merge=True``) a merged weight
+        would hold NaN or infinite values (nothing is changed then).
+    RuntimeError
+        Inside :func:`flora.disable_adapter`.
 
     Examples
     --------
@@ -379,27 +519,122 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     >>> flora.unload(model, merge=False)[0] is linear
     True
     """
-    for name, layer in _require_adapters(model).items():
+    layers = _require_adapters(model)
+    if merge:
+        for name, layer in layers.items():
+            if not bool(torch.isfinite(layer.effective_weight()).all()):
+                raise ValueError(f"layer {name!r}: the merged weight would hold NaN or inf")
+    modules = dict(walk(model))
+    for name, layer in layers.items():
         if merge:
-            if not layer.merged:
-                layer.merge()
+            layer.merge_effective()
         else:
             layer.restore_base()
-        if isinstance(layer, TuckerParametrization):
+        if isinstance(layer, FLoRALayer):
+            replace_module(modules, name, layer.base_layer)
+        else:
             parametrize.remove_parametrizations(
                 layer.base_layer, layer.parameter_name, leave_parametrized=False
             )
-        else:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    for name, wrapper in find_saved(model).items():
+        replace_module(
+            modules, name, wrapper.running_module() if merge else wrapper.original_module
+        )
+    release_save_pretrained(model)
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model that computes what ``model`` computes now.
+
+    Keys are those of the model without adapters (``"encoder.query.weight"``,
+    not ``"encoder.query.base_layer.weight"``); adapted weights hold
+    ``W + Σ ΔW`` of the running adapters, saved modules the running copy.
+    ``model`` is not changed. This is what a Hugging Face ``save_pretrained``
+    needs: ``model.save_pretrained(directory, state_dict=flora.merged_state_dict(model))``
+    writes a checkpoint that ``from_pretrained`` loads as a plain model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with or without adapters.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Detached tensors; adapted weights are new tensors, the rest are
+        the model's own (as ``state_dict`` returns them).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), flora.FLoRAConfig(ranks=2))
+    >>> with torch.no_grad():
+    ...     _ = model[0].core.fill_(1.0)
+    >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> plain.load_state_dict(flora.merged_state_dict(model))
+    <All keys matched successfully>
+    >>> x = torch.randn(2, 4)
+    >>> torch.allclose(plain(x), model(x), atol=1e-6)
+    True
+    """
+    rules: list[tuple[str, Callable[[str, torch.Tensor], tuple[str, torch.Tensor] | None]]] = []
+    for name, layer in find_adapted(model).items():
+        rules.append(_weight_rule(name, layer))
+    for name, wrapper in find_saved(model).items():
+        running = wrapper.running_module()
+        keep = next((f"copies.{n}." for n, m in wrapper.copies.items() if m is running), None)
+        rules.append(_prefix_rule(f"{name}.", keep or "original_module."))
+    rules.sort(key=lambda rule: len(rule[0]), reverse=True)
+    state = {}
+    for key, value in model.state_dict().items():
+        rule = next((handle for prefix, handle in rules if key.startswith(prefix)), None)
+        renamed = (key, value) if rule is None else rule(key, value)
+        if renamed is not None:
+            state[renamed[0]] = renamed[1]
+    return state
+
+
+Rule = Callable[[str, torch.Tensor], tuple[str, torch.Tensor] | None]
+
+
+def _prefix_rule(prefix: str, keep: str) -> tuple[str, Rule]:
+    """Keys under ``prefix + keep`` lose ``keep``; the rest of ``prefix`` is dropped."""
+
+    def handle(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        rest = key[len(prefix) :]
+        return (prefix + rest[len(keep) :], value) if rest.startswith(keep) else None
+
+    return prefix, handle
+
+
+def _weight_rule(name: str, layer: AdaptedWeight) -> tuple[str, Rule]:
+    """A FLoRA layer's base module keys, or a parametrized tensor, with the merged weight."""
+    if isinstance(layer, FLoRALayer):
+        prefix, keep = (f"{name}." if name else ""), "base_layer."
+        weight_key = f"{prefix}weight"
+    else:
+        owner = name.rpartition(".")[0]
+        prefix = f"{owner}.parametrizations." if owner else "parametrizations."
+        prefix, keep, weight_key = f"{prefix}{layer.parameter_name}.", "original", name
+    _, rename = _prefix_rule(prefix, keep)
+
+    def handle(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        renamed = rename(key, value)
+        if renamed is None or (isinstance(layer, FLoRALayer) and renamed[0] != weight_key):
+            return renamed
+        return weight_key, layer.effective_weight()
+
+    return prefix, handle
 
 
 def trainable_parameters(model: nn.Module) -> int:
     """Number of entries of the parameters that require gradients.
 
-    After :func:`inject` these are exactly the adapters' cores and factors,
-    ``sum(prod(R) + sum(I_n R_n))`` over the adapted layers.
+    After :func:`inject` these are exactly the active adapters' cores and
+    factors (and their saved modules), ``sum(prod(R) + sum(I_n R_n))`` over
+    the adapted layers.
 
     Parameters
     ----------
@@ -410,6 +645,10 @@ def trainable_parameters(model: nn.Module) -> int:
     -------
     int
         Each shared parameter counted once.
+
+    See Also
+    --------
+    flora.summary : A per-layer table ending with PEFT's parameter line.
 
     Examples
     --------

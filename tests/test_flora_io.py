@@ -86,9 +86,13 @@ def test_save_load_reproduces_outputs_bitwise(tmp_path: Path, init: str) -> None
     }
     assert document["layers"]["norm.weight"]["kind"] == "Parameter"
     assert flora.FLoRAConfig.from_dict(document["config"]) == _config(init)
-    fresh = flora.load_adapter(_net(), tmp_path)
+    frozen = flora.load_adapter(_net(), tmp_path)
+    assert flora.trainable_parameters(frozen) == 0  # loaded for inference by default
+    fresh = flora.load_adapter(_net(), tmp_path, trainable=True)
     assert torch.equal(fresh(idx), model(idx))
     assert flora.trainable_parameters(fresh) == flora.trainable_parameters(model)
+    # Frozen tensors may take other torch kernels (matmul folding): rounding only.
+    torch.testing.assert_close(frozen(idx), model(idx), rtol=1e-6, atol=1e-6)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert saved.keys() == flora.adapter_state_dict(model).keys()
 
@@ -146,7 +150,7 @@ def test_load_into_adapted_model_fails(tmp_path: Path) -> None:
     flora.save_adapter(_trained(), tmp_path)
     model = _trained()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="already adapted"):
+    with pytest.raises(ValueError, match="already has an adapter 'default'"):
         flora.load_adapter(model, tmp_path)
     assert _same(_snapshot(model), before)
 
@@ -192,3 +196,78 @@ def test_save_rejects_a_state_dict_that_is_not_a_mapping(tmp_path: Path) -> None
     model = _trained()
     with pytest.raises(TypeError, match="state_dict"):
         flora.save_adapter(model, tmp_path, state_dict=list(flora.adapter_state_dict(model)))
+
+
+def _version1(directory: Path, ranks: list[int], init: str = "zero_core") -> torch.Tensor:
+    """A version 1 directory (as earlier releases wrote) for Linear(3 -> 5) named "fc"."""
+    generator = torch.Generator().manual_seed(0)
+    record = {"kind": "Linear", "shape": [5, 3], "ranks": ranks, "scale": 0.5, "init": init}
+    document = {
+        "format": "flora",
+        "format_version": 1,
+        "adapter_name": "old",
+        "config": {"ranks": 4, "target_modules": ["fc"]},
+        "layers": {"fc": record},
+    }
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(document))
+    tensors = {"fc.core": torch.randn(ranks, generator=generator)}
+    for n, (size, rank) in enumerate(zip([5, 3], ranks, strict=True)):
+        tensors[f"fc.factors.{n}"] = torch.randn(size, rank, generator=generator)
+    if init == "hosvd":
+        # The start: the same factors, a tenth of the core.
+        tensors["fc.initial_core"] = 0.1 * tensors["fc.core"]
+        for n in range(2):
+            tensors[f"fc.initial_factors.{n}"] = tensors[f"fc.factors.{n}"].clone()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return 0.5 * tensors["fc.factors.0"] @ tensors["fc.core"] @ tensors["fc.factors.1"].T
+
+
+class _Fc(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 5)
+
+
+def test_version1_directories_load_with_usable_ranks(tmp_path: Path) -> None:
+    # Version 1 kept ranks above the usable ones: (3, 2) compresses exactly to (2, 2).
+    delta = _version1(tmp_path / "v1", [3, 2])
+    model = flora.load_adapter(_Fc(), tmp_path / "v1")
+    layer = model.fc
+    assert layer.adapter_names == ("old",)
+    assert layer.ranks == (2, 2)
+    torch.testing.assert_close(layer.delta_weight(), delta)
+    flora.save_adapter(model, tmp_path / "v2")
+    document = json.loads((tmp_path / "v2" / "adapter_config.json").read_text())
+    assert document["format_version"] == 2
+    assert document["layers"]["fc"]["ranks"] == [2, 2]
+
+
+def test_version1_hosvd_directory_gives_back_its_start(tmp_path: Path) -> None:
+    delta = _version1(tmp_path / "v1", [3, 1], init="hosvd")
+    model = _Fc()
+    weight = model.fc.weight.detach().clone()
+    flora.load_adapter(model, tmp_path / "v1")
+    layer = model.fc
+    assert layer.ranks == (1, 1)
+    torch.testing.assert_close(layer.delta_weight(), delta)
+    torch.testing.assert_close(layer.base_layer.weight, weight - 0.1 * delta)
+    flora.unload(model, merge=False)
+    torch.testing.assert_close(model.fc.weight, weight)
+
+
+def test_attach_adapter_builds_from_tensors_all_or_nothing() -> None:
+    model = _net()
+    before = _snapshot(model)
+    generator = torch.Generator().manual_seed(0)
+    b, a = torch.randn(3, 7, generator=generator), torch.randn(7, 6, generator=generator)
+    head = flora.TuckerDelta.from_tucker("Linear", torch.eye(7), [b, a.T], scale=2.0)
+    assert head.spec.ranks == (3, 3)  # rank 7 on a 3x6 weight, compressed exactly
+    wrong = flora.TuckerDelta.from_tucker("Linear", torch.ones(1, 1), [torch.ones(4, 1)] * 2)
+    with pytest.raises(ValueError, match=r"layer 'conv'.*Conv1d"):
+        flora.attach_adapter(model, "x", {"head": head, "conv": wrong})
+    assert _same(_snapshot(model), before)
+    flora.attach_adapter(model, "lora", {"head": head}, trainable=False)
+    torch.testing.assert_close(model.head.delta_weight(), 2.0 * b @ a)
+    assert flora.trainable_parameters(model) == 0

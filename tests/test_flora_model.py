@@ -80,12 +80,13 @@ def test_target_matching_rules() -> None:
     assert set(flora.adapted_layers(regex)) == {"1.0", "1.1"}
     excluded = flora.inject(copy.deepcopy(model), config)
     assert set(flora.adapted_layers(excluded)) == {"1.0"}
-    pattern = flora.FLoRAConfig(ranks=2, rank_pattern={r"1\.1": (1, 3)})
+    pattern = flora.FLoRAConfig(ranks=3, rank_pattern={r"1\.\d": (2, 2), "1.1": 1})
     ranked = flora.inject(copy.deepcopy(model), pattern)
+    # The exact name beats the regex; ranks are usable ones (equal for a matrix).
     assert {n: layer.ranks for n, layer in flora.adapted_layers(ranked).items()} == {
-        "0": (2, 2),
+        "0": (3, 3),
         "1.0": (2, 2),
-        "1.1": (1, 3),
+        "1.1": (1, 1),
     }
 
 
@@ -100,7 +101,7 @@ def test_inject_errors_leave_model_alone() -> None:
     assert type(model[0]) is nn.Linear
     assert model[0].weight.requires_grad
     flora.inject(model, flora.FLoRAConfig(target_modules=["0"]))
-    with pytest.raises(ValueError, match="already has a FLoRA adapter"):
+    with pytest.raises(ValueError, match="already has an adapter 'default'"):
         flora.inject(model, flora.FLoRAConfig(target_modules=["0"]))
     assert type(model[0].base_layer) is nn.Linear
 
@@ -147,7 +148,7 @@ def test_merge_unmerge_model_and_unload() -> None:
     with pytest.raises(RuntimeError, match="already merged"):
         flora.merge(twin)
     flora.unmerge(twin)
-    with pytest.raises(RuntimeError, match="not merged"):
+    with pytest.raises(RuntimeError, match="no adapter is merged"):
         flora.unmerge(twin)
     torch.testing.assert_close(twin(idx), adapted, rtol=1e-5, atol=1e-5)
     flora.unload(twin, merge=True)
@@ -198,7 +199,8 @@ def test_gaussian_init_starts_at_base() -> None:
     expected = model(idx)
     flora.inject(model, flora.FLoRAConfig(init="gaussian", target_modules=["head"]))
     assert torch.equal(model(idx), expected)
-    torch.testing.assert_close(model.head.factors[1].std(), torch.tensor(1 / 6), rtol=0.5, atol=0)
+    assert model.head.ranks == (3, 3)
+    torch.testing.assert_close(model.head.factors[1].std(), torch.tensor(1 / 3), rtol=0.5, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -225,3 +227,25 @@ def test_config_round_trip_and_defaults() -> None:
     assert config.ranks_for("Conv2d", "a") == 2
     with pytest.raises(ValueError, match="unknown fields"):
         flora.FLoRAConfig.from_dict({"rank": 4})
+
+
+def test_merged_state_dict_loads_into_the_plain_model() -> None:
+    model, idx = _net()
+    plain, _ = _net()
+    config = flora.FLoRAConfig(
+        ranks=3,
+        target_modules=["embed", "conv", "depthwise"],
+        target_parameters=ALL.target_parameters,
+        modules_to_save=["head"],
+    )
+    flora.inject(model, config)
+    _randomize(model)
+    with torch.no_grad():
+        model.head.copies["default"].bias.add_(1.0)
+    state = flora.merged_state_dict(model)
+    assert sorted(state) == sorted(plain.state_dict())
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(idx), model(idx), rtol=1e-5, atol=1e-5)
+    with flora.disable_adapter(model):
+        plain.load_state_dict(flora.merged_state_dict(model))
+        torch.testing.assert_close(plain(idx), model(idx), rtol=1e-5, atol=1e-5)

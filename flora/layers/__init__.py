@@ -1,18 +1,21 @@
-"""FLoRA layers: one module per layer family, all built on :class:`TuckerDelta`."""
+"""FLoRA layers: one module per layer family, all holding named :class:`TuckerDelta` adapters."""
 
-from flora.layers.base import FLoRALayer, TuckerDelta
+from flora.layers.base import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.layers.conv import Conv1d, Conv2d, Conv3d
 from flora.layers.embedding import Embedding
 from flora.layers.linear import Linear
 from flora.layers.parametrization import TuckerParametrization
+from flora.layers.saved import ModulesToSave
 
 __all__ = [
+    "AdaptedWeight",
     "Conv1d",
     "Conv2d",
     "Conv3d",
     "Embedding",
     "FLoRALayer",
     "Linear",
+    "ModulesToSave",
     "TuckerDelta",
     "TuckerParametrization",
 ]

@@ -1,28 +1,48 @@
-"""What every FLoRA layer shares: a Tucker-factored update and its merge logic.
+"""What every FLoRA layer shares: named Tucker adapters on one weight.
 
-:class:`TuckerDelta` owns the trainable ``core`` and ``factors`` of
-``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` and adds it into (or takes it
-out of) a base weight. :class:`FLoRALayer` wraps a module as ``base_layer``
-and picks, per call, how to run the adapter branch (dense or factorized).
+:class:`TuckerDelta` is one adapter: a trainable ``core`` and ``factors``
+with ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` and its :class:`flora.LayerSpec`.
+:class:`AdaptedWeight` holds the named adapters of one weight (which are
+active, which are merged) and adds their updates into, or out of, the base
+weight. :class:`FLoRALayer` wraps a module as ``base_layer`` and runs the
+active adapters' branches next to it.
+
+What a weight with adapters computes: ``W + Σ_active ΔW_a`` with ``W`` the
+base weight. An adapter made with ``init="hosvd"`` took its initial update
+``ΔW_a,init`` out of the base weight when it was added; while it is not
+running (inactive, or inside :func:`flora.disable_adapter`) the layer adds
+``ΔW_a,init`` back, so it changes nothing then. Merged adapters live in
+the base weight and run no branch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from flora._cost import Op, choose, reconstruction_ops
-from flora._tucker import reconstruct
-from flora.config import DEFAULT_RANKS, FORWARD_MODES, INIT_MODES, RankTemplate, clip_ranks
+from flora._tucker import compress, reconstruct
+from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.init import hosvd_init, init_factors
-from tuckerlib import tucker_params
+from flora.spec import LayerSpec, RankTemplate
 
-__all__ = ["KIND_DEFAULT", "FLoRALayer", "TuckerDelta", "adapter_dtype"]
+__all__ = [
+    "KIND_DEFAULT",
+    "AdaptedWeight",
+    "FLoRALayer",
+    "TuckerDelta",
+    "adapter_dtype",
+    "check_adapter_name",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
+_RESERVED = frozenset(dir(nn.ModuleDict()))
 
 
 class _KindDefault:
@@ -48,172 +68,640 @@ def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _check_scale(scale: float) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {scale!r}")
-    if not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"scale must be finite and non-zero, got {scale}")
-    return float(scale)
+def check_adapter_name(name: object) -> str:
+    """``name`` if it can name an adapter: a non-empty string without ``"."``.
+
+    Raises
+    ------
+    ValueError
+        Otherwise, or if the name is an attribute of ``torch.nn.ModuleDict``
+        (such as ``"keys"``), which cannot key a submodule.
+
+    Examples
+    --------
+    >>> from flora.layers.base import check_adapter_name
+    >>> check_adapter_name("task_a")
+    'task_a'
+    """
+    if not isinstance(name, str) or not name or "." in name or name in _RESERVED:
+        raise ValueError(
+            "adapter_name must be a non-empty string without '.' that is not an attribute "
+            f"of torch.nn.ModuleDict, got {name!r}"
+        )
+    return name
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if not weight.is_floating_point():
+        raise TypeError(f"FLoRA adapts floating-point weights, got dtype {weight.dtype}")
 
 
 class TuckerDelta(nn.Module):
-    """A trainable Tucker update ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` of a weight.
+    """One adapter: ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` for a weight of ``spec.shape``.
 
-    Base class of the FLoRA layers; it holds no base module itself.
+    Build it with :meth:`flora.TuckerDelta.create` (initialized as ``spec.init`` says) or from
+    given tensors; add it to a layer with :meth:`flora.AdaptedWeight.add_adapter`.
 
     Parameters
     ----------
-    weight : torch.Tensor
-        The base weight ``W0`` of shape ``(I_0, ..., I_{N-1})``; read for
-        its shape, dtype and device (and its values with ``init="hosvd"``).
-    ranks : int or sequence of int or None
-        Rank template, clipped to ``weight.shape`` (see :func:`flora.config.clip_ranks`).
-    scale : float
-        The factor ``s``.
-    init : {"zero_core", "hosvd", "gaussian"}
-        See :mod:`flora.init`.
+    spec : LayerSpec
+        Kind, shape, ranks and options.
+    core : torch.Tensor
+        Shape ``spec.ranks``; copied into a parameter of the same dtype.
+    factors : sequence of torch.Tensor
+        ``factors[n]`` of shape ``(spec.shape[n], spec.ranks[n])``.
+    initial : tuple of (torch.Tensor, sequence of torch.Tensor), optional
+        The adapter's initial core and factors when its layer gave that
+        update up from the base weight (``init="hosvd"``).
+    trainable : bool, optional
+        Whether the adapter's tensors require gradients while it is active.
 
     Attributes
     ----------
+    spec : LayerSpec
     core : torch.nn.Parameter
-        Shape ``ranks``.
     factors : torch.nn.ParameterList
-        ``factors[n]`` has shape ``(I_n, R_n)``.
-    ranks : tuple of int
-        The clipped ranks.
     merged : bool
         Whether ``ΔW`` is currently added into the base weight.
+    trainable : bool
+    config : FLoRAConfig or None
+        The config the adapter was made from, recorded when it is saved.
+
+    Raises
+    ------
+    ValueError
+        If a tensor's shape does not match the spec, or ``initial`` is
+        given without ``spec.init == "hosvd"`` (or missing with it).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from flora import LayerSpec, TuckerDelta
+    >>> spec = LayerSpec("Linear", (3, 4), (1, 1), scale=2.0)
+    >>> delta = TuckerDelta(spec, torch.ones(1, 1), [torch.ones(3, 1), torch.ones(4, 1)])
+    >>> delta.delta_weight()
+    tensor([[2., 2., 2., 2.],
+            [2., 2., 2., 2.],
+            [2., 2., 2., 2.]], grad_fn=<ViewBackward0>)
     """
 
-    def __init__(self, weight: torch.Tensor, ranks: RankTemplate, *, scale: float, init: str):
+    def __init__(
+        self,
+        spec: LayerSpec,
+        core: torch.Tensor,
+        factors: Sequence[torch.Tensor],
+        *,
+        initial: tuple[torch.Tensor, Sequence[torch.Tensor]] | None = None,
+        trainable: bool = True,
+    ):
         super().__init__()
-        if init not in INIT_MODES:
-            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
-        if weight.ndim < 1:
-            raise ValueError("weight must have at least one dimension, got a 0-D tensor")
-        self.shape = tuple(int(s) for s in weight.shape)
-        self.ranks = clip_ranks(ranks, self.shape)
-        self.scale = _check_scale(scale)
-        self.init = init
+        _check_tucker(spec, core, factors, "")
+        if (initial is not None) != (spec.init == "hosvd"):
+            raise ValueError("initial tensors are given exactly for init='hosvd' adapters")
+        self.spec = spec
+        self.core = nn.Parameter(core.detach().clone())
+        self.factors = nn.ParameterList(nn.Parameter(f.detach().clone()) for f in factors)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.merged = False
+        self.trainable = bool(trainable)
+        self.config: FLoRAConfig | None = None
+        if initial is not None:
+            _check_tucker(spec, *initial, "initial ")
+            self.register_buffer("initial_core", initial[0].detach().clone())
+            for n, factor in enumerate(initial[1]):
+                self.register_buffer(f"initial_factor_{n}", factor.detach().clone())
+
+    @classmethod
+    def create(
+        cls, spec: LayerSpec, weight: torch.Tensor, *, trainable: bool = True
+    ) -> TuckerDelta:
+        """A new adapter for ``weight``, initialized as ``spec.init`` says (see :mod:`flora.init`).
+
+        Parameters
+        ----------
+        spec : LayerSpec
+            ``spec.shape`` must be ``weight.shape``.
+        weight : torch.Tensor
+            The current base weight: its dtype and device set the adapter's
+            (float32 for half precision); ``init="hosvd"`` decomposes it.
+        trainable : bool, optional
+            See the class.
+
+        Returns
+        -------
+        TuckerDelta
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ, or ``init="hosvd"`` meets a weight with NaN
+            or infinite entries.
+        TypeError
+            If the weight is not floating point.
+        """
+        _check_weight(weight)
+        if tuple(weight.shape) != spec.shape:
+            raise ValueError(
+                f"the spec is for shape {spec.shape}, the weight has {tuple(weight.shape)}"
+            )
         options = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
-        self.core = nn.Parameter(torch.zeros(self.ranks, **options))
-        self.factors = nn.ParameterList(
-            nn.Parameter(torch.empty(size, rank, **options))
-            for size, rank in zip(self.shape, self.ranks, strict=True)
-        )
-        if init == "hosvd":
-            core, factors = hosvd_init(weight, self.ranks, self.scale, options["dtype"])
-            with torch.no_grad():
-                self.core.copy_(core)
-                for factor, value in zip(self.factors, factors, strict=True):
-                    factor.copy_(value)
-            self._store_initial(core, factors)
-        else:
-            init_factors(list(self.factors), init)
+        if spec.init == "hosvd":
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(
+                    "init='hosvd' needs a finite weight; this one has NaN or inf entries"
+                )
+            core, factors = hosvd_init(weight, spec.ranks, spec.scale, options["dtype"])
+            return cls(spec, core, factors, initial=(core, factors), trainable=trainable)
+        sizes = zip(spec.shape, spec.ranks, strict=True)
+        factors = [torch.empty(size, rank, **options) for size, rank in sizes]
+        init_factors(factors, spec.init)
+        return cls(spec, torch.zeros(spec.ranks, **options), factors, trainable=trainable)
+
+    @classmethod
+    def from_tucker(
+        cls,
+        kind: str,
+        core: torch.Tensor,
+        factors: Sequence[torch.Tensor],
+        *,
+        scale: float = 1.0,
+        forward: str = "auto",
+        dropout: float = 0.0,
+        trainable: bool = True,
+    ) -> TuckerDelta:
+        """An adapter holding ``ΔW = scale · core ×_0 factors[0] … ×_{N-1} factors[N-1]``.
+
+        Modes whose rank exceeds what the tensor can use are compressed
+        without loss first (reduced QR of the factor times the core's
+        unfolding), so the spec's ranks are usable; ``ΔW`` is unchanged up to
+        rounding. The adapter has ``init="zero_core"`` (no initial update).
+
+        Parameters
+        ----------
+        kind : str
+            The layer kind (``"Linear"``, ``"Conv2d"``, ..., ``"Parameter"``).
+        core : torch.Tensor
+            Floating tensor of shape ``(R_0, ..., R_{N-1})``.
+        factors : sequence of torch.Tensor
+            ``factors[n]`` of shape ``(I_n, R_n)``, same dtype as ``core``.
+        scale, forward, dropout : optional
+            As in :class:`flora.LayerSpec`.
+        trainable : bool, optional
+            See the class.
+
+        Returns
+        -------
+        TuckerDelta
+
+        Raises
+        ------
+        ValueError
+            If the shapes do not chain or the tensors are not floating point.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from flora import TuckerDelta
+        >>> b, a = torch.randn(2, 6), torch.randn(6, 5)  # a rank-6 LoRA pair on a 2x5 weight
+        >>> delta = TuckerDelta.from_tucker("Linear", torch.eye(6), [b, a.T], scale=0.5)
+        >>> delta.spec.ranks
+        (2, 2)
+        >>> torch.allclose(delta.delta_weight(), 0.5 * b @ a, atol=1e-5)
+        True
+        """
+        factors = list(factors)
+        ranks = [f.shape[1] if f.ndim == 2 else -1 for f in factors]
+        if core.ndim != len(factors) or list(core.shape) != ranks:
+            raise ValueError(
+                f"factors must have shapes (I_n, R_n) with R_n the core's shape "
+                f"{tuple(core.shape)}, got {[tuple(f.shape) for f in factors]}"
+            )
+        if not all(t.is_floating_point() for t in (core, *factors)):
+            raise ValueError("core and factors must be floating-point tensors")
+        core, factors = compress(core.detach(), [f.detach() for f in factors])
+        shape = tuple(f.shape[0] for f in factors)
+        spec = LayerSpec(kind, shape, tuple(core.shape), scale, "zero_core", forward, dropout)
+        return cls(spec, core, factors, trainable=trainable)
 
     @property
-    def n_adapter_params(self) -> int:
-        """Entries of the core and factors: ``prod(ranks) + sum(I_n R_n)``."""
-        return tucker_params(self.shape, self.ranks)
+    def initial(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """The initial core and factors (``init="hosvd"``), else None."""
+        if self.spec.init != "hosvd":
+            return None
+        factors = [getattr(self, f"initial_factor_{n}") for n in range(len(self.spec.shape))]
+        return self.initial_core, factors
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}``, in the adapter's dtype.
 
-        Returns
-        -------
-        torch.Tensor
-            Shape of the base weight; differentiable in ``core`` and ``factors``.
+        Layers apply their own masks on top (:meth:`flora.AdaptedWeight.delta_weight`).
         """
-        return reconstruct(self.core * self.scale, list(self.factors))
-
-    def _store_initial(self, core: torch.Tensor, factors: Sequence[torch.Tensor]) -> None:
-        # With init="hosvd" the base holds W0 - ΔW_init; keeping the (small)
-        # initial adapter lets unload(merge=False) and load_adapter rebuild W0.
-        self.register_buffer("initial_core", core.detach().clone())
-        for n, factor in enumerate(factors):
-            self.register_buffer(f"initial_factor_{n}", factor.detach().clone())
+        return reconstruct(self.core * self.spec.scale, list(self.factors))
 
     def initial_delta(self) -> torch.Tensor | None:
         """``ΔW`` at initialization for ``init="hosvd"`` (what the base gave up), else None."""
-        if self.init != "hosvd":
+        initial = self.initial
+        if initial is None:
             return None
-        factors = [getattr(self, f"initial_factor_{n}") for n in range(len(self.shape))]
-        return reconstruct(self.initial_core * self.scale, factors)
+        return reconstruct(initial[0] * self.spec.scale, initial[1])
 
-    def _base_weight(self) -> torch.Tensor:
+    def extra_repr(self) -> str:
+        """The spec's ranks and options, and the merge state, for ``repr``."""
+        spec = self.spec
+        return (
+            f"ranks={spec.ranks}, scale={spec.scale}, init={spec.init!r}, "
+            f"forward={spec.forward!r}, merged={self.merged}"
+        )
+
+
+def _check_tucker(
+    spec: LayerSpec, core: torch.Tensor, factors: Sequence[torch.Tensor], what: str
+) -> None:
+    shapes = [tuple(f.shape) for f in factors]
+    expected = [(s, r) for s, r in zip(spec.shape, spec.ranks, strict=True)]
+    if tuple(core.shape) != spec.ranks or shapes != expected:
+        raise ValueError(
+            f"{what}core and factors must have shapes {spec.ranks} and {expected} for "
+            f"{spec}, got {tuple(core.shape)} and {shapes}"
+        )
+
+
+class AdaptedWeight(nn.Module):
+    """A weight with named FLoRA adapters: the shared base of layers and parametrizations.
+
+    Attributes
+    ----------
+    adapters : torch.nn.ModuleDict
+        Adapter name to :class:`TuckerDelta`.
+    active_adapters : tuple of str
+        The names set active (with :func:`flora.set_adapter`); names this
+        weight lacks are skipped.
+    disabled : bool
+        Inside :func:`flora.disable_adapter`: no adapter runs.
+
+    Notes
+    -----
+    ``core``, ``factors``, ``ranks``, ``scale``, ``init``, ``spec`` and
+    ``n_adapter_params`` are those of the one active adapter (an error when
+    several are active: use ``adapters[name]``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Linear(torch.nn.Linear(6, 4), ranks=2)
+    >>> spec = flora.LayerSpec.from_template("Linear", layer.shape, 3)
+    >>> layer.add_adapter("wide", flora.TuckerDelta.create(spec, layer.base_weight()))
+    >>> layer.adapter_names, layer.active_adapters
+    (('default', 'wide'), ('default',))
+    >>> layer.set_adapter("wide")
+    >>> layer.ranks
+    (3, 3)
+    """
+
+    kind: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.disabled = False
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight the adapters update (frozen)."""
         raise NotImplementedError
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The adapted weight's shape."""
+        return tuple(self.base_weight().shape)
+
+    def _mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """The part of an update the layer applies (all of it, except where a subclass says)."""
+        return delta
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Names of this weight's adapters, in the order they were added."""
+        return tuple(self.adapters.keys())
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        """Names of the adapters whose ``ΔW`` is in the base weight."""
+        return tuple(name for name, a in self.adapters.items() if a.merged)
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged."""
+        return any(a.merged for a in self.adapters.values())
+
+    def adapter(self, name: str | None = None) -> TuckerDelta:
+        """The adapter called ``name``, or the one active adapter.
+
+        Raises
+        ------
+        ValueError
+            If ``name`` is unknown, or it is None and not exactly one
+            adapter of this weight is active.
+        """
+        if name is None:
+            active = [n for n in self.active_adapters if n in self.adapters]
+            if len(active) != 1:
+                raise ValueError(
+                    f"{len(active)} adapters of this layer are active ({active}); "
+                    f"name one of {list(self.adapters)}"
+                )
+            name = active[0]
+        if name not in self.adapters:
+            raise ValueError(f"no adapter {name!r}; this layer has {list(self.adapters)}")
+        return self.adapters[name]
+
+    @property
+    def spec(self) -> LayerSpec:
+        """The active adapter's spec."""
+        return self.adapter().spec
+
+    @property
+    def core(self) -> nn.Parameter:
+        """The active adapter's core."""
+        return self.adapter().core
+
+    @property
+    def factors(self) -> nn.ParameterList:
+        """The active adapter's factors."""
+        return self.adapter().factors
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The active adapter's ranks."""
+        return self.spec.ranks
+
+    @property
+    def scale(self) -> float:
+        """The active adapter's scale."""
+        return self.spec.scale
+
+    @property
+    def init(self) -> str:
+        """The active adapter's init."""
+        return self.spec.init
+
+    @property
+    def n_adapter_params(self) -> int:
+        """Entries of the active adapter's core and factors."""
+        return self.spec.n_params
+
+    def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``ΔW`` of an adapter (default: the active one) as the layer applies it.
+
+        Returns
+        -------
+        torch.Tensor
+            Shape of the base weight, in the adapter's dtype; differentiable
+            in its core and factors.
+        """
+        return self._mask(self.adapter(adapter_name).delta_weight())
+
+    def initial_delta(self, adapter_name: str | None = None) -> torch.Tensor | None:
+        """What an ``init="hosvd"`` adapter took out of the base weight, else None."""
+        delta = self.adapter(adapter_name).initial_delta()
+        return None if delta is None else self._mask(delta)
+
+    def _terms(self) -> tuple[list[TuckerDelta], list[TuckerDelta]]:
+        """(adapters that run, adapters whose initial update is given back)."""
+        running, idle = [], []
+        for name, adapter in self.adapters.items():
+            if adapter.merged:
+                continue
+            if not self.disabled and name in self.active_adapters:
+                running.append(adapter)
+            elif adapter.spec.init == "hosvd":
+                idle.append(adapter)
+        return running, idle
+
+    def effective_delta(self) -> torch.Tensor | None:
+        """What the adapters add to the base weight now (None if nothing).
+
+        The running adapters' ``ΔW`` plus the initial updates of the
+        ``init="hosvd"`` adapters that do not run.
+        """
+        running, idle = self._terms()
+        return self._sum([a.delta_weight() for a in running] + [a.initial_delta() for a in idle])
+
     def _add_to_base(self, delta: torch.Tensor, sign: float) -> None:
-        weight = self._base_weight()
+        weight = self.base_weight()
         with torch.no_grad():
             # One rounding to the base dtype, from the adapter's (>= float32) precision.
             weight.copy_((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
 
-    def merge(self) -> None:
-        """Add ``ΔW`` into the base weight; the adapter branch stops running.
+    def _sum(self, deltas: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+        present = [d for d in deltas if d is not None]
+        if not present:
+            return None
+        return self._mask(functools.reduce(operator.add, present))
+
+    def add_adapter(self, name: str, adapter: TuckerDelta) -> None:
+        """Add ``adapter`` under ``name``, inactive until :meth:`set_adapter` names it.
+
+        An ``init="hosvd"`` adapter's initial update is taken out of the base
+        weight, so the layer's output does not change.
 
         Raises
         ------
-        RuntimeError
-            If the layer is already merged.
+        ValueError
+            If the name is invalid or taken, or the adapter's spec is for
+            another kind or shape.
         """
-        if self.merged:
-            raise RuntimeError(
-                f"{type(self).__name__} is already merged; call unmerge() before merging again"
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter {name!r}")
+        if adapter.spec.kind != self.kind or adapter.spec.shape != self.shape:
+            raise ValueError(
+                f"the adapter is for a {adapter.spec.kind} of shape {adapter.spec.shape}, "
+                f"this layer is a {self.kind} of shape {self.shape}"
             )
         with torch.no_grad():
-            self._add_to_base(self.delta_weight(), 1.0)
-        self.merged = True
+            initial = adapter.initial_delta()
+            if initial is not None:
+                self._add_to_base(self._mask(initial), -1.0)
+        self.adapters[name] = adapter
+        adapter.requires_grad_(adapter.trainable and name in self.active_adapters)
 
-    def unmerge(self) -> None:
-        """Subtract ``ΔW`` from the base weight again; the adapter branch runs again.
+    def remove_adapter(self, name: str) -> TuckerDelta:
+        """Take adapter ``name`` out: unmerged first, its initial update given back.
+
+        Returns
+        -------
+        TuckerDelta
+            The removed adapter.
+        """
+        adapter = self.adapter(name)
+        with torch.no_grad():
+            back = self._sum(
+                [adapter.initial_delta(), -adapter.delta_weight() if adapter.merged else None]
+            )
+            if back is not None:
+                self._add_to_base(back, 1.0)
+        adapter.merged = False
+        del self.adapters[name]
+        return adapter
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapters of this layer (each must exist here).
+
+        Active adapters run and, when trainable, require gradients; the
+        others do neither.
+
+        Raises
+        ------
+        ValueError
+            If a name is not an adapter of this layer or the list is empty.
+        """
+        names = (names,) if isinstance(names, str) else tuple(names)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown or not names:
+            raise ValueError(f"set_adapter needs names among {list(self.adapters)}, got {names}")
+        self._set_active(names)
+
+    def _set_active(self, names: tuple[str, ...]) -> None:
+        self.active_adapters = names
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(adapter.trainable and name in names)
+
+    def _merge_names(self, adapter_names: Sequence[str] | None) -> list[str]:
+        if adapter_names is None:
+            return [n for n in self.active_adapters if n in self.adapters]
+        unknown = [n for n in adapter_names if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"no adapters {unknown}; this layer has {list(self.adapters)}")
+        return list(adapter_names)
+
+    def check_merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
+        """Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
 
         Raises
         ------
         RuntimeError
-            If the layer is not merged.
+            If a named adapter is already merged.
+        ValueError
+            If a name is unknown; with ``safe``, if ``ΔW`` or ``W + ΔW`` (in
+            the base dtype) has NaN or infinite entries.
         """
-        if not self.merged:
+        names = self._merge_names(adapter_names)
+        merged = [n for n in names if self.adapters[n].merged]
+        if merged:
+            raise RuntimeError(f"adapters {merged} are already merged; call unmerge() first")
+        if not safe or not names:
+            return
+        with torch.no_grad():
+            delta = self._sum(self.adapters[n].delta_weight() for n in names)
+            weight = self.base_weight()
+            total = (weight.to(delta.dtype) + delta).to(weight.dtype)
+            if not (bool(torch.isfinite(delta).all()) and bool(torch.isfinite(total).all())):
+                raise ValueError(
+                    f"merging {names} would put NaN or infinite values into the weight; "
+                    "nothing was merged (merge with safe=False to force it)"
+                )
+
+    def merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
+        """Add ``ΔW`` of the active (or named) adapters into the base weight.
+
+        Merged adapters run no branch; the output stays the same up to
+        rounding (one rounding to the base dtype for all of them together).
+
+        Parameters
+        ----------
+        adapter_names : sequence of str, optional
+            Default: the active adapters.
+        safe : bool, optional
+            Refuse (and change nothing) if the merged weight would hold NaN
+            or infinite values.
+
+        Raises
+        ------
+        RuntimeError
+            If a named adapter is already merged.
+        ValueError
+            See :meth:`flora.AdaptedWeight.check_merge`.
+        """
+        self.check_merge(adapter_names, safe=safe)
+        names = self._merge_names(adapter_names)
+        with torch.no_grad():
+            delta = self._sum(self.adapters[n].delta_weight() for n in names)
+            if delta is not None:
+                self._add_to_base(delta, 1.0)
+        for name in names:
+            self.adapters[name].merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``ΔW`` of every merged adapter from the base weight again.
+
+        Raises
+        ------
+        RuntimeError
+            If no adapter is merged.
+        """
+        names = self.merged_adapters
+        if not names:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
         with torch.no_grad():
-            self._add_to_base(self.delta_weight(), -1.0)
-        self.merged = False
+            self._add_to_base(self._sum(self.adapters[n].delta_weight() for n in names), -1.0)
+        for name in names:
+            self.adapters[name].merged = False
 
     def restore_base(self) -> None:
-        """Undo everything done to the base weight: unmerge, and give back ``ΔW_init``.
+        """Undo everything done to the base weight: unmerge, give back initial updates.
 
-        After this the base weight is ``W0`` again: bitwise for
-        ``"zero_core"``/``"gaussian"``, to rounding for ``"hosvd"``.
+        After this the base weight is ``W0`` again: bitwise when nothing was
+        ever merged and no adapter is ``"hosvd"``, else to rounding.
         """
-        if self.merged:
-            self.unmerge()
-        initial = self.initial_delta()
-        if initial is not None:
-            with torch.no_grad():
-                self._add_to_base(initial, 1.0)
+        with torch.no_grad():
+            back = self._sum(
+                [a.initial_delta() for a in self.adapters.values()]
+                + [-a.delta_weight() for a in self.adapters.values() if a.merged]
+            )
+            if back is not None:
+                self._add_to_base(back, 1.0)
+        for adapter in self.adapters.values():
+            adapter.merged = False
 
-    def _take_initial_from_base(self) -> None:
-        initial = self.initial_delta()
-        if initial is not None:
-            with torch.no_grad():
-                self._add_to_base(initial, -1.0)
+    def merge_effective(self) -> None:
+        """Put what the adapters add now (``effective_delta()``) into the base weight.
+
+        Used before the adapters are dropped: the base weight then computes
+        what the layer computes.
+        """
+        with torch.no_grad():
+            delta = self.effective_delta()
+            if delta is not None:
+                self._add_to_base(delta, 1.0)
+        for adapter in self.adapters.values():
+            adapter.merged = False
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with now, in the base dtype (a new tensor)."""
+        weight = self.base_weight().detach()
+        with torch.no_grad():
+            delta = self.effective_delta()
+            if delta is None:
+                return weight.clone()
+            return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        """Active adapters and the merged ones, for ``repr``."""
+        return f"active={list(self.active_adapters)}, merged={list(self.merged_adapters)}"
 
 
-class FLoRALayer(TuckerDelta):
-    """Base class of the module wrappers: ``base_layer(x)`` plus the adapter branch.
-
-    Subclasses say how to run the branch factorized (``_factorized``), dense
-    (``_dense``) or fused into the base op (``_fused``), and which ops each
-    runs (``_ops``, for the cost model of ``flora._cost``, see :doc:`/flora_math`).
+class FLoRALayer(AdaptedWeight):
+    """Base class of the module wrappers: ``base_layer(x)`` plus the adapter branches.
 
     Parameters
     ----------
     base_layer : torch.nn.Module
         The wrapped module; its parameters are frozen.
     ranks : int or sequence of int or None, optional
-        Rank template, clipped to the weight's shape; by default
-        :data:`flora.DEFAULT_RANKS` of the subclass's ``kind``.
+        Rank template, clipped to the weight's shape and to the usable
+        ranks; by default :data:`flora.DEFAULT_RANKS` of the subclass's ``kind``.
     scale : float, optional
         The factor ``s``.
     dropout : float, optional
@@ -222,9 +710,25 @@ class FLoRALayer(TuckerDelta):
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         How the branch runs; see :doc:`/flora_math`.
+    adapter_name : str or None, optional
+        Name of the adapter created; ``None`` creates the wrapper without
+        adapters (add them with :meth:`flora.AdaptedWeight.add_adapter`).
+
+    Notes
+    -----
+    Subclasses say how to run an adapter's branch factorized, dense or fused
+    into the base op, and which ops each runs, for the cost model of
+    ``forward="auto"`` (see :doc:`/flora_math`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import flora
+    >>> layer = flora.Linear(torch.nn.Linear(1024, 1024))
+    >>> isinstance(layer, flora.FLoRALayer), layer.choose_forward(torch.randn(1, 1024))
+    (True, 'factorized')
     """
 
-    kind: str = ""
     base_type: type[nn.Module] = nn.Module
 
     def __init__(
@@ -236,90 +740,158 @@ class FLoRALayer(TuckerDelta):
         dropout: float = 0.0,
         init: str = "zero_core",
         forward: str = "auto",
+        adapter_name: str | None = "default",
     ):
         if type(base_layer) is not self.base_type:
             raise TypeError(
                 f"flora.{type(self).__name__} wraps a torch.nn.{self.base_type.__name__}, "
                 f"got {type(base_layer).__name__}"
             )
-        if forward not in FORWARD_MODES:
-            raise ValueError(f"forward must be one of {FORWARD_MODES}, got {forward!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"dropout must be a float, got {dropout!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        if isinstance(ranks, _KindDefault):
-            ranks = DEFAULT_RANKS[self.kind]
-        super().__init__(base_layer.weight, ranks, scale=scale, init=init)
+        adapter = None
+        if adapter_name is not None:
+            check_adapter_name(adapter_name)
+            template = DEFAULT_RANKS[self.kind] if isinstance(ranks, _KindDefault) else ranks
+            spec = LayerSpec.from_template(
+                self.kind,
+                tuple(base_layer.weight.shape),
+                template,
+                scale=scale,
+                init=init,
+                forward=forward,
+                dropout=dropout,
+            )
+            adapter = TuckerDelta.create(spec, base_layer.weight)
+        super().__init__()
         self.base_layer = base_layer
-        base_layer.requires_grad_(False)
-        self.forward_mode = forward
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._take_initial_from_base()
+        if adapter is not None:
+            base_layer.requires_grad_(False)
+            self.add_adapter(adapter_name, adapter)
+            self._set_active((adapter_name,))
 
-    def _base_weight(self) -> torch.Tensor:
+    def base_weight(self) -> torch.Tensor:
+        """The wrapped module's weight."""
         return self.base_layer.weight
 
-    def extra_repr(self) -> str:
-        """Ranks, scale, init, forward mode and merge state, for ``repr``."""
-        return (
-            f"ranks={self.ranks}, scale={self.scale}, init={self.init!r}, "
-            f"forward={self.forward_mode!r}, merged={self.merged}"
-        )
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped module's weight (code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped module's bias."""
+        return self.base_layer.bias
+
+    @property
+    def forward_mode(self) -> str:
+        """The active adapter's ``forward`` option; settable."""
+        return self.spec.forward
+
+    @forward_mode.setter
+    def forward_mode(self, mode: str) -> None:
+        adapter = self.adapter()
+        adapter.spec = dataclasses.replace(adapter.spec, forward=mode)
 
     @property
     def factorizable(self) -> bool:
         """Whether the factorized forward applies to this layer (e.g. not for groups > 1)."""
         return True
 
-    def _fusable(self, delta: torch.Tensor) -> bool:
-        # W + ΔW in one op is exact only without dropout and in the base's own dtype.
-        dropout_off = isinstance(self.dropout, nn.Identity) or not self.training
-        return dropout_off and delta.dtype == self.base_layer.weight.dtype
+    def _dropout_off(self, adapter: TuckerDelta) -> bool:
+        return isinstance(adapter.dropout, nn.Identity) or not self.training
 
-    def choose_forward(self, x: torch.Tensor) -> str:
-        """The branch computation used for input ``x``: ``"dense"`` or ``"factorized"``.
+    def _fusable_delta(self, delta: torch.Tensor) -> bool:
+        # W + ΔW in one op is exact only in the base's own dtype.
+        return delta.dtype == self.base_layer.weight.dtype
+
+    def _fusable(self, adapter: TuckerDelta, delta: torch.Tensor) -> bool:
+        return self._dropout_off(adapter) and self._fusable_delta(delta)
+
+    def choose_forward(self, x: torch.Tensor, adapter_name: str | None = None) -> str:
+        """The branch computation an adapter uses for input ``x``: ``"dense"`` or ``"factorized"``.
 
         With ``forward="auto"`` the cheaper under a roofline cost model of the
         ops each path runs (multiply-adds against the elements they read and
         write), counting the backward pass when gradients flow (see
         :doc:`/flora_math`).
         """
-        if not self.factorizable or self.forward_mode == "dense":
+        return self._choose(self.adapter(adapter_name), x)
+
+    def _choose(self, adapter: TuckerDelta, x: torch.Tensor) -> str:
+        spec = adapter.spec
+        if not self.factorizable or spec.forward == "dense":
             return "dense"
-        if self.forward_mode == "factorized":
+        if spec.forward == "factorized":
             return "factorized"
-        factorized, dense_op, in_elements, out_elements = self._ops(x)
-        training = torch.is_grad_enabled() and self.core.requires_grad
+        factorized, dense_op, in_elements, out_elements = self._ops(x, spec.ranks)
+        training = torch.is_grad_enabled() and adapter.core.requires_grad
         return choose(
             factorized,
             dense_op,
-            reconstruction_ops(self.shape, self.ranks),
-            weight_elements=math.prod(self.shape),
+            reconstruction_ops(spec.shape, spec.ranks),
+            weight_elements=math.prod(spec.shape),
             in_elements=in_elements,
             out_elements=out_elements,
-            fused=self._fusable(self.core),
+            fused=self._fusable(adapter, adapter.core),
             training=training,
             input_grad=training and x.requires_grad,
         )
 
-    def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(x).to(self.core.dtype)
+    def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype)
+
+    def _branch_input(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        return self._cast_input(adapter.dropout(x), adapter.core.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` plus the adapter branch (only the base while merged)."""
-        if self.merged:
-            return self.base_layer(x)
-        if self.choose_forward(x) == "factorized":
+        """``base_layer(x)`` plus the branches of the active, unmerged adapters."""
+        running, idle = self._terms()
+        if not idle:
+            if not running:
+                return self.base_layer(x)
+            if len(running) == 1:
+                return self._forward_one(x, running[0])
+        return self._forward_many(x, running, idle)
+
+    def _forward_one(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        if self._choose(adapter, x) == "factorized":
             out = self.base_layer(x)
-            return out + self._factorized(self._branch_input(x)).to(out.dtype)
-        delta = self.delta_weight()
-        if self._fusable(delta):
+            return out + self._factorized(self._branch_input(x, adapter), adapter).to(out.dtype)
+        delta = self._mask(adapter.delta_weight())
+        if self._fusable(adapter, delta):
             return self._fused(x, delta)
         out = self.base_layer(x)
-        return out + self._dense(self._branch_input(x), delta).to(out.dtype)
+        return out + self._dense(self._branch_input(x, adapter), delta).to(out.dtype)
 
-    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_many(
+        self, x: torch.Tensor, running: list[TuckerDelta], idle: list[TuckerDelta]
+    ) -> torch.Tensor:
+        # Dense adapters without active dropout share one ΔW (fused into the
+        # base op when dtypes allow); the rest run a branch each.
+        separate = []
+        shared: list[torch.Tensor | None] = [a.initial_delta().detach() for a in idle]
+        for adapter in running:
+            if self._choose(adapter, x) == "dense" and self._dropout_off(adapter):
+                shared.append(adapter.delta_weight())
+            else:
+                separate.append(adapter)
+        delta = self._sum(shared)
+        if delta is not None and self._fusable_delta(delta):
+            out = self._fused(x, delta)
+        else:
+            out = self.base_layer(x)
+            if delta is not None:
+                out = out + self._dense(self._cast_input(x, delta.dtype), delta).to(out.dtype)
+        for adapter in separate:
+            branch_input = self._branch_input(x, adapter)
+            if self._choose(adapter, x) == "factorized":
+                branch = self._factorized(branch_input, adapter)
+            else:
+                branch = self._dense(branch_input, self._mask(adapter.delta_weight()))
+            out = out + branch.to(out.dtype)
+        return out
+
+    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
         raise NotImplementedError
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -328,6 +900,6 @@ class FLoRALayer(TuckerDelta):
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
+    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
         """(factorized branch ops, the dense op on ``ΔW``, input and output elements)."""
         raise NotImplementedError

@@ -17,7 +17,7 @@ padding of step 2.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -25,7 +25,7 @@ from torch import nn
 
 from flora._cost import Op, reconstruction_ops
 from flora._tucker import reconstruct
-from flora.layers.base import FLoRALayer
+from flora.layers.base import FLoRALayer, TuckerDelta
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
@@ -50,16 +50,15 @@ class _ConvNd(FLoRALayer):
             return type(self)._conv(x, weight, None, base.stride, 0, base.dilation)
         return type(self)._conv(x, weight, None, base.stride, base.padding, base.dilation)
 
-    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
-        out_factor, in_factor = self.factors[0], self.factors[1]
-        pointwise = (1,) * (len(self.shape) - 2)
+    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        shape, ranks = adapter.spec.shape, adapter.spec.ranks
+        factors = list(adapter.factors)
+        pointwise = (1,) * (len(shape) - 2)
         conv = type(self)._conv
-        h = conv(x, in_factor.T.reshape(self.ranks[1], self.shape[1], *pointwise))
-        kernel_core = reconstruct(
-            self.core * self.scale, list(self.factors), range(2, len(self.shape))
-        )
+        h = conv(x, factors[1].T.reshape(ranks[1], shape[1], *pointwise))
+        kernel_core = reconstruct(adapter.core * adapter.spec.scale, factors, range(2, len(shape)))
         h = self._spatial_conv(h, kernel_core)
-        return conv(h, out_factor.reshape(self.shape[0], self.ranks[0], *pointwise))
+        return conv(h, factors[0].reshape(shape[0], ranks[0], *pointwise))
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self.base_layer._conv_forward(x, delta, None)
@@ -70,34 +69,34 @@ class _ConvNd(FLoRALayer):
 
     def _output_pixels(self, spatial: tuple[int, ...]) -> int:
         base = self.base_layer
+        kernel = base.weight.shape[2:]
         if base.padding == "same":
             return math.prod(spatial)
         padding = (0,) * len(spatial) if base.padding == "valid" else base.padding
         # A list, not a generator: torch.compile traces list arguments of math.prod.
         sizes = [
             _output_size(*args)
-            for args in zip(
-                spatial, self.shape[2:], base.stride, padding, base.dilation, strict=True
-            )
+            for args in zip(spatial, kernel, base.stride, padding, base.dilation, strict=True)
         ]
         return math.prod(sizes)
 
-    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
-        out_channels, in_per_group, *kernel = self.shape
-        out_rank, in_rank = self.ranks[:2]
+    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
+        shape = tuple(self.base_layer.weight.shape)
+        out_channels, in_per_group, *kernel = shape
+        out_rank, in_rank = ranks[:2]
         spatial = tuple(x.shape[-len(kernel) :])
         in_channels = in_per_group * self.base_layer.groups
         batch = x.numel() // (in_channels * math.prod(spatial))
         in_pixels = batch * math.prod(spatial)
         out_pixels = batch * self._output_pixels(spatial)
         taps = math.prod(kernel)
-        modes = range(2, len(self.shape))
+        modes = range(2, len(shape))
         factorized = [
             Op(
                 in_pixels * in_channels * in_rank,
                 in_pixels * (in_channels + in_rank) + in_channels * in_rank,
             ),
-            *reconstruction_ops((out_rank, in_rank, *kernel), self.ranks, modes),
+            *reconstruction_ops((out_rank, in_rank, *kernel), ranks, modes),
             Op(
                 out_pixels * taps * in_rank * out_rank,
                 in_pixels * in_rank + out_rank * in_rank * taps + out_pixels * out_rank,
@@ -109,7 +108,7 @@ class _ConvNd(FLoRALayer):
         ]
         dense = Op(
             out_pixels * out_channels * in_per_group * taps,
-            in_pixels * in_channels + math.prod(self.shape) + out_pixels * out_channels,
+            in_pixels * in_channels + math.prod(shape) + out_pixels * out_channels,
         )
         return factorized, dense, x.numel(), out_pixels * out_channels
 
@@ -127,7 +126,7 @@ class Conv1d(_ConvNd):
     >>> import flora
     >>> layer = flora.Conv1d(torch.nn.Conv1d(8, 8, 3, groups=8))
     >>> layer.ranks
-    (8, 1, 2)
+    (2, 1, 2)
     >>> x = torch.randn(2, 8, 10)
     >>> torch.equal(layer(x), layer.base_layer(x))
     True
@@ -151,9 +150,10 @@ class Conv2d(_ConvNd):
     base_layer : torch.nn.Conv2d
         The layer to adapt; frozen, kept as ``self.base_layer``.
     ranks : int or sequence of int or None, optional
-        Ranks ``(R_out, R_in, R_kh, R_kw)``, clipped to the weight's
-        shape (a depthwise layer's ``in/groups`` mode of size 1 gets rank 1).
-        The default is the paper's ConvNeXt configuration.
+        Ranks ``(R_out, R_in, R_kh, R_kw)``, clipped to the weight's shape
+        and to the usable ranks (a depthwise layer's ``in/groups`` mode of
+        size 1 gets rank 1, its output mode at most ``R_kh R_kw``). The
+        default is the paper's ConvNeXt configuration.
     scale : float, optional
         The factor ``s``.
     dropout : float, optional
@@ -165,6 +165,9 @@ class Conv2d(_ConvNd):
         :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
         convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
         dense.
+    adapter_name : str or None, optional
+        Name of the adapter created (``"default"``); ``None`` wraps the
+        layer without adapters.
 
     Raises
     ------
@@ -183,7 +186,7 @@ class Conv2d(_ConvNd):
     >>> import flora
     >>> layer = flora.Conv2d(torch.nn.Conv2d(8, 8, 3, groups=8))
     >>> layer.ranks
-    (8, 1, 2, 2)
+    (4, 1, 2, 2)
     >>> x = torch.randn(2, 8, 6, 6)
     >>> torch.equal(layer(x), layer.base_layer(x))
     True

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
-from flora.layers.base import FLoRALayer
+from flora.layers.base import FLoRALayer, TuckerDelta
 
 __all__ = ["Embedding"]
 
@@ -18,7 +20,7 @@ class Embedding(FLoRALayer):
     The factorized lookup gathers rows of ``U_0`` (shape
     ``(num_embeddings, R_0)``) and multiplies them by ``s · G U_1ᵀ``; it
     never builds ``ΔE``. The row of ``padding_idx`` gets no update, in both
-    forwards and in :meth:`merge`.
+    forwards and in :func:`flora.merge`.
 
     Parameters
     ----------
@@ -34,6 +36,9 @@ class Embedding(FLoRALayer):
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"dense"`` builds ``ΔE`` and gathers from it.
+    adapter_name : str or None, optional
+        Name of the adapter created (``"default"``); ``None`` wraps the
+        layer without adapters.
 
     Raises
     ------
@@ -58,40 +63,36 @@ class Embedding(FLoRALayer):
     kind = "Embedding"
     base_type = nn.Embedding
 
-    def delta_weight(self) -> torch.Tensor:
-        """``ΔE = s · U_0 G U_1ᵀ`` with the ``padding_idx`` row zeroed.
-
-        Returns
-        -------
-        torch.Tensor
-            Shape ``(num_embeddings, embedding_dim)``, in the adapter's dtype.
-        """
-        delta = super().delta_weight()
+    def _mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """Zero the ``padding_idx`` row: every update (trained, initial, merged) skips it."""
         padding_idx = self.base_layer.padding_idx
         if padding_idx is None:
             return delta
         return delta.index_fill(0, torch.tensor([padding_idx], device=delta.device), 0.0)
 
-    def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x
 
-    def _fusable(self, delta: torch.Tensor) -> bool:
+    def _branch_input(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        return x
+
+    def _fusable_delta(self, delta: torch.Tensor) -> bool:
         return False
 
-    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
-        row_factor, dim_factor = self.factors
+    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        row_factor, dim_factor = adapter.factors
         rows = F.embedding(x, row_factor)
         padding_idx = self.base_layer.padding_idx
         if padding_idx is not None:
             rows = rows * (x != padding_idx).unsqueeze(-1).to(rows.dtype)
-        return (rows @ (self.core * self.scale)) @ dim_factor.T
+        return (rows @ (adapter.core * adapter.spec.scale)) @ dim_factor.T
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, delta)
 
-    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
-        rows, dim = self.shape
-        rank0, rank1 = self.ranks
+    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
+        rows, dim = self.base_layer.weight.shape
+        rank0, rank1 = ranks
         tokens = x.numel()
         # A gather reads and writes `tokens` rows; its backward also zero-fills
         # a gradient of the whole table, counted once for both passes.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
-from flora.layers.base import FLoRALayer
+from flora.layers.base import FLoRALayer, TuckerDelta
 
 __all__ = ["Linear"]
 
@@ -21,7 +23,7 @@ class Linear(FLoRALayer):
         The layer to adapt; frozen, kept as ``self.base_layer``.
     ranks : int or sequence of int or None, optional
         Ranks ``(R_0, R_1)`` of the output and input modes, clipped to the
-        weight's shape.
+        weight's shape and to the usable ranks (``R_0 = R_1`` for a matrix).
     scale : float, optional
         The factor ``s``.
     dropout : float, optional
@@ -31,6 +33,9 @@ class Linear(FLoRALayer):
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs ``((x U_1) Gᵀ) U_0ᵀ``, three thin matmuls;
         ``"dense"`` builds ``ΔW`` and runs one linear op on ``W + ΔW``.
+    adapter_name : str or None, optional
+        Name of the adapter created (``"default"``); ``None`` wraps the
+        layer without adapters.
 
     Raises
     ------
@@ -58,9 +63,9 @@ class Linear(FLoRALayer):
     kind = "Linear"
     base_type = nn.Linear
 
-    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
-        out_factor, in_factor = self.factors
-        return ((x @ in_factor) @ (self.core * self.scale).T) @ out_factor.T
+    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        out_factor, in_factor = adapter.factors
+        return ((x @ in_factor) @ (adapter.core * adapter.spec.scale).T) @ out_factor.T
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, delta)
@@ -68,9 +73,9 @@ class Linear(FLoRALayer):
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base_layer.weight + delta, self.base_layer.bias)
 
-    def _ops(self, x: torch.Tensor) -> tuple[list[Op], Op, int, int]:
-        out_size, in_size = self.shape
-        out_rank, in_rank = self.ranks
+    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
+        out_size, in_size = self.base_layer.weight.shape
+        out_rank, in_rank = ranks
         tokens = x.numel() // in_size
         factorized = [
             product(tokens, in_size, in_rank),
