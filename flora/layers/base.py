@@ -1,6 +1,6 @@
 """What every FLoRA layer shares: named Tucker adapters on one weight.
 
-:class:`TuckerDelta` is one adapter: a trainable ``core`` and ``factors``
+:class:`~flora.TuckerDelta` is one adapter: a trainable ``core`` and ``factors``
 with ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` and its :class:`flora.LayerSpec`.
 :class:`AdaptedWeight` holds the named adapters of one weight (which are
 active, which are merged) and adds their updates into, or out of, the base
@@ -332,7 +332,7 @@ class AdaptedWeight(nn.Module):
     Attributes
     ----------
     adapters : torch.nn.ModuleDict
-        Adapter name to :class:`TuckerDelta`.
+        Adapter name to :class:`~flora.TuckerDelta`.
     active_adapters : tuple of str
         The names set active (with :func:`flora.set_adapter`); names this
         weight lacks are skipped.
