@@ -13,6 +13,7 @@ from flora.layers import (
     TuckerDelta,
     TuckerParametrization,
 )
+from flora.lora import export_lora
 from flora.model import adapted_layers, inject, merge, trainable_parameters, unload, unmerge
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "TuckerParametrization",
     "adapted_layers",
     "adapter_state_dict",
+    "export_lora",
     "extract",
     "inject",
     "load_adapter",

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tuckerlib.cli._adapter import adapter_report
 from tuckerlib.cli._formats import FORMATS, render
 from tuckerlib.cli._plots import plot_summary, plot_tensor, pyplot
 from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport, analyze_delta
@@ -37,7 +38,10 @@ budget. BASE/TUNED: a .safetensors file, a directory of sharded safetensors
 with its *.index.json, or a .pt/.bin state dict (loaded with
 weights_only=True). Without them, analyze runs on a small example pair that
 ships with tuckerlib (a CNN trained on scikit-learn's digits, then fine-tuned
-on rotated digits). Exit status: 0 ok, 2 usage or input error."""
+on rotated digits). With --adapter DIR instead, the same report for the
+update dW of every layer of a flora or PEFT LoRA adapter directory, computed
+from its factors without forming dW. Exit status: 0 ok, 2 usage or input
+error."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,6 +54,13 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("base", nargs="?", type=Path, metavar="BASE", help="checkpoint before")
     parser.add_argument("tuned", nargs="?", type=Path, metavar="TUNED", help="checkpoint after")
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        metavar="DIR",
+        help="instead of BASE and TUNED: the updates of a flora or PEFT LoRA adapter directory, "
+        "analysed from their factors",
+    )
     parser.add_argument(
         "--energy",
         type=parse_energies,
@@ -146,14 +157,21 @@ def _analyze(base: Checkpoint, tuned: Checkpoint, report: Report, args: argparse
         plot_summary(plt, report, args.plots)
 
 
-def run_analyze(args: argparse.Namespace) -> int:
-    """Run ``analyze`` with parsed arguments; return the exit status."""
+def _pair_report(args: argparse.Namespace) -> Report:
     base_path, tuned_path, bundled = _inputs(args)
     options = AnalyzeOptions(args.energy, args.budget_like_lora, args.fixed_kernel_rank)
     with open_checkpoint(base_path) as base, open_checkpoint(tuned_path) as tuned:
         description = getattr(tuned, "metadata", {}).get("description") if bundled else None
         report = Report(str(base_path), str(tuned_path), options, description=description)
         _analyze(base, tuned, report, args)
+    return report
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``analyze`` with parsed arguments; return the exit status."""
+    if args.adapter is not None and args.base is not None:
+        raise UsageError("give BASE and TUNED, or --adapter DIR, not both")
+    report = adapter_report(args) if args.adapter is not None else _pair_report(args)
     text = render(report, args.format)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
