@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+from lora_cases import CASES, flora_model
 from torch import nn
 
 import flora
@@ -18,58 +17,6 @@ import flora.lora
 from flora.cli import main
 
 peft = pytest.importorskip("peft")
-
-
-class _Weighted(nn.Module):
-    """A module whose 2-D parameter is adapted as a parameter, not as a layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(5, 6) / 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-
-# name -> (base layer factory, input factory, flora ranks)
-CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], object]] = {
-    "Linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(3, 6), 3),
-    "Conv1d": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), lambda: torch.randn(2, 4, 9), 3),
-    "Conv2d": (lambda: nn.Conv2d(4, 6, (3, 2), padding=1), lambda: torch.randn(2, 4, 6, 5), 3),
-    "Conv3d": (lambda: nn.Conv3d(3, 4, 2), lambda: torch.randn(2, 3, 4, 4, 3), 2),
-    "Conv2d-grouped": (
-        lambda: nn.Conv2d(6, 9, 3, groups=3, padding="same"),
-        lambda: torch.randn(2, 6, 5, 5),
-        (4, 2, 2, 2),
-    ),
-    "Conv2d-depthwise": (
-        lambda: nn.Conv2d(4, 4, 3, groups=4),
-        lambda: torch.randn(2, 4, 5, 5),
-        (4, 1, 2, 2),
-    ),
-    "Embedding": (
-        lambda: nn.Embedding(10, 6, padding_idx=0),
-        lambda: torch.tensor([[0, 3, 9, 0], [1, 2, 0, 5]]),
-        3,
-    ),
-    "Parameter": (_Weighted, lambda: torch.randn(3, 6), 3),
-}
-
-
-def _flora_model(case: str, init: str) -> tuple[nn.Module, nn.Module]:
-    """(base, adapted copy with a non-zero update) for one case."""
-    torch.manual_seed(0)
-    make, _, ranks = CASES[case]
-    base = nn.Sequential(make())
-    model = copy.deepcopy(base)
-    targets = {"target_parameters": ["0.weight"]} if case == "Parameter" else {}
-    flora.inject(model, flora.FLoRAConfig(ranks=ranks, init=init, scale=0.7, **targets))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in flora.adapted_layers(model).values():
-            for p in (layer.core, *layer.factors):
-                p.add_(0.5 * torch.randn(p.shape, generator=generator))
-    return base, model.eval()
 
 
 def _peft_model(base: nn.Module, directory: Path) -> nn.Module:
@@ -80,7 +27,7 @@ def _peft_model(base: nn.Module, directory: Path) -> nn.Module:
 
 
 def _export(tmp_path: Path, case: str, init: str = "gaussian") -> tuple[nn.Module, ...]:
-    base, model = _flora_model(case, init)
+    base, model = flora_model(case, init)
     flora.save_adapter(model, tmp_path / "flora")
     flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=base)
     return base, model, _peft_model(base, tmp_path / "lora")
@@ -109,7 +56,7 @@ def test_hosvd_adapters_export_their_change_to_the_pretrained_weight(tmp_path, c
 
 
 def test_config_and_keys_follow_peft(tmp_path) -> None:
-    base, model = _flora_model("Conv2d-grouped", "gaussian")
+    base, model = flora_model("Conv2d-grouped", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     out = flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=base)
     config = json.loads((out / "adapter_config.json").read_text())
@@ -154,7 +101,7 @@ def test_rank_patterns_hold_per_layer_ranks(tmp_path) -> None:
 
 
 def test_a_meta_device_base_model_is_enough(tmp_path) -> None:
-    base, model = _flora_model("Conv2d-grouped", "gaussian")
+    base, model = flora_model("Conv2d-grouped", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     with torch.device("meta"):
         skeleton = nn.Sequential(CASES["Conv2d-grouped"][0]())
@@ -219,7 +166,7 @@ def test_parameters_peft_cannot_hold_are_refused(tmp_path) -> None:
 
 
 def test_conv_and_embedding_layers_need_the_base_model(tmp_path) -> None:
-    _, model = _flora_model("Conv1d", "gaussian")
+    _, model = flora_model("Conv1d", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     with pytest.raises(ValueError, match=r"layer '0' \(the adapter directory does not record"):
         flora.export_lora(tmp_path / "flora", tmp_path / "lora")
@@ -233,7 +180,7 @@ def test_conv_and_embedding_layers_need_the_base_model(tmp_path) -> None:
 
 
 def test_bad_sources_and_targets(tmp_path) -> None:
-    _, model = _flora_model("Linear", "gaussian")
+    _, model = flora_model("Linear", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     with pytest.raises(TypeError, match=r"flora\.save_adapter first"):
         flora.export_lora(model, tmp_path / "lora")
@@ -252,7 +199,7 @@ def test_bad_sources_and_targets(tmp_path) -> None:
 
 
 def test_modules_to_save_are_refused(tmp_path) -> None:
-    _, model = _flora_model("Linear", "gaussian")
+    _, model = flora_model("Linear", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     path = tmp_path / "flora" / "adapter_config.json"
     document = json.loads(path.read_text())
@@ -263,7 +210,7 @@ def test_modules_to_save_are_refused(tmp_path) -> None:
 
 
 def test_a_failed_write_keeps_the_previous_export(tmp_path, monkeypatch) -> None:
-    _, model = _flora_model("Linear", "gaussian")
+    _, model = flora_model("Linear", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     out = flora.export_lora(tmp_path / "flora", tmp_path / "lora")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -285,7 +232,7 @@ def test_a_failed_write_keeps_the_previous_export(tmp_path, monkeypatch) -> None
 
 
 def test_cli_exports_linear_adapters(tmp_path, capsys) -> None:
-    base, model = _flora_model("Linear", "gaussian")
+    base, model = flora_model("Linear", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     assert main(["export-lora", str(tmp_path / "flora"), str(tmp_path / "lora")]) == 0
     out = capsys.readouterr().out
@@ -297,7 +244,7 @@ def test_cli_exports_linear_adapters(tmp_path, capsys) -> None:
 
 
 def test_cli_refusals_exit_2_with_one_line(tmp_path, capsys) -> None:
-    _, model = _flora_model("Conv2d", "gaussian")
+    _, model = flora_model("Conv2d", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
     assert main(["export-lora", str(tmp_path / "flora"), str(tmp_path / "lora")]) == 2
     err = capsys.readouterr().err

@@ -80,22 +80,30 @@ class AdapterLayer:
     stored_params: int
     dropout: float = 0.0
 
-    def dense_factors(self) -> list[np.ndarray]:
-        """The factors with every identity written out, in the core's dtype."""
+    def dense_factors(self, dtype: np.dtype | type | None = None) -> list[np.ndarray]:
+        """The factors with every identity written out, in ``dtype`` (default: the core's)."""
+        dtype = self.core.dtype if dtype is None else np.dtype(dtype)
         return [
-            np.eye(size, dtype=self.core.dtype) if f is None else f
+            np.eye(size, dtype=dtype) if f is None else f.astype(dtype, copy=False)
             for size, f in zip(self.shape, self.factors, strict=True)
         ]
 
-    def to_tensor(self) -> np.ndarray:
+    def to_tensor(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``ΔW`` itself, shape :attr:`shape` (for checks; analysis never needs it).
+
+        Parameters
+        ----------
+        dtype : dtype-like, optional
+            The precision to compute and return it in; default: the core's.
 
         Returns
         -------
         numpy.ndarray
-            In the core's dtype.
+            ``ΔW`` in ``dtype``.
         """
-        return tucker_to_tensor(self.core * self.scale, self.dense_factors())
+        dtype = self.core.dtype if dtype is None else np.dtype(dtype)
+        core = self.core.astype(dtype, copy=False) * self.scale
+        return tucker_to_tensor(core, self.dense_factors(dtype))
 
 
 #: Reads one layer's tensors from the open weight file.
