@@ -115,7 +115,8 @@ def _grouped_conv(left: torch.Tensor, right: torch.Tensor, groups: int) -> LoraT
         rows = slice(g * out_step, (g + 1) * out_step)
         block, kernel = left[rows], right
         if step < rank:
-            block, kernel = torch.eye(out_step, dtype=left.dtype), _mode0(right, left[rows])
+            block = torch.eye(out_step, dtype=left.dtype, device=left.device)
+            kernel = _mode0(right, left[rows])
         lora_a[g * step : (g + 1) * step, g * in_step : (g + 1) * in_step] = kernel
         lora_b[rows] = block
     return LoraTensors(lora_a, lora_b, groups * step)

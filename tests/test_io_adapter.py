@@ -174,16 +174,32 @@ def test_malformed_files_are_named(tmp_path) -> None:
         open_adapter(tmp_path / "missing")
 
 
-def test_reading_needs_no_torch(tmp_path) -> None:
+def test_reading_and_analysis_need_no_torch(tmp_path) -> None:
     directory = _flora_dir(tmp_path)
     script = textwrap.dedent(
         f"""
         import sys
+        from tuckerlib.cli import main
         from tuckerlib.io import open_adapter
         with open_adapter({str(directory)!r}) as adapter:
-            print(adapter["0"].to_tensor().shape, "torch" in sys.modules)
+            shape = adapter["0"].to_tensor().shape
+        status = main(["analyze", "--adapter", {str(directory)!r}, "--quiet", "--format", "json",
+                       "--out", {str(tmp_path / "report.json")!r}])
+        print(shape, status, "torch" in sys.modules)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(5, 6) False"
+    assert result.stdout.strip() == "(5, 6) 0 False"
+
+
+def test_peft_pickle_weights_read_safely(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 3))
+    config = peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "lora", safe_serialization=False)
+    assert (tmp_path / "lora" / "adapter_model.bin").is_file()
+    with open_adapter(tmp_path / "lora") as adapter:
+        expected = model.base_model.model[0].get_delta_weight("default").detach().numpy()
+        np.testing.assert_allclose(adapter["0"].to_tensor(), expected, rtol=1e-6, atol=1e-7)

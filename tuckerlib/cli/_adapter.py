@@ -1,13 +1,16 @@
 """``tuckerlib analyze --adapter``: the rank structure of an adapter's updates, from its factors.
 
 An adapter stores each update as ``ΔW = C ×_0 F_0 … ×_{N-1} F_{N-1}`` with
-a small core. With ``F_n = Q_n R_n`` (QR, ``Q_n`` orthonormal) and the core
-``C' = C ×_n R_n``, ``ΔW = C' ×_n Q_n``: the unfoldings of ``ΔW`` are those
-of ``C'`` times matrices with orthonormal columns, so ``ΔW`` has ``C'``'s
-norm and mode spectra (padded with zeros to ``I_n``), and a Tucker or
-low-rank approximation of ``ΔW`` has the error of the same approximation of
-``C'``. Every number of the report comes from ``C'`` exactly, without
-forming ``ΔW``.
+a small core. With ``F_n = Q_n R_n`` (``Q_n`` with orthonormal columns, as
+in a QR factorization) and the core ``C' = C ×_n R_n``, ``ΔW = C' ×_n Q_n``:
+the unfoldings of ``ΔW`` are those of ``C'`` times matrices with orthonormal
+columns, so ``ΔW`` has ``C'``'s norm and mode spectra (padded with zeros to
+``I_n``), and a Tucker or low-rank approximation of ``ΔW`` has the error of
+the same approximation of ``C'``. Every number of the report comes from
+``C'`` exactly, without forming ``ΔW``. Only ``R_n`` is needed: any matrix
+with ``F_nᵀ F_n = R_nᵀ R_n`` serves, here ``Λ^½ Vᵀ`` from the
+eigendecomposition of the small Gram matrix ``F_nᵀ F_n = V Λ Vᵀ`` (in
+float64), or ``F_n`` itself when it is no taller than wide.
 """
 
 from __future__ import annotations
@@ -125,13 +128,24 @@ class AdapterReport(Report):
         }
 
 
+def _root(factor: np.ndarray) -> np.ndarray:
+    """``R`` with ``FᵀF = RᵀR``, at most ``min(I, K)`` rows: ``F = Q R``, ``Q`` orthonormal."""
+    factor = np.asarray(factor, dtype=np.float64)
+    rows, cols = factor.shape
+    if rows <= cols:
+        return factor  # Q is the identity
+    # The Gram square root Λ^½ Vᵀ: one matrix product on the thin factor,
+    # where Householder QR runs memory-bound, column by column.
+    values, vectors = np.linalg.eigh(factor.T @ factor)
+    return np.sqrt(np.clip(values, 0.0, None))[:, None] * vectors.T
+
+
 def small_core(layer: AdapterLayer) -> np.ndarray:
     """``C'`` in float64: ``ΔW = C' ×_n Q_n`` with orthonormal ``Q_n`` (see the module)."""
     core = np.asarray(layer.core, dtype=np.float64) * layer.scale
     for n, factor in enumerate(layer.factors):
         if factor is not None:
-            r = np.linalg.qr(np.asarray(factor, dtype=np.float64), mode="r")
-            core = mode_product(core, r, n)
+            core = mode_product(core, _root(factor), n)
     return core
 
 

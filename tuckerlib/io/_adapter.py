@@ -89,7 +89,7 @@ class AdapterLayer:
         ]
 
     def to_tensor(self, dtype: np.dtype | type | None = None) -> np.ndarray:
-        """``ΔW`` itself, shape :attr:`shape` (for checks; analysis never needs it).
+        """``ΔW`` itself, of the weight's shape (for checks; analysis never needs it).
 
         Parameters
         ----------

@@ -338,7 +338,7 @@ def _conv(pair: _Pair, scaling: float, groups: int, dropout: float) -> LayerRead
     return read
 
 
-def _parameter_name(pair: _Pair, targets: tuple[str, ...]) -> list[str]:
+def _parameter_names(pair: _Pair, targets: tuple[str, ...]) -> list[str]:
     names = []
     for target in targets:
         full = f"{pair.name}.{target.rpartition('.')[2]}"
@@ -370,61 +370,59 @@ def _conv_groups(path: Path, pair: _Pair, rank: int) -> int:
     return groups
 
 
-def _plan_pair(
-    path: Path, pair: _Pair, options: _Options, weights: Checkpoint
-) -> tuple[str, LayerReader] | tuple[str, str]:
+_Plan = tuple[str, LayerReader] | tuple[str, str]
+
+
+def _plan_matrix(path: Path, pair: _Pair, options: _Options, targets: list[str]) -> _Plan:
+    """A Linear pair: of a module, of a 2-D parameter, or of a weight stored (in, out)."""
+    if len(targets) > 1:
+        return pair.name, _NESTED
+    name = targets[0] if targets else pair.name
+    rank, scaling = options.rank(name), options.scaling(name)
+    if targets and pair.a_shape[0] != rank:
+        return name, (
+            "a 3-D target_parameters tensor: its axis order depends on the module "
+            "(is_transposed), which the adapter does not record"
+        )
+    _check_rank(path, pair, rank, pair.a_shape[0])
+    if targets:
+        read = _linear(pair, scaling, kind="Parameter", name=name, transposed=False, dropout=0.0)
+        return name, read
+    if options.fan_in_fan_out:
+        # The option exists for weights stored (in, out), as transformers' Conv1D does.
+        weight = f"{pair.name}.weight"
+        dropout = options.dropout
+        return weight, _linear(
+            pair, scaling, kind="Parameter", name=weight, transposed=True, dropout=dropout
+        )
+    return pair.name, _linear(
+        pair, scaling, kind="Linear", name=pair.name, transposed=False, dropout=options.dropout
+    )
+
+
+def _plan_conv(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) -> _Plan:
+    rank = options.rank(pair.name)
+    _check_rank(path, pair, rank, pair.a_shape[0])
+    groups = _conv_groups(path, pair, rank)
+    if groups > 1 and _grouped_blocks(weights.read(pair.a_key), groups) is None:
+        return pair.name, (
+            f"a grouped LoRA conv (groups={groups}) whose lora_A mixes input channels across "
+            "groups: its update is no weight of the grouped layer"
+        )
+    return pair.name, _conv(pair, options.scaling(pair.name), groups, options.dropout)
+
+
+def _plan_pair(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) -> _Plan:
     """``(name, reader)`` for a layer with a Tucker form, ``(name, reason)`` otherwise."""
     if "base_layer" in pair.name.split("."):
         return pair.name, _NESTED
-    targets = _parameter_name(pair, options.target_parameters) if not pair.embedding else []
-    name = targets[0] if len(targets) == 1 else pair.name
-    rank = options.rank(name)
     if pair.embedding:
-        _check_rank(path, pair, rank, pair.a_shape[0])
-        return pair.name, _embedding(pair, options.scaling(name))
+        _check_rank(path, pair, options.rank(pair.name), pair.a_shape[0])
+        return pair.name, _embedding(pair, options.scaling(pair.name))
     if len(pair.a_shape) == 2 and pair.b_shape[1:] == pair.a_shape[:1]:
-        if targets:
-            if len(targets) > 1:
-                return pair.name, _NESTED
-            if pair.a_shape[0] != rank:
-                return name, (
-                    "a 3-D target_parameters tensor: its axis order depends on the module "
-                    "(is_transposed), which the adapter does not record"
-                )
-            return name, _linear(
-                pair,
-                options.scaling(name),
-                kind="Parameter",
-                name=name,
-                transposed=False,
-                dropout=0.0,
-            )
-        _check_rank(path, pair, rank, pair.a_shape[0])
-        scaling = options.scaling(name)
-        if options.fan_in_fan_out:
-            # The option exists for weights stored (in, out), as transformers' Conv1D does.
-            weight = f"{pair.name}.weight"
-            return weight, _linear(
-                pair,
-                scaling,
-                kind="Parameter",
-                name=weight,
-                transposed=True,
-                dropout=options.dropout,
-            )
-        return pair.name, _linear(
-            pair, scaling, kind="Linear", name=pair.name, transposed=False, dropout=options.dropout
-        )
+        return _plan_matrix(path, pair, options, _parameter_names(pair, options.target_parameters))
     if 3 <= len(pair.a_shape) <= 5:
-        _check_rank(path, pair, rank, pair.a_shape[0])
-        groups = _conv_groups(path, pair, rank)
-        reader = _conv(pair, options.scaling(name), groups, options.dropout)
-        if groups > 1 and _grouped_blocks(weights.read(pair.a_key), groups) is None:
-            return pair.name, (
-                f"a grouped LoRA conv (groups={groups}) whose lora_A mixes input channels across "
-                "groups: its update is no weight of the grouped layer"
-            )
-        return pair.name, reader
+        return _plan_conv(path, pair, options, weights)
     raise AdapterError(
         f"{path}: layer {pair.name!r}: lora_A {list(pair.a_shape)} and lora_B "
         f"{list(pair.b_shape)} are no LoRA pair of a Linear, ConvNd or Embedding"

@@ -59,7 +59,7 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
     Notes
     -----
     What a directory holds besides low-rank updates, or holds in a form
-    with no Tucker equivalent, is listed in :attr:`Adapter.skipped`: PEFT
+    with no Tucker equivalent, is listed in ``Adapter.skipped``: PEFT
     ``modules_to_save`` copies and other full tensors, a grouped LoRA conv
     whose ``lora_A`` mixes channels across groups, a 3-D
     ``target_parameters`` tensor (its axis order depends on the module).
