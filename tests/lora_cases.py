@@ -25,6 +25,14 @@ class _Weighted(nn.Module):
         return F.linear(x, self.weight)
 
 
+def _padded_embedding() -> nn.Embedding:
+    # A pretrained table's padding row is rarely zero, unlike a fresh one's.
+    embedding = nn.Embedding(10, 6, padding_idx=0)
+    with torch.no_grad():
+        embedding.weight[0].normal_()
+    return embedding
+
+
 # name -> (base layer factory, input factory, flora ranks)
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], object]] = {
     "Linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(3, 6), 3),
@@ -42,7 +50,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], obje
         (4, 1, 2, 2),
     ),
     "Embedding": (
-        lambda: nn.Embedding(10, 6, padding_idx=0),
+        _padded_embedding,
         lambda: torch.tensor([[0, 3, 9, 0], [1, 2, 0, 5]]),
         3,
     ),

@@ -55,6 +55,17 @@ def test_hosvd_adapters_export_their_change_to_the_pretrained_weight(tmp_path, c
         _assert_same_outputs(peft_model(x), model(x))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="flora's init='hosvd' does not yet spare an embedding's padding row from ΔW_init",
+)
+def test_hosvd_embedding_with_padding_row(tmp_path) -> None:
+    _, model, peft_model = _export(tmp_path, "Embedding", init="hosvd")
+    x = CASES["Embedding"][1]()
+    with torch.no_grad():
+        _assert_same_outputs(peft_model(x), model(x))
+
+
 def test_config_and_keys_follow_peft(tmp_path) -> None:
     base, model = flora_model("Conv2d-grouped", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
