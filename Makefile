@@ -1,6 +1,7 @@
 # Two entry points, each installing what it needs into .venv first:
 #   make analyze   the main job (tuckerlib analyze on the bundled example)
 #   make test      the whole suite: ruff, tests + doctests, docs build with warnings as errors
+# and make docs for the documentation alone (docs/_build/html/index.html).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 JOBS ?= 2
 
-.PHONY: analyze test bench quality clean
+.PHONY: analyze test docs bench quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ test: $(VENV)/.installed-test,docs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n $(JOBS)
+	$(MAKE) docs
+
+# Warnings are errors; the build also checks every page it writes
+# (docs/_ext/site_checks.py: no external scripts, no empty sidebars, no leftovers).
+docs: $(VENV)/.installed-test,docs
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 
 # Speed tables against the anchors (TensorLy, PEFT, a plain GEMM, naive FLoRA); minutes each.

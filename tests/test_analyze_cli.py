@@ -207,7 +207,7 @@ def test_input_errors_exit_2_with_one_line(pair, tmp_path: Path, capsys) -> None
     assert "after --include" in _fails(capsys, base, tuned, "--include", "^nothing$")
     assert "give both BASE and TUNED" in _fails(capsys, base)
     unwritable = tmp_path / "missing-dir" / "report.txt"
-    assert "No such file" in _fails(capsys, base, tuned, "--quiet", "--out", str(unwritable))
+    assert "no directory" in _fails(capsys, base, tuned, "--quiet", "--out", str(unwritable))
 
 
 @pytest.mark.parametrize(

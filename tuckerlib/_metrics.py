@@ -6,25 +6,49 @@ import math
 from types import ModuleType
 from typing import Any
 
-from tuckerlib._namespace import as_array, get_namespace
+import array_api_compat
+
+from tuckerlib._namespace import get_namespace
 from tuckerlib._tucker import TuckerTensor
-from tuckerlib._validation import check_finite
+from tuckerlib._validation import as_floating, as_numeric_array, check_finite
 
-__all__ = ["relative_error"]
+__all__ = ["frobenius_norm", "relative_error"]
 
 
-def _norm(a: Any, xp: ModuleType) -> float:
-    """Frobenius norm of ``a`` as a float, immune to under- and overflow.
+def _host_float(a: Any) -> float:
+    """A 0-D array as a Python float, detached from autograd."""
+    if array_api_compat.is_torch_array(a):
+        a = a.detach()
+    return float(a)
+
+
+def _magnitude(a: Any, xp: ModuleType) -> float:
+    """Largest absolute entry of ``a`` (``0.0`` for an empty array)."""
+    return _host_float(xp.max(xp.abs(a))) if math.prod(a.shape) else 0.0
+
+
+def _widened(a: Any, xp: ModuleType) -> Any:
+    """``a`` in a floating dtype of at least single precision.
+
+    Half-precision sums of squares lose most of their digits and overflow
+    at 65504; integers and booleans become the default floating dtype.
+    """
+    a = as_floating(a, xp)
+    if xp.isdtype(a.dtype, "real floating") and xp.finfo(a.dtype).bits < 32:
+        return xp.astype(a, xp.float32)
+    return a
+
+
+def frobenius_norm(a: Any, xp: ModuleType) -> float:
+    """Frobenius norm of a floating array as a float, immune to under- and overflow.
 
     Dividing by the largest entry first keeps tiny values from squaring to
     zero (which would fake a zero reference) and huge ones from overflowing.
     """
-    if math.prod(a.shape) == 0:
-        return 0.0
-    scale = float(xp.max(xp.abs(a)))
-    if scale == 0.0:
-        return 0.0
-    return scale * float(xp.linalg.vector_norm(a / scale))
+    scale = _magnitude(a, xp)
+    if scale == 0.0 or not math.isfinite(scale):
+        return scale
+    return scale * _host_float(xp.linalg.vector_norm(a / scale))
 
 
 def relative_error(x: Any, x_hat: Any) -> float:
@@ -42,14 +66,24 @@ def relative_error(x: Any, x_hat: Any) -> float:
     -------
     float
         The relative error. When ``‖x‖ = 0`` it is ``0.0`` if ``x̂`` is zero
-        too and ``inf`` otherwise.
+        too and ``inf`` otherwise. Integer and boolean inputs are compared
+        as floating-point numbers, and half-precision ones in single
+        precision.
 
     Raises
     ------
     ValueError
         If the shapes differ or either input holds NaN or infinity.
     TypeError
-        If the inputs come from different array libraries.
+        If the inputs come from different array libraries or are not
+        numeric arrays.
+
+    Notes
+    -----
+    Both inputs are divided by the largest magnitude among them before the
+    difference and the norms are formed, so entries near the top of the
+    dtype's range (``6e4`` in float16, ``1e308`` in float64) neither
+    overflow nor, when tiny, underflow to a zero reference.
 
     Examples
     --------
@@ -57,21 +91,28 @@ def relative_error(x: Any, x_hat: Any) -> float:
     >>> from tuckerlib import relative_error
     >>> relative_error(np.array([3.0, 4.0]), np.array([3.0, 3.0]))
     0.2
+    >>> relative_error(np.array([6e4, -6e4], np.float16), np.array([-6e4, 6e4], np.float16))
+    2.0
     """
     if isinstance(x_hat, TuckerTensor):
         x_hat = x_hat.to_tensor()
     xp = get_namespace(x, x_hat)
-    x, x_hat = as_array(x, xp), as_array(x_hat, xp)
+    x = as_numeric_array(x, xp, "x", allow_bool=True)
+    x_hat = as_numeric_array(x_hat, xp, "x_hat", allow_bool=True)
     if tuple(x.shape) != tuple(x_hat.shape):
         raise ValueError(
             f"x_hat must have the shape of x {tuple(x.shape)}, got {tuple(x_hat.shape)}"
         )
     check_finite(x, "x", xp)
     check_finite(x_hat, "x_hat", xp)
-    if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
-        x = xp.astype(x, xp.result_type(x_hat.dtype, xp.float32))
-    reference = _norm(x, xp)
-    difference = _norm(x - x_hat, xp)
+    x, x_hat = _widened(x, xp), _widened(x_hat, xp)
+    scale = max(_magnitude(x, xp), _magnitude(x_hat, xp))
+    if scale == 0.0:
+        return 0.0
+    # In units of the common scale, so the ratio stays finite where it is.
+    x, x_hat = x / scale, x_hat / scale
+    reference = frobenius_norm(x, xp)
+    difference = frobenius_norm(x - x_hat, xp)
     if reference == 0.0:
         return 0.0 if difference == 0.0 else math.inf
     return difference / reference

@@ -9,8 +9,8 @@ from types import ModuleType
 from typing import Any
 
 from tuckerlib._layout import inverse, memory_order
-from tuckerlib._namespace import as_array, get_namespace, is_numpy, is_torch
-from tuckerlib._validation import check_mode, check_ndim
+from tuckerlib._namespace import get_namespace, is_numpy, is_torch
+from tuckerlib._validation import as_list, as_numeric_array, check_bool, check_mode, check_ndim
 
 __all__ = ["mode_product", "multi_mode_product"]
 
@@ -38,6 +38,21 @@ def _as_operator(matrix: Any, size: int, mode: int, transpose: bool, name: str) 
             f"got {tuple(matrix.shape)}"
         )
     return matrix
+
+
+def _promoted(xp: ModuleType, arrays: list[Any], names: list[str]) -> list[Any]:
+    """``arrays`` in their common dtype: PyTorch's matmul does not promote by itself."""
+    if all(a.dtype == arrays[0].dtype for a in arrays):
+        return arrays
+    try:
+        dtype = xp.result_type(*arrays)
+    except TypeError:
+        given = ", ".join(f"{name} ({a.dtype})" for name, a in zip(names, arrays, strict=True))
+        raise TypeError(
+            f"the dtypes of {given} do not promote together in this array library; "
+            "convert them with astype to one dtype"
+        ) from None
+    return [a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays]
 
 
 def _last_mode(xp: ModuleType, x2: Any, op: Any) -> Any:
@@ -103,7 +118,8 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
     array
         ``y`` with ``unfold(y, n) == M @ unfold(x, n)``: shape ``x.shape``
         with ``I_n`` replaced by ``J`` (or removed, for a vector), in the
-        library, device and promoted dtype of the inputs.
+        library, device and promoted dtype of the inputs (integer inputs
+        give an integer result, as ``matmul`` does).
 
     Raises
     ------
@@ -111,7 +127,9 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
         If ``mode`` is out of range or ``matrix`` is not 1-D/2-D or does not
         match mode ``n``'s size.
     TypeError
-        If ``x`` and ``matrix`` come from different array libraries.
+        If ``x`` and ``matrix`` come from different array libraries, either
+        is a boolean (or non-numeric) array, their dtypes do not promote
+        together, ``mode`` is not an integer or ``transpose`` is not a bool.
 
     See Also
     --------
@@ -147,10 +165,12 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
     (3, 2)
     """
     xp = get_namespace(x, matrix)
-    x, matrix = as_array(x, xp), as_array(matrix, xp)
+    x, matrix = as_numeric_array(x, xp, "x"), as_numeric_array(matrix, xp, "matrix")
+    transpose = check_bool(transpose, "transpose")
     check_ndim(x, 1, "x")
     mode = check_mode(mode, x.ndim)
     op = _as_operator(matrix, x.shape[mode], mode, transpose, "matrix")
+    x, op = _promoted(xp, [x, op], ["x", "matrix"])
     y = _apply(xp, x, op, mode)
     if matrix.ndim == 1:
         y = xp.reshape(y, tuple(s for k, s in enumerate(y.shape) if k != mode))
@@ -191,9 +211,11 @@ def _cheapest_order(
 def _as_modes(modes: Iterable[int] | int | None, ndim: int, name: str) -> list[int]:
     if modes is None:
         return []
-    if not isinstance(modes, Iterable):
-        modes = [modes]
-    return [check_mode(m, ndim, name) for m in modes]
+    try:
+        return [check_mode(modes, ndim, name)]
+    except TypeError:
+        entries = as_list(modes, name, "a mode or a sequence of modes")
+    return [check_mode(m, ndim, name) for m in entries]
 
 
 def multi_mode_product(
@@ -215,7 +237,8 @@ def multi_mode_product(
         Tensor of any array API library.
     matrices : sequence of arrays
         ``matrices[i]`` acts on mode ``modes[i]``, with the shapes accepted by
-        :func:`mode_product` (1-D vectors contract their mode away).
+        :func:`mode_product` (1-D vectors contract their mode away). Any
+        iterable, a generator included, is read once.
     modes : sequence of int, optional
         Distinct modes, one per matrix. Defaults to ``0, 1, ..., len(matrices) - 1``.
     skip : int or sequence of int, optional
@@ -234,11 +257,15 @@ def multi_mode_product(
     Raises
     ------
     ValueError
-        If ``modes`` and ``matrices`` differ in length, a mode repeats or is
+        If ``modes`` and ``matrices`` differ in length (or, without
+        ``modes``, there are more matrices than modes), a mode repeats or is
         out of range, a ``skip`` mode is not among ``modes``, or a matrix
         does not match its mode's size.
     TypeError
-        If the inputs come from different array libraries.
+        If the inputs come from different array libraries, an input is a
+        boolean (or non-numeric) array, their dtypes do not promote
+        together, ``matrices`` is not a sequence, or ``transpose`` is not a
+        bool.
 
     See Also
     --------
@@ -265,10 +292,17 @@ def multi_mode_product(
     >>> multi_mode_product(x, mats, skip=0).shape
     (6, 3, 4)
     """
+    matrices = as_list(matrices, "matrices", "a sequence of arrays, one per mode")
     xp = get_namespace(x, *matrices)
-    x = as_array(x, xp)
-    matrices = [as_array(m, xp) for m in matrices]
+    x = as_numeric_array(x, xp, "x")
+    matrices = [as_numeric_array(m, xp, f"matrices[{i}]") for i, m in enumerate(matrices)]
+    transpose = check_bool(transpose, "transpose")
     check_ndim(x, 1, "x")
+    if modes is None and len(matrices) > x.ndim:
+        raise ValueError(
+            f"matrices has {len(matrices)} entries but x has only {x.ndim} modes "
+            f"(shape {tuple(x.shape)}); pass modes= to say which mode each matrix acts on"
+        )
     modes = list(range(len(matrices))) if modes is None else _as_modes(modes, x.ndim, "modes")
     if len(modes) != len(matrices):
         raise ValueError(f"modes has {len(modes)} entries but {len(matrices)} matrices were given")
@@ -282,6 +316,9 @@ def multi_mode_product(
         for i, (mode, m) in enumerate(zip(modes, matrices, strict=True))
         if mode not in skipped
     }
+    names = {mode: f"matrices[{i}]" for i, mode in enumerate(modes)}
+    promoted = _promoted(xp, [x, *ops.values()], ["x", *(names[m] for m in ops)])
+    x, ops = promoted[0], dict(zip(ops, promoted[1:], strict=True))
     targets = tuple((mode, op.shape[0]) for mode, op in ops.items())
     for mode in _cheapest_order(tuple(x.shape), targets):
         x = _apply(xp, x, ops[mode], mode)

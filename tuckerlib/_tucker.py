@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from tuckerlib._namespace import as_array, get_namespace, is_numpy
+from tuckerlib._namespace import get_namespace, is_numpy
 from tuckerlib._products import mode_product, multi_mode_product
 from tuckerlib._ranks import tucker_params
+from tuckerlib._validation import as_floating, as_list, as_numeric_array
 
 __all__ = ["TuckerTensor", "tucker_to_tensor"]
+
+
+def _as_tucker(core: Any, factors: Any) -> tuple[Any, tuple[Any, ...]]:
+    """Validated ``(core, factors)``; ``factors`` may be any iterable, read once."""
+    factors = as_list(factors, "factors", "a sequence of factor matrices, one per mode")
+    xp = get_namespace(core, *factors)
+    core = as_numeric_array(core, xp, "core")
+    factors = tuple(as_numeric_array(f, xp, f"factors[{n}]") for n, f in enumerate(factors))
+    _check_tucker(core, factors)
+    return core, factors
 
 
 def _check_tucker(core: Any, factors: Sequence[Any]) -> None:
@@ -34,6 +46,17 @@ def _conj(xp: ModuleType, a: Any) -> Any:
     return xp.conj(a) if xp.isdtype(a.dtype, "complex floating") else a
 
 
+def _unit_scaled(xp: ModuleType, a: Any) -> tuple[Any, Any]:
+    """``(a / m, m)`` with ``m`` the largest magnitude of ``a`` (1 for an all-zero ``a``)."""
+    a = as_floating(a, xp)
+    if math.prod(a.shape) == 0:
+        return a, 1.0
+    magnitude = xp.max(xp.abs(a))
+    usable = xp.isfinite(magnitude) & (magnitude > 0)
+    scale = xp.where(usable, magnitude, xp.ones_like(magnitude))
+    return a / scale, scale
+
+
 def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
     """Full tensor ``core ×_0 U_0 ×_1 U_1 ⋯ ×_{N-1} U_{N-1}``.
 
@@ -54,7 +77,8 @@ def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
     ValueError
         If the number or shapes of the factors do not match the core.
     TypeError
-        If core and factors come from different array libraries.
+        If core and factors come from different array libraries, ``factors``
+        is not a sequence, or an array is boolean or not numeric.
 
     See Also
     --------
@@ -69,10 +93,7 @@ def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
     array([[3., 4.],
            [6., 8.]])
     """
-    xp = get_namespace(core, *factors)
-    core = as_array(core, xp)
-    factors = [as_array(f, xp) for f in factors]
-    _check_tucker(core, factors)
+    core, factors = _as_tucker(core, factors)
     return multi_mode_product(core, factors)
 
 
@@ -95,7 +116,9 @@ class TuckerTensor:
     ValueError
         If the number or shapes of the factors do not match the core.
     TypeError
-        If core and factors come from different array libraries.
+        If core and factors come from different array libraries, ``factors``
+        is not a sequence (``None``, say), or an array is boolean or not
+        numeric.
 
     Examples
     --------
@@ -118,10 +141,7 @@ class TuckerTensor:
     """One factor per mode; ``factors[n]`` has shape ``(I_n, R_n)``."""
 
     def __post_init__(self) -> None:
-        xp = get_namespace(self.core, *self.factors)
-        core = as_array(self.core, xp)
-        factors = tuple(as_array(f, xp) for f in self.factors)
-        _check_tucker(core, factors)
+        core, factors = _as_tucker(self.core, self.factors)
         object.__setattr__(self, "core", core)
         object.__setattr__(self, "factors", factors)
 
@@ -160,18 +180,24 @@ class TuckerTensor:
         """Frobenius norm of the full tensor, without materializing it.
 
         Returns a 0-D array of the core's library (differentiable where the
-        core and factors are). Uses ``‖x‖² = ⟨G, G ×_0 U_0ᴴU_0 ... ⟩``,
-        which costs ``O(sum I_n R_n² + R^{N+1})``; for orthonormal factors
-        it equals the core's norm.
+        core and factors are; integer arrays give the default floating
+        dtype). Uses ``‖x‖² = ⟨G, G ×_0 U_0ᴴU_0 ... ⟩``, which costs
+        ``O(sum I_n R_n² + R^{N+1})``; for orthonormal factors it equals the
+        core's norm. The core and each factor are divided by their largest
+        magnitude first, so the squares neither overflow nor underflow
+        where the norm itself is representable.
         """
         xp = get_namespace(self.core, *self.factors)
-        weighted = self.core
+        core, scale = _unit_scaled(xp, self.core)
+        weighted = core
         for n, factor in enumerate(self.factors):
+            factor, factor_scale = _unit_scaled(xp, factor)
+            scale = scale * factor_scale
             weighted = mode_product(weighted, _conj(xp, factor).T @ factor, n)
-        squared = xp.sum(_conj(xp, self.core) * weighted)
+        squared = xp.sum(_conj(xp, core) * weighted)
         if xp.isdtype(squared.dtype, "complex floating"):
             squared = xp.real(squared)
         # Rounding can push a tiny squared norm below zero.
-        norm = xp.sqrt(xp.clip(squared, min=0.0))
+        norm = scale * xp.sqrt(xp.clip(squared, min=0.0))
         # NumPy reductions return scalars, not the promised 0-D array.
         return xp.asarray(norm) if is_numpy(xp) else norm

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tuckerlib._namespace import as_array, get_namespace
-from tuckerlib._validation import check_mode, check_ndim
+from tuckerlib._namespace import get_namespace
+from tuckerlib._validation import as_numeric_array, as_shape, check_mode, check_ndim
 
 __all__ = ["fold", "unfold"]
 
@@ -39,6 +39,9 @@ def unfold(x: Any, mode: int) -> Any:
     ------
     ValueError
         If ``mode`` is out of range or ``x`` is 0-D.
+    TypeError
+        If ``mode`` is not an integer or ``x`` is not a numeric or boolean
+        array (or nested sequence of numbers).
 
     See Also
     --------
@@ -78,7 +81,7 @@ def unfold(x: Any, mode: int) -> Any:
            [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]])
     """
     xp = get_namespace(x)
-    x = as_array(x, xp)
+    x = as_numeric_array(x, xp, "x", allow_bool=True)
     check_ndim(x, 1, "x")
     mode = check_mode(mode, x.ndim)
     rows = x.shape[mode]
@@ -95,8 +98,9 @@ def fold(matrix: Any, mode: int, shape: tuple[int, ...]) -> Any:
         A mode-``n`` unfolding, as produced by :func:`unfold`.
     mode : int
         The mode ``n`` the rows belong to. Negative values count from the end.
-    shape : tuple of int
-        The full tensor shape ``(I_0, ..., I_{N-1})``.
+    shape : sequence of int
+        The full tensor shape ``(I_0, ..., I_{N-1})``: non-negative
+        integers (NumPy integer scalars included).
 
     Returns
     -------
@@ -106,8 +110,14 @@ def fold(matrix: Any, mode: int, shape: tuple[int, ...]) -> Any:
     Raises
     ------
     ValueError
-        If ``matrix`` is not 2-D, ``mode`` is out of range, or the matrix
-        shape does not match ``shape``.
+        If ``matrix`` is not 2-D, ``mode`` is out of range, ``shape`` is
+        empty or has a negative entry, or the matrix shape does not match
+        ``shape``.
+    TypeError
+        If ``shape`` is not a sequence of integers (a float such as ``5.7``
+        or a string such as ``"456"`` is refused, not truncated or split),
+        ``mode`` is not an integer, or ``matrix`` is not a numeric or boolean
+        array.
 
     See Also
     --------
@@ -122,9 +132,9 @@ def fold(matrix: Any, mode: int, shape: tuple[int, ...]) -> Any:
     True
     """
     xp = get_namespace(matrix)
-    matrix = as_array(matrix, xp)
+    matrix = as_numeric_array(matrix, xp, "matrix", allow_bool=True)
     check_ndim(matrix, (2,), "matrix")
-    shape = tuple(int(s) for s in shape)
+    shape = as_shape(shape)
     if not shape:
         raise ValueError("shape must have at least one mode, got ()")
     mode = check_mode(mode, len(shape))

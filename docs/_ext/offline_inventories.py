@@ -64,6 +64,10 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
                 "py:function",
                 "distributed.fsdp.fully_shard.html#$",
             ),
+            "torch.utils.data.DistributedSampler": (
+                "py:class",
+                "data.html#torch.utils.data.distributed.DistributedSampler",
+            ),
             "torch.compile": ("py:function", "generated/torch.compile.html#$"),
             "torch.load": ("py:function", "generated/torch.load.html#$"),
             "torch.func.functional_call": (
@@ -89,6 +93,7 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "TypeError": ("py:exception", "library/exceptions.html#$"),
             "pathlib.Path": ("py:class", "library/pathlib.html#$"),
             "json": ("py:module", "library/json.html#module-$"),
+            "re.fullmatch": ("py:function", "library/re.html#$"),
             "pickle": ("py:module", "library/pickle.html#module-$"),
             "argparse": ("py:module", "library/argparse.html#module-$"),
         },

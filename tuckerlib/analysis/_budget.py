@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from tuckerlib._ranks import tucker_params
-from tuckerlib._validation import as_int, check_int, check_mode
-from tuckerlib.analysis._inputs import host_spectra, shape_of
+from tuckerlib._validation import as_int, as_list, check_int, check_mode
+from tuckerlib.analysis._inputs import check_sizes, host_spectra, shape_of
 
 __all__ = ["check_budget", "ranks_for_budget"]
 
@@ -21,6 +21,9 @@ __all__ = ["check_budget", "ranks_for_budget"]
 # search over two modes at a time.
 SEARCH_LIMIT = 1 << 21
 _TIE = 1e-12
+# The search counts parameters in int64; a tensor beyond this many full-rank
+# Tucker parameters would overflow it.
+MAX_PARAMS = 1 << 62
 
 
 def check_budget(budget: Any) -> int:
@@ -34,24 +37,36 @@ def _check_fixed(fixed: Any, shape: tuple[int, ...]) -> list[int | None]:
     if fixed is None:
         return pinned
     if isinstance(fixed, Mapping):
-        items = [(check_mode(m, ndim, "fixed mode"), r) for m, r in fixed.items()]
-    elif isinstance(fixed, Sequence) and not isinstance(fixed, str):
-        if len(fixed) != ndim:
-            raise ValueError(
-                f"fixed has {len(fixed)} entries but the tensor has {ndim} modes (shape {shape})"
-            )
-        items = [(n, r) for n, r in enumerate(fixed) if r is not None]
+        items = _pinned_items(fixed, ndim)
     else:
-        raise TypeError(
-            "fixed must be a dict {mode: rank} or a sequence with one rank or None per mode, "
-            f"got {type(fixed).__name__}"
+        entries = as_list(
+            fixed, "fixed", "a dict {mode: rank} or a sequence with one rank or None per mode"
         )
+        if len(entries) != ndim:
+            raise ValueError(
+                f"fixed has {len(entries)} entries but the tensor has {ndim} modes (shape {shape})"
+            )
+        items = [(n, r) for n, r in enumerate(entries) if r is not None]
     for n, r in items:
         value = as_int(r, f"fixed rank of mode {n}")
         if not 1 <= value <= shape[n]:
             raise ValueError(f"fixed rank of mode {n} is {value}, outside [1, {shape[n]}]")
         pinned[n] = value
     return pinned
+
+
+def _pinned_items(fixed: Mapping[Any, Any], ndim: int) -> list[tuple[int, Any]]:
+    """``(mode, rank)`` pairs of a dict with negative modes normalized; no mode twice."""
+    items: dict[int, tuple[Any, Any]] = {}
+    for key, rank in fixed.items():
+        mode = check_mode(key, ndim, "fixed mode")
+        if mode in items:
+            raise ValueError(
+                f"fixed pins mode {mode} twice (keys {items[mode][0]!r} and {key!r} name the same "
+                f"mode of a {ndim}-mode tensor)"
+            )
+        items[mode] = (key, rank)
+    return [(mode, rank) for mode, (_, rank) in items.items()]
 
 
 def _kept(s: np.ndarray) -> np.ndarray:
@@ -200,6 +215,7 @@ def solve_budget(
 ) -> tuple[int, ...]:
     """:func:`ranks_for_budget` on validated host spectra."""
     shape = shape_of(spectra)
+    check_sizes(shape, "x")
     pinned = _check_fixed(fixed, shape)
     floor = tuple(1 if p is None else p for p in pinned)
     minimum = tucker_params(shape, floor)
@@ -208,6 +224,18 @@ def solve_budget(
             f"budget={budget} is too small for shape {shape}: ranks {floor} (rank 1 in every "
             f"free mode) already need {minimum} parameters; the minimum budget is {minimum}"
         )
+    # Any budget beyond full ranks buys nothing more.
+    full = tucker_params(shape, tuple(shape))
+    budget = min(budget, full)
+    if len(shape) > 2 and full >= MAX_PARAMS:
+        raise ValueError(
+            f"shape {shape} is too large for the rank search: full ranks need {full} parameters, "
+            f"more than 2**62"
+        )
+    # Only energy fractions matter: one common scale keeps the squares finite.
+    top = max(float(np.max(s)) if len(s) else 0.0 for s in spectra)
+    if top > 0.0:
+        spectra = [s / top for s in spectra]
     kept = [_kept(s) for s in spectra]
     total = max(float(k[-1]) for k in kept)
     if all(p is not None for p in pinned):
@@ -224,15 +252,17 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     ----------
     x_or_spectra : array or list of 1-D arrays
         A tensor (its :func:`mode_spectra` are computed), or its zero-padded
-        mode spectra (a ``list`` or ``tuple`` is always read as spectra; the
-        lengths give the shape).
+        mode spectra (a ``list``, ``tuple`` or other iterable that is not an
+        array is always read as spectra; the lengths give the shape).
     budget : int
         Maximum number of Tucker parameters,
-        ``tucker_params(shape, ranks) = Π_n R_n + Σ_n I_n R_n``.
+        ``tucker_params(shape, ranks) = Π_n R_n + Σ_n I_n R_n``. A budget
+        above that of full ranks, however large, allows full ranks.
     fixed : dict or sequence, optional
         Ranks to pin: a ``dict`` ``{mode: rank}`` (negative modes count from
-        the end) or a sequence of one rank or ``None`` (free) per mode, e.g.
-        ``{2: 3, 3: 3}`` to keep the kernel modes of a 3×3 convolution full.
+        the end; two keys naming one mode are an error) or a sequence of one
+        rank or ``None`` (free) per mode, e.g. ``{2: 3, 3: 3}`` to keep the
+        kernel modes of a 3×3 convolution full.
 
     Returns
     -------
@@ -244,10 +274,11 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     ValueError
         If ``budget`` is below ``tucker_params`` of rank 1 in every free mode
         (the message gives that minimum), a fixed rank is outside
-        ``[1, I_n]`` or its mode out of range, or the input is invalid.
+        ``[1, I_n]`` or its mode out of range or pinned twice, a mode has
+        size 0, or the input is invalid.
     TypeError
-        If ``budget`` or a fixed rank is not an integer, or ``fixed`` is
-        neither a dict nor a sequence.
+        If ``budget`` or a fixed rank is not an integer, ``fixed`` is
+        neither a dict nor a sequence, or a spectrum is not real.
 
     See Also
     --------

@@ -6,8 +6,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
+from tuckerlib._metrics import frobenius_norm
+from tuckerlib._validation import as_list
 from tuckerlib.analysis._budget import check_budget, solve_budget
 from tuckerlib.analysis._inputs import check_spectrum
 from tuckerlib.analysis._spectra import mode_spectra, unfolding_spectrum
@@ -24,19 +27,45 @@ def _relative(squared_error: float, total: float) -> float:
     return math.sqrt(min(max(squared_error / total, 0.0), 1.0))
 
 
-def _given_spectra(spectra: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
-    if not isinstance(spectra, (list, tuple)):
-        raise TypeError(
-            f"spectra must be a list of 1-D arrays (mode_spectra(x)), got {type(spectra).__name__}"
-        )
-    host = [check_spectrum(s, f"spectra[{n}]") for n, s in enumerate(spectra)]
+def _given_spectra(spectra: Any, xp: Any, x: Any) -> list[np.ndarray]:
+    """Host copies of ``mode_spectra(x)`` given by the caller, checked against ``x``."""
+    expected = "a list of 1-D arrays (mode_spectra(x))"
+    if array_api_compat.is_array_api_obj(spectra):
+        raise TypeError(f"spectra must be {expected}, got an array of shape {spectra.shape}")
+    given = as_list(spectra, "spectra", expected)
+    host = [check_spectrum(s, f"spectra[{n}]") for n, s in enumerate(given)]
+    shape = tuple(int(d) for d in x.shape)
     lengths = tuple(len(s) for s in host)
     if lengths != shape:
         raise ValueError(
             f"spectra must hold one spectrum of length I_n per mode of x, i.e. lengths {shape}; "
             f"got lengths {lengths}"
         )
+    _check_energies(host, xp, x)
     return host
+
+
+def _check_energies(host: list[np.ndarray], xp: Any, x: Any) -> None:
+    """Every unfolding holds all entries of ``x``: each spectrum's energy must be ``‖x‖²``.
+
+    The tolerance follows ``x``'s dtype: the Gram route of
+    :func:`mode_spectra` gets energies right to about ``eps`` times the
+    mode size, and never closer than ``sqrt(eps)`` is asked for.
+    """
+    eps = float(xp.finfo(x.dtype).eps)
+    tolerance = max(math.sqrt(eps), 32 * max(x.shape) * eps)
+    norm = frobenius_norm(x, xp)
+    for n, s in enumerate(host):
+        top = float(s[0]) if len(s) else 0.0
+        given = top * float(np.linalg.norm(s / top)) if top > 0.0 else 0.0
+        ratio = given / norm if norm > 0.0 else (math.inf if given > 0.0 else 1.0)
+        mismatch = abs(ratio * ratio - 1.0)
+        if mismatch > tolerance:
+            raise ValueError(
+                f"spectra[{n}] does not belong to x: its energy gives a norm of {given:.6g} but "
+                f"||x||_F = {norm:.6g} (relative energy difference {mismatch:.2g}, tolerance "
+                f"{tolerance:.2g} for {x.dtype}); pass spectra=mode_spectra(x)"
+            )
 
 
 def _tensor_spectra(xp: Any, x: Any) -> tuple[list[np.ndarray], dict[int, tuple[Any, Any]]]:
@@ -65,8 +94,12 @@ def tucker_vs_matrix(
         The output of ``mode_spectra(x)`` when the caller already has it
         (any library; one descending spectrum of length ``I_n`` per mode):
         the ranks and the matrix error are then taken from it instead of
-        being computed again. For a matrix nothing else is computed; for a
-        tensor the ST-HOSVD for the Tucker error still runs.
+        being computed again. Each spectrum's energy ``Σ σ_i²`` must equal
+        ``‖x‖²`` to a tolerance set by ``x``'s dtype (``sqrt(eps)``, or
+        ``32 · max(I_n) · eps`` if larger), so the spectra of a tensor of
+        another norm are refused rather than trusted. For a matrix nothing
+        else is computed; for a tensor the ST-HOSVD for the Tucker error
+        still runs.
 
     Returns
     -------
@@ -86,10 +119,10 @@ def tucker_vs_matrix(
         If ``x`` has fewer than 2 modes or holds NaN/inf, or ``budget`` is
         too small for rank 1 in every Tucker mode (the message gives the
         minimum), or ``spectra`` does not hold one valid spectrum of
-        length ``I_n`` per mode of ``x``.
+        length ``I_n`` per mode of ``x`` whose energy is ``‖x‖²``.
     TypeError
-        If ``x`` is complex, ``budget`` is not an integer or ``spectra`` is
-        not a list or tuple.
+        If ``x`` is complex, ``budget`` is not an integer, or ``spectra`` is
+        not a sequence of real 1-D arrays.
 
     See Also
     --------
@@ -135,7 +168,7 @@ def tucker_vs_matrix(
     shape = tuple(int(d) for d in x.shape)
     vectors: dict[int, Any] = {}
     if spectra is not None:
-        host = _given_spectra(spectra, shape)
+        host = _given_spectra(spectra, xp, x)
     elif x.ndim == 2:
         host = [to_host(s) for s in mode_spectra(x)]
     else:

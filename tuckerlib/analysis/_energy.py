@@ -16,9 +16,15 @@ __all__ = ["effective_rank", "energy_rank", "energy_ranks", "stable_rank"]
 _SLACK = 16 * float(np.finfo(np.float64).eps)
 
 
+def _unit_scaled(values: np.ndarray) -> np.ndarray:
+    """``values`` divided by their largest entry, so squares neither overflow nor underflow."""
+    top = float(np.max(values)) if values.size else 0.0
+    return values / top if top > 0.0 else values
+
+
 def energy_rank(s: np.ndarray, energy: float) -> int:
     """Smallest ``r >= 1`` with ``Σ_{i<r} s_i² >= energy · Σ_i s_i²``."""
-    kept = np.cumsum(np.square(s))
+    kept = np.cumsum(np.square(_unit_scaled(s)))
     if kept.size == 0 or kept[-1] == 0.0:
         return 1
     target = energy * kept[-1] * (1.0 - _SLACK)
@@ -32,8 +38,9 @@ def energy_ranks(x_or_spectra: Any, energy: float = 0.99) -> tuple[int, ...]:
     ----------
     x_or_spectra : array or list of 1-D arrays
         A tensor (its :func:`mode_spectra` are computed), or the spectra
-        themselves, one per mode. A ``list`` or ``tuple`` is always read as
-        spectra.
+        themselves, one per mode. A ``list``, ``tuple`` or any other
+        iterable that is not an array (a generator, read once) is always
+        read as spectra.
     energy : float, optional
         Fraction of ``Σ_i σ_i²`` to keep, in (0, 1].
 
@@ -46,10 +53,13 @@ def energy_ranks(x_or_spectra: Any, energy: float = 0.99) -> tuple[int, ...]:
     Raises
     ------
     ValueError
-        If ``energy`` is outside (0, 1], or a spectrum is not 1-D, negative
-        or non-finite (or the tensor is invalid, as for :func:`mode_spectra`).
+        If ``energy`` is outside (0, 1], a spectrum is not 1-D, empty,
+        negative or non-finite, or the tensor has a mode of size 0 (or is
+        invalid, as for :func:`mode_spectra`).
     TypeError
-        If ``energy`` is not a real number.
+        If ``energy`` is not a real number, a spectrum holds complex or
+        non-numeric values, or ``x_or_spectra`` is neither an array nor an
+        iterable of spectra.
 
     See Also
     --------
@@ -92,10 +102,19 @@ def effective_rank(s: Any) -> float:
     ------
     ValueError
         If ``s`` is not 1-D, or holds negative or non-finite values.
+    TypeError
+        If ``s`` holds complex, boolean or non-numeric values, or is not a
+        sequence at all (a string, ``None``).
 
     See Also
     --------
     stable_rank : A rank measure dominated by the largest values.
+
+    Notes
+    -----
+    The values are divided by the largest one first, so a spectrum near the
+    top (``1e308``) or the bottom (subnormal) of the float64 range gives
+    the same result as its rescaled copy.
 
     References
     ----------
@@ -111,7 +130,7 @@ def effective_rank(s: Any) -> float:
     >>> round(effective_rank([3.0, 1.0]), 4)
     1.7548
     """
-    values = check_spectrum(s, "s")
+    values = _unit_scaled(check_spectrum(s, "s"))
     total = values.sum()
     if total == 0.0:
         return 0.0
@@ -140,6 +159,9 @@ def stable_rank(s: Any) -> float:
     ------
     ValueError
         If ``s`` is not 1-D, or holds negative or non-finite values.
+    TypeError
+        If ``s`` holds complex, boolean or non-numeric values, or is not a
+        sequence at all.
 
     See Also
     --------

@@ -6,17 +6,47 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
+from tuckerlib._validation import as_list
 from tuckerlib.analysis._spectra import mode_spectra
 from tuckerlib.decompositions._common import to_host
 
-__all__ = ["check_energy", "check_spectrum", "host_spectra", "shape_of"]
+__all__ = ["check_energy", "check_sizes", "check_spectrum", "host_spectra", "shape_of"]
+
+_REAL_KINDS = ("real floating", "signed integer", "unsigned integer")
+
+
+def _host_values(s: Any, name: str) -> np.ndarray:
+    """``s`` as a NumPy array of its own (real) dtype, or a TypeError naming ``name``."""
+    if array_api_compat.is_array_api_obj(s):
+        xp = array_api_compat.array_namespace(s)
+        if not xp.isdtype(s.dtype, _REAL_KINDS):
+            raise TypeError(
+                f"{name} must hold real singular values, got an array of dtype {s.dtype}"
+            )
+        if xp.isdtype(s.dtype, "real floating") and xp.finfo(s.dtype).bits < 32:
+            # bfloat16 has no NumPy dtype; half precision widens exactly.
+            s = xp.astype(s, xp.float32)
+        return to_host(s)
+    values = as_list(s, name, "a 1-D array of singular values")
+    try:
+        host = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a 1-D array of singular values ({exc})") from None
+    if host.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real singular values, got {host.dtype} values")
+    return host
 
 
 def check_spectrum(s: Any, name: str) -> np.ndarray:
-    """A validated float64 host copy of one spectrum, sorted descending."""
-    host = to_host(s) if not isinstance(s, (list, tuple)) else np.asarray(s, dtype=np.float64)
+    """A validated float64 host copy of one spectrum, sorted descending.
+
+    Complex, boolean or non-numeric values are a TypeError naming ``name``
+    (a complex spectrum must not lose its imaginary part to a warning).
+    """
+    host = np.asarray(_host_values(s, name), dtype=np.float64)
     if host.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of singular values, got shape {host.shape}")
     if not np.all(np.isfinite(host)):
@@ -26,18 +56,32 @@ def check_spectrum(s: Any, name: str) -> np.ndarray:
     return -np.sort(-host)
 
 
-def host_spectra(x_or_spectra: Any) -> list[np.ndarray]:
-    """Float64 host spectra, one per mode, from a tensor or a list of spectra.
+def check_sizes(shape: Sequence[int], name: str) -> None:
+    """Raise unless every mode has a size: a mode of size 0 has no rank to choose."""
+    if 0 in shape:
+        raise ValueError(
+            f"{name} has a mode of size 0 (shape {tuple(shape)}): there is no rank to choose for it"
+        )
 
-    A ``list`` or ``tuple`` is always read as spectra (one 1-D array of
-    length ``I_n`` per mode, e.g. from :func:`mode_spectra`); anything else
-    as the tensor itself.
+
+def host_spectra(x_or_spectra: Any) -> list[np.ndarray]:
+    """Float64 host spectra, one per mode, from a tensor or a sequence of spectra.
+
+    An array is read as the tensor itself; any other iterable (a list, a
+    tuple, a generator, read once) as spectra, one 1-D array of length
+    ``I_n`` per mode (e.g. from :func:`mode_spectra`).
     """
-    if isinstance(x_or_spectra, (list, tuple)):
-        if not x_or_spectra:
-            raise ValueError("x_or_spectra is an empty list; expected one spectrum per mode")
-        return [check_spectrum(s, f"x_or_spectra[{n}]") for n, s in enumerate(x_or_spectra)]
-    return [to_host(s) for s in mode_spectra(x_or_spectra)]
+    if array_api_compat.is_array_api_obj(x_or_spectra):
+        check_sizes(tuple(x_or_spectra.shape), "x_or_spectra")
+        return [to_host(s) for s in mode_spectra(x_or_spectra)]
+    given = as_list(
+        x_or_spectra, "x_or_spectra", "an array or a sequence of 1-D spectra, one per mode"
+    )
+    if not given:
+        raise ValueError("x_or_spectra is an empty list; expected one spectrum per mode")
+    spectra = [check_spectrum(s, f"x_or_spectra[{n}]") for n, s in enumerate(given)]
+    check_sizes(shape_of(spectra), "x_or_spectra")
+    return spectra
 
 
 def check_energy(energy: Any) -> float:

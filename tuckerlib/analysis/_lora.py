@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tuckerlib._ranks import tucker_params
-from tuckerlib._validation import check_int
+from tuckerlib._validation import as_list, as_shape, check_int
 from tuckerlib.analysis._budget import ranks_for_budget
 
 __all__ = ["TENSOR_KINDS", "lora_budget", "lora_budget_ranks", "tensor_kind"]
@@ -46,6 +46,13 @@ def tensor_kind(name: str, shape: Sequence[int]) -> str:
     str
         One of :data:`TENSOR_KINDS`.
 
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a string or ``shape`` not a sequence of integers.
+    ValueError
+        If a size in ``shape`` is negative.
+
     Examples
     --------
     >>> from tuckerlib.analysis import tensor_kind
@@ -56,6 +63,9 @@ def tensor_kind(name: str, shape: Sequence[int]) -> str:
     >>> tensor_kind("pos_embed", (1, 197, 768))
     'other'
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    shape = as_shape(shape)
     leaf = name.rsplit(".", 1)[-1].lower()
     if not leaf.endswith(("weight", "kernel")):
         return "other"
@@ -82,6 +92,14 @@ def lora_budget(shape: Sequence[int], lora_rank: int) -> int:
     int
         ``r * (out + rest)`` with ``rest = prod(shape[1:])``.
 
+    Raises
+    ------
+    ValueError
+        If ``shape`` has fewer than two modes or a negative size, or
+        ``lora_rank < 1``.
+    TypeError
+        If ``shape`` or ``lora_rank`` is not made of integers.
+
     Examples
     --------
     >>> from tuckerlib.analysis import lora_budget
@@ -91,7 +109,10 @@ def lora_budget(shape: Sequence[int], lora_rank: int) -> int:
     225
     """
     lora_rank = check_int(lora_rank, "lora_rank", 1)
-    rows, cols = int(shape[0]), math.prod(int(s) for s in shape[1:])
+    shape = as_shape(shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape must have at least two modes (out, ...), got {shape}")
+    rows, cols = shape[0], math.prod(shape[1:])
     return min(lora_rank, rows, cols) * (rows + cols)
 
 
@@ -128,6 +149,16 @@ def lora_budget_ranks(
         with the pinned ranks (a 1×1 convolution at LoRA rank 1 affords less
         than rank 1 in every mode).
 
+    Raises
+    ------
+    ValueError
+        If ``kind`` is not one of :data:`TENSOR_KINDS`, ``lora_rank`` or
+        ``kernel_rank`` is below 1, or the spectra are invalid (as for
+        :func:`~tuckerlib.ranks_for_budget`).
+    TypeError
+        If ``spectra`` is not a sequence of spectra, or a rank is not an
+        integer.
+
     Examples
     --------
     >>> import numpy as np
@@ -139,6 +170,11 @@ def lora_budget_ranks(
     >>> lora_budget_ranks(spectra, "conv", 2, kernel_rank=1)
     ((4, 5, 1, 1), 152)
     """
+    spectra = as_list(spectra, "spectra", "a sequence of 1-D spectra, one per mode")
+    if kind not in TENSOR_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TENSOR_KINDS)}, got {kind!r}")
+    if kernel_rank is not None:
+        kernel_rank = check_int(kernel_rank, "kernel_rank", 1)
     shape = tuple(len(s) for s in spectra)
     fixed = _pinned_kernel(kind, shape, kernel_rank)
     pinned = fixed or {}

@@ -24,13 +24,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ``0`` on success, ``2`` for a usage or input error (reported as one
         line on stderr).
 
+    Raises
+    ------
+    TypeError
+        If ``argv`` is a single string rather than a sequence of arguments.
+
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> from tuckerlib.cli import main
-    >>> out = getfixture("tmp_path") / "report.json"
+    >>> out = Path(tempfile.mkdtemp()) / "report.json"
     >>> main(["analyze", "--format", "json", "--quiet", "--out", str(out)])
     0
     """
+    if isinstance(argv, str):
+        raise TypeError(f"argv must be a sequence of arguments (e.g. {argv!r}.split()), got str")
     parser = ArgumentParser(
         prog="tuckerlib", description="Tucker rank analysis of fine-tuned checkpoints."
     )

@@ -15,7 +15,6 @@ float64), or ``F_n`` itself when it is no taller than wide.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from collections.abc import Callable
@@ -35,17 +34,16 @@ from tuckerlib import (
     unfold,
 )
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
-from tuckerlib.cli._plots import plot_summary, plot_tensor, pyplot
 from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport
-from tuckerlib.cli.common import UsageError, progress
-from tuckerlib.io import Adapter, AdapterLayer, open_adapter
+from tuckerlib.cli.common import UsageError
+from tuckerlib.io import Adapter, AdapterLayer
 
 __all__ = [
     "ADAPTER_JSON_VERSION",
     "AdapterReport",
     "AdapterTensorReport",
-    "adapter_report",
     "analyze_layer",
+    "select_layers",
     "small_core",
 ]
 
@@ -231,34 +229,17 @@ def _selected(name: str, include: re.Pattern[str] | None, exclude: re.Pattern[st
     )
 
 
-def _fill(adapter: Adapter, report: AdapterReport, args: argparse.Namespace) -> None:
-    def wanted(name: str) -> bool:
-        return _selected(name, args.include, args.exclude)
-
-    report.skipped.extend((name, why) for name, why in adapter.skipped if wanted(name))
-    names = [name for name in adapter if wanted(name)]
+def select_layers(
+    adapter: Adapter,
+    report: AdapterReport,
+    include: re.Pattern[str] | None,
+    exclude: re.Pattern[str] | None,
+) -> list[str]:
+    """The layers to analyze; what the adapter skips (after the filters) goes to ``report``."""
+    report.skipped.extend(
+        (name, why) for name, why in adapter.skipped if _selected(name, include, exclude)
+    )
+    names = [name for name in adapter if _selected(name, include, exclude)]
     if not names and not report.skipped:
         raise UsageError(f"no adapted layer of {adapter.path} matches --include/--exclude")
-    plt = pyplot() if args.plots else None
-    if plt is not None:
-        args.plots.mkdir(parents=True, exist_ok=True)
-    for name in progress(names, quiet=args.quiet, unit="layer"):
-        result = analyze_layer(adapter[name], report.options)
-        if isinstance(result, str):
-            report.skipped.append((name, result))
-            continue
-        report.tensors.append(result)
-        if plt is not None:
-            plot_tensor(plt, result, args.plots)
-    if plt is not None and report.tensors:
-        plot_summary(plt, report, args.plots)
-
-
-def adapter_report(args: argparse.Namespace) -> AdapterReport:
-    """The report of ``analyze --adapter DIR`` for parsed arguments."""
-    options = AnalyzeOptions(args.energy, args.budget_like_lora, args.fixed_kernel_rank)
-    path = str(args.adapter)
-    with open_adapter(args.adapter) as adapter:
-        report = AdapterReport(path, path, options, adapter_format=adapter.format)
-        _fill(adapter, report, args)
-    return report
+    return names

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tuckerlib.cli._adapter import adapter_report
+from tuckerlib.cli._adapter import AdapterReport, analyze_layer, select_layers
 from tuckerlib.cli._formats import FORMATS, render
-from tuckerlib.cli._plots import plot_summary, plot_tensor, pyplot
+from tuckerlib.cli._plots import SUMMARY_FILE, plot_files, plot_summary, plot_tensor, pyplot
 from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport, analyze_delta
 from tuckerlib.cli.common import (
     EXIT_OK,
     UsageError,
+    atomic_output,
     bundled_example,
     parse_energies,
     positive_int,
     progress,
     regex,
 )
-from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
+from tuckerlib.io import Checkpoint, open_adapter, open_checkpoint, pair_checkpoints, read_delta
 
 __all__ = ["FLOAT64_MAX_SIZE", "add_parser", "analyze_pair", "run_analyze"]
 
@@ -136,29 +139,123 @@ def _inputs(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     return args.base, args.tuned, False
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` or ``--plots`` that cannot be written, before any work."""
+    if args.out is not None:
+        if args.out.is_dir():
+            raise UsageError(f"--out {args.out}: is a directory; give a file name")
+        if not (args.out.parent.is_dir() or _created_by_plots(args.out.parent, args.plots)):
+            raise UsageError(
+                f"--out {args.out}: cannot write there: no directory {args.out.parent}"
+            )
+    if args.plots is not None:
+        if args.plots.exists() and not args.plots.is_dir():
+            raise UsageError(f"--plots {args.plots}: exists and is not a directory")
+        if args.out is not None and _same_file(args.out, args.plots):
+            raise UsageError(f"--out {args.out} and --plots {args.plots} are the same path")
+
+
+def _created_by_plots(directory: Path, plots: Path | None) -> bool:
+    """Whether ``--plots`` creates ``directory`` (it makes its missing parents too)."""
+    if plots is None:
+        return False
+    target = directory.resolve()
+    return target == plots.resolve() or target in plots.resolve().parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The identity of an existing file (hard links and symlinks included), else ``None``."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _refuse_overwriting(outputs: dict[Path, str], reads: dict[Path, str]) -> None:
+    """Stop before writing anything if an output is a file this run reads."""
+    read_ids = {_file_id(path): (path, role) for path, role in reads.items()}
+    read_ids.pop(None, None)
+    for output, option in outputs.items():
+        clash = read_ids.get(_file_id(output))
+        if clash is not None:
+            raise UsageError(
+                f"{option} {output} would overwrite {clash[0]}, which this run reads "
+                f"({clash[1]}); choose another path"
+            )
+
+
+def _inputs_read(base: Checkpoint, tuned: Checkpoint) -> dict[Path, str]:
+    files = {path: "the base checkpoint" for path in base.files}
+    files.update({path: "the tuned checkpoint" for path in tuned.files})
+    return files
+
+
+def _figures(names: list[str], args: argparse.Namespace, reads: dict[Path, str]) -> dict[str, Path]:
+    """Each tensor's figure file; refuse outputs that clash with each other or with inputs."""
+    figures = {} if args.plots is None else plot_files(names, args.plots)
+    outputs = {path: "--plots figure" for path in figures.values()}
+    if args.plots is not None:
+        outputs[args.plots / SUMMARY_FILE] = "--plots figure"
+    if args.out is not None:
+        for figure in outputs:
+            if _same_file(figure, args.out):
+                raise UsageError(f"--out {args.out} is also a --plots figure; choose another path")
+        outputs[args.out] = "--out"
+    _refuse_overwriting(outputs, reads)
+    return figures
+
+
+def _collect(
+    names: list[str],
+    analyze: Callable[[str], TensorReport | str],
+    report: Report,
+    args: argparse.Namespace,
+    reads: dict[Path, str],
+) -> None:
+    """Analyze every name into ``report`` (a string result is a skip reason); draw the plots."""
+    figures = _figures(names, args, reads)
+    plt = pyplot() if args.plots else None
+    if plt is not None:
+        try:
+            args.plots.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--plots {args.plots}: cannot create ({exc.strerror})") from None
+    for name in progress(names, quiet=args.quiet):
+        tensor = analyze(name)
+        if isinstance(tensor, str):
+            report.skipped.append((name, tensor))
+            continue
+        report.tensors.append(tensor)
+        if plt is not None:
+            plot_tensor(plt, tensor, figures[name])
+    if plt is not None and report.tensors:
+        plot_summary(plt, report, args.plots)
+
+
 def _analyze(base: Checkpoint, tuned: Checkpoint, report: Report, args: argparse.Namespace) -> None:
     pairing = pair_checkpoints(base, tuned, include=args.include, exclude=args.exclude)
     if not pairing.names and all(r.startswith("missing in") for _, r in pairing.skipped):
         filtered = " (after --include/--exclude)" if args.include or args.exclude else ""
         raise UsageError(f"no tensor name is in both {report.base} and {report.tuned}{filtered}")
     report.skipped.extend(pairing.skipped)
-    plt = pyplot() if args.plots else None
-    if plt is not None:
-        args.plots.mkdir(parents=True, exist_ok=True)
-    for name in progress(pairing.names, quiet=args.quiet):
-        tensor = analyze_pair(base, tuned, name, report.options)
-        if isinstance(tensor, str):
-            report.skipped.append((name, tensor))
-            continue
-        report.tensors.append(tensor)
-        if plt is not None:
-            plot_tensor(plt, tensor, args.plots)
-    if plt is not None and report.tensors:
-        plot_summary(plt, report, args.plots)
+
+    def analyze(name: str) -> TensorReport | str:
+        return analyze_pair(base, tuned, name, report.options)
+
+    _collect(pairing.names, analyze, report, args, _inputs_read(base, tuned))
 
 
 def _pair_report(args: argparse.Namespace) -> Report:
     base_path, tuned_path, bundled = _inputs(args)
+    _check_outputs(args)
     options = AnalyzeOptions(args.energy, args.budget_like_lora, args.fixed_kernel_rank)
     with open_checkpoint(base_path) as base, open_checkpoint(tuned_path) as tuned:
         description = getattr(tuned, "metadata", {}).get("description") if bundled else None
@@ -167,14 +264,36 @@ def _pair_report(args: argparse.Namespace) -> Report:
     return report
 
 
-def run_analyze(args: argparse.Namespace) -> int:
-    """Run ``analyze`` with parsed arguments; return the exit status."""
-    if args.adapter is not None and args.base is not None:
+def _adapter_report(args: argparse.Namespace) -> AdapterReport:
+    if args.base is not None:
         raise UsageError("give BASE and TUNED, or --adapter DIR, not both")
-    report = adapter_report(args) if args.adapter is not None else _pair_report(args)
+    _check_outputs(args)
+    options = AnalyzeOptions(args.energy, args.budget_like_lora, args.fixed_kernel_rank)
+    path = str(args.adapter)
+    with open_adapter(args.adapter) as adapter:
+        report = AdapterReport(path, path, options, adapter_format=adapter.format)
+        names = select_layers(adapter, report, args.include, args.exclude)
+
+        def analyze(name: str) -> TensorReport | str:
+            return analyze_layer(adapter[name], options)
+
+        reads = {file: "the adapter" for file in adapter.files}
+        _collect(names, analyze, report, args, reads)
+    return report
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``analyze`` with parsed arguments; return the exit status.
+
+    Outputs are checked before any work: an ``--out`` or a figure of
+    ``--plots`` that is a file the run reads is refused, and every file is
+    written through a temporary name renamed into place.
+    """
+    report = _adapter_report(args) if args.adapter is not None else _pair_report(args)
     text = render(report, args.format)
     if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     if not args.quiet and (args.out is not None or args.plots is not None):

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tuckerlib.cli._report import Report, TensorReport
-from tuckerlib.cli.common import UsageError
+from tuckerlib.cli.common import UsageError, atomic_output
 
-__all__ = ["SUMMARY_FILE", "plot_summary", "plot_tensor", "pyplot", "spectra_file"]
+__all__ = [
+    "SUMMARY_FILE",
+    "plot_files",
+    "plot_summary",
+    "plot_tensor",
+    "pyplot",
+    "spectra_file",
+]
 
 SUMMARY_FILE = "summary.png"
 FLOOR = 1e-4
@@ -34,7 +42,36 @@ def spectra_file(name: str) -> str:
     return "spectra_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png"
 
 
-def plot_tensor(plt: Any, tensor: TensorReport, directory: Path) -> Path:
+def plot_files(names: Sequence[str], directory: Path) -> dict[str, Path]:
+    """The figure file of each tensor in ``directory``, every one distinct.
+
+    Names that become the same file name (``a/b`` and ``a_b``, or names
+    that differ only in case, on a case-insensitive file system) get
+    ``-2``, ``-3``... in tensor order, so no figure overwrites another.
+    """
+    taken = {SUMMARY_FILE.casefold()}
+    files = {}
+    for name in names:
+        stem = spectra_file(name).removesuffix(".png")
+        candidate, count = f"{stem}.png", 1
+        while candidate.casefold() in taken:
+            count += 1
+            candidate = f"{stem}-{count}.png"
+        taken.add(candidate.casefold())
+        files[name] = directory / candidate
+    return files
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_tensor(plt: Any, tensor: TensorReport, path: Path) -> Path:
     """Normalized singular values of every unfolding of one ΔW."""
     fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
     for mode, s in enumerate(tensor.spectra):
@@ -51,10 +88,7 @@ def plot_tensor(plt: Any, tensor: TensorReport, directory: Path) -> Path:
     shape = "x".join(str(d) for d in tensor.shape)
     ax.set_title(f"{tensor.name} ({tensor.kind}, {shape})", fontsize=10)
     ax.legend(fontsize=8)
-    path = directory / spectra_file(tensor.name)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_summary(plt: Any, report: Report, directory: Path) -> Path:
@@ -72,7 +106,4 @@ def plot_summary(plt: Any, report: Report, directory: Path) -> Path:
     right.set_xlabel(f"relative error at a rank-{report.options.lora_rank} LoRA budget")
     right.set_xlim(0, 1)
     right.legend(fontsize=8, loc="lower right")
-    path = directory / SUMMARY_FILE
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, directory / SUMMARY_FILE)

@@ -108,7 +108,7 @@ class Report:
         return []
 
     def to_json(self) -> dict[str, Any]:
-        """The version-1 JSON object (DESIGN §5)."""
+        """The version-1 JSON object, as documented on the command line reference page."""
         return {
             "version": JSON_VERSION,
             "base": self.base,

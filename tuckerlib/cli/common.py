@@ -2,19 +2,24 @@
 
 Input and usage errors end the program with exit status 2 and one line on
 stderr, never a traceback; results go to stdout (or a file), progress to
-stderr.
+stderr. Files are written to a temporary name beside the target and renamed
+into place, so a failed run never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
+import secrets
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from tuckerlib._validation import check_bool
 from tuckerlib.io import CheckpointError
 
 __all__ = [
@@ -22,6 +27,7 @@ __all__ = [
     "EXIT_USAGE",
     "ArgumentParser",
     "UsageError",
+    "atomic_output",
     "bundled_example",
     "energy_fraction",
     "parse_energies",
@@ -49,14 +55,110 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _os_reason(exc: OSError) -> str:
+    """What went wrong, in the operating system's words: ``No space left on device``."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {_os_reason(exc)}"
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def run(prog: str, command: Callable[[], int]) -> int:
-    """Run ``command``; report input errors as one line on stderr with status 2."""
+    """Run ``command``; report input and environment errors as one line with status 2.
+
+    Expected failures arrive typed, named where they happen:
+    :class:`UsageError` (the command line, or a file it cannot write, see
+    :func:`atomic_output`) and :class:`~tuckerlib.io.CheckpointError` (a
+    checkpoint that is missing, unreadable, malformed or unsafe); both
+    name the file. An :class:`OSError` that reaches this point is an
+    environment error too (a full disk, a missing permission) and is
+    reported with the file the operating system names. Any other exception
+    is a bug and propagates with its traceback.
+
+    Parameters
+    ----------
+    prog : str
+        The program name that starts each error line, e.g. ``"tuckerlib analyze"``.
+    command : callable
+        Runs the command and returns its exit status.
+
+    Returns
+    -------
+    int
+        The status ``command`` returned, or ``2`` after printing
+        ``"{prog}: error: {message}"`` on stderr.
+
+    Examples
+    --------
+    >>> from tuckerlib.cli.common import UsageError, run
+    >>> def command():
+    ...     raise UsageError("model.pt: no such file")
+    >>> run("demo", command)
+    2
+    """
     try:
         return command()
     except (UsageError, CheckpointError, OSError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, errors: tuple[type[BaseException], ...] = ()) -> Iterator[Path]:
+    """Write a file through a temporary name in its directory, renamed into place at the end.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file to create or replace.
+    errors : tuple of exception types, optional
+        Exceptions of a writer that mean "could not write" besides
+        :class:`OSError` (for example ``safetensors.SafetensorError``).
+
+    Yields
+    ------
+    pathlib.Path
+        A new, empty file beside ``path`` to write to. When the block ends
+        without an exception it replaces ``path`` (``os.replace``); on any
+        exception it is removed and ``path`` is left as it was.
+
+    Raises
+    ------
+    UsageError
+        If the file cannot be created, written or renamed (a missing
+        directory, no permission, a full disk): one line naming ``path``
+        and the reason.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from tuckerlib.cli.common import atomic_output
+    >>> report = Path(tempfile.mkdtemp()) / "report.txt"
+    >>> with atomic_output(report) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> report.read_text()
+    'done'
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        # Mode 0o666 lets the umask decide the permissions, as for any new file.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write ({_os_reason(exc)})") from None
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, *errors) as exc:
+        reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+        raise UsageError(f"{path}: cannot write ({reason})") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def positive_int(text: str) -> int:
@@ -101,8 +203,14 @@ def parse_energies(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def progress(items: Sequence[T], *, quiet: bool, unit: str = "tensor") -> Iterator[T]:
-    """Iterate with a tqdm bar on stderr, unless quiet, stderr is no TTY, or no tqdm."""
-    if quiet or not sys.stderr.isatty():
+    """Iterate with a tqdm bar on stderr, unless quiet, stderr is no TTY, or no tqdm.
+
+    Raises
+    ------
+    TypeError
+        If ``quiet`` is not a bool.
+    """
+    if check_bool(quiet, "quiet") or not sys.stderr.isatty():
         return iter(items)
     try:
         from tqdm import tqdm

@@ -146,6 +146,11 @@ class Adapter(Mapping[str, AdapterLayer]):
         self._weights = weights
         self._readers = dict(readers)
 
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file this adapter reads: its config and its weights."""
+        return (self.path / CONFIG_NAME, *self._weights.files)
+
     def __getitem__(self, name: str) -> AdapterLayer:
         try:
             reader = self._readers[name]

@@ -7,11 +7,11 @@ from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "widen_bf16"]
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "read_error", "unique_keys", "widen_bf16"]
 
 # 1 MiB chunks keep the temporary copies of a streamed tensor small next to
 # the tensor itself (and below the sizes malloc keeps around after freeing)
@@ -40,7 +40,29 @@ FLOATING_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, malformed or unsafe to load."""
+    """A checkpoint is missing, unreadable, malformed or unsafe to load.
+
+    The message starts with the path of the file at fault.
+    """
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a JSON object naming a key twice is malformed.
+
+    Python keeps the last of two equal keys silently, which would drop a
+    tensor of a corrupt header or index without a word.
+    """
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def read_error(path: Path, exc: OSError) -> CheckpointError:
+    """A :class:`CheckpointError` naming ``path`` for an operating-system error reading it."""
+    return CheckpointError(f"{path}: cannot read ({exc.strerror or exc})")
 
 
 class TensorInfo(NamedTuple):
@@ -117,6 +139,11 @@ class Checkpoint(Mapping[str, np.ndarray]):
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
 
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file this checkpoint reads (for a sharded one, the index and its shards)."""
+        return (self.path,)
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self.read(name)
 
@@ -124,7 +151,12 @@ class Checkpoint(Mapping[str, np.ndarray]):
         code = self.info(name).dtype
         if code not in STORAGE_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
-        return natural_dtype(code) if dtype is None else np.dtype(dtype)
+        if dtype is None:
+            return natural_dtype(code)
+        try:
+            return np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a NumPy dtype, got {dtype!r}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
@@ -152,6 +184,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
             If there is no tensor called ``name``.
         CheckpointError
             If the tensor's dtype cannot be read.
+        TypeError, ValueError
+            If ``dtype`` is not a dtype or ``chunk_bytes`` not an integer >= 1.
         """
 
     @abstractmethod
@@ -181,6 +215,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
             If there is no tensor called ``name``.
         CheckpointError
             If the tensor's dtype cannot be read.
+        TypeError
+            If ``dtype`` is not a dtype.
         """
         info = self.info(name)
         target = self._target_dtype(name, dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuckerlib.io._base import Checkpoint, CheckpointError
+from tuckerlib.io._base import Checkpoint, CheckpointError, read_error
 from tuckerlib.io._safetensors import SafetensorsCheckpoint
 from tuckerlib.io._torch import TorchCheckpoint
 
@@ -17,8 +17,11 @@ _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def _looks_like_torch(path: Path) -> bool:
-    with path.open("rb") as handle:
-        start = handle.read(4)
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(4)
+    except OSError as exc:
+        raise read_error(path, exc) from None
     return start.startswith(_TORCH_MAGIC)
 
 
@@ -29,7 +32,8 @@ def open_file(path: Path) -> Checkpoint:
     by its first bytes.
     """
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        what = "not a regular file" if path.exists() else "no such file"
+        raise CheckpointError(f"{path}: {what}")
     if path.suffix == ".safetensors":
         return SafetensorsCheckpoint(path)
     if path.suffix in TORCH_SUFFIXES or _looks_like_torch(path):

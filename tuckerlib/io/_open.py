@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tuckerlib.io._base import Checkpoint, CheckpointError
+from tuckerlib.io._base import Checkpoint, CheckpointError, read_error
 from tuckerlib.io._files import TORCH_SUFFIXES, open_file
 from tuckerlib.io._sharded import ShardedCheckpoint
 
@@ -20,6 +20,13 @@ def _only(candidates: list[Path], directory: Path, what: str) -> Path | None:
 
 
 def _resolve_directory(directory: Path) -> Path:
+    try:
+        return _find_checkpoint(directory)
+    except OSError as exc:
+        raise read_error(directory, exc) from None
+
+
+def _find_checkpoint(directory: Path) -> Path:
     indexes = sorted(directory.glob("*.index.json"))
     safetensors_indexes = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
     index = _only(safetensors_indexes or indexes, directory, "index files")
@@ -65,9 +72,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     Raises
     ------
     CheckpointError
-        If the path does not exist, the format is not recognized or is
-        malformed, PyTorch is needed but missing, or a PyTorch pickle asks
-        for anything but tensors.
+        If the path does not exist or cannot be read, the format is not
+        recognized or is malformed, PyTorch is needed but missing, or a
+        PyTorch pickle asks for anything but tensors. The message starts
+        with the path of the file at fault.
+    TypeError
+        If ``path`` is not a string or path-like object.
+    ValueError
+        If ``path`` is empty.
 
     See Also
     --------
@@ -81,15 +93,21 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> import numpy as np
     >>> from safetensors.numpy import save_file
     >>> from tuckerlib.io import open_checkpoint
-    >>> path = getfixture("tmp_path") / "model.safetensors"
+    >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
     >>> save_file({"fc.weight": np.ones((3, 4), np.float32)}, path)
     >>> with open_checkpoint(path) as ckpt:
     ...     print(list(ckpt), ckpt.info("fc.weight"), ckpt["fc.weight"].sum())
     ['fc.weight'] TensorInfo(shape=(3, 4), dtype='F32') 12.0
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not os.fspath(path):
+        raise ValueError("path is empty; give the checkpoint file or directory")
     path = Path(path)
     if path.is_dir():
         path = _resolve_directory(path)

@@ -53,6 +53,31 @@ def _skip_reason(base: TensorInfo, tuned: TensorInfo) -> str | None:
     return None
 
 
+def _pattern(pattern: str | re.Pattern[str] | None, name: str) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    if not isinstance(text, str):
+        raise TypeError(
+            f"{name} must be a regular expression (str or re.Pattern) matching str names, "
+            f"got {type(text).__name__}"
+        )
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{name} is not a valid regular expression {pattern!r}: {exc}") from None
+
+
+def _check_checkpoints(base: object, tuned: object) -> None:
+    for name, value in (("base", base), ("tuned", tuned)):
+        if not isinstance(value, Checkpoint):
+            raise TypeError(
+                f"{name} must be a Checkpoint (see open_checkpoint), got {type(value).__name__}"
+            )
+
+
 def pair_checkpoints(
     base: Checkpoint,
     tuned: Checkpoint,
@@ -78,8 +103,12 @@ def pair_checkpoints(
 
     Raises
     ------
-    re.error
-        If a pattern is not a valid regular expression.
+    ValueError
+        If a pattern is not a valid regular expression (the message names
+        ``include`` or ``exclude``).
+    TypeError
+        If ``base`` or ``tuned`` is not a :class:`Checkpoint`, or a pattern
+        is neither a string nor a compiled pattern.
 
     See Also
     --------
@@ -87,10 +116,12 @@ def pair_checkpoints(
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> import numpy as np
     >>> from safetensors.numpy import save_file
     >>> from tuckerlib.io import open_checkpoint, pair_checkpoints
-    >>> tmp = getfixture("tmp_path")
+    >>> tmp = Path(tempfile.mkdtemp())
     >>> w = np.ones((4, 3), np.float32)
     >>> save_file({"fc.weight": w, "fc.bias": w[0], "old": w}, tmp / "base.safetensors")
     >>> save_file({"fc.weight": 2 * w, "fc.bias": w[0], "new": w}, tmp / "tuned.safetensors")
@@ -105,8 +136,9 @@ def pair_checkpoints(
     new: missing in base
     old: missing in tuned
     """
-    include_re = re.compile(include) if include is not None else None
-    exclude_re = re.compile(exclude) if exclude is not None else None
+    _check_checkpoints(base, tuned)
+    include_re = _pattern(include, "include")
+    exclude_re = _pattern(exclude, "exclude")
 
     def wanted(name: str) -> bool:
         if include_re is not None and not include_re.search(name):
@@ -129,6 +161,13 @@ def pair_checkpoints(
     return pairing
 
 
+def _dtype_kind(dtype: object) -> str:
+    try:
+        return np.dtype(dtype).kind  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy dtype, got {dtype!r}") from None
+
+
 def read_delta(
     base: Checkpoint, tuned: Checkpoint, name: str, dtype: np.dtype | type | str | None = None
 ) -> np.ndarray:
@@ -145,9 +184,9 @@ def read_delta(
     name : str
         A tensor present in both, with the same shape.
     dtype : dtype-like, optional
-        The dtype of ``ΔW``; default ``float64`` if either side is stored in
-        float64, else ``float32`` (the difference of two bfloat16 or float16
-        numbers is exact in float32).
+        The real floating dtype of ``ΔW``; default ``float64`` if either side
+        is stored in float64, else ``float32`` (the difference of two
+        bfloat16 or float16 numbers is exact in float32).
 
     Returns
     -------
@@ -159,14 +198,20 @@ def read_delta(
     KeyError
         If ``name`` is missing from either checkpoint.
     ValueError
-        If the two tensors' shapes differ.
+        If the two tensors' shapes differ or ``dtype`` is not a real
+        floating dtype.
+    TypeError
+        If ``base`` or ``tuned`` is not a :class:`Checkpoint` or ``dtype``
+        is not a dtype.
 
     Examples
     --------
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> import numpy as np
     >>> from safetensors.numpy import save_file
     >>> from tuckerlib.io import open_checkpoint, read_delta
-    >>> tmp = getfixture("tmp_path")
+    >>> tmp = Path(tempfile.mkdtemp())
     >>> save_file({"w": np.ones((2, 2), np.float32)}, tmp / "a.safetensors")
     >>> save_file({"w": np.full((2, 2), 3, np.float32)}, tmp / "b.safetensors")
     >>> base, tuned = open_checkpoint(tmp / "a.safetensors"), open_checkpoint(tmp / "b.safetensors")
@@ -174,6 +219,7 @@ def read_delta(
     array([[2., 2.],
            [2., 2.]], dtype=float32)
     """
+    _check_checkpoints(base, tuned)
     base_info, tuned_info = base.info(name), tuned.info(name)
     if base_info.shape != tuned_info.shape:
         raise ValueError(
@@ -182,6 +228,8 @@ def read_delta(
     if dtype is None:
         wide = "F64" in (base_info.dtype, tuned_info.dtype)
         dtype = np.float64 if wide else np.float32
+    elif _dtype_kind(dtype) != "f":
+        raise ValueError(f"dtype must be a real floating dtype for a difference, got {dtype!r}")
     delta = tuned.read(name, dtype)
     flat = delta.reshape(-1)
     start = 0

@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from tuckerlib._validation import check_int
 from tuckerlib.io._base import (
     DEFAULT_CHUNK_BYTES,
     STORAGE_DTYPES,
     Checkpoint,
     CheckpointError,
     TensorInfo,
+    read_error,
+    unique_keys,
     widen_bf16,
 )
 
@@ -44,23 +47,44 @@ def _read_header(path: Path, handle: Any, size: int) -> tuple[dict[str, Any], in
             f"{path}: not a safetensors file (header length {length} exceeds the file)"
         )
     try:
-        header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(handle.read(length), object_pairs_hook=unique_keys)
+    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
         raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     return header, 8 + length
 
 
+def _naturals(value: Any, count: int | None = None) -> tuple[int, ...] | None:
+    """``value`` as a tuple of JSON integers >= 0 (of ``count`` entries), else ``None``.
+
+    ``"3"``, ``4.9`` or ``true`` are not sizes: converting them would read
+    a corrupt header as a different, valid-looking tensor.
+    """
+    if not isinstance(value, list) or (count is not None and len(value) != count):
+        return None
+    if not all(type(v) is int and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
 def _parse_entry(path: Path, name: str, entry: Any, data_bytes: int) -> tuple[TensorInfo, int]:
-    try:
-        code = entry["dtype"]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
-    if not isinstance(code, str) or any(d < 0 for d in shape) or not 0 <= begin <= end:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
         raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}")
+    code = entry["dtype"]
+    shape = _naturals(entry.get("shape"))
+    offsets = _naturals(entry.get("data_offsets"), 2)
+    if shape is None:
+        raise CheckpointError(
+            f"{path}: malformed header entry for tensor {name!r}: shape must be a list of "
+            f"non-negative integers, got {entry.get('shape')!r}"
+        )
+    if offsets is None or offsets[0] > offsets[1]:
+        raise CheckpointError(
+            f"{path}: malformed header entry for tensor {name!r}: data_offsets must be two "
+            f"integers 0 <= begin <= end, got {entry.get('data_offsets')!r}"
+        )
+    begin, end = offsets
     if end > data_bytes:
         raise CheckpointError(f"{path}: tensor {name!r} extends past the end of the file")
     storage = STORAGE_DTYPES.get(code)
@@ -88,17 +112,21 @@ class SafetensorsCheckpoint(Checkpoint):
     Raises
     ------
     CheckpointError
-        If the file is not a well-formed safetensors file.
-    OSError
-        If it cannot be opened.
+        If the file is not a well-formed safetensors file or cannot be read
+        (a directory, no permission...).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        with self.path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            header, self._data_start = _read_header(self.path, handle, size)
-            self._mmap: mmap.mmap | None = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with self.path.open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                header, self._data_start = _read_header(self.path, handle, size)
+                self._mmap: mmap.mmap | None = mmap.mmap(
+                    handle.fileno(), 0, access=mmap.ACCESS_READ
+                )
+        except OSError as exc:
+            raise read_error(self.path, exc) from None
         metadata = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = dict(metadata) if isinstance(metadata, dict) else {}
         parsed = {
@@ -130,6 +158,7 @@ class SafetensorsCheckpoint(Checkpoint):
         """Yield the flattened tensor ``name`` in pieces; see :meth:`Checkpoint.chunks`."""
         info = self.info(name)
         target = self._target_dtype(name, dtype)
+        chunk_bytes = check_int(chunk_bytes, "chunk_bytes", 1)
         itemsize = STORAGE_DTYPES[info.dtype].itemsize
         step = max(1, chunk_bytes // itemsize)
         for start in range(0, info.numel, step):

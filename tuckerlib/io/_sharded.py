@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tuckerlib.io._base import DEFAULT_CHUNK_BYTES, Checkpoint, CheckpointError
+from tuckerlib.io._base import (
+    DEFAULT_CHUNK_BYTES,
+    Checkpoint,
+    CheckpointError,
+    read_error,
+    unique_keys,
+)
 from tuckerlib.io._files import open_file
 
 __all__ = ["ShardedCheckpoint"]
@@ -22,8 +28,10 @@ __all__ = ["ShardedCheckpoint"]
 
 def _read_weight_map(path: Path) -> dict[str, str]:
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except OSError as exc:
+        raise read_error(path, exc) from None
+    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
         raise CheckpointError(f"{path}: not a checkpoint index (bad JSON: {exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -72,6 +80,11 @@ class ShardedCheckpoint(Checkpoint):
             self.close()
             raise
         self._infos = {name: shard.info(name) for name, shard in self._owner.items()}
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The index file and every shard."""
+        return (self.path, *(shard.path for shard in self._shards.values()))
 
     def __getitem__(self, name: str) -> np.ndarray:
         self.info(name)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tuckerlib._validation import check_int
 from tuckerlib.io._base import (
     DEFAULT_CHUNK_BYTES,
     STORAGE_DTYPES,
@@ -59,7 +60,9 @@ def _import_torch(path: Path) -> Any:
 
 def _refusal_reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = [line for line in lines if "Unsupported" in line or "Unpickler error" in line]
+    # The line naming what was refused ("Unsupported global: ...", "Trying to
+    # load unsupported GLOBAL ...") moves between PyTorch versions.
+    detail = [line for line in lines if "unsupported" in line.lower() or "Unpickler error" in line]
     return (detail or lines or [type(exc).__name__])[0]
 
 
@@ -85,17 +88,39 @@ def _load(torch: Any, path: Path) -> Any:
         ) from None
 
 
-def _tensors_of(torch: Any, obj: Any) -> dict[str, Any]:
+def _tensors_of(torch: Any, obj: Any, path: Path) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         return {}
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = str(key)
+        if name in keys:
+            raise CheckpointError(
+                f"{path}: keys {keys[name]!r} and {key!r} of the state dict both read as "
+                f"tensor name {name!r}"
+            )
+        tensors[name], keys[name] = value, key
     if tensors:
         return tensors
     for key in _WRAPPER_KEYS:
-        nested = _tensors_of(torch, obj.get(key))
+        nested = _tensors_of(torch, obj.get(key), path)
         if nested:
             return nested
     return {}
+
+
+def _unreadable(torch: Any, tensor: Any) -> str | None:
+    """Why ``tensor`` holds no dense values to read, or ``None`` if it does."""
+    if tensor.is_nested:
+        return "is a nested tensor; only dense tensors can be read"
+    if tensor.layout != torch.strided:
+        return f"is a sparse tensor ({tensor.layout}); only dense tensors can be read"
+    if tensor.device.type == "meta":
+        return "is a meta tensor: it has a shape but holds no values"
+    return None
 
 
 def _code(dtype: Any) -> str:
@@ -119,19 +144,22 @@ class TorchCheckpoint(Checkpoint):
     Raises
     ------
     CheckpointError
-        If PyTorch is missing, the file is not a PyTorch checkpoint, its
-        pickle asks for anything but tensors and plain containers, or it holds
-        no tensors.
-    OSError
-        If it cannot be opened.
+        If PyTorch is missing, the file is not a PyTorch checkpoint or cannot
+        be read, its pickle asks for anything but tensors and plain
+        containers, or it holds no tensors, or a tensor that holds no dense
+        values (a meta, sparse or nested tensor).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         torch = _import_torch(self.path)
-        self._tensors = _tensors_of(torch, _load(torch, self.path))
+        self._tensors = _tensors_of(torch, _load(torch, self.path), self.path)
         if not self._tensors:
             raise CheckpointError(f"{self.path}: no tensors found in this PyTorch checkpoint")
+        for name, tensor in self._tensors.items():
+            reason = _unreadable(torch, tensor)
+            if reason is not None:
+                raise CheckpointError(f"{self.path}: tensor {name!r} {reason}")
         self._infos = {
             name: TensorInfo(tuple(int(d) for d in t.shape), _code(t.dtype))
             for name, t in self._tensors.items()
@@ -153,6 +181,7 @@ class TorchCheckpoint(Checkpoint):
         """Yield the flattened tensor ``name`` in pieces; see :meth:`Checkpoint.chunks`."""
         info = self.info(name)
         target = self._target_dtype(name, dtype)
+        chunk_bytes = check_int(chunk_bytes, "chunk_bytes", 1)
         flat = self._tensor(name).reshape(-1)
         step = max(1, chunk_bytes // flat.element_size())
         for start in range(0, info.numel, step):

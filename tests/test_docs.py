@@ -1,0 +1,272 @@
+"""The documentation's sources, and the checks its build runs on every page.
+
+The reST sources are checked here: development leftovers, examples that
+only run inside the test suite, tables wider than the text column. The
+built HTML is checked by ``docs/_ext/site_checks.py`` during every docs
+build (``make test`` builds with warnings as errors); the tests below
+prove that each of its checks catches what it is meant to catch.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import tuckerlib
+
+pytest.importorskip("bs4", reason="the site checks parse HTML with BeautifulSoup")
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+SOURCES = sorted(
+    p
+    for p in DOCS.rglob("*.rst")
+    if not p.relative_to(DOCS).as_posix().startswith(("_build/", "api/generated/"))
+)
+# Longest line of a simple or grid table, without its indentation: about what
+# the text column shows at a laptop's window width before it scrolls.
+TABLE_WIDTH = 120
+SOURCE_LEFTOVERS = {
+    "mentions DESIGN": re.compile(r"\bDESIGN\b"),
+    "mentions an issue": re.compile(r"\bissues?\s*#?\d|\bthe issue\b", re.IGNORECASE),
+    "describes an earlier version": re.compile(r"\ban earlier version\b", re.IGNORECASE),
+    "uses an internal label": re.compile(
+        r"\bT[1-9]\b|\bT[1-9]\s*[-–]\s*T[1-9]\b|\bTable \d+[a-z]\b"
+    ),
+    "has an example that only runs in the test suite": re.compile(
+        r"getfixture\(|sys\.path\.insert\("
+    ),
+    "names a private module": re.compile(
+        r"(?<![\w.])_[a-z]\w*\.py\b|\b(?:tuckerlib|flora)(?:\.[a-z]\w*)*\._[a-z]\w*"
+    ),
+}
+
+
+def _load_site_checks():
+    spec = importlib.util.spec_from_file_location("site_checks", DOCS / "_ext" / "site_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+site_checks = _load_site_checks()
+
+
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+@pytest.mark.parametrize("path", [*SOURCES, ROOT / "README.md", ROOT / "CHANGELOG.md"], ids=_name)
+def test_sources_have_no_development_leftovers(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    found = [
+        f"line {text.count(chr(10), 0, m.start()) + 1}: {message}: {m.group(0)!r}"
+        for message, pattern in SOURCE_LEFTOVERS.items()
+        for m in pattern.finditer(text)
+    ]
+    assert not found, "\n".join(found)
+
+
+def _table_blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
+    """The simple (``=== ===``) and grid (``+---+``) tables of a reST file, with their lines."""
+    border = re.compile(r"^\s*(?:=+(?: +=+)+|\+(?:[-=]+\+)+)\s*$")
+    blocks, i = [], 0
+    while i < len(lines):
+        if not border.match(lines[i]):
+            i += 1
+            continue
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        start = i
+        i += 1
+        while i < len(lines) and (
+            not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) >= indent
+        ):
+            # A simple table ends at its third border line, a grid table at its last one.
+            if border.match(lines[i]) and (i + 1 == len(lines) or not lines[i + 1].strip()):
+                i += 1
+                break
+            i += 1
+        blocks.append((start + 1, [line[indent:] for line in lines[start:i]]))
+    return blocks
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_name)
+def test_tables_fit_the_text_column(path: Path) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    too_wide = [
+        f"table at line {start}: a line of {len(line)} characters"
+        for start, block in _table_blocks(lines)
+        for line in block
+        if len(line.rstrip()) > TABLE_WIDTH
+    ]
+    assert not too_wide, "\n".join(too_wide)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_name)
+def test_list_tables_give_their_column_widths(path: Path) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    missing = []
+    for number, line in enumerate(lines, 1):
+        if not re.match(r"\s*\.\. list-table::", line):
+            continue
+        options = []
+        for option in lines[number:]:
+            if not re.match(r"\s+:[\w-]+:", option):
+                break
+            options.append(option.strip())
+        if not any(option.startswith(":widths:") for option in options):
+            missing.append(f"list-table at line {number} has no :widths:")
+    assert not missing, "\n".join(missing)
+
+
+def test_table_checker_finds_wide_simple_and_grid_tables() -> None:
+    wide = "x" * (TABLE_WIDTH + 1)
+    rst = ["Text", "", "=== ===", "a   b", "=== ===", f"1   {wide}", "=== ===", "", "after " + wide]
+    blocks = _table_blocks(rst)
+    assert [start for start, _ in blocks] == [3]
+    assert any(len(line) > TABLE_WIDTH for line in blocks[0][1])
+    grid = ["+---+---+", "| a | b |", "+===+===+", f"| 1 | {wide} |", "+---+---+", "", wide]
+    ((start, block),) = _table_blocks(grid)
+    assert start == 1
+    assert len(block) == 5
+
+
+BENCHMARK_TABLES = sorted((DOCS / "_static" / "benchmarks").glob("*.csv"))
+
+
+@pytest.mark.parametrize("path", BENCHMARK_TABLES, ids=_name)
+def test_benchmark_tables_are_complete(path: Path) -> None:
+    with open(path, newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    assert rows, "no rows"
+    for number, row in enumerate(rows, 2):
+        assert len(row) == len(header), f"row {number} has {len(row)} cells for {len(header)}"
+        for cell in row:
+            # A lone "-" renders as a bullet, an empty first cell merges rows.
+            assert cell.strip() not in {"", "-"}, f"row {number}: write n/a, not {cell!r}"
+            assert not site_checks.ZERO_SPREAD.search(cell), f"row {number}: {cell!r}"
+
+
+def test_benchmark_tables_are_all_shown() -> None:
+    shown = set()
+    for source in SOURCES:
+        shown |= set(re.findall(r":file: _static/benchmarks/(\S+\.csv)", source.read_text()))
+    assert shown == {p.name for p in BENCHMARK_TABLES}
+
+
+def test_citation_names_the_current_version() -> None:
+    citing = (DOCS / "citing.rst").read_text(encoding="utf-8")
+    assert f"version = {{{tuckerlib.__version__}}}" in citing
+
+
+def test_changelog_follows_keep_a_changelog() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    releases = re.findall(r"^## (.+)$", changelog, re.MULTILINE)
+    assert releases[0] == "Unreleased"
+    assert re.fullmatch(r"\d+\.\d+\.\d+ - \d{4}-\d{2}-\d{2}", releases[1])
+    versions = [r.split(" - ")[0] for r in releases[1:]]
+    assert tuckerlib.__version__ in versions
+    sections = set(re.findall(r"^### (.+)$", changelog, re.MULTILINE))
+    assert sections <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
+
+
+# The build-time checks of the HTML site, on small pages made to fail them.
+
+
+def _page(body: str, *, head: str = "", primary: str | None = None) -> str:
+    sidebar = (
+        ""
+        if primary is None
+        else f'<div id="pst-primary-sidebar" class="bd-sidebar-primary">{primary}</div>'
+    )
+    return f"<html><head>{head}</head><body>{sidebar}<article>{body}</article></body></html>"
+
+
+def _nav(links: str) -> str:
+    return (
+        f'<nav class="bd-docs-nav"><p class="bd-links__title">Section Navigation</p>{links}</nav>'
+    )
+
+
+def test_site_check_accepts_a_clean_page() -> None:
+    html = _page(
+        "<p>See <a href='https://arxiv.org/abs/2405.14739'>the paper</a>; "
+        "<code class='docutils literal'>__init__</code>, "
+        "<code class='docutils literal'>flora.merge</code>.</p>",
+        head="<script src='_static/mathjax/tex-chtml.js'></script>"
+        "<link rel='stylesheet' href='_static/custom.css'>",
+        primary=_nav("<ul><li><a href='theory.html'>Theory</a></li></ul>"),
+    )
+    assert site_checks.check_page("guide.html", html) == []
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        ("<script src='https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js'></script>", "cdn"),
+        ("<link rel='stylesheet' href='//fonts.example.com/a.css'>", "fonts.example.com"),
+        ("<script src='http://example.com/x.js'></script>", "example.com"),
+    ],
+)
+def test_site_check_finds_external_assets(head: str, expected: str) -> None:
+    (problem,) = site_checks.check_page("page.html", _page("<p>text</p>", head=head))
+    assert expected in problem
+    # Source listings are exempt from the text checks, not from this one.
+    assert site_checks.check_page("_modules/flora/_cost.html", _page("", head=head))
+
+
+def test_site_check_finds_empty_sidebars() -> None:
+    empty = _page("<p>text</p>", primary=_nav("<div class='bd-toc-item'></div>"))
+    assert "empty primary sidebar" in site_checks.check_page("page.html", empty)[0]
+    hidden = _page("<p>text</p>", primary=None)
+    assert site_checks.check_page("page.html", hidden) == []
+    toc = _page("<p>text</p>") + '<nav class="page-toc"><ul></ul></nav>'
+    assert "empty secondary sidebar" in site_checks.check_page("page.html", toc)[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("<p>the rules of DESIGN.md</p>", "mentions DESIGN"),
+        ("<p>Targets (issue 4): faster</p>", "issue number"),
+        ("<p>auto met T1 in both runs</p>", "internal label"),
+        ("<p>Table 1c of the same run</p>", "internal label"),
+        ("<p>a cost model (flora/_cost.py)</p>", "private module file"),
+        ("<p>the cost model of flora._cost</p>", "private module or attribute"),
+        ("<p>runs <code class='docutils literal'>_ops</code></p>", "private name"),
+        (
+            "<pre><span>tmp</span> = <span>getfixture</span>(<span>'tmp_path'</span>)</pre>",
+            "only runs in the test suite",
+        ),
+        ("<table><tr><td><ul><li></li></ul></td></tr></table>", "empty bullet"),
+        ("<table><tr><td>0.745 ± 0.000</td></tr></table>", "zero spread"),
+    ],
+)
+def test_site_check_finds_leftovers_and_broken_cells(body: str, expected: str) -> None:
+    problems = site_checks.check_page("page.html", _page(body))
+    assert len(problems) == 1, problems
+    assert expected in problems[0]
+    # viewcode's source listings show private modules by design.
+    if "private" in expected:
+        assert site_checks.check_page("_modules/flora/layers/base.html", _page(body)) == []
+
+
+def test_site_check_allowances_end_when_the_page_is_fixed(tmp_path: Path) -> None:
+    (tmp_path / "a.html").write_text(_page("<p>see flora._cost</p>"))
+    (tmp_path / "b.html").write_text(_page("<p>clean</p>"))
+    allow = {"a": ["flora._cost"], "b": ["flora._cost"], "gone": ["x"]}
+    problems = site_checks.check_site(tmp_path, allow)
+    assert [(p.page, "no longer appears" in p.message) for p in problems] == [
+        ("b.html", True),
+        ("gone.html", False),
+    ]
+    assert "no such page" in problems[1].message
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "x.css").write_text("@import url(https://fonts.example.com/f.css);")
+    assert any(p.page == "_static/x.css" for p in site_checks.check_site(tmp_path, {}))
