@@ -154,6 +154,7 @@ def test_plots(tmp_path) -> None:
         (["--adapter", "{missing}"], "missing: not a directory"),
         (["--adapter", "{flora}", "--include", "nothing"], "no adapted layer"),
         (["--adapter", "{dora}"], "use_dora=True"),
+        (["--adapter", "{flora}", "--out", "{flora}/adapter_config.json"], "would overwrite"),
     ],
 )
 def test_input_errors_exit_2_with_one_line(tmp_path, capsys, args, message) -> None:
