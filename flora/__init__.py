@@ -30,6 +30,7 @@ from flora.lifecycle import (
     disable_adapter,
     set_adapter,
 )
+from flora.lora import export_lora
 from flora.model import (
     adapted_layers,
     attach_adapter,
@@ -68,6 +69,7 @@ __all__ = [
     "attach_adapter",
     "delete_adapter",
     "disable_adapter",
+    "export_lora",
     "extract",
     "inject",
     "load_adapter",

@@ -1,4 +1,4 @@
-"""The ``flora`` command line: ``flora extract``; see the CLI reference."""
+"""The ``flora`` command line: ``flora extract``, ``flora export-lora``; see the CLI reference."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.extraction import Extraction, extract
+from flora.lora import export_lora
 from tuckerlib.cli.common import (
     EXIT_OK,
     ArgumentParser,
@@ -21,6 +22,7 @@ from tuckerlib.cli.common import (
     regex,
     run,
 )
+from tuckerlib.io import open_adapter
 
 __all__ = ["main"]
 
@@ -89,6 +91,16 @@ def _add_extract(commands: Any) -> None:
     parser.set_defaults(func=_run_extract)
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def _summary(result: Extraction) -> str:
     header = ["layer", "kind", "shape", "ranks", "params", "rel. error"]
     rows = [
@@ -102,12 +114,7 @@ def _summary(result: Extraction) -> str:
         ]
         for layer in result.layers
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _table(header, rows)
     adapter = sum(layer.n_params for layer in result.layers)
     dense = sum(math.prod(layer.shape) for layer in result.layers)
     lines.append(
@@ -149,6 +156,66 @@ def _run_extract(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXPORT_DESCRIPTION = """\
+Write a flora adapter directory as a PEFT LoRA adapter directory with the
+same update, exactly: each layer's Tucker update becomes a LoRA pair of rank
+R_0 (the rank of its output mode), which peft.PeftModel.from_pretrained loads.
+Linear layers and 2-D parameters export from the directory alone; Conv and
+Embedding layers need the base model's layer properties, so export those from
+Python with flora.export_lora(FLORA_DIR, OUT_DIR, base_model=model). A layer
+with no exact LoRA form is refused by name. Exit status: 0 ok, 2 usage or
+input error."""
+
+
+def _add_export(commands: Any) -> None:
+    parser = commands.add_parser(
+        "export-lora",
+        help="write a flora adapter as an exact PEFT LoRA adapter",
+        description=EXPORT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", type=Path, metavar="FLORA_DIR", help="flora adapter directory")
+    parser.add_argument("out", type=Path, metavar="OUT_DIR", help="PEFT LoRA directory to write")
+    parser.set_defaults(func=_run_export)
+
+
+def _export_summary(source: Path, out: Path) -> str:
+    with open_adapter(source) as flora_adapter, open_adapter(out) as lora_adapter:
+        rows = []
+        for name in lora_adapter:
+            flora_layer, lora_layer = flora_adapter[name], lora_adapter[name]
+            rows.append(
+                [
+                    name,
+                    flora_layer.kind,
+                    "x".join(map(str, flora_layer.shape)),
+                    ",".join(map(str, flora_layer.stored_ranks)),
+                    str(lora_layer.stored_ranks[0]),
+                    str(lora_layer.stored_params),
+                ]
+            )
+        flora_params = sum(flora_adapter[name].stored_params for name in lora_adapter)
+    lora_params = sum(int(row[-1]) for row in rows)
+    lines = _table(["layer", "kind", "shape", "FLoRA ranks", "LoRA r", "LoRA params"], rows)
+    lines.append(
+        f"\nWrote {out}: {len(rows)} layers, {lora_params} LoRA parameters for {flora_params} "
+        "FLoRA parameters, the same update."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    try:
+        export_lora(args.source, args.out)
+    except ValueError as exc:
+        # Refusals are ValueErrors naming each layer; at the command line, exit 2.
+        if isinstance(exc, UsageError | OSError):
+            raise
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(_export_summary(args.source, args.out))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``flora`` command line and return its exit status.
 
@@ -185,5 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="flora", description="FLoRA adapters from the command line.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_extract(commands)
+    _add_export(commands)
     args = parser.parse_args(argv)
     return run(f"flora {args.command}", lambda: args.func(args))

@@ -6,11 +6,13 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tuckerlib.cli._adapter import AdapterReport, analyze_layer, select_layers
 from tuckerlib.cli._formats import FORMATS, render
 from tuckerlib.cli._plots import SUMMARY_FILE, plot_files, plot_summary, plot_tensor, pyplot
 from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport, analyze_delta
@@ -24,7 +26,7 @@ from tuckerlib.cli.common import (
     progress,
     regex,
 )
-from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
+from tuckerlib.io import Checkpoint, open_adapter, open_checkpoint, pair_checkpoints, read_delta
 
 __all__ = ["FLOAT64_MAX_SIZE", "add_parser", "analyze_pair", "run_analyze"]
 
@@ -39,7 +41,10 @@ budget. BASE/TUNED: a .safetensors file, a directory of sharded safetensors
 with its *.index.json, or a .pt/.bin state dict (loaded with
 weights_only=True). Without them, analyze runs on a small example pair that
 ships with tuckerlib (a CNN trained on scikit-learn's digits, then fine-tuned
-on rotated digits). Exit status: 0 ok, 2 usage or input error."""
+on rotated digits). With --adapter DIR instead, the same report for the
+update dW of every layer of a flora or PEFT LoRA adapter directory, computed
+from its factors without forming dW. Exit status: 0 ok, 2 usage or input
+error."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -52,6 +57,13 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("base", nargs="?", type=Path, metavar="BASE", help="checkpoint before")
     parser.add_argument("tuned", nargs="?", type=Path, metavar="TUNED", help="checkpoint after")
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        metavar="DIR",
+        help="instead of BASE and TUNED: the updates of a flora or PEFT LoRA adapter directory, "
+        "analysed from their factors",
+    )
     parser.add_argument(
         "--energy",
         type=parse_energies,
@@ -186,13 +198,9 @@ def _inputs_read(base: Checkpoint, tuned: Checkpoint) -> dict[Path, str]:
     return files
 
 
-def _analyze(base: Checkpoint, tuned: Checkpoint, report: Report, args: argparse.Namespace) -> None:
-    pairing = pair_checkpoints(base, tuned, include=args.include, exclude=args.exclude)
-    if not pairing.names and all(r.startswith("missing in") for _, r in pairing.skipped):
-        filtered = " (after --include/--exclude)" if args.include or args.exclude else ""
-        raise UsageError(f"no tensor name is in both {report.base} and {report.tuned}{filtered}")
-    report.skipped.extend(pairing.skipped)
-    figures = {} if args.plots is None else plot_files(pairing.names, args.plots)
+def _figures(names: list[str], args: argparse.Namespace, reads: dict[Path, str]) -> dict[str, Path]:
+    """Each tensor's figure file; refuse outputs that clash with each other or with inputs."""
+    figures = {} if args.plots is None else plot_files(names, args.plots)
     outputs = {path: "--plots figure" for path in figures.values()}
     if args.plots is not None:
         outputs[args.plots / SUMMARY_FILE] = "--plots figure"
@@ -201,15 +209,27 @@ def _analyze(base: Checkpoint, tuned: Checkpoint, report: Report, args: argparse
             if _same_file(figure, args.out):
                 raise UsageError(f"--out {args.out} is also a --plots figure; choose another path")
         outputs[args.out] = "--out"
-    _refuse_overwriting(outputs, _inputs_read(base, tuned))
+    _refuse_overwriting(outputs, reads)
+    return figures
+
+
+def _collect(
+    names: list[str],
+    analyze: Callable[[str], TensorReport | str],
+    report: Report,
+    args: argparse.Namespace,
+    reads: dict[Path, str],
+) -> None:
+    """Analyze every name into ``report`` (a string result is a skip reason); draw the plots."""
+    figures = _figures(names, args, reads)
     plt = pyplot() if args.plots else None
     if plt is not None:
         try:
             args.plots.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--plots {args.plots}: cannot create ({exc.strerror})") from None
-    for name in progress(pairing.names, quiet=args.quiet):
-        tensor = analyze_pair(base, tuned, name, report.options)
+    for name in progress(names, quiet=args.quiet):
+        tensor = analyze(name)
         if isinstance(tensor, str):
             report.skipped.append((name, tensor))
             continue
@@ -220,13 +240,20 @@ def _analyze(base: Checkpoint, tuned: Checkpoint, report: Report, args: argparse
         plot_summary(plt, report, args.plots)
 
 
-def run_analyze(args: argparse.Namespace) -> int:
-    """Run ``analyze`` with parsed arguments; return the exit status.
+def _analyze(base: Checkpoint, tuned: Checkpoint, report: Report, args: argparse.Namespace) -> None:
+    pairing = pair_checkpoints(base, tuned, include=args.include, exclude=args.exclude)
+    if not pairing.names and all(r.startswith("missing in") for _, r in pairing.skipped):
+        filtered = " (after --include/--exclude)" if args.include or args.exclude else ""
+        raise UsageError(f"no tensor name is in both {report.base} and {report.tuned}{filtered}")
+    report.skipped.extend(pairing.skipped)
 
-    Outputs are checked before any work: an ``--out`` or a figure of
-    ``--plots`` that is a file the run reads is refused, and every file is
-    written through a temporary name renamed into place.
-    """
+    def analyze(name: str) -> TensorReport | str:
+        return analyze_pair(base, tuned, name, report.options)
+
+    _collect(pairing.names, analyze, report, args, _inputs_read(base, tuned))
+
+
+def _pair_report(args: argparse.Namespace) -> Report:
     base_path, tuned_path, bundled = _inputs(args)
     _check_outputs(args)
     options = AnalyzeOptions(args.energy, args.budget_like_lora, args.fixed_kernel_rank)
@@ -234,6 +261,35 @@ def run_analyze(args: argparse.Namespace) -> int:
         description = getattr(tuned, "metadata", {}).get("description") if bundled else None
         report = Report(str(base_path), str(tuned_path), options, description=description)
         _analyze(base, tuned, report, args)
+    return report
+
+
+def _adapter_report(args: argparse.Namespace) -> AdapterReport:
+    if args.base is not None:
+        raise UsageError("give BASE and TUNED, or --adapter DIR, not both")
+    _check_outputs(args)
+    options = AnalyzeOptions(args.energy, args.budget_like_lora, args.fixed_kernel_rank)
+    path = str(args.adapter)
+    with open_adapter(args.adapter) as adapter:
+        report = AdapterReport(path, path, options, adapter_format=adapter.format)
+        names = select_layers(adapter, report, args.include, args.exclude)
+
+        def analyze(name: str) -> TensorReport | str:
+            return analyze_layer(adapter[name], options)
+
+        reads = {file: "the adapter" for file in adapter.files}
+        _collect(names, analyze, report, args, reads)
+    return report
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``analyze`` with parsed arguments; return the exit status.
+
+    Outputs are checked before any work: an ``--out`` or a figure of
+    ``--plots`` that is a file the run reads is refused, and every file is
+    written through a temporary name renamed into place.
+    """
+    report = _adapter_report(args) if args.adapter is not None else _pair_report(args)
     text = render(report, args.format)
     if args.out is not None:
         with atomic_output(args.out) as tmp:

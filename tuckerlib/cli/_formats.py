@@ -15,7 +15,6 @@ from tuckerlib.cli.common import describe
 __all__ = ["FORMATS", "render"]
 
 LEGEND = (
-    "dW = tuned - base; rel. dW = ||dW|| / ||W0||.",
     "ranks@E: smallest rank of each mode's unfolding keeping a fraction E of ||dW||^2.",
     "eff. ranks: effective rank of each mode (entropy of its spectrum, Roy & Vetterli 2007).",
     "budget: parameters of a rank-{R} LoRA of the tensor's (out, rest) reshape.",
@@ -57,7 +56,7 @@ def _tensor_columns(report: Report) -> list[tuple[str, Callable[[TensorReport], 
         ("Tucker err", lambda t: f"{t.tucker_error:.3f}"),
         ("LoRA err", lambda t: f"{t.matrix_error:.3f}"),
     ]
-    return columns
+    return columns + report.extra_columns()
 
 
 def _pooled(tensors: list[TensorReport], attr: str) -> float:
@@ -110,11 +109,12 @@ def _skipped_groups(report: Report) -> dict[str, list[str]]:
 
 
 def _table(report: Report) -> str:
+    what, sources = report.heading()
+    width = max(len(label) for label, _ in sources)
     lines = [
-        f"Rank structure of dW = tuned - base: {len(report.tensors)} tensors analyzed, "
+        f"Rank structure of {what}: {len(report.tensors)} tensors analyzed, "
         f"{len(report.skipped)} skipped",
-        f"  base   {_display_path(report.base)}",
-        f"  tuned  {_display_path(report.tuned)}",
+        *(f"  {label.ljust(width)}  {_display_path(path)}" for label, path in sources),
     ]
     if report.description:
         lines += textwrap.wrap(
@@ -135,7 +135,7 @@ def _table(report: Report) -> str:
         ]
         lines.append("")
     if report.tensors:
-        for text in LEGEND:
+        for text in (*report.notes(), *LEGEND):
             lines += textwrap.wrap(
                 text.format(R=report.options.lora_rank), 96, subsequent_indent="  "
             )
@@ -161,11 +161,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _markdown(report: Report) -> str:
+    what, sources = report.heading()
     lines = [
-        "## Rank structure of dW = tuned - base",
+        f"## Rank structure of {what}",
         "",
-        f"- base: `{_display_path(report.base)}`",
-        f"- tuned: `{_display_path(report.tuned)}`",
+        *(f"- {label}: `{_display_path(path)}`" for label, path in sources),
     ]
     if report.description:
         lines.append(f"- about: {report.description}")
@@ -184,7 +184,8 @@ def _markdown(report: Report) -> str:
         lines += _md_table(["tensor", "reason"], [[f"`{n}`", r] for n, r in report.skipped])
         lines.append("")
     if report.tensors:
-        lines += [f"- {text.format(R=report.options.lora_rank)}" for text in LEGEND]
+        legend = (*report.notes(), *LEGEND)
+        lines += [f"- {text.format(R=report.options.lora_rank)}" for text in legend]
     return "\n".join(lines).rstrip() + "\n"
 
 

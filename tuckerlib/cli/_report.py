@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,18 @@ class Report:
     tensors: list[TensorReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     description: str | None = None
+
+    def heading(self) -> tuple[str, list[tuple[str, str]]]:
+        """What dW is, for the title, and the labelled inputs it came from."""
+        return "dW = tuned - base", [("base", self.base), ("tuned", self.tuned)]
+
+    def notes(self) -> tuple[str, ...]:
+        """Legend lines about what dW is (and any extra columns)."""
+        return ("dW = tuned - base; rel. dW = ||dW|| / ||W0||.",)
+
+    def extra_columns(self) -> list[tuple[str, Callable[[TensorReport], str]]]:
+        """Table columns after the standard ones: (title, cell of a tensor)."""
+        return []
 
     def to_json(self) -> dict[str, Any]:
         """The version-1 JSON object, as documented on the command line reference page."""

@@ -1,0 +1,163 @@
+"""Exact conversion between Tucker updates and PEFT LoRA tensors (PEFT 0.21's layout).
+
+A Tucker update ``ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}`` has
+``unfold(ΔW, 0) = U_0 · unfold(s · G ×_1 U_1 … ×_{N-1} U_{N-1}, 0)``: a
+product of an ``(I_0, R_0)`` matrix and an ``(R_0, ∏_{n>0} I_n)`` one, which
+is exactly what a LoRA pair stores with ``lora_alpha = r`` (scaling 1):
+
+* Linear ``(out, in)``: ``lora_B = U_0``, ``lora_A = s · G U_1ᵀ``.
+* ConvNd ``(out, in, *kernel)``: ``lora_A`` is the conv kernel
+  ``s · G ×_1 U_1 … ×_{N-1} U_{N-1}`` of shape ``(R_0, in, *kernel)``
+  (run with the base's stride and padding) and ``lora_B = U_0`` a 1×1 conv;
+  a 1×1 conv after a conv is the conv with the composed kernel.
+* Grouped ConvNd ``(out, in/groups, *kernel)``: PEFT's ``lora_A`` sees all
+  ``in`` channels and its ``lora_B`` is grouped; rank block ``g`` gets
+  group ``g``'s rows of ``U_0`` and a ``lora_A`` that is zero outside group
+  ``g``'s input channels, so the composed update is the block-diagonal
+  grouped one.
+* Embedding ``(num, dim)``: PEFT's update is ``(B A)ᵀ``, so
+  ``lora_embedding_A = U_0ᵀ`` and ``lora_embedding_B = (s · G U_1ᵀ)ᵀ``; the
+  ``padding_idx`` column of ``lora_embedding_A`` is zero, as FLoRA gives
+  the padding row no update.
+
+:func:`compact` first brings the ranks to what a Tucker tensor can use
+(``R_n ≤ min(I_n, ∏_{m≠n} R_m)``) by QR factorizations that leave ``ΔW``
+unchanged, so the LoRA rank is ``R_0`` after that clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flora._tucker import reconstruct
+
+__all__ = ["LoraTensors", "compact", "lora_split", "to_lora"]
+
+
+def _unfold(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.movedim(n, 0).reshape(x.shape[n], -1)
+
+
+def _fold(matrix: torch.Tensor, n: int, shape: Sequence[int]) -> torch.Tensor:
+    moved = (shape[n], *shape[:n], *shape[n + 1 :])
+    return matrix.reshape(moved).movedim(0, n)
+
+
+def _with_mode(shape: Sequence[int], n: int, size: int) -> tuple[int, ...]:
+    return (*shape[:n], size, *shape[n + 1 :])
+
+
+def compact(
+    core: torch.Tensor, factors: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same Tucker tensor with ranks ``R_n ≤ min(I_n, ∏_{m≠n} R_m)``.
+
+    A factor with more columns than rows is replaced by the ``Q`` of its QR
+    factorization (its ``R`` goes into the core); a core mode larger than
+    the product of the others is cut to that product by a QR of its
+    unfolding (``Q`` goes into the factor). Neither changes the tensor
+    beyond rounding; repeated until no rank can shrink.
+    """
+    factors = list(factors)
+    for n, factor in enumerate(factors):
+        if factor.shape[1] > factor.shape[0]:
+            q, r = torch.linalg.qr(factor)
+            core = _fold(r @ _unfold(core, n), n, _with_mode(core.shape, n, r.shape[0]))
+            factors[n] = q
+    shrunk = True
+    while shrunk:
+        shrunk = False
+        for n in range(core.ndim):
+            others = math.prod(core.shape) // core.shape[n]
+            if core.shape[n] > others:
+                q, r = torch.linalg.qr(_unfold(core, n))
+                core = _fold(r, n, _with_mode(core.shape, n, others))
+                factors[n] = factors[n] @ q
+                shrunk = True
+    return core, factors
+
+
+def lora_split(
+    core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)`` with ``ΔW = right ×_0 left``, ``left`` of shape ``(I_0, r)``.
+
+    ``right`` has shape ``(r, I_1, ..., I_{N-1})``; ``r`` is ``R_0`` after
+    :func:`compact`.
+    """
+    core, factors = compact(core, factors)
+    right = reconstruct(core * scale, factors, range(1, core.ndim))
+    return factors[0], right
+
+
+@dataclass(frozen=True)
+class LoraTensors:
+    """One layer's PEFT tensors: ``lora_A``, ``lora_B`` and the rank ``r`` PEFT builds."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    rank: int
+
+
+def _grouped_conv(left: torch.Tensor, right: torch.Tensor, groups: int) -> LoraTensors:
+    out, rank = left.shape
+    out_step, in_step = out // groups, right.shape[1]
+    # A group with fewer output channels than R_0 is stored at full rank
+    # (lora_B the identity), so every group gets the same rank, as PEFT needs.
+    step = min(rank, out_step)
+    lora_a = right.new_zeros((groups * step, groups * in_step, *right.shape[2:]))
+    lora_b = left.new_empty((out, step))
+    for g in range(groups):
+        rows = slice(g * out_step, (g + 1) * out_step)
+        block, kernel = left[rows], right
+        if step < rank:
+            block = torch.eye(out_step, dtype=left.dtype, device=left.device)
+            kernel = _mode0(right, left[rows])
+        lora_a[g * step : (g + 1) * step, g * in_step : (g + 1) * in_step] = kernel
+        lora_b[rows] = block
+    return LoraTensors(lora_a, lora_b, groups * step)
+
+
+def _mode0(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    return _fold(matrix @ _unfold(x, 0), 0, _with_mode(x.shape, 0, matrix.shape[0]))
+
+
+def to_lora(
+    kind: str,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    *,
+    groups: int = 1,
+    padding_idx: int | None = None,
+) -> LoraTensors:
+    """PEFT's tensors for ``ΔW = right ×_0 left`` at scaling 1.
+
+    Parameters
+    ----------
+    kind : str
+        ``"Linear"``, ``"Parameter"`` (2-D, stored as PEFT's
+        ``target_parameters`` do, like Linear), ``"Conv1d"``, ``"Conv2d"``,
+        ``"Conv3d"`` or ``"Embedding"``.
+    left, right : torch.Tensor
+        From :func:`lora_split`.
+    groups : int, optional
+        The convolution's groups.
+    padding_idx : int, optional
+        The embedding's padding row, which gets no update.
+    """
+    rank = left.shape[1]
+    if kind == "Embedding":
+        lora_a = left.T.clone(memory_format=torch.contiguous_format)
+        if padding_idx is not None:
+            lora_a[:, padding_idx] = 0
+        return LoraTensors(lora_a, right.T.contiguous(), rank)
+    if kind in ("Linear", "Parameter"):
+        return LoraTensors(right.contiguous(), left.contiguous(), rank)
+    tensors = LoraTensors(right, left, rank) if groups == 1 else _grouped_conv(left, right, groups)
+    pointwise = (1,) * (right.ndim - 2)
+    lora_b = tensors.lora_b.reshape(*tensors.lora_b.shape, *pointwise)
+    return LoraTensors(tensors.lora_a.contiguous(), lora_b.contiguous(), tensors.rank)

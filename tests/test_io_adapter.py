@@ -1,0 +1,202 @@
+"""open_adapter: flora and PEFT LoRA directories as Tucker updates equal to the layers' ΔW."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lora_cases import CASES, flora_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import flora
+from tuckerlib.io import AdapterError, CheckpointError, open_adapter
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("init", ["gaussian", "hosvd"])
+def test_flora_layers_read_as_their_update(tmp_path, case, init) -> None:
+    _, model = flora_model(case, init)
+    flora.save_adapter(model, tmp_path / "flora")
+    ((name, layer),) = flora.adapted_layers(model).items()
+    with open_adapter(tmp_path / "flora") as adapter:
+        assert adapter.format == "flora"
+        assert adapter.skipped == []
+        read = adapter[name]
+    assert (read.kind, read.shape, read.stored_ranks) == (layer.kind, layer.shape, layer.ranks)
+    assert read.stored_params == layer.n_adapter_params
+    # The directory does not know an Embedding's padding row: it reads the plain Tucker tensor.
+    source = layer.adapter() if case == "Embedding" else layer
+    with torch.no_grad():
+        expected = source.delta_weight()
+        initial = source.initial_delta()
+        if initial is not None:
+            expected = expected - initial
+    np.testing.assert_allclose(read.to_tensor(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _peft_dir(tmp_path: Path, base: nn.Module, **options: object) -> nn.Module:
+    config = peft.LoraConfig(init_lora_weights=False, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(base), config)
+    model.save_pretrained(tmp_path / "lora")
+    return model
+
+
+def test_peft_layers_read_as_their_delta_weight(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Embedding(9, 4),
+        nn.Linear(4, 6),
+        nn.Conv1d(6, 5, 3),
+        nn.Conv2d(5, 4, 2),
+        nn.Conv3d(4, 2, 2),
+    )
+    model = _peft_dir(
+        tmp_path,
+        base,
+        r=3,
+        lora_alpha=5,
+        use_rslora=True,
+        target_modules=["0", "1", "2", "3", "4"],
+        rank_pattern={"2": 2},
+        alpha_pattern={"^3": 7},
+    )
+    with open_adapter(tmp_path / "lora") as adapter:
+        assert adapter.format == "lora"
+        kinds = {name: adapter[name].kind for name in adapter}
+        assert kinds == {
+            "0": "Embedding",
+            "1": "Linear",
+            "2": "Conv1d",
+            "3": "Conv2d",
+            "4": "Conv3d",
+        }
+        for name in adapter:
+            expected = model.base_model.model.get_submodule(name).get_delta_weight("default")
+            np.testing.assert_allclose(
+                adapter[name].to_tensor(), expected.detach().numpy(), rtol=1e-5, atol=1e-6
+            )
+        assert adapter["2"].stored_ranks == (2,)
+        assert adapter["3"].scale == pytest.approx(7 / 3**0.5)
+
+
+def test_peft_target_parameters_read_as_parameters(tmp_path) -> None:
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.matrix = nn.Parameter(torch.randn(5, 6))
+    holder.stack = nn.Parameter(torch.randn(3, 4, 6))
+    other = nn.Module()
+    other.matrix = nn.Parameter(torch.randn(5, 6))
+    base = nn.Sequential(other, holder)
+    _peft_dir(tmp_path, base, r=2, target_modules=[], target_parameters=["0.matrix", "1.stack"])
+    with open_adapter(tmp_path / "lora") as adapter:
+        assert list(adapter) == ["0.matrix"]
+        assert adapter["0.matrix"].kind == "Parameter"
+        assert adapter["0.matrix"].shape == (5, 6)
+        assert [name for name, _ in adapter.skipped] == ["1.stack"]
+        assert "3-D target_parameters" in adapter.skipped[0][1]
+
+
+def _flora_dir(tmp_path: Path) -> Path:
+    _, model = flora_model("Linear", "gaussian")
+    return flora.save_adapter(model, tmp_path / "flora")
+
+
+def _edit(directory: Path, **changes: object) -> None:
+    path = directory / "adapter_config.json"
+    document = json.loads(path.read_text())
+    document.update(changes)
+    path.write_text(json.dumps(document))
+
+
+def test_flora_format_2_lists_modules_to_save_as_skipped(tmp_path) -> None:
+    directory = _flora_dir(tmp_path)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    tensors["modules_to_save.head.weight"] = torch.ones(2, 2)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    _edit(directory, format_version=2, modules_to_save=["head"])
+    with open_adapter(directory) as adapter:
+        assert list(adapter) == ["0"]
+        assert adapter.skipped[0][0] == "head"
+        assert "modules_to_save" in adapter.skipped[0][1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format_version": 3}, "unsupported flora format_version 3"),
+        ({"layers": {}}, "lists no layers"),
+        ({"layers": {"0": {"kind": "Linear"}}}, "layer '0' must be an object with keys"),
+        ({"format": "other"}, "neither a flora adapter config"),
+    ],
+)
+def test_malformed_flora_configs_are_named(tmp_path, change, message) -> None:
+    directory = _flora_dir(tmp_path)
+    _edit(directory, **change)
+    with pytest.raises(AdapterError, match=message):
+        open_adapter(directory)
+
+
+def test_malformed_files_are_named(tmp_path) -> None:
+    directory = _flora_dir(tmp_path)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    save_file({**tensors, "stray": torch.ones(1)}, directory / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"tensors \['stray'\] belong to no layer"):
+        open_adapter(directory)
+    del tensors["0.factors.1"]
+    save_file(tensors, directory / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"tensor '0\.factors\.1' is missing"):
+        open_adapter(directory)
+    (directory / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="no adapter weights"):
+        open_adapter(directory)
+    (directory / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        open_adapter(directory)
+    with pytest.raises(AdapterError, match="not an adapter directory"):
+        open_adapter(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        open_adapter(tmp_path / "missing")
+
+
+def test_reading_and_analysis_need_no_torch(tmp_path) -> None:
+    directory = _flora_dir(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from tuckerlib.cli import main
+        from tuckerlib.io import open_adapter
+        with open_adapter({str(directory)!r}) as adapter:
+            shape = adapter["0"].to_tensor().shape
+        status = main(["analyze", "--adapter", {str(directory)!r}, "--quiet", "--format", "json",
+                       "--out", {str(tmp_path / "report.json")!r}])
+        print(shape, status, "torch" in sys.modules)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(5, 6) 0 False"
+
+
+def test_peft_pickle_weights_read_safely(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 3))
+    config = peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "lora", safe_serialization=False)
+    assert (tmp_path / "lora" / "adapter_model.bin").is_file()
+    with open_adapter(tmp_path / "lora") as adapter:
+        expected = model.base_model.model[0].get_delta_weight("default").detach().numpy()
+        np.testing.assert_allclose(adapter["0"].to_tensor(), expected, rtol=1e-6, atol=1e-7)
