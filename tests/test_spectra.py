@@ -133,7 +133,7 @@ def test_middle_mode_gram_in_blocks(monkeypatch):
     # 700-byte blocks split both middle unfoldings unevenly (mode 1: slabs
     # of 2 + 1 of the 3 leading indices; mode 2: 8 + 4 of 12); the spectra
     # must not depend on the blocking.
-    monkeypatch.setattr("tuckerlib.analysis._spectra.GRAM_BLOCK_BYTES", 700)
+    monkeypatch.setattr("tuckerlib.decompositions._spectra.GRAM_BLOCK_BYTES", 700)
     x = np.random.default_rng(3).standard_normal((3, 4, 5, 2))
     for s, expected in zip(mode_spectra(x), reference_spectra(x), strict=True):
         np.testing.assert_allclose(s, expected, rtol=1e-10, atol=1e-7)

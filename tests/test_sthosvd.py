@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tuckerlib import hosvd, mode_product, relative_error, sthosvd, unfold
-from tuckerlib.decompositions._common import default_order
+from tuckerlib.decompositions._truncation import default_order
 
 
 def planted(shape, ranks, seed=0):

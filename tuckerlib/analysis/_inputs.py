@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from tuckerlib.analysis._spectra import mode_spectra
-from tuckerlib.decompositions._common import to_host
+from tuckerlib._host import to_host
+from tuckerlib.decompositions._api import prepare_tensor, unfolding_spectra
 
 __all__ = ["check_energy", "check_spectrum", "host_spectra", "shape_of"]
 
@@ -31,13 +32,22 @@ def host_spectra(x_or_spectra: Any) -> list[np.ndarray]:
 
     A ``list`` or ``tuple`` is always read as spectra (one 1-D array of
     length ``I_n`` per mode, e.g. from :func:`mode_spectra`); anything else
-    as the tensor itself.
+    as the tensor itself. The callers use only ratios of energies, so the
+    spectra share one power-of-two scale that keeps their squares finite
+    (spectra of 1e300 and more are common to overflow otherwise).
     """
     if isinstance(x_or_spectra, (list, tuple)):
         if not x_or_spectra:
             raise ValueError("x_or_spectra is an empty list; expected one spectrum per mode")
-        return [check_spectrum(s, f"x_or_spectra[{n}]") for n, s in enumerate(x_or_spectra)]
-    return [to_host(s) for s in mode_spectra(x_or_spectra)]
+        host = [check_spectrum(s, f"x_or_spectra[{n}]") for n, s in enumerate(x_or_spectra)]
+    else:
+        _, spectra = unfolding_spectra(prepare_tensor(x_or_spectra, "x_or_spectra"))
+        host = [to_host(s.values) for s in spectra]
+    top = max((float(s[0]) for s in host if s.size), default=0.0)
+    if top == 0.0:
+        return host
+    scale = math.ldexp(1.0, -math.frexp(top)[1])
+    return [s * scale for s in host]
 
 
 def check_energy(energy: Any) -> float:

@@ -9,9 +9,11 @@ import numpy as np
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import check_int
-from tuckerlib.decompositions._common import default_order, prepare_tensor
+from tuckerlib.decompositions._factors import truncations
+from tuckerlib.decompositions._prepare import prepare_tensor
 from tuckerlib.decompositions._sketch import Sketch
 from tuckerlib.decompositions._sthosvd import sthosvd_steps
+from tuckerlib.decompositions._truncation import default_order
 
 __all__ = ["rhosvd"]
 
@@ -157,15 +159,20 @@ def rhosvd(
     >>> relative_error(x, t) < 1.05 * relative_error(x, sthosvd(x, rank=5))
     True
     """
-    xp, x = prepare_tensor(x)
+    prepared = prepare_tensor(x)
     if rank is None:
         raise ValueError("rhosvd needs rank (an int or one rank per mode); got None")
-    ranks = resolve_rank(rank, x.shape)
+    ranks = resolve_rank(rank, prepared.x.shape)
     sketch = Sketch(
         oversample=check_int(oversample, "oversample", 0),
         power_iter=check_int(power_iter, "power_iter", 0),
         rng=_check_seed(seed),
     )
-    order = default_order(x.shape, ranks)
-    tucker, _ = sthosvd_steps(xp, x, ranks, order, "randomized", sketch=sketch)
-    return tucker
+    order = default_order(prepared.x.shape, ranks)
+    if prepared.lazy:
+        from tuckerlib.decompositions import _dask
+
+        return _dask.sthosvd(prepared, order, ranks, None, "randomized", sketch=sketch)
+    cuts = truncations(prepared, ranks, None)
+    result = sthosvd_steps(prepared.xp, prepared.x, order, cuts, "randomized", sketch=sketch)
+    return prepared.result(result.core, result.factors)
