@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import DASK_KERNELS, JAX_PER_SHAPE
 
 from tuckerlib import sthosvd, unfold
 from tuckerlib._layout import inverse, memory_order
@@ -13,6 +14,11 @@ from tuckerlib.decompositions._factors import (
 )
 from tuckerlib.decompositions._linalg import left_singular, sign_fix
 from tuckerlib.decompositions._prepare import check_method
+
+pytestmark = [
+    pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE),
+    pytest.mark.skip_backend("dask", reason=DASK_KERNELS),
+]
 
 
 def _xp(backend):

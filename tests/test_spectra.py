@@ -1,9 +1,12 @@
 import numpy as np
 import pytest
+from conftest import JAX_PER_SHAPE
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tuckerlib import effective_rank, energy_ranks, mode_spectra, stable_rank, unfold
+
+pytestmark = pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE)
 
 
 def reference_spectra(x):

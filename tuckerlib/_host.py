@@ -24,7 +24,15 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["compute", "host_float", "is_dask", "is_traced", "require_values", "to_host"]
+__all__ = [
+    "compute",
+    "host_float",
+    "is_dask",
+    "is_traced",
+    "persist",
+    "require_values",
+    "to_host",
+]
 
 
 def is_dask(x: Any) -> bool:
@@ -64,11 +72,26 @@ def compute(*arrays: Any) -> tuple[Any, ...]:
         return arrays
     import dask
 
-    values = dask.compute(*(arrays[i] for i in lazy))
+    values = dask.compute(*(arrays[i] for i in lazy), optimize_graph=_OPTIMIZE)
     result = list(arrays)
     for i, value in zip(lazy, values, strict=True):
         result[i] = value
     return tuple(result)
+
+
+# Dask's graph optimization fuses the chunk loader into every task that
+# uses the chunk: a Gram matrix (each chunk paired with every chunk of its
+# mode-n fibre group) would then read each chunk 2 c_n times from disk, not
+# once. Unoptimized graphs keep one loading task per chunk.
+_OPTIMIZE = False
+
+
+def persist(a: Any) -> Any:
+    """A Dask array computed into memory (the workers', on a cluster), each chunk read once."""
+    import dask
+
+    (kept,) = dask.persist(a, optimize_graph=_OPTIMIZE)
+    return kept
 
 
 def host_float(a: Any, purpose: str = "a Python float") -> float:

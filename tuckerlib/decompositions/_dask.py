@@ -38,7 +38,7 @@ import array_api_compat
 import dask.array as da
 import numpy as np
 
-from tuckerlib._host import compute
+from tuckerlib._host import compute, persist
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._factors import (
     FactorStep,
@@ -165,7 +165,7 @@ def _settle(core: da.Array) -> Any:
     if core.nbytes <= EAGER_BYTES:
         (value,) = compute(core)
         return value
-    return core.persist()
+    return persist(core)
 
 
 def _gram_step(xp: ModuleType, x: da.Array, mode: int, gram: Any, cut: Truncation) -> FactorStep:
@@ -178,7 +178,24 @@ def _gram_step(xp: ModuleType, x: da.Array, mode: int, gram: Any, cut: Truncatio
     others = _others(x.ndim, mode)
     columns = xp.reshape(v, (*(x.shape[k] for k in others), v.shape[1]))
     (av,) = compute(_times_columns(x, mode, columns))
-    return FactorStep(sign_fix(xp, orthonormal(xp, av)), spectrum)
+    u = _completed(xp, orthonormal(xp, av), cut.rank_of(spectrum, size))
+    return FactorStep(sign_fix(xp, u), spectrum)
+
+
+def _completed(xp: ModuleType, q: Any, rank: int) -> Any:
+    """``q`` extended by orthonormal columns to ``rank`` columns.
+
+    Only a rank above the number of columns of the unfolding needs this;
+    the added directions meet no data (the core is zero there), so any
+    orthonormal completion is as good as another.
+    """
+    missing = rank - q.shape[1]
+    if missing <= 0:
+        return q
+    drawn = np.random.default_rng(0).standard_normal((q.shape[0], missing))
+    extra = xp.asarray(drawn, dtype=q.dtype)
+    extra = extra - q @ (q.T @ extra)
+    return xp.concat([q, orthonormal(xp, extra)], axis=1)
 
 
 def _sketched(x: da.Array, mode: int, rank: int | None, method: str, sketch: Sketch | None) -> bool:
@@ -211,7 +228,7 @@ def _sketch_step(
     rows, cols = x.shape[mode], _columns(x.shape, mode)
     q = orthonormal(xp, y)
     if sketch.power_iter == 0:
-        b = da.tensordot(x, q, axes=((mode,), (0,))).persist()
+        b = persist(da.tensordot(x, q, axes=((mode,), (0,))))
         others = tuple(range(x.ndim - 1))
         if q.shape[1] <= cols:
             (gram,) = compute(da.tensordot(b, b, axes=(others, others)))
@@ -224,13 +241,15 @@ def _sketch_step(
         projected = da.tensordot(b, (q.T @ u), axes=((x.ndim - 1,), (0,)))
         return FactorStep(u, None, da.moveaxis(projected, -1, mode))
     for _ in range(sketch.power_iter - 1):
-        z = da.tensordot(x, q, axes=((mode,), (0,)))
+        # Kept, not left lazy: computing A (Aᵀ Q) in one graph would hold
+        # every chunk of x in memory until Aᵀ Q is complete.
+        z = persist(da.tensordot(x, q, axes=((mode,), (0,))))
         if cols <= rows:
             (value,) = compute(z)
             z = xp.reshape(orthonormal(xp, xp.reshape(value, (cols, -1))), value.shape)
         (product,) = compute(_times_columns(x, mode, z))
         q = orthonormal(xp, product)
-    z = da.tensordot(x, q, axes=((mode,), (0,))).persist()
+    z = persist(da.tensordot(x, q, axes=((mode,), (0,))))
     (y,) = compute(_times_columns(x, mode, z))
     u, coefficients = nystrom_coefficients(xp, q, y, rank)
     projected = da.tensordot(z, coefficients, axes=((x.ndim - 1,), (1,)))

@@ -127,7 +127,9 @@ def _squared_norm(xp: ModuleType, x: Any) -> float:
     """``‖x‖²`` in the array's own dtype: one BLAS dot for NumPy, without a temporary."""
     if is_numpy(xp):
         flat = np.reshape(np.transpose(x, memory_order(x)), -1)
-        return float(np.dot(flat, flat))
+        # Overflow is expected for extreme inputs: it is what decides the scale.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.dot(flat, flat))
     return host_float(xp.sum(x * x))
 
 
