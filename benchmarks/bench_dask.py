@@ -107,8 +107,8 @@ def _peak_worker_memory(client) -> float:
 def out_of_core(args) -> None:
     import distributed
 
-    side = round((args.ooc_gb * 2**30 / 4) ** (1 / 3) / args.chunk) * args.chunk
-    shape, chunks = (side,) * 3, (args.chunk,) * 3
+    side = round((args.ooc_gb * 2**30 / 4) ** (1 / 3) / args.ooc_chunk) * args.ooc_chunk
+    shape, chunks = (side,) * 3, (args.ooc_chunk,) * 3
     nbytes = math.prod(shape) * 4
     free = shutil.disk_usage(args.dir).free
     if free < 1.2 * nbytes:
@@ -124,7 +124,7 @@ def out_of_core(args) -> None:
         times = nbytes / (args.workers * worker_bytes)
         print(
             f"\n## Out of core: {side}³ float32 zarr ({nbytes / 2**30:.2f} GiB), "
-            f"chunks {args.chunk}³, {args.workers} workers × {args.worker_gb} GiB "
+            f"chunks {args.ooc_chunk}³, {args.workers} workers × {args.worker_gb} GiB "
             f"({times:.2f}x their memory), rank {args.rank}"
         )
         with (
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100, help="chunk side")
     parser.add_argument("--rank", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3, help="in-memory timings: best of")
+    parser.add_argument("--ooc-chunk", type=int, default=100, help="chunk side out of core")
     parser.add_argument("--ooc-gb", type=float, default=6.0, help="size of the zarr tensor (GiB)")
     parser.add_argument(
         "--worker-gb", type=float, default=1.5, help="memory limit per worker (GiB)"
@@ -198,12 +199,14 @@ def main() -> None:
     parser.add_argument("--reference", choices=["numpy", "none"], default="numpy")
     parser.add_argument("--skip-out-of-core", action="store_true")
     parser.add_argument(
-        "--quick", action="store_true", help="small sizes (120³ in memory, 0.25 GiB out of core)"
+        "--quick",
+        action="store_true",
+        help="small sizes: 200³ in memory, 0.5 GiB out of core on 2 workers × 0.15 GiB",
     )
     args = parser.parse_args()
     if args.quick:
-        args.size, args.chunk, args.repeat = 120, 40, 1
-        args.ooc_gb, args.worker_gb = 0.25, 0.2
+        args.size, args.chunk, args.repeat = 200, 50, 2
+        args.ooc_gb, args.worker_gb = 0.5, 0.15
     in_memory(args.size, args.chunk, args.rank, args.repeat)
     if not args.skip_out_of_core:
         out_of_core(args)

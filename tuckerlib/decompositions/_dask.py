@@ -91,13 +91,72 @@ def is_tall(shape: Sequence[int], mode: int) -> bool:
 def mode_gram(x: da.Array, mode: int) -> da.Array:
     """Lazy Gram matrix of the smaller side of the mode-``mode`` unfolding.
 
-    ``I_n × I_n`` (``tensordot`` over the other modes), or for a tall mode
-    the column Gram matrix, of shape ``(*others, *others)``.
+    ``I_n × I_n`` (:func:`row_gram`), or for a tall mode the column Gram
+    matrix, of shape ``(*others, *others)`` (``tensordot`` over mode ``n``).
     """
     if is_tall(x.shape, mode):
         return da.tensordot(x, x, axes=((mode,), (mode,)))
-    others = _others(x.ndim, mode)
-    return da.tensordot(x, x, axes=(others, others))
+    return row_gram(x, mode)
+
+
+def row_gram(x: da.Array, mode: int) -> da.Array:
+    """Lazy ``A Aᵀ`` of the mode-``n`` unfolding, block by block, using its symmetry.
+
+    With ``c`` chunks along mode ``n``, the block ``(i, j)`` of the Gram
+    matrix sums, over the fibre groups (the chunks that share their other
+    modes' block indices), the product of chunk ``i`` with chunk ``j``;
+    only ``j >= i`` are computed (``c (c + 1) / 2`` of ``c²``: a plain
+    ``tensordot`` of ``x`` with itself would compute both halves), the
+    diagonal ones as ``B Bᵀ`` (BLAS ``syrk``, half the flops again). Each
+    block's partial sums are reduced in a tree of fan-in 4, as Dask's own
+    reductions are; the blocks meet in one small task.
+    """
+    from dask import delayed
+
+    chunks = np.moveaxis(x.to_delayed(optimize_graph=False), mode, 0)
+    groups = chunks.reshape(chunks.shape[0], -1)
+    blocks = {}
+    for i in range(groups.shape[0]):
+        for j in range(i, groups.shape[0]):
+            products = [
+                delayed(_block_gram, pure=True)(groups[i, g], groups[j, g], mode, i == j)
+                for g in range(groups.shape[1])
+            ]
+            blocks[i, j] = _tree_sum(delayed, products)
+    gram = delayed(_assemble, pure=True)(blocks, groups.shape[0])
+    size = x.shape[mode]
+    return da.from_delayed(gram, shape=(size, size), dtype=x.dtype, meta=x._meta)
+
+
+def _block_gram(a: Any, b: Any, mode: int, same: bool) -> Any:
+    xp = array_api_compat.array_namespace(a)
+    a = xp.reshape(xp.moveaxis(a, mode, 0), (a.shape[mode], -1))
+    if same:
+        # ``a @ a.T`` on one buffer is what NumPy runs as a symmetric rank-k update.
+        return a @ a.T
+    return a @ xp.reshape(xp.moveaxis(b, mode, 0), (b.shape[mode], -1)).T
+
+
+def _tree_sum(delayed: Any, terms: list[Any]) -> Any:
+    while len(terms) > 1:
+        terms = [delayed(_sum, pure=True)(terms[k : k + 4]) for k in range(0, len(terms), 4)]
+    return terms[0]
+
+
+def _sum(terms: list[Any]) -> Any:
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _assemble(blocks: dict[tuple[int, int], Any], count: int) -> Any:
+    xp = array_api_compat.array_namespace(blocks[0, 0])
+    rows = [
+        xp.concat([blocks[i, j] if i <= j else blocks[j, i].T for j in range(count)], axis=1)
+        for i in range(count)
+    ]
+    return xp.concat(rows, axis=0)
 
 
 def square(gram: Any, shape: Sequence[int], mode: int) -> Any:

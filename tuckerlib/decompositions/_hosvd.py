@@ -38,8 +38,12 @@ def hosvd(
     Parameters
     ----------
     x : array of shape (I_0, ..., I_{N-1})
-        Real tensor of any array API library. Integer input is converted to
-        the library's default floating dtype; float32 stays float32.
+        Real tensor of any array API library (a Dask array is decomposed
+        chunk by chunk; see the scaling guide). Integer input is converted
+        to the library's default floating dtype; float32 stays float32;
+        float16 and bfloat16 are computed in float32 and the results
+        returned in the input's dtype. Input whose energy would overflow or
+        underflow a Gram matrix is scaled by a power of two first (exact).
     rank : int, sequence of int or None, or None, optional
         Multilinear rank (see :func:`resolve_rank`). ``None`` with no
         ``tol`` keeps every mode full (an exact decomposition).
@@ -65,12 +69,15 @@ def hosvd(
     Raises
     ------
     ValueError
-        If ``x`` is 0-D or holds NaN/inf, a rank is below 1 or a rank
-        sequence exceeds a mode size, ``tol`` is outside (0, 1), both
-        ``rank`` and ``tol`` are given, ``method`` is unknown, or
-        ``method="randomized"`` is combined with ``tol``.
+        If ``x`` is 0-D, has a mode of size 0, holds NaN/inf or is a meta
+        tensor, a rank is below 1 or a rank sequence exceeds a mode size,
+        ``tol`` is outside (0, 1), both ``rank`` and ``tol`` are given,
+        ``method`` is unknown, or ``method="randomized"`` is combined with
+        ``tol``.
     TypeError
-        If ``x`` is complex or a rank/tol has the wrong type.
+        If ``x`` is complex or a rank/tol has the wrong type, or ``tol``
+        is given for an ``x`` traced by ``jax.jit`` (ranks from ``tol`` are
+        read on the host; fixed integer ranks work under ``jax.jit``).
 
     See Also
     --------

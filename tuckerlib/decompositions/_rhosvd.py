@@ -49,8 +49,12 @@ def rhosvd(
     Parameters
     ----------
     x : array of shape (I_0, ..., I_{N-1})
-        Real tensor of any array API library. Integer input is converted to
-        the library's default floating dtype; float32 stays float32.
+        Real tensor of any array API library (a Dask array is decomposed
+        chunk by chunk; see the scaling guide). Integer input is converted
+        to the library's default floating dtype; float32 stays float32;
+        float16 and bfloat16 are computed in float32 and the results
+        returned in the input's dtype. Input whose energy would overflow or
+        underflow a Gram matrix is scaled by a power of two first (exact).
     rank : int or sequence of int or None
         Multilinear rank (see :func:`resolve_rank`); required.
     oversample : int, optional
@@ -78,7 +82,8 @@ def rhosvd(
     ValueError
         If ``rank`` is ``None``, a rank is below 1 or a rank sequence
         exceeds a mode size, ``oversample``/``power_iter``/``seed`` is
-        negative, or ``x`` is 0-D or holds NaN/inf.
+        negative, or ``x`` is 0-D, has a mode of size 0, holds NaN/inf or
+        is a meta tensor.
     TypeError
         If ``x`` is complex or an argument has the wrong type.
 

@@ -105,8 +105,12 @@ def sthosvd(
     Parameters
     ----------
     x : array of shape (I_0, ..., I_{N-1})
-        Real tensor of any array API library. Integer input is converted to
-        the library's default floating dtype; float32 stays float32.
+        Real tensor of any array API library (a Dask array is decomposed
+        chunk by chunk; see the scaling guide). Integer input is converted
+        to the library's default floating dtype; float32 stays float32;
+        float16 and bfloat16 are computed in float32 and the results
+        returned in the input's dtype. Input whose energy would overflow or
+        underflow a Gram matrix is scaled by a power of two first (exact).
     rank : int, sequence of int or None, or None, optional
         Multilinear rank (see :func:`resolve_rank`). ``None`` with no
         ``tol`` keeps every mode full (an exact decomposition).
@@ -134,7 +138,8 @@ def sthosvd(
     ValueError
         As :func:`hosvd`, and if ``order`` is not a permutation of the modes.
     TypeError
-        If ``x`` is complex or a rank, tol or order has the wrong type.
+        If ``x`` is complex or a rank, tol or order has the wrong type, or
+        ``tol`` is given for an ``x`` traced by ``jax.jit``.
 
     See Also
     --------
