@@ -18,7 +18,9 @@ array of theirs is already at hand (and so already imported).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat
@@ -72,7 +74,8 @@ def compute(*arrays: Any) -> tuple[Any, ...]:
         return arrays
     import dask
 
-    values = dask.compute(*(arrays[i] for i in lazy), optimize_graph=_OPTIMIZE)
+    with _one_blas_thread_per_dask_thread(arrays[lazy[0]]):
+        values = dask.compute(*(arrays[i] for i in lazy), optimize_graph=_OPTIMIZE)
     result = list(arrays)
     for i, value in zip(lazy, values, strict=True):
         result[i] = value
@@ -90,8 +93,30 @@ def persist(a: Any) -> Any:
     """A Dask array computed into memory (the workers', on a cluster), each chunk read once."""
     import dask
 
-    (kept,) = dask.persist(a, optimize_graph=_OPTIMIZE)
+    with _one_blas_thread_per_dask_thread(a):
+        (kept,) = dask.persist(a, optimize_graph=_OPTIMIZE)
     return kept
+
+
+@contextlib.contextmanager
+def _one_blas_thread_per_dask_thread(collection: Any) -> Iterator[None]:
+    """Limit BLAS to one thread while Dask's local thread pool computes.
+
+    The pool already runs one task per core; a multi-threaded BLAS call in
+    each would oversubscribe the cores (a Gram pass ran 3x slower on two
+    cores). Worker processes of ``dask.distributed`` get one BLAS thread
+    from their nanny already, so only the local threaded scheduler needs it.
+    """
+    import dask
+    import dask.threaded
+
+    if dask.base.get_scheduler(collections=[collection]) is not dask.threaded.get:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def host_float(a: Any, purpose: str = "a Python float") -> float:

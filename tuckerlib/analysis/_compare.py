@@ -14,9 +14,9 @@ from tuckerlib.analysis._inputs import check_spectrum
 from tuckerlib.decompositions._api import (
     prepare_tensor,
     sthosvd_relative_error,
+    tail_energies,
     unfolding_spectra,
 )
-from tuckerlib.decompositions._truncation import tail_energies
 
 __all__ = ["tucker_vs_matrix"]
 

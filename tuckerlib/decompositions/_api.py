@@ -1,10 +1,12 @@
 """The internal API of the decompositions that :mod:`tuckerlib.analysis` builds on.
 
-The analysis needs three things from here, and only these: a validated
-tensor (:func:`prepare_tensor`), the spectrum of every unfolding with the
-left singular vectors where they come for free (:func:`unfolding_spectra`),
-and the error of an ST-HOSVD at given ranks that reuses one of those
-spectra (:func:`sthosvd_relative_error`). Each works on in-memory arrays of
+The analysis needs these from here, and only these: a validated tensor
+(:func:`prepare_tensor`), the spectrum of every unfolding with the left
+singular vectors where they come for free (:func:`unfolding_spectra`,
+back in the input's units and library with :func:`in_input_library`), the
+error of an ST-HOSVD at given ranks that reuses one of those spectra
+(:func:`sthosvd_relative_error`), and the discarded energies of a spectrum
+(:func:`tail_energies`). Each works on in-memory arrays of
 any library and on Dask arrays (one pass for all the spectra).
 
 Values are in the units of the prepared tensor (``prepared.x``, the input
@@ -26,7 +28,7 @@ from tuckerlib.decompositions._prepare import Prepared, prepare_tensor
 from tuckerlib.decompositions._spectra import matrix_spectrum, pad, tensor_spectrum
 from tuckerlib.decompositions._spectra import unfolding_spectrum as _unfolding_spectrum
 from tuckerlib.decompositions._sthosvd import sthosvd_steps
-from tuckerlib.decompositions._truncation import default_order
+from tuckerlib.decompositions._truncation import default_order, tail_energies
 
 __all__ = [
     "ModeSpectrum",
@@ -34,6 +36,7 @@ __all__ = [
     "in_input_library",
     "prepare_tensor",
     "sthosvd_relative_error",
+    "tail_energies",
     "unfolding_spectra",
 ]
 
