@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import shutil
 import tempfile
@@ -133,6 +134,7 @@ def out_of_core(args) -> None:
                 threads_per_worker=1,
                 memory_limit=worker_bytes,
                 dashboard_address=None,
+                silence_logs=logging.ERROR,
             ) as cluster,
             distributed.Client(cluster) as client,
         ):
@@ -201,12 +203,12 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small sizes: 200³ in memory, 0.5 GiB out of core on 2 workers × 0.15 GiB",
+        help="small sizes: 200³ in memory, 0.8 GiB out of core on 2 workers × 0.25 GiB",
     )
     args = parser.parse_args()
     if args.quick:
         args.size, args.chunk, args.repeat = 200, 50, 2
-        args.ooc_gb, args.worker_gb = 0.5, 0.15
+        args.ooc_gb, args.worker_gb = 0.75, 0.25
     in_memory(args.size, args.chunk, args.rank, args.repeat)
     if not args.skip_out_of_core:
         out_of_core(args)
