@@ -108,7 +108,7 @@ def _peak_worker_memory(client) -> float:
 def out_of_core(args) -> None:
     import distributed
 
-    side = round((args.ooc_gb * 2**30 / 4) ** (1 / 3) / args.ooc_chunk) * args.ooc_chunk
+    side = math.ceil((args.ooc_gb * 2**30 / 4) ** (1 / 3) / args.ooc_chunk) * args.ooc_chunk
     shape, chunks = (side,) * 3, (args.ooc_chunk,) * 3
     nbytes = math.prod(shape) * 4
     free = shutil.disk_usage(args.dir).free
