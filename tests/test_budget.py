@@ -2,6 +2,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import JAX_PER_SHAPE
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +17,8 @@ from tuckerlib import (
 )
 from tuckerlib.analysis._budget import solve_budget
 from tuckerlib.analysis._inputs import host_spectra
+
+pytestmark = pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE)
 
 
 def kept_energy(spectra, ranks):

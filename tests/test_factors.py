@@ -1,17 +1,24 @@
 import numpy as np
 import pytest
+from conftest import DASK_KERNELS, JAX_PER_SHAPE
 
 from tuckerlib import sthosvd, unfold
 from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import get_namespace
 from tuckerlib.decompositions._factors import (
-    check_method,
+    Truncation,
     choose_method,
     fibre_matrix,
     mode_factor,
     unfibre,
 )
 from tuckerlib.decompositions._linalg import left_singular, sign_fix
+from tuckerlib.decompositions._prepare import check_method
+
+pytestmark = [
+    pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE),
+    pytest.mark.skip_backend("dask", reason=DASK_KERNELS),
+]
 
 
 def _xp(backend):
@@ -85,13 +92,13 @@ def test_tall_matrix_gets_full_basis_when_rank_exceeds_columns(backend):
 
 def test_auto_rule():
     eps = np.finfo(np.float64).eps
-    assert choose_method("auto", 10, 3000, eps, None, 3) == "gram"
-    assert choose_method("auto", 3000, 10, eps, None, 3) == "gram"
-    # A tolerance near the Gram's rounding level needs the SVD.
-    assert choose_method("auto", 100, 3000, eps, 1e-7, 3) == "svd"
-    assert choose_method("auto", 100, 3000, eps, 1e-3, 3) == "gram"
-    assert choose_method("svd", 10, 3000, eps, None, 3) == "svd"
-    assert choose_method("randomized", 10, 3000, eps, None, 3) == "randomized"
+    assert choose_method("auto", 10, 3000, eps, None) == "gram"
+    assert choose_method("auto", 3000, 10, eps, None) == "gram"
+    # A tolerance near the Gram's rounding level needs the SVD (fraction = tol² / N).
+    assert choose_method("auto", 100, 3000, eps, 1e-14 / 3) == "svd"
+    assert choose_method("auto", 100, 3000, eps, 1e-6 / 3) == "gram"
+    assert choose_method("svd", 10, 3000, eps, None) == "svd"
+    assert choose_method("randomized", 10, 3000, eps, None) == "randomized"
 
 
 @pytest.mark.parametrize("shape", [(40, 6), (6, 40)])
@@ -106,9 +113,9 @@ def test_gram_uses_the_small_side(backend, shape, monkeypatch):
         return eigh(g)
 
     monkeypatch.setattr(xp.linalg, "eigh", recording_eigh)
-    u, spectrum, _ = mode_factor(xp, backend.asarray(a), "gram", rank=4)
+    step = mode_factor(xp, backend.asarray(a), "gram", Truncation(rank=4))
     assert sizes == [(6, 6)]
-    u = backend.to_numpy(u)
+    u, spectrum = backend.to_numpy(step.factor), backend.to_numpy(step.spectrum)
     reference_u, reference_s, _ = np.linalg.svd(a, full_matrices=False)
     np.testing.assert_allclose(spectrum[:6], reference_s, rtol=1e-10)
     np.testing.assert_allclose(np.abs(u.T @ reference_u[:, :4]), np.eye(4), atol=1e-8)
@@ -118,8 +125,8 @@ def test_gram_uses_the_small_side(backend, shape, monkeypatch):
 def test_tall_gram_with_deficient_rank_is_orthonormal(backend):
     a = np.zeros((30, 5))
     a[:, 0] = 1.0
-    u, _, _ = mode_factor(_xp(backend), backend.asarray(a), "gram", rank=3)
-    u = backend.to_numpy(u)
+    step = mode_factor(_xp(backend), backend.asarray(a), "gram", Truncation(rank=3))
+    u = backend.to_numpy(step.factor)
     np.testing.assert_allclose(u.T @ u, np.eye(3), atol=1e-12)
     np.testing.assert_allclose(np.abs(u[:, 0]), np.full(30, 30**-0.5))
 
@@ -143,7 +150,8 @@ def test_scipy_subset_path_matches_full_solver(monkeypatch):
     np.testing.assert_allclose(tucker.core, reference.core, atol=1e-9)
     for factor, expected in zip(tucker.factors, reference.factors, strict=True):
         np.testing.assert_allclose(factor, expected, atol=1e-9)
-    _, spectrum, _ = _factors.mode_factor(get_namespace(x), x.reshape(40, -1), "gram", rank=4)
+    step = _factors.mode_factor(get_namespace(x), x.reshape(40, -1), "gram", Truncation(rank=4))
+    spectrum = step.spectrum
     s = np.linalg.svd(x.reshape(40, -1), compute_uv=False)
     np.testing.assert_allclose(spectrum[:4], s[:4], rtol=1e-10)
     np.testing.assert_allclose(spectrum[4] ** 2, np.sum(s[4:] ** 2), rtol=1e-8)

@@ -2,8 +2,11 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import JAX_PER_SHAPE
 
 from tuckerlib import HOOIInfo, TuckerTensor, hooi, hosvd, relative_error, sthosvd
+
+pytestmark = pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE)
 
 
 def noisy(shape=(8, 9, 10), seed=0):

@@ -1,9 +1,12 @@
 import numpy as np
 import pytest
+from conftest import JAX_PER_SHAPE
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tuckerlib import TuckerTensor, hosvd, relative_error, unfold
+
+pytestmark = pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE)
 
 METHODS = ["svd", "gram", "auto", "randomized"]
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -70,7 +71,7 @@ def test_output_keeps_library_dtype_and_device(backend, name, dtype):
     assert get_namespace(out) is get_namespace(arrays["x"])
     assert type(out) is type(arrays["x"])
     assert out.dtype == arrays["x"].dtype
-    assert out.device == arrays["x"].device
+    assert array_api_compat.device(out) == array_api_compat.device(arrays["x"])
 
 
 @pytest.mark.parametrize("name", list(PRIMITIVES))
@@ -137,14 +138,17 @@ def test_namespace_helpers():
     assert isinstance(as_array([1.0], xp), np.ndarray)
 
 
-def test_importing_tuckerlib_does_not_import_torch():
+def test_importing_tuckerlib_does_not_import_a_framework():
     code = (
         "import sys, numpy as np, tuckerlib\n"
         "x = np.ones((2, 3, 4))\n"
         "tuckerlib.multi_mode_product(x, [np.ones((2, 2)), np.ones((2, 3))])\n"
         "tuckerlib.relative_error(x, x)\n"
         "tuckerlib.TuckerTensor(np.ones((1, 1)), [np.ones((2, 1))] * 2).norm()\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "tuckerlib.sthosvd(x, 2), tuckerlib.hooi(x, 1), tuckerlib.mode_spectra(x)\n"
+        "tuckerlib.tucker_vs_matrix(x, 20)\n"
+        "found = [m for m in ('torch', 'dask', 'distributed', 'zarr', 'jax') if m in sys.modules]\n"
+        "assert not found, f'imported {found}'\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120

@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+from conftest import JAX_PER_SHAPE
 
 from tuckerlib import TuckerTensor, relative_error, rhosvd, sthosvd
+
+pytestmark = pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE)
 
 
 def decaying(shape=(30, 32, 34), seed=0):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import DASK_KERNELS, JAX_PER_SHAPE
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,11 @@ from tuckerlib.decompositions._sketch import (
     gaussian_khatri_rao,
     randomized_factor,
 )
+
+pytestmark = [
+    pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE),
+    pytest.mark.skip_backend("dask", reason=DASK_KERNELS),
+]
 
 
 def _xp(backend):

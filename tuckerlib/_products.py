@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
+import array_api_compat
+
 from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import get_namespace, is_numpy, is_torch
 from tuckerlib._validation import as_list, as_numeric_array, check_bool, check_mode, check_ndim
@@ -75,6 +77,9 @@ def _apply(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
     another orientation) is multiplied along its memory order, where the
     reshapes below are views, and the result comes back in the same layout.
     """
+    if array_api_compat.is_dask_array(x):
+        # A blocked contraction: reshaping a chunked tensor would rechunk it.
+        return xp.moveaxis(xp.tensordot(op, x, axes=((1,), (mode,))), 0, mode)
     order = memory_order(x)
     if order == tuple(range(x.ndim)):
         return _apply_c_order(xp, x, op, mode)

@@ -9,14 +9,18 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from tuckerlib._host import to_host
 from tuckerlib._metrics import frobenius_norm
 from tuckerlib._validation import as_list
 from tuckerlib.analysis._budget import check_budget, solve_budget
 from tuckerlib.analysis._inputs import check_spectrum
-from tuckerlib.analysis._spectra import mode_spectra, unfolding_spectrum
-from tuckerlib.decompositions._common import default_order, prepare_tensor, tail_energies, to_host
-from tuckerlib.decompositions._factors import fibre_matrix
-from tuckerlib.decompositions._sthosvd import sthosvd_steps
+from tuckerlib.decompositions._api import (
+    Prepared,
+    prepare_tensor,
+    sthosvd_relative_error,
+    tail_energies,
+    unfolding_spectra,
+)
 
 __all__ = ["tucker_vs_matrix"]
 
@@ -27,21 +31,24 @@ def _relative(squared_error: float, total: float) -> float:
     return math.sqrt(min(max(squared_error / total, 0.0), 1.0))
 
 
-def _given_spectra(spectra: Any, xp: Any, x: Any) -> list[np.ndarray]:
-    """Host copies of ``mode_spectra(x)`` given by the caller, checked against ``x``."""
+def _given_spectra(spectra: Any, prepared: Prepared) -> list[np.ndarray]:
+    """Host copies of ``mode_spectra(x)`` given by the caller, checked against ``x``.
+
+    They are scaled like the prepared tensor, whose ``‖x‖`` they must match.
+    """
     expected = "a list of 1-D arrays (mode_spectra(x))"
     if array_api_compat.is_array_api_obj(spectra):
         raise TypeError(f"spectra must be {expected}, got an array of shape {spectra.shape}")
     given = as_list(spectra, "spectra", expected)
-    host = [check_spectrum(s, f"spectra[{n}]") for n, s in enumerate(given)]
-    shape = tuple(int(d) for d in x.shape)
+    host = [check_spectrum(s, f"spectra[{n}]") * prepared.scale for n, s in enumerate(given)]
+    shape = tuple(int(d) for d in prepared.x.shape)
     lengths = tuple(len(s) for s in host)
     if lengths != shape:
         raise ValueError(
             f"spectra must hold one spectrum of length I_n per mode of x, i.e. lengths {shape}; "
             f"got lengths {lengths}"
         )
-    _check_energies(host, xp, x)
+    _check_energies(host, prepared.xp, prepared.x)
     return host
 
 
@@ -66,13 +73,6 @@ def _check_energies(host: list[np.ndarray], xp: Any, x: Any) -> None:
                 f"||x||_F = {norm:.6g} (relative energy difference {mismatch:.2g}, tolerance "
                 f"{tolerance:.2g} for {x.dtype}); pass spectra=mode_spectra(x)"
             )
-
-
-def _tensor_spectra(xp: Any, x: Any) -> tuple[list[np.ndarray], dict[int, tuple[Any, Any]]]:
-    """Host spectra of every mode, and the left singular vectors that came for free."""
-    pairs = [unfolding_spectrum(xp, fibre_matrix(xp, x, n), vectors=True) for n in range(x.ndim)]
-    vectors = {n: v for n, (_, v) in enumerate(pairs) if v is not None}
-    return [to_host(s) for s, _ in pairs], vectors
 
 
 def tucker_vs_matrix(
@@ -161,33 +161,29 @@ def tucker_vs_matrix(
     >>> reused["tucker_ranks"], reused["matrix_error"], reused["tucker_error"] < 1e-6
     ((2, 2, 2), 1.0, True)
     """
-    xp, x = prepare_tensor(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 modes, got shape {tuple(x.shape)}")
+    prepared = prepare_tensor(x)
+    if prepared.x.ndim < 2:
+        raise ValueError(f"x must have at least 2 modes, got shape {tuple(prepared.x.shape)}")
     budget = check_budget(budget)
-    shape = tuple(int(d) for d in x.shape)
-    vectors: dict[int, Any] = {}
+    shape = tuple(int(d) for d in prepared.x.shape)
+    found = None
     if spectra is not None:
-        host = _given_spectra(spectra, xp, x)
-    elif x.ndim == 2:
-        host = [to_host(s) for s in mode_spectra(x)]
+        host = _given_spectra(spectra, prepared)
     else:
-        host, vectors = _tensor_spectra(xp, x)
+        prepared, found = unfolding_spectra(prepared, vectors=len(shape) > 2)
+        host = [to_host(s.values) for s in found]
     ranks = solve_budget(host, budget)
     tail = tail_energies(host[0])
-    if x.ndim == 2:
-        tucker_squared = float(tail[min(ranks)])
-    else:
-        order = default_order(shape, ranks)
-        first = order[0]
-        known = {first: (vectors[first], host[first])} if first in vectors else None
-        _, tucker_squared = sthosvd_steps(xp, x, ranks, order, "auto", known=known)
-    rows = x.shape[0]
-    cols = math.prod(x.shape[1:])
-    matrix_rank = min(budget // (rows + cols), rows, cols)
     total = float(tail[0])
+    if len(shape) == 2:
+        tucker_error = _relative(float(tail[min(ranks)]), total)
+    else:
+        tucker_error = sthosvd_relative_error(prepared, ranks, found)
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    matrix_rank = min(budget // (rows + cols), rows, cols)
     return {
-        "tucker_error": _relative(tucker_squared, total),
+        "tucker_error": tucker_error,
         "tucker_ranks": tuple(ranks),
         "matrix_error": _relative(float(tail[matrix_rank]), total),
         "matrix_rank": int(matrix_rank),

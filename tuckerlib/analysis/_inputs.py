@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -9,9 +10,9 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from tuckerlib._host import to_host
 from tuckerlib._validation import as_list
-from tuckerlib.analysis._spectra import mode_spectra
-from tuckerlib.decompositions._common import to_host
+from tuckerlib.decompositions._api import prepare_tensor, unfolding_spectra
 
 __all__ = ["check_energy", "check_sizes", "check_spectrum", "host_spectra", "shape_of"]
 
@@ -69,19 +70,27 @@ def host_spectra(x_or_spectra: Any) -> list[np.ndarray]:
 
     An array is read as the tensor itself; any other iterable (a list, a
     tuple, a generator, read once) as spectra, one 1-D array of length
-    ``I_n`` per mode (e.g. from :func:`mode_spectra`).
+    ``I_n`` per mode (e.g. from :func:`mode_spectra`). The callers use only
+    ratios of energies, so the spectra share one power-of-two scale that
+    keeps their squares finite (spectra of 1e300 and more would overflow).
     """
     if array_api_compat.is_array_api_obj(x_or_spectra):
         check_sizes(tuple(x_or_spectra.shape), "x_or_spectra")
-        return [to_host(s) for s in mode_spectra(x_or_spectra)]
-    given = as_list(
-        x_or_spectra, "x_or_spectra", "an array or a sequence of 1-D spectra, one per mode"
-    )
-    if not given:
-        raise ValueError("x_or_spectra is an empty list; expected one spectrum per mode")
-    spectra = [check_spectrum(s, f"x_or_spectra[{n}]") for n, s in enumerate(given)]
-    check_sizes(shape_of(spectra), "x_or_spectra")
-    return spectra
+        _, spectra = unfolding_spectra(prepare_tensor(x_or_spectra, "x_or_spectra"))
+        host = [to_host(s.values) for s in spectra]
+    else:
+        given = as_list(
+            x_or_spectra, "x_or_spectra", "an array or a sequence of 1-D spectra, one per mode"
+        )
+        if not given:
+            raise ValueError("x_or_spectra is an empty list; expected one spectrum per mode")
+        host = [check_spectrum(s, f"x_or_spectra[{n}]") for n, s in enumerate(given)]
+        check_sizes(shape_of(host), "x_or_spectra")
+    top = max((float(s[0]) for s in host if s.size), default=0.0)
+    if top == 0.0:
+        return host
+    scale = math.ldexp(1.0, -math.frexp(top)[1])
+    return [s * scale for s in host]
 
 
 def check_energy(energy: Any) -> float:

@@ -1,4 +1,4 @@
-"""Leading left singular vectors of a mode-n unfolding.
+"""One step of every decomposition: the factor of one mode-n unfolding.
 
 Only the column space of an unfolding matters for a Tucker factor, and both
 the singular values and the left singular vectors are invariant under a
@@ -11,28 +11,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from tuckerlib._host import require_values, to_host
 from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import is_numpy
-from tuckerlib.decompositions._common import rank_for_threshold, to_host
 from tuckerlib.decompositions._linalg import left_singular, orthonormal, sign_fix
+from tuckerlib.decompositions._prepare import Prepared
 from tuckerlib.decompositions._sketch import Sketch, randomized_factor
+from tuckerlib.decompositions._truncation import rank_for_threshold, tail_energies
 
 __all__ = [
-    "METHODS",
-    "check_method",
+    "FactorStep",
+    "Truncation",
     "choose_method",
+    "eigen_factor",
     "fibre_columns",
     "fibre_matrix",
     "mode_factor",
+    "truncations",
     "unfibre",
 ]
-
-METHODS = ("auto", "svd", "gram", "randomized")
 
 # "auto" only takes the Gram route when the tolerance asks for much more
 # discarded energy than the eigenvalue rounding of the Gram matrix
@@ -40,28 +43,91 @@ METHODS = ("auto", "svd", "gram", "randomized")
 _GRAM_SAFETY = 10.0
 
 
-def check_method(method: Any) -> str:
-    """Return ``method`` if it is one of :data:`METHODS`."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    return method
+@dataclass(frozen=True)
+class Truncation:
+    """How many columns a factor keeps.
+
+    A fixed ``rank``, or (``rank=None``) the fewest columns whose discarded
+    energy is at most ``threshold``. ``fraction`` is that threshold over
+    ``‖x‖²`` (``tol² / N``): how close to rounding level the target is,
+    which decides the ``"auto"`` method.
+    """
+
+    rank: int | None = None
+    threshold: float = 0.0
+    fraction: float | None = None
+
+    def rank_of(self, spectrum: Any, size: int) -> int:
+        """The rank to keep, given the spectrum (read on the host only for a threshold)."""
+        if self.rank is not None:
+            return self.rank
+        return rank_for_threshold(
+            to_host(spectrum, "choosing ranks from tol"), self.threshold, size
+        )
 
 
-def choose_method(
-    method: str, rows: int, cols: int, eps: float, tol: float | None, ndim: int
-) -> str:
+@dataclass(frozen=True)
+class FactorStep:
+    """The result of one factor step.
+
+    Parameters
+    ----------
+    factor : array of shape (I_n, R_n)
+        Orthonormal, sign-fixed leading left singular vectors.
+    spectrum : array or None
+        The unfolding's singular values, descending, in its library (a
+        sketch computes none). Only the host reads of :meth:`discarded`
+        and of a threshold rank move it off the device.
+    projected : array or None
+        ``factorᵀ a`` when the step produced it for free (a sketch);
+        otherwise the caller projects.
+    """
+
+    factor: Any
+    spectrum: Any = None
+    projected: Any = None
+
+    @property
+    def rank(self) -> int:
+        """The number of columns kept."""
+        return int(self.factor.shape[1])
+
+    def discarded(self) -> float:
+        """Energy of the unfolding outside the factor's span; ``nan`` without a spectrum."""
+        if self.spectrum is None:
+            return math.nan
+        return float(tail_energies(to_host(self.spectrum, "the discarded energy"))[self.rank])
+
+
+def truncations(
+    prepared: Prepared, ranks: Sequence[int] | None, tol: float | None
+) -> list[Truncation]:
+    """One :class:`Truncation` per mode: the fixed ``ranks``, or the per-mode share of ``tol``.
+
+    With ``tol``, each mode may discard ``tol² ‖x‖² / N`` energy, so that
+    the total (a sum over the modes for HOSVD and ST-HOSVD) stays within
+    ``tol² ‖x‖²``. Needs ``‖x‖²``, so a tracer under ``jax.jit`` is refused.
+    """
+    ndim = prepared.x.ndim
+    if tol is None:
+        return [Truncation(rank=r) for r in ranks]
+    require_values(prepared.x, "choosing ranks from tol")
+    fraction = tol * tol / ndim
+    return [Truncation(threshold=fraction * prepared.norm2, fraction=fraction)] * ndim
+
+
+def choose_method(method: str, rows: int, cols: int, eps: float, fraction: float | None) -> str:
     """The concrete method ``"svd"``, ``"gram"`` or ``"randomized"`` for one unfolding.
 
-    ``"auto"`` picks ``"gram"`` unless a tolerance is given that comes near
-    the Gram's rounding level (``tol² / N < 10 · min(rows, cols) · eps``),
-    where it picks ``"svd"``. The Gram route always uses the Gram matrix of
-    the *smaller* side (see :func:`mode_factor`).
+    ``"auto"`` picks ``"gram"`` unless a tolerance asks for a per-mode
+    discarded fraction ``tol² / N`` near the Gram's rounding level
+    (``< 10 · min(rows, cols) · eps``), where it picks ``"svd"``. The Gram
+    route always uses the Gram matrix of the *smaller* side (see
+    :func:`mode_factor`).
     """
-    if method == "randomized":
-        return method
     if method == "auto":
         small = min(rows, cols)
-        if tol is not None and tol * tol / ndim < _GRAM_SAFETY * small * eps:
+        if fraction is not None and fraction < _GRAM_SAFETY * small * eps:
             return "svd"
         return "gram"
     return method
@@ -115,69 +181,62 @@ def mode_factor(
     xp: ModuleType,
     a: Any,
     method: str,
+    cut: Truncation,
     *,
-    rank: int | None = None,
-    threshold: float | None = None,
-    tol: float | None = None,
-    ndim: int = 1,
     sketch: Sketch | None = None,
     columns: Sequence[tuple[int, int]] | None = None,
-) -> tuple[Any, np.ndarray | None, Any]:
-    """The sign-fixed factor ``u`` of one unfolding, its host spectrum, and ``uᵀ a``.
+) -> FactorStep:
+    """The factor step of one unfolding ``a`` (rows: the mode; columns: its fibres).
 
-    Either ``rank`` is given, or the smallest rank whose discarded energy is
-    at most ``threshold`` is used. A factor from a sketch comes with no
-    spectrum (``None``) but with the projected unfolding ``uᵀ a`` for free;
-    otherwise the third value is ``None``. ``columns`` (the modes indexing
-    the columns of ``a``, see :func:`fibre_columns`) shapes the Khatri-Rao
-    test matrix of a sketch; without it the test matrix is a plain Gaussian
-    one.
+    ``method`` is one of ``"auto"``, ``"svd"``, ``"gram"``, ``"randomized"``.
+    ``columns`` (the modes indexing the columns of ``a``, see
+    :func:`fibre_columns`) shapes the Khatri-Rao test matrix of a sketch;
+    without it the test matrix is a plain Gaussian one.
     """
     rows, cols = a.shape
     eps = float(xp.finfo(a.dtype).eps)
-    concrete = choose_method(method, rows, cols, eps, tol, ndim)
+    concrete = choose_method(method, rows, cols, eps, cut.fraction)
     if concrete == "randomized":
         if sketch is None:
             sketch = Sketch(oversample=10, power_iter=1, rng=np.random.default_rng(0))
-        if rank is not None and rank + sketch.oversample < min(rows, cols):
+        if cut.rank is not None and cut.rank + sketch.oversample < min(rows, cols):
             columns = ((0, cols),) if columns is None else tuple(columns)
-            u, projected = randomized_factor(xp, a, rank, sketch, columns)
-            return u, None, projected
+            u, projected = randomized_factor(xp, a, cut.rank, sketch, columns)
+            return FactorStep(u, None, projected)
         # A sketch as wide as the matrix saves nothing: decompose it exactly.
-        concrete = choose_method("auto", rows, cols, eps, None, ndim)
-    threshold = 0.0 if threshold is None else threshold
-    if concrete == "gram" and rows > cols and (rank is None or rank <= cols):
-        return (*_tall_gram_factor(xp, a, rank, threshold), None)
-    if concrete == "gram" and rank is not None and _use_subset(xp, rows, rank):
-        u, spectrum = _subset_eigh(a @ a.T, rank)
-        return sign_fix(xp, u), spectrum, None
-    u, s = left_singular(xp, a, concrete, rank)
-    spectrum = to_host(s)
-    if rank is None:
-        rank = rank_for_threshold(spectrum, threshold, rows)
-    return sign_fix(xp, u[:, :rank]), spectrum, None
+        concrete = choose_method("auto", rows, cols, eps, None)
+    if concrete == "gram" and rows > cols and (cut.rank is None or cut.rank <= cols):
+        v, spectrum = eigen_factor(xp, a.T @ a, cut, rows)
+        return FactorStep(sign_fix(xp, orthonormal(xp, a @ v)), spectrum)
+    if concrete == "gram" and rows <= cols:
+        u, spectrum = eigen_factor(xp, a @ a.T, cut, rows)
+        return FactorStep(sign_fix(xp, u), spectrum)
+    u, s = left_singular(xp, a, "svd", cut.rank)
+    return FactorStep(sign_fix(xp, u[:, : cut.rank_of(s, rows)]), s)
 
 
-def _tall_gram_factor(
-    xp: ModuleType, a: Any, rank: int | None, threshold: float
-) -> tuple[Any, np.ndarray]:
-    """Factor of a tall ``a`` from the small Gram matrix ``aᵀ a`` of its columns.
+def eigen_factor(xp: ModuleType, gram: Any, cut: Truncation, size: int) -> tuple[Any, Any]:
+    """Leading eigenvectors of a symmetric Gram matrix ``a aᵀ`` or ``aᵀ a``, and ``a``'s spectrum.
 
-    With ``aᵀ a = V Σ² Vᵀ``, ``a V_R = U_R Σ_R`` has orthogonal columns, so
-    its QR gives ``U_R`` (up to signs) without dividing by small singular
-    values; a rank-deficient ``a`` still gets an orthonormal basis.
+    The vectors come descending and truncated by ``cut`` (a threshold rank
+    is clipped to ``size``, the mode's size); the spectrum holds the
+    singular values of ``a`` (square roots of the eigenvalues). A tall
+    ``a`` passes ``aᵀ a`` and gets the right singular vectors ``V_R``:
+    ``a V_R = U_R Σ_R`` has orthogonal columns, so its QR gives ``U_R``
+    without dividing by small singular values, and a rank-deficient ``a``
+    still gets an orthonormal basis.
     """
-    gram = a.T @ a
-    if rank is not None and _use_subset(xp, a.shape[1], rank):
-        v, spectrum = _subset_eigh(gram, rank)
-    else:
-        w, v = xp.linalg.eigh(gram)
-        v = xp.flip(v, axis=1)
-        spectrum = to_host(xp.sqrt(xp.clip(xp.flip(w), min=0.0)))
-    if rank is None:
-        rank = rank_for_threshold(spectrum, threshold, a.shape[1])
-    u = orthonormal(xp, a @ v[:, :rank])
-    return sign_fix(xp, u), spectrum
+    if cut.rank is not None and _use_subset(xp, gram.shape[0], cut.rank):
+        return _subset_eigh(gram, cut.rank)
+    w, v = xp.linalg.eigh(gram)
+    spectrum = descending_sqrt(xp, w)
+    return xp.flip(v, axis=1)[:, : cut.rank_of(spectrum, size)], spectrum
+
+
+def descending_sqrt(xp: ModuleType, w: Any) -> Any:
+    """Singular values, descending, from the ascending eigenvalues of a Gram matrix."""
+    # Rounding can leave the eigenvalues of zero singular values slightly negative.
+    return xp.sqrt(xp.clip(xp.flip(w), min=0.0))
 
 
 # SciPy's MRRR solver for only the top eigenpairs pays on large Gram

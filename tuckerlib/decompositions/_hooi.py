@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal, overload
 
+from tuckerlib._host import host_float, require_values
+from tuckerlib._namespace import get_namespace
 from tuckerlib._products import mode_product, multi_mode_product
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import check_int
-from tuckerlib.decompositions._common import default_order, prepare_tensor, squared_norm
-from tuckerlib.decompositions._factors import fibre_matrix, mode_factor
-from tuckerlib.decompositions._hosvd import hosvd
+from tuckerlib.decompositions._factors import Truncation, fibre_matrix, mode_factor, truncations
+from tuckerlib.decompositions._hosvd import hosvd_factors
 from tuckerlib.decompositions._linalg import sign_fix
-from tuckerlib.decompositions._sthosvd import sthosvd
+from tuckerlib.decompositions._prepare import Prepared, prepare_tensor
+from tuckerlib.decompositions._sthosvd import sthosvd_steps
+from tuckerlib.decompositions._truncation import default_order
 
 __all__ = ["HOOIInfo", "hooi"]
 
@@ -66,22 +70,41 @@ def _check_stop_tol(tol: Any) -> float:
     return float(tol)
 
 
-def _initial(xp: ModuleType, x: Any, ranks: tuple[int, ...], init: Any) -> TuckerTensor:
+def check_init(init: Any, x: Any, ranks: tuple[int, ...]) -> Any:
+    """Return ``init``: a known name, or a Tucker tensor of ``x``'s library, shape and rank."""
     if isinstance(init, TuckerTensor):
+        try:
+            get_namespace(x, init.core)
+        except TypeError:
+            raise TypeError(
+                f"init must hold arrays of the same library as x ({type(x).__module__}), got a "
+                f"TuckerTensor of {type(init.core).__module__} arrays; convert one of them first"
+            ) from None
         if init.shape != tuple(x.shape) or init.rank != ranks:
             raise ValueError(
                 f"init must have shape {tuple(x.shape)} and rank {ranks}, "
                 f"got shape {init.shape} and rank {init.rank}"
             )
+        return init
+    if isinstance(init, str) and init in INITS:
+        return init
+    raise ValueError(f'init must be "sthosvd", "hosvd" or a TuckerTensor, got {init!r}')
+
+
+def _initial(prepared: Prepared, ranks: tuple[int, ...], init: Any) -> tuple[Any, list[Any]]:
+    """The core and factors HOOI starts from (eager input)."""
+    xp, x = prepared.xp, prepared.x
+    if isinstance(init, TuckerTensor):
         # Orthonormal bases of the same column spaces; the core is then the
         # best one for them, so this start is never worse than init itself.
-        factors = [sign_fix(xp, xp.linalg.qr(f)[0]) for f in init.factors]
-        return TuckerTensor(multi_mode_product(x, factors, transpose=True), factors)
-    if init == "sthosvd":
-        return sthosvd(x, ranks)
+        factors = [sign_fix(xp, xp.linalg.qr(xp.astype(f, x.dtype))[0]) for f in init.factors]
+        return multi_mode_product(x, factors, transpose=True), factors
+    cuts = truncations(prepared, ranks, None)
     if init == "hosvd":
-        return hosvd(x, ranks)
-    raise ValueError(f'init must be "sthosvd", "hosvd" or a TuckerTensor, got {init!r}')
+        factors = hosvd_factors(prepared, cuts, "auto")
+        return multi_mode_product(x, factors, transpose=True), factors
+    result = sthosvd_steps(xp, x, default_order(x.shape, ranks), cuts, "auto")
+    return result.core, list(result.factors)
 
 
 def _relative_error(norm2: float, core_norm2: float) -> float:
@@ -90,16 +113,58 @@ def _relative_error(norm2: float, core_norm2: float) -> float:
     return math.sqrt(max(norm2 - core_norm2, 0.0) / norm2)
 
 
-def _sweep(xp: ModuleType, x: Any, factors: list[Any], order: tuple[int, ...]) -> Any:
-    """One HOOI sweep: update every factor in ``order``; return the new core."""
+def sweep(
+    xp: ModuleType,
+    project_all_but: Callable[[Sequence[Any], int], Any],
+    factors: list[Any],
+    order: Sequence[int],
+) -> Any:
+    """One HOOI sweep: update every factor in ``order`` (in place); return the new core.
+
+    ``project_all_but(factors, n)`` is ``x`` projected onto every factor but
+    the ``n``-th, in namespace ``xp``: the one pass over ``x`` a mode costs.
+    """
     core = None
     for n in order:
-        projected = multi_mode_product(x, factors, skip=n, transpose=True)
-        factors[n], _, _ = mode_factor(
-            xp, fibre_matrix(xp, projected, n), "auto", rank=factors[n].shape[1], ndim=x.ndim
-        )
+        projected = project_all_but(factors, n)
+        cut = Truncation(rank=factors[n].shape[1])
+        factors[n] = mode_factor(xp, fibre_matrix(xp, projected, n), "auto", cut).factor
         core = mode_product(projected, factors[n], n, transpose=True)
     return core
+
+
+def iterate(
+    xp: ModuleType,
+    project_all_but: Callable[[Sequence[Any], int], Any],
+    start: tuple[Any, list[Any]],
+    norm2: float,
+    order: Sequence[int],
+    stop: tuple[int, float],
+) -> tuple[Any, list[Any], HOOIInfo]:
+    """HOOI sweeps from ``start = (core, factors)`` until ``stop = (max_iter, tol)``.
+
+    Returns the best core and factors (never worse than the start) and the record.
+    """
+    max_iter, tol = stop
+    best_core, factors = start
+    best_factors = list(factors)
+    factors = list(factors)
+    errors = [_relative_error(norm2, _squared(xp, best_core))]
+    converged = False
+    for _ in range(max_iter):
+        core = sweep(xp, project_all_but, factors, order)
+        errors.append(_relative_error(norm2, _squared(xp, core)))
+        if errors[-1] < min(errors[:-1]):
+            best_core, best_factors = core, list(factors)
+        if abs(errors[-2] - errors[-1]) <= tol:
+            converged = True
+            break
+    info = HOOIInfo(errors=tuple(errors), converged=converged, n_iter=len(errors) - 1)
+    return best_core, best_factors, info
+
+
+def _squared(xp: ModuleType, a: Any) -> float:
+    return host_float(xp.sum(a * a))
 
 
 @overload
@@ -141,8 +206,12 @@ def hooi(
     Parameters
     ----------
     x : array of shape (I_0, ..., I_{N-1})
-        Real tensor of any array API library. Integer input is converted to
-        the library's default floating dtype; float32 stays float32.
+        Real tensor of any array API library (a Dask array is decomposed
+        chunk by chunk; see the scaling guide). Integer input is converted
+        to the library's default floating dtype; float32 stays float32;
+        float16 and bfloat16 are computed in float32 and the results
+        returned in the input's dtype. Input whose energy would overflow or
+        underflow a Gram matrix is scaled by a power of two first (exact).
     rank : int or sequence of int or None
         Multilinear rank (see :func:`resolve_rank`); required.
     init : {"sthosvd", "hosvd"} or TuckerTensor, optional
@@ -172,10 +241,12 @@ def hooi(
     ValueError
         If ``rank`` is ``None``, a rank is below 1 or a rank sequence
         exceeds a mode size, ``init`` is unknown or does not match ``x``
-        and ``rank``, ``max_iter < 0``, ``tol < 0``, or ``x`` is 0-D or
-        holds NaN/inf.
+        and ``rank``, ``max_iter < 0``, ``tol < 0``, or ``x`` is 0-D, has
+        a mode of size 0, holds NaN/inf or is a meta tensor.
     TypeError
-        If ``x`` is complex or an argument has the wrong type.
+        If ``x`` is complex or an argument has the wrong type, ``init``
+        holds arrays of another library than ``x``, or ``x`` is traced by
+        ``jax.jit`` (the stopping rule reads the error on the host).
 
     See Also
     --------
@@ -212,26 +283,26 @@ def hooi(
     >>> relative_error(x, t) <= relative_error(x, sthosvd(x, rank=3))
     True
     """
-    xp, x = prepare_tensor(x)
+    prepared = prepare_tensor(x)
     if rank is None:
         raise ValueError("hooi needs rank (an int or one rank per mode); got None")
-    ranks = resolve_rank(rank, x.shape)
-    max_iter = check_int(max_iter, "max_iter", 0)
-    tol = _check_stop_tol(tol)
-    norm2 = squared_norm(xp, x)
-    best = _initial(xp, x, ranks, init)
-    errors = [_relative_error(norm2, squared_norm(xp, best.core))]
-    factors = list(best.factors)
-    order = default_order(x.shape, ranks)
-    converged = False
-    for _ in range(max_iter):
-        core = _sweep(xp, x, factors, order)
-        errors.append(_relative_error(norm2, squared_norm(xp, core)))
-        if errors[-1] < min(errors[:-1]):
-            best = TuckerTensor(core, list(factors))
-        if abs(errors[-2] - errors[-1]) <= tol:
-            converged = True
-            break
-    if not return_info:
-        return best
-    return best, HOOIInfo(errors=tuple(errors), converged=converged, n_iter=len(errors) - 1)
+    ranks = resolve_rank(rank, prepared.x.shape)
+    stop = (check_int(max_iter, "max_iter", 0), _check_stop_tol(tol))
+    init = check_init(init, prepared.x, ranks)
+    require_values(prepared.x, "hooi's stopping rule (the error after each sweep)")
+    if prepared.lazy:
+        from tuckerlib.decompositions import _dask
+
+        tucker, info = _dask.hooi(prepared, ranks, init, stop)
+    else:
+        xp, x = prepared.xp, prepared.x
+        core, factors, info = iterate(
+            xp,
+            lambda factors, n: multi_mode_product(x, factors, skip=n, transpose=True),
+            _initial(prepared, ranks, init),
+            prepared.norm2,
+            default_order(x.shape, ranks),
+            stop,
+        )
+        tucker = prepared.result(core, factors)
+    return (tucker, info) if return_info else tucker

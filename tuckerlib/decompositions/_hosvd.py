@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tuckerlib._layout import memory_order
 from tuckerlib._products import multi_mode_product
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
-from tuckerlib.decompositions._common import prepare_tensor, resolve_rank_or_tol, squared_norm
-from tuckerlib.decompositions._factors import check_method, fibre_columns, fibre_matrix, mode_factor
+from tuckerlib.decompositions._factors import (
+    Truncation,
+    fibre_columns,
+    fibre_matrix,
+    mode_factor,
+    truncations,
+)
+from tuckerlib.decompositions._prepare import (
+    Prepared,
+    check_method,
+    prepare_tensor,
+    resolve_rank_or_tol,
+)
 
 __all__ = ["hosvd"]
 
@@ -26,8 +38,12 @@ def hosvd(
     Parameters
     ----------
     x : array of shape (I_0, ..., I_{N-1})
-        Real tensor of any array API library. Integer input is converted to
-        the library's default floating dtype; float32 stays float32.
+        Real tensor of any array API library (a Dask array is decomposed
+        chunk by chunk; see the scaling guide). Integer input is converted
+        to the library's default floating dtype; float32 stays float32;
+        float16 and bfloat16 are computed in float32 and the results
+        returned in the input's dtype. Input whose energy would overflow or
+        underflow a Gram matrix is scaled by a power of two first (exact).
     rank : int, sequence of int or None, or None, optional
         Multilinear rank (see :func:`resolve_rank`). ``None`` with no
         ``tol`` keeps every mode full (an exact decomposition).
@@ -53,12 +69,15 @@ def hosvd(
     Raises
     ------
     ValueError
-        If ``x`` is 0-D or holds NaN/inf, a rank is below 1 or a rank
-        sequence exceeds a mode size, ``tol`` is outside (0, 1), both
-        ``rank`` and ``tol`` are given, ``method`` is unknown, or
-        ``method="randomized"`` is combined with ``tol``.
+        If ``x`` is 0-D, has a mode of size 0, holds NaN/inf or is a meta
+        tensor, a rank is below 1 or a rank sequence exceeds a mode size,
+        ``tol`` is outside (0, 1), both ``rank`` and ``tol`` are given,
+        ``method`` is unknown, or ``method="randomized"`` is combined with
+        ``tol``.
     TypeError
-        If ``x`` is complex or a rank/tol has the wrong type.
+        If ``x`` is complex or a rank/tol has the wrong type, or ``tol``
+        is given for an ``x`` traced by ``jax.jit`` (ranks from ``tol`` are
+        read on the host; fixed integer ranks work under ``jax.jit``).
 
     See Also
     --------
@@ -100,25 +119,30 @@ def hosvd(
     >>> relative_error(x, t) <= 0.5
     True
     """
-    xp, x = prepare_tensor(x)
-    ranks, tol = resolve_rank_or_tol(rank, tol, x.shape)
+    prepared = prepare_tensor(x)
+    ranks, tol = resolve_rank_or_tol(rank, tol, prepared.x.shape)
     method = check_method(method)
     if method == "randomized" and ranks is None:
         raise ValueError('method="randomized" needs rank; it cannot choose ranks from tol')
-    threshold = None if tol is None else tol * tol * squared_norm(xp, x) / x.ndim
+    if prepared.lazy:
+        from tuckerlib.decompositions import _dask
+
+        return _dask.hosvd(prepared, ranks, tol, method)
+    factors = hosvd_factors(prepared, truncations(prepared, ranks, tol), method)
+    return prepared.result(multi_mode_product(prepared.x, factors, transpose=True), factors)
+
+
+def hosvd_factors(prepared: Prepared, cuts: Sequence[Truncation], method: str) -> list[Any]:
+    """Every mode's factor, each from the unfolding of ``x`` itself (eager input)."""
+    xp, x = prepared.xp, prepared.x
     layout = memory_order(x)
-    factors = []
-    for n in range(x.ndim):
-        factor, _, _ = mode_factor(
+    return [
+        mode_factor(
             xp,
             fibre_matrix(xp, x, n, layout),
             method,
-            rank=None if ranks is None else ranks[n],
-            threshold=threshold,
-            tol=tol,
-            ndim=x.ndim,
+            cut,
             columns=fibre_columns(x.shape, n, layout),
-        )
-        factors.append(factor)
-    core = multi_mode_product(x, factors, transpose=True)
-    return TuckerTensor(core, factors)
+        ).factor
+        for n, cut in enumerate(cuts)
+    ]

@@ -9,9 +9,11 @@ import numpy as np
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import check_int
-from tuckerlib.decompositions._common import default_order, prepare_tensor
+from tuckerlib.decompositions._factors import truncations
+from tuckerlib.decompositions._prepare import prepare_tensor
 from tuckerlib.decompositions._sketch import Sketch
 from tuckerlib.decompositions._sthosvd import sthosvd_steps
+from tuckerlib.decompositions._truncation import default_order
 
 __all__ = ["rhosvd"]
 
@@ -47,8 +49,12 @@ def rhosvd(
     Parameters
     ----------
     x : array of shape (I_0, ..., I_{N-1})
-        Real tensor of any array API library. Integer input is converted to
-        the library's default floating dtype; float32 stays float32.
+        Real tensor of any array API library (a Dask array is decomposed
+        chunk by chunk; see the scaling guide). Integer input is converted
+        to the library's default floating dtype; float32 stays float32;
+        float16 and bfloat16 are computed in float32 and the results
+        returned in the input's dtype. Input whose energy would overflow or
+        underflow a Gram matrix is scaled by a power of two first (exact).
     rank : int or sequence of int or None
         Multilinear rank (see :func:`resolve_rank`); required.
     oversample : int, optional
@@ -76,7 +82,8 @@ def rhosvd(
     ValueError
         If ``rank`` is ``None``, a rank is below 1 or a rank sequence
         exceeds a mode size, ``oversample``/``power_iter``/``seed`` is
-        negative, or ``x`` is 0-D or holds NaN/inf.
+        negative, or ``x`` is 0-D, has a mode of size 0, holds NaN/inf or
+        is a meta tensor.
     TypeError
         If ``x`` is complex or an argument has the wrong type.
 
@@ -157,15 +164,20 @@ def rhosvd(
     >>> relative_error(x, t) < 1.05 * relative_error(x, sthosvd(x, rank=5))
     True
     """
-    xp, x = prepare_tensor(x)
+    prepared = prepare_tensor(x)
     if rank is None:
         raise ValueError("rhosvd needs rank (an int or one rank per mode); got None")
-    ranks = resolve_rank(rank, x.shape)
+    ranks = resolve_rank(rank, prepared.x.shape)
     sketch = Sketch(
         oversample=check_int(oversample, "oversample", 0),
         power_iter=check_int(power_iter, "power_iter", 0),
         rng=_check_seed(seed),
     )
-    order = default_order(x.shape, ranks)
-    tucker, _ = sthosvd_steps(xp, x, ranks, order, "randomized", sketch=sketch)
-    return tucker
+    order = default_order(prepared.x.shape, ranks)
+    if prepared.lazy:
+        from tuckerlib.decompositions import _dask
+
+        return _dask.sthosvd(prepared, order, ranks, None, "randomized", sketch=sketch)
+    cuts = truncations(prepared, ranks, None)
+    result = sthosvd_steps(prepared.xp, prepared.x, order, cuts, "randomized", sketch=sketch)
+    return prepared.result(result.core, result.factors)

@@ -32,7 +32,13 @@ import numpy as np
 
 from tuckerlib.decompositions._linalg import left_singular, orthonormal, sign_fix
 
-__all__ = ["Sketch", "gaussian_khatri_rao", "randomized_factor"]
+__all__ = [
+    "Sketch",
+    "gaussian_draws",
+    "gaussian_khatri_rao",
+    "nystrom_coefficients",
+    "randomized_factor",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,21 @@ class Sketch:
     oversample: int
     power_iter: int
     rng: np.random.Generator
+
+
+def gaussian_draws(
+    rng: np.random.Generator, columns: Sequence[tuple[int, int]], width: int, single: bool
+) -> dict[int, np.ndarray]:
+    """One standard normal ``(size, width)`` host matrix per ``(mode, size)`` in ``columns``.
+
+    Drawn in ascending mode order (float32 when ``single``, for float32
+    tensors; float64 otherwise), so one seed gives the same matrices whatever the memory
+    layout, backend or device.
+    """
+    host_dtype = np.float32 if single else np.float64
+    return {
+        mode: rng.standard_normal((size, width), dtype=host_dtype) for mode, size in sorted(columns)
+    }
 
 
 def gaussian_khatri_rao(
@@ -56,18 +77,11 @@ def gaussian_khatri_rao(
     ``columns`` lists ``(mode, size)`` in the C order of the rows (the
     column order of :func:`~tuckerlib.decompositions._factors.fibre_matrix`):
     row ``(j_1, ..., j_m)`` of column ``l`` is ``Π_i G_{mode_i}[j_i, l]``
-    with independent standard normal ``G_mode`` of shape ``(size, width)``.
-    Only ``width · Σ sizes`` numbers are drawn, on the host from ``rng``
-    (float32 for float32 ``like``, float64 otherwise) in ascending mode
-    order, so a seed gives the same matrix, up to the row order that
-    follows the memory layout, on every backend and device; the product is
+    with the matrices ``G_mode`` of :func:`gaussian_draws`; the product is
     formed in ``like``'s library, dtype and device.
     """
-    host_dtype = np.float32 if like.dtype == xp.float32 else np.float64
+    drawn = gaussian_draws(rng, columns, width, like.dtype == xp.float32)
     device = array_api_compat.device(like)
-    drawn = {
-        mode: rng.standard_normal((size, width), dtype=host_dtype) for mode, size in sorted(columns)
-    }
     omega = None
     for mode, _ in columns:
         factor = xp.asarray(drawn[mode], dtype=like.dtype, device=device)
@@ -114,7 +128,17 @@ def _projected_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, A
 
 
 def _nystrom_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any]:
-    """The factor and projection of ``a P_Z`` for the row sketch ``Z = aᵀ q``.
+    """The factor and projection of ``a P_Z`` for the row sketch ``Z = aᵀ q``."""
+    zt = q.T @ a
+    u, coefficients = nystrom_coefficients(xp, q, a @ zt.T, rank)
+    return u, coefficients @ zt
+
+
+def nystrom_coefficients(xp: ModuleType, q: Any, y: Any, rank: int) -> tuple[Any, Any]:
+    """The factor ``u`` and the ``rank × k`` matrix ``C`` with ``uᵀ a P_Z = C Zᵀ``.
+
+    Only small matrices: ``q`` (``rows × k``, orthonormal) and ``y = a Z``
+    for the row sketch ``Z = aᵀ q`` (``cols × k``), which the caller keeps.
 
     With ``ZᵀZ = V Λ Vᵀ`` and ``W = V Λ^{-1/2}``, ``Z W`` is an orthonormal
     basis of ``range(Z)``, and ``a Z W = Q₁ R₁ W`` (``a Z = Q₁ R₁``). The SVD
@@ -123,13 +147,11 @@ def _nystrom_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any
     below its rounding level (``k · eps · λ_max``) are dropped instead of
     inverted, the floor every Gram route has.
     """
-    zt = q.T @ a
-    y = a @ zt.T
     # ZᵀZ = qᵀ a aᵀ q = qᵀ (a Z): no product with the long Z needed.
     gram = q.T @ y
     gram = (gram + gram.T) / 2
     w, v = xp.linalg.eigh(gram)
-    eps = float(xp.finfo(a.dtype).eps)
+    eps = float(xp.finfo(y.dtype).eps)
     keep = w > w[-1] * (w.shape[0] * eps)
     ones, zeros = xp.ones_like(w), xp.zeros_like(w)
     basis = v * xp.where(keep, ones / xp.sqrt(xp.where(keep, w, ones)), zeros)
@@ -137,5 +159,4 @@ def _nystrom_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any
     c = r1 @ basis
     uc, _, _ = xp.linalg.svd(c)
     u = sign_fix(xp, q1 @ uc[:, :rank])
-    coefficients = ((q1.T @ u).T @ c) @ basis.T
-    return u, coefficients @ zt
+    return u, ((q1.T @ u).T @ c) @ basis.T

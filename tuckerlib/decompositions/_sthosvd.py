@@ -2,93 +2,89 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
-
-import numpy as np
 
 from tuckerlib._layout import memory_order
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
-from tuckerlib.decompositions._common import (
-    check_order,
-    default_order,
-    prepare_tensor,
-    rank_for_threshold,
-    resolve_rank_or_tol,
-    squared_norm,
-    tail_energies,
-)
 from tuckerlib.decompositions._factors import (
-    check_method,
+    FactorStep,
+    Truncation,
     fibre_columns,
     fibre_matrix,
     mode_factor,
+    truncations,
     unfibre,
 )
-from tuckerlib.decompositions._linalg import sign_fix
+from tuckerlib.decompositions._prepare import (
+    check_method,
+    check_order,
+    prepare_tensor,
+    resolve_rank_or_tol,
+)
 from tuckerlib.decompositions._sketch import Sketch
+from tuckerlib.decompositions._truncation import default_order
 
-__all__ = ["sthosvd", "sthosvd_steps"]
+__all__ = ["Truncated", "sthosvd", "sthosvd_steps"]
+
+
+@dataclass(frozen=True)
+class Truncated:
+    """An ST-HOSVD before it is handed back: core, factors (by mode) and each mode's step.
+
+    ``steps`` follow the processing order and keep the spectra (not the
+    projections), so :meth:`squared_error` can be read off them.
+    """
+
+    core: Any
+    factors: tuple[Any, ...]
+    steps: tuple[FactorStep, ...]
+
+    def squared_error(self) -> float:
+        """``‖x − x̂‖²``: the sum of the discarded energies ([1]_ of :func:`sthosvd`, Thm. 5.1).
+
+        ``nan`` when a step used a sketch, which computes no spectrum.
+        """
+        return sum(step.discarded() for step in self.steps)
 
 
 def sthosvd_steps(
     xp: ModuleType,
     x: Any,
-    ranks: Sequence[int] | None,
     order: Sequence[int],
+    cuts: Sequence[Truncation],
     method: str,
     *,
-    threshold: float | None = None,
-    tol: float | None = None,
     sketch: Sketch | None = None,
-    known: Mapping[int, tuple[Any, np.ndarray]] | None = None,
-) -> tuple[TuckerTensor, float]:
-    """Run ST-HOSVD in ``order``; return the result and its squared error.
+    first: FactorStep | None = None,
+) -> Truncated:
+    """Run ST-HOSVD in ``order``, truncating mode ``n`` by ``cuts[n]``.
 
-    The squared error is the sum of the energies discarded at each step
-    (exact for ST-HOSVD, [Vannieuwenhoven et al. 2012, Thm. 5.1]); it is
-    ``nan`` when a step used a sketch, which computes no spectrum.
-    ``known`` maps the *first* mode in ``order`` to an already computed
-    ``(all left singular vectors, host spectrum)`` of ``x``, so that work is
-    not repeated.
+    ``first``, when given, is the already computed step of the first mode
+    in ``order`` (its factor and spectrum), so that work is not repeated.
     """
     core = x
     factors: list[Any] = [None] * x.ndim
-    discarded = 0.0
-    for step, n in enumerate(order):
-        rank = None if ranks is None else ranks[n]
+    steps = []
+    for n in order:
         # The fibre matrix serves both the factor and the projection: for a
         # mode in the middle of the memory order it is a copy, made once.
         layout = memory_order(core)
         a = fibre_matrix(xp, core, n, layout)
-        projected = None
-        if step == 0 and known is not None and n in known:
-            vectors, spectrum = known[n]
-            if rank is None:
-                rank = rank_for_threshold(spectrum, threshold or 0.0, x.shape[n])
-            factor = sign_fix(xp, vectors[:, :rank])
+        if first is not None:
+            step, first = first, None
         else:
-            factor, spectrum, projected = mode_factor(
-                xp,
-                a,
-                method,
-                rank=rank,
-                threshold=threshold,
-                tol=tol,
-                ndim=x.ndim,
-                sketch=sketch,
-                columns=fibre_columns(core.shape, n, layout),
-            )
-        rank = factor.shape[1]
-        factors[n] = factor
-        discarded += float("nan") if spectrum is None else float(tail_energies(spectrum)[rank])
-        if projected is None:
-            projected = factor.T @ a
-        shape = (*core.shape[:n], rank, *core.shape[n + 1 :])
+            columns = fibre_columns(core.shape, n, layout)
+            step = mode_factor(xp, a, method, cuts[n], sketch=sketch, columns=columns)
+        projected = step.factor.T @ a if step.projected is None else step.projected
+        factors[n] = step.factor
+        steps.append(replace(step, projected=None))
+        shape = (*core.shape[:n], step.rank, *core.shape[n + 1 :])
         core = unfibre(xp, projected, n, shape, layout)
-    return TuckerTensor(core, factors), discarded
+    return Truncated(core, tuple(factors), tuple(steps))
 
 
 def sthosvd(
@@ -109,8 +105,12 @@ def sthosvd(
     Parameters
     ----------
     x : array of shape (I_0, ..., I_{N-1})
-        Real tensor of any array API library. Integer input is converted to
-        the library's default floating dtype; float32 stays float32.
+        Real tensor of any array API library (a Dask array is decomposed
+        chunk by chunk; see the scaling guide). Integer input is converted
+        to the library's default floating dtype; float32 stays float32;
+        float16 and bfloat16 are computed in float32 and the results
+        returned in the input's dtype. Input whose energy would overflow or
+        underflow a Gram matrix is scaled by a power of two first (exact).
     rank : int, sequence of int or None, or None, optional
         Multilinear rank (see :func:`resolve_rank`). ``None`` with no
         ``tol`` keeps every mode full (an exact decomposition).
@@ -138,7 +138,8 @@ def sthosvd(
     ValueError
         As :func:`hosvd`, and if ``order`` is not a permutation of the modes.
     TypeError
-        If ``x`` is complex or a rank, tol or order has the wrong type.
+        If ``x`` is complex or a rank, tol or order has the wrong type, or
+        ``tol`` is given for an ``x`` traced by ``jax.jit``.
 
     See Also
     --------
@@ -178,12 +179,17 @@ def sthosvd(
     >>> relative_error(x, sthosvd(x, tol=0.3)) <= 0.3
     True
     """
-    xp, x = prepare_tensor(x)
-    ranks, tol = resolve_rank_or_tol(rank, tol, x.shape)
+    prepared = prepare_tensor(x)
+    shape = tuple(prepared.x.shape)
+    ranks, tol = resolve_rank_or_tol(rank, tol, shape)
     method = check_method(method)
     if method == "randomized" and ranks is None:
         raise ValueError('method="randomized" needs rank; it cannot choose ranks from tol')
-    order = default_order(x.shape, ranks) if order is None else check_order(order, x.ndim)
-    threshold = None if tol is None else tol * tol * squared_norm(xp, x) / x.ndim
-    tucker, _ = sthosvd_steps(xp, x, ranks, order, method, threshold=threshold, tol=tol)
-    return tucker
+    order = default_order(shape, ranks) if order is None else check_order(order, len(shape))
+    if prepared.lazy:
+        from tuckerlib.decompositions import _dask
+
+        return _dask.sthosvd(prepared, order, ranks, tol, method)
+    cuts = truncations(prepared, ranks, tol)
+    result = sthosvd_steps(prepared.xp, prepared.x, order, cuts, method)
+    return prepared.result(result.core, result.factors)
