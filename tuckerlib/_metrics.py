@@ -39,16 +39,29 @@ def _widened(a: Any, xp: ModuleType) -> Any:
     return a
 
 
+def _unit_scaled(a: Any, top: float) -> tuple[Any, int]:
+    """``(a / 2**e, e)`` with ``2**(e-1) <= top < 2**e``: entries of magnitude below 1.
+
+    A power of two scales exactly. It is applied as two factors because
+    ``2**-e`` alone can be subnormal, which XLA (JAX) flushes to zero.
+    """
+    exponent = math.frexp(top)[1]
+    half = exponent // 2
+    return a * math.ldexp(1.0, -half) * math.ldexp(1.0, half - exponent), exponent
+
+
 def frobenius_norm(a: Any, xp: ModuleType) -> float:
     """Frobenius norm of a floating array as a float, immune to under- and overflow.
 
-    Dividing by the largest entry first keeps tiny values from squaring to
-    zero (which would fake a zero reference) and huge ones from overflowing.
+    Scaling by the largest entry's power of two first keeps tiny values from
+    squaring to zero (which would fake a zero reference) and huge ones from
+    overflowing.
     """
-    scale = _magnitude(a, xp)
-    if scale == 0.0 or not math.isfinite(scale):
-        return scale
-    return scale * _host_float(xp.linalg.vector_norm(a / scale))
+    top = _magnitude(a, xp)
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    scaled, exponent = _unit_scaled(a, top)
+    return math.ldexp(_host_float(xp.linalg.vector_norm(scaled)), exponent)
 
 
 def relative_error(x: Any, x_hat: Any) -> float:
@@ -80,8 +93,8 @@ def relative_error(x: Any, x_hat: Any) -> float:
 
     Notes
     -----
-    Both inputs are divided by the largest magnitude among them before the
-    difference and the norms are formed, so entries near the top of the
+    Both inputs are scaled by the power of two of the largest magnitude
+    among them before the difference and the norms are formed, so entries near the top of the
     dtype's range (``6e4`` in float16, ``1e308`` in float64) neither
     overflow nor, when tiny, underflow to a zero reference.
 
@@ -110,7 +123,8 @@ def relative_error(x: Any, x_hat: Any) -> float:
     if scale == 0.0:
         return 0.0
     # In units of the common scale, so the ratio stays finite where it is.
-    x, x_hat = x / scale, x_hat / scale
+    x, _ = _unit_scaled(x, scale)
+    x_hat, _ = _unit_scaled(x_hat, scale)
     reference = frobenius_norm(x, xp)
     difference = frobenius_norm(x - x_hat, xp)
     if reference == 0.0:
