@@ -40,10 +40,14 @@ def check_target(target: Path, allowed: Collection[str]) -> None:
     Raises
     ------
     FileExistsError
-        If ``target`` exists and is not a directory.
+        If ``target``, or the nearest of its parents that exists, is not a
+        directory.
     ValueError
         If ``target`` holds files not in ``allowed``.
     """
+    existing = next((p for p in target.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise FileExistsError(f"{target}: cannot write there: {existing} is not a directory")
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a directory")

@@ -214,8 +214,8 @@ def _plan(
         if layer in owners:
             raise ExtractionError(
                 f"tensors {owners[layer]!r} and {name!r} would both be adapter layer "
-                f"{layer!r}; no model has both (exclude one, or use as_parameters to name "
-                "every layer by its tensor)"
+                f"{layer!r}; no model has both (exclude one, or name every layer by its tensor "
+                "with as_parameters=True, --as-parameters)"
             )
         if isinstance(rules.ranks, tuple) and len(rules.ranks) != len(shape):
             raise ExtractionError(
@@ -318,7 +318,7 @@ def extract(
     carry_1d : bool, optional
         Carry the fine-tune's 1-D tensors into the adapter too: the bias of
         each adapted Linear/ConvNd layer as the adapter's bias update ``Δb``
-        (:attr:`flora.LayerSpec.bias`), and each changed module made only of
+        (``bias`` of :class:`flora.LayerSpec`), and each changed module made only of
         1-D tensors and scalars (a norm layer, with its running statistics)
         saved whole (``modules_to_save``). Other changed 1-D tensors are
         listed as skipped.

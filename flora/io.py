@@ -8,7 +8,8 @@ An adapter directory holds one named adapter in two files (format version 2):
         {"format": "flora", "format_version": 2, "adapter_name": "default",
          "config": {...FLoRAConfig fields (FLoRAConfig.to_dict())...},
          "layers": {NAME: {"kind": KIND, "shape": [I_0, ...], "ranks": [R_0, ...],
-                           "scale": s, "init": INIT, "forward": MODE, "dropout": p}},
+                           "scale": s, "init": INIT, "forward": MODE, "dropout": p,
+                           "bias": true}},
          "modules_to_save": [MODULE, ...]}
 
     ``adapter_name`` is the adapter's name in the model it was saved from.
@@ -21,8 +22,11 @@ An adapter directory holds one named adapter in two files (format version 2):
     :meth:`flora.LayerSpec.to_record`: ``shape`` is the weight's shape and
     ``ranks`` the usable ranks (``R_n <= I_n`` and ``R_n <= prod_{m != n}
     R_m``). The per-layer entries are authoritative; ``config`` records how
-    the adapter was made. ``modules_to_save`` (optional) lists the modules
-    saved whole with the adapter.
+    the adapter was made. ``"bias": true`` (optional, only written when
+    true) marks an adapter that carries a bias update. ``modules_to_save``
+    (optional) lists the modules saved whole with the adapter. Every other
+    top-level key is refused when read, as a newer format's field that this
+    reader would otherwise drop.
 
 ``adapter_model.safetensors``
     For each layer ``NAME``: ``NAME.core`` of shape ``ranks`` and
@@ -45,7 +49,10 @@ when they are loaded.
 
 Saving writes a new directory beside the target and renames it into place,
 so a failed save leaves the previous adapter complete, never a mix of old
-and new files. :func:`write_adapter` writes such a directory from plain
+and new files; a failed write is an :class:`OSError` naming the file.
+Reading refuses anything that does not match this description with a
+:class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
+starts with the file at fault. :func:`write_adapter` writes such a directory from plain
 tensors, e.g. for adapters computed outside a model; :func:`read_adapter`
 reads and validates one without a model.
 """

@@ -463,6 +463,12 @@ CALLS = [
         id="save-to-a-file",
     ),
     pytest.param(
+        lambda m, t: flora.save_adapter(m, _other_files(t) / "notes.txt" / "a", adapter_name="a"),
+        FileExistsError,
+        r"notes\.txt/a: cannot write there: .*notes\.txt is not a directory",
+        id="save-under-a-file",
+    ),
+    pytest.param(
         lambda m, t: flora.save_adapter(
             m, t, adapter_name="a", state_dict=_weights(m, **{"fc.core": np.ones((2, 2))})
         ),
@@ -1135,10 +1141,26 @@ def test_extract_applies_the_kernel_rank_with_every_rule(workdir) -> None:
     assert flora.extract(*BT, "pinned", ranks=3, include="conv").layers[0].ranks[2] == 3
 
 
+def test_extract_pairs_checkpoints_of_other_dtypes_and_skips_other_shapes(tmp_path) -> None:
+    torch.manual_seed(0)
+    weight, head = torch.randn(6, 5), torch.randn(3, 4)
+    save_file({"fc.weight": weight, "head.weight": head}, tmp_path / "base.safetensors")
+    tuned = {"fc.weight": (2 * weight).bfloat16(), "head.weight": torch.randn(3, 5)}
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    result = flora.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
+                           tmp_path / "adapter", ranks=10)  # fmt: skip
+    assert [layer.name for layer in result.layers] == ["fc"]
+    assert result.layers[0].relative_error < 1e-5
+    assert result.skipped == [("head.weight", "shape differs (base 3x4, tuned 3x5)")]
+
+
 CLI = [
     pytest.param(["--out", "base.safetensors"],
                  r"base\.safetensors exists and is not a directory", id="out-is-an-input-file"),
     pytest.param(["--out", "figures"], r"figures holds other files", id="out-holds-other-files"),
+    pytest.param(["--out", "base.safetensors/adapter"],
+                 r"base\.safetensors/adapter: cannot write there: base\.safetensors is not a "
+                 r"directory", id="out-under-a-file"),
     pytest.param(["--out", "x", "--ranks", "2,2"],
                  r"ranks \(2, 2\) give 2 modes but tensor 'conv\.weight' has 3",
                  id="per-mode-ranks-of-another-length"),
