@@ -26,7 +26,7 @@ import torch
 from flora.spec import BIAS_KINDS
 from tuckerlib.io import Checkpoint
 
-__all__ = ["CARRIED_BIAS", "CARRIED_MODULE", "Carried", "carry"]
+__all__ = ["CARRIED_BIAS", "CARRIED_MODULE", "Carried", "bias_delta", "carry"]
 
 CARRIED_BIAS = "bias update of its adapted layer"
 CARRIED_MODULE = "saved with its module (modules_to_save)"
