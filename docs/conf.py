@@ -60,7 +60,6 @@ nitpick_ignore_regex = [
 # rest, and an entry whose text has left its page). These pages are being
 # rewritten on other branches; remove each entry when its page is clean.
 site_checks_allow = {
-    "api/generated/flora.cli.main": ["getfixture("],
     # The evidence page's tables are regenerated with "n/a" and single-run spreads dropped.
     "flora_vs_lora": ["empty bullet", "zero spread"],
 }

@@ -1,7 +1,7 @@
 """flora: FLoRA adapters (Tucker-structured weight updates) for PyTorch modules."""
 
 from flora.config import DEFAULT_RANKS, FLoRAConfig
-from flora.extraction import ExtractedLayer, Extraction, extract
+from flora.extraction import ExtractedLayer, Extraction, ExtractionError, extract
 from flora.io import (
     SavedAdapter,
     adapter_state_dict,
@@ -53,6 +53,7 @@ __all__ = [
     "Embedding",
     "ExtractedLayer",
     "Extraction",
+    "ExtractionError",
     "FLoRAConfig",
     "FLoRALayer",
     "LayerSpec",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flora.extraction import Extraction, extract
+from flora.extraction import Extraction, ExtractionError, extract
 from flora.lora import export_lora
 from tuckerlib.cli.common import (
     EXIT_OK,
@@ -32,8 +32,10 @@ more dimensions, dW = TUNED - BASE, becomes a truncated Tucker tensor
 (ST-HOSVD, optionally refined by HOOI), written as an adapter directory that
 flora.load_adapter accepts for the model with the BASE weights. Ranks: fixed
 (--ranks), by energy (--energy) or within a LoRA-like budget
-(--budget-like-lora, the default with R = 8). Prints each layer's relative
-error ||dW - adapter|| / ||dW||. Exit status: 0 ok, 2 usage or input error."""
+(--budget-like-lora, the default with R = 8). --carry-1d also carries the
+changed biases (as bias updates of the adapted layers) and norm layers
+(saved whole) into the adapter. Prints each layer's relative error
+||dW - adapter|| / ||dW||. Exit status: 0 ok, 2 usage or input error."""
 
 
 def _ranks(text: str) -> int | tuple[int, ...]:
@@ -76,11 +78,17 @@ def _add_extract(commands: Any) -> None:
         "--fixed-kernel-rank",
         type=positive_int,
         metavar="K",
-        help="with the budget rule, pin the kernel modes of convolutions to rank K",
+        help="pin the kernel modes of convolutions to rank K (with any rule; not with per-mode "
+        "--ranks)",
     )
     parser.add_argument("--include", type=regex, metavar="REGEX", help="only names matching this")
     parser.add_argument("--exclude", type=regex, metavar="REGEX", help="skip names matching this")
     parser.add_argument("--refine", action="store_true", help="refine each ST-HOSVD with HOOI")
+    parser.add_argument(
+        "--carry-1d",
+        action="store_true",
+        help="carry the changed biases and norm layers into the adapter too",
+    )
     parser.add_argument(
         "--as-parameters",
         action="store_true",
@@ -121,12 +129,13 @@ def _summary(result: Extraction) -> str:
         f"\nWrote {result.directory}: {len(result.layers)} layers, {adapter} adapter parameters "
         f"for {dense} weights ({adapter / dense:.1%})."
     )
-    if result.skipped:
-        lines.append(f"Not in the adapter ({len(result.skipped)} tensors):")
-        groups: dict[str, list[str]] = {}
-        for name, reason in result.skipped:
-            groups.setdefault(reason, []).append(name)
-        lines += [f"  {reason}: {describe(names)}" for reason, names in groups.items()]
+    for title, entries in (("Carried", result.carried), ("Not in the adapter", result.skipped)):
+        if entries:
+            lines.append(f"{title} ({len(entries)} tensors):")
+            groups: dict[str, list[str]] = {}
+            for name, reason in entries:
+                groups.setdefault(reason, []).append(name)
+            lines += [f"  {reason}: {describe(names)}" for reason, names in groups.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -144,13 +153,12 @@ def _run_extract(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             refine=args.refine,
             as_parameters=args.as_parameters,
+            carry_1d=args.carry_1d,
             progress=lambda names: progress(names, quiet=args.quiet),
         )
-    except ValueError as exc:
-        # extract validates its inputs with ValueError (ranks that do not fit
-        # a tensor, nothing to extract); at the command line that is exit 2.
-        if isinstance(exc, UsageError | OSError):
-            raise
+    except ExtractionError as exc:
+        # Input the parser could not check (the checkpoints' contents, --out);
+        # any other exception from extract is a bug and keeps its traceback.
         raise UsageError(str(exc)) from None
     sys.stdout.write(_summary(result))
     return EXIT_OK
@@ -232,10 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Examples
     --------
+    >>> import tempfile
     >>> from importlib import resources
+    >>> from pathlib import Path
     >>> from flora.cli import main
     >>> data = resources.files("tuckerlib") / "data"
-    >>> out = getfixture("tmp_path") / "adapter"
+    >>> out = Path(tempfile.mkdtemp()) / "adapter"
     >>> main(["extract", str(data / "digits_cnn_base.safetensors"),
     ...       str(data / "digits_cnn_tuned.safetensors"), "--out", str(out), "--quiet",
     ...       "--include", "fc"])  # doctest: +ELLIPSIS
@@ -248,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Not in the adapter (2 tensors):
       1-D tensor (bias, norm or scalar): no rank structure: fc1.bias, fc2.bias
     0
+
+    An input error is one line on stderr and exit status 2:
+
+    >>> main(["extract", "absent.safetensors", str(data / "digits_cnn_tuned.safetensors"),
+    ...       "--out", str(out)])
+    2
     """
     parser = ArgumentParser(prog="flora", description="FLoRA adapters from the command line.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -8,9 +8,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from flora.spec import (
+    BIAS_KINDS,
     KINDS,
     LayerSpec,
     RankTemplate,
+    check_bias,
     check_dropout,
     check_forward,
     check_init,
@@ -125,6 +127,12 @@ class FLoRAConfig:
         saved with the adapter, matched like ``target_modules``: each adapter
         gets its own trainable copy, the original stays frozen and is what
         :func:`flora.disable_adapter` runs.
+    bias : bool, optional
+        Give every adapted Linear and ConvNd layer that has a bias a bias
+        update ``Δb`` (zero at the start, trained with the adapter, added
+        to the layer's bias when merged), as PEFT's ``lora_bias``.
+        :func:`flora.extract` sets it when it carries the fine-tune's bias
+        changes.
 
     Raises
     ------
@@ -158,6 +166,7 @@ class FLoRAConfig:
     init: Literal["zero_core", "hosvd", "gaussian"] = "zero_core"
     forward: Literal["auto", "dense", "factorized"] = "auto"
     modules_to_save: list[str] | str | None = None
+    bias: bool = False
 
     def __post_init__(self) -> None:
         self.ranks = self._check_ranks(self.ranks)
@@ -175,6 +184,7 @@ class FLoRAConfig:
         }
         self.init = check_init(self.init)
         self.forward = check_forward(self.forward)
+        self.bias = check_bias(self.bias)
 
     @staticmethod
     def _check_ranks(ranks: Ranks) -> Ranks:
@@ -238,11 +248,20 @@ class FLoRAConfig:
             return self.ranks.get(kind, DEFAULT_RANKS[kind])
         return DEFAULT_RANKS[kind] if self.ranks is None else self.ranks
 
-    def spec_for(self, kind: str, shape: Sequence[int], name: str | None = None) -> LayerSpec:
+    def spec_for(
+        self,
+        kind: str,
+        shape: Sequence[int],
+        name: str | None = None,
+        *,
+        has_bias: bool = False,
+    ) -> LayerSpec:
         """The :class:`flora.LayerSpec` of a layer of ``kind`` and ``shape`` called ``name``.
 
         Ranks come from :meth:`ranks_for`, clipped to ``shape`` and to the
-        usable ranks; scale, init, forward and dropout from the config.
+        usable ranks; scale, init, forward and dropout from the config; a
+        bias update if ``bias`` is set, the kind has one (Linear, ConvNd)
+        and the layer has a bias (``has_bias``).
 
         Raises
         ------
@@ -259,6 +278,7 @@ class FLoRAConfig:
                 init=self.init,
                 forward=self.forward,
                 dropout=self.dropout,
+                bias=self.bias and has_bias and kind in BIAS_KINDS,
             )
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from None
@@ -267,9 +287,10 @@ class FLoRAConfig:
     def for_layers(cls, specs: Mapping[str, LayerSpec]) -> FLoRAConfig:
         """A config that targets exactly these layers with exactly these ranks.
 
-        Options (scale, init, forward, dropout) are those of the first spec.
-        Saved adapters that were not made by :func:`flora.inject` (extracted
-        or combined ones) record it.
+        Options (scale, init, forward, dropout) are those of the first spec;
+        ``bias`` is set if any spec has a bias update. Saved adapters that
+        were not made by :func:`flora.inject` (extracted or combined ones)
+        record it.
 
         Parameters
         ----------
@@ -299,6 +320,7 @@ class FLoRAConfig:
             init=first.init,
             forward=first.forward,
             dropout=first.dropout,
+            bias=any(spec.bias for spec in specs.values()),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,34 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flora._args import check_flag, check_fraction, check_positive_int
+from flora._atomic import check_target
+from flora._carry import Carried, carry
 from flora.config import FLoRAConfig
-from flora.io import write_adapter
-from flora.spec import LayerSpec, usable_ranks
+from flora.io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, write_adapter
+from flora.spec import LayerSpec, RankTemplate, check_template, clip_ranks, usable_ranks
 from tuckerlib import (
     TuckerTensor,
     energy_ranks,
     hooi,
     mode_spectra,
     relative_error,
-    resolve_rank,
     sthosvd,
 )
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
 
-__all__ = ["ExtractedLayer", "Extraction", "extract"]
+__all__ = ["ExtractedLayer", "Extraction", "ExtractionError", "extract"]
 
 _DEFAULT_LORA_RANK = 8
+
+
+class ExtractionError(ValueError):
+    """The checkpoints and the settings of :func:`extract` do not make an adapter.
+
+    Raised for well-typed input that cannot be used: settings that conflict
+    or do not fit the checkpoints' tensors, checkpoints with nothing to
+    extract or with two tensors for one adapter layer, an output directory
+    that cannot take the adapter. The command line reports it as exit
+    status 2; a plain ``ValueError`` or ``TypeError`` from :func:`extract`
+    means an invalid argument value.
+
+    Examples
+    --------
+    >>> import flora
+    >>> issubclass(flora.ExtractionError, ValueError)
+    True
+    """
 
 
 @dataclass(frozen=True)
@@ -84,10 +105,14 @@ class Extraction:
         The adapted weights, in checkpoint order.
     skipped : list of (str, str)
         Tensors not in the adapter, with the reason (1-D tensors such as
-        biases and norms, unchanged or mismatched tensors, ...).
+        biases and norms unless carried, unchanged or mismatched tensors,
+        ...).
     config : FLoRAConfig
         The config recorded in the directory: injecting it into the base
         model recreates the adapter's structure.
+    carried : list of (str, str)
+        With ``carry_1d``: the 1-D tensors carried into the adapter, and
+        how (as the bias update of their layer, or saved with their module).
     """
 
     #: The adapter directory.
@@ -98,6 +123,69 @@ class Extraction:
     skipped: list[tuple[str, str]]
     #: The config recorded in the directory.
     config: FLoRAConfig
+    #: ``(name, how)`` of each 1-D tensor carried into the adapter.
+    carried: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The validated rank settings of one extraction."""
+
+    ranks: RankTemplate | None
+    energy: float | None
+    lora_rank: int
+    kernel_rank: int | None
+
+    def ranks_for(self, name: str, delta: np.ndarray) -> tuple[int, ...]:
+        """The usable ranks of ``delta``; a rank above them adds parameters, not accuracy."""
+        shape = tuple(delta.shape)
+        kind = tensor_kind(name, shape)
+        if self.ranks is None and self.energy is None:
+            spectra = [np.asarray(s) for s in mode_spectra(delta)]
+            ranks = lora_budget_ranks(spectra, kind, self.lora_rank, kernel_rank=self.kernel_rank)
+            return usable_ranks(ranks[0], shape)
+        if self.ranks is not None:
+            ranks = list(clip_ranks(self.ranks, shape))
+        else:
+            ranks = list(energy_ranks(delta, self.energy))
+        if self.kernel_rank is not None and kind == "conv":
+            ranks[2:] = [min(self.kernel_rank, size) for size in shape[2:]]
+        return usable_ranks(ranks, shape)
+
+
+def _rules(
+    ranks: object, energy: object, budget_like_lora: object, fixed_kernel_rank: object
+) -> _Rules:
+    rules = {"ranks": ranks, "energy": energy, "budget_like_lora": budget_like_lora}
+    given = [name for name, value in rules.items() if value is not None]
+    if len(given) > 1:
+        raise ExtractionError(f"give at most one of {list(rules)}, got {given}")
+    template = None if ranks is None else check_template(ranks, "ranks")
+    fraction = None if energy is None else check_fraction(energy, "energy")
+    lora_rank = _DEFAULT_LORA_RANK
+    if budget_like_lora is not None:
+        lora_rank = check_positive_int(budget_like_lora, "budget_like_lora")
+    kernel_rank = None
+    if fixed_kernel_rank is not None:
+        kernel_rank = check_positive_int(fixed_kernel_rank, "fixed_kernel_rank")
+        if isinstance(template, tuple):
+            raise ExtractionError(
+                f"fixed_kernel_rank={kernel_rank} conflicts with per-mode ranks {template}, "
+                "which already give the kernel modes' ranks; give one rank or drop "
+                "fixed_kernel_rank"
+            )
+    return _Rules(template, fraction, lora_rank, kernel_rank)
+
+
+def _pattern(value: object, name: str) -> str | re.Pattern[str] | None:
+    if value is None or isinstance(value, re.Pattern):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a regular expression (str or re.Pattern), got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{name} is not a valid regular expression {value!r}: {exc}") from None
 
 
 def _flora_kind(name: str, shape: tuple[int, ...], as_parameters: bool) -> str:
@@ -109,51 +197,42 @@ def _flora_kind(name: str, shape: tuple[int, ...], as_parameters: bool) -> str:
     return {"linear": "Linear", "embedding": "Embedding"}[kind]
 
 
-def _rank_rule(
-    ranks: int | Sequence[int] | None,
-    energy: float | None,
-    budget_like_lora: int | None,
-    fixed_kernel_rank: int | None,
-) -> Callable[[str, np.ndarray], tuple[int, ...]]:
-    given = [v is not None for v in (ranks, energy, budget_like_lora)]
-    if sum(given) > 1:
-        raise ValueError("give at most one of ranks, energy and budget_like_lora")
-    rule = _base_rule(ranks, energy, budget_like_lora, fixed_kernel_rank)
-    # A rank above what the Tucker tensor can use adds parameters, not accuracy.
-    return lambda name, delta: usable_ranks(rule(name, delta), delta.shape)
+def _layer_name(name: str, kind: str) -> str:
+    return name if kind == "Parameter" else name.removesuffix(".weight")
 
 
-def _base_rule(
-    ranks: int | Sequence[int] | None,
-    energy: float | None,
-    budget_like_lora: int | None,
-    fixed_kernel_rank: int | None,
-) -> Callable[[str, np.ndarray], tuple[int, ...]]:
-    if ranks is not None:
+def _plan(
+    checkpoint: Checkpoint, names: Sequence[str], rules: _Rules, as_parameters: bool
+) -> dict[str, tuple[str, str]]:
+    """Tensor name to (layer name, kind), checked before any decomposition runs."""
+    plan: dict[str, tuple[str, str]] = {}
+    owners: dict[str, str] = {}
+    for name in names:
+        shape = checkpoint.info(name).shape
+        kind = _flora_kind(name, shape, as_parameters)
+        layer = _layer_name(name, kind)
+        if layer in owners:
+            raise ExtractionError(
+                f"tensors {owners[layer]!r} and {name!r} would both be adapter layer "
+                f"{layer!r}; no model has both (exclude one, or name every layer by its tensor "
+                "with as_parameters=True, --as-parameters)"
+            )
+        if isinstance(rules.ranks, tuple) and len(rules.ranks) != len(shape):
+            raise ExtractionError(
+                f"ranks {rules.ranks} give {len(rules.ranks)} modes but tensor {name!r} has "
+                f"{len(shape)} (shape {shape}); give one rank, or select tensors of "
+                f"{len(rules.ranks)} modes with include/exclude"
+            )
+        owners[layer] = name
+        plan[name] = (layer, kind)
+    return plan
 
-        def by_ranks(name: str, delta: np.ndarray) -> tuple[int, ...]:
-            return resolve_rank(ranks, delta.shape, f"ranks for {name!r}")
 
-        return by_ranks
-    if energy is not None:
-        if not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must lie in (0, 1], got {energy}")
-        return lambda name, delta: energy_ranks(delta, energy)
-    lora_rank = _DEFAULT_LORA_RANK if budget_like_lora is None else budget_like_lora
-    if lora_rank < 1:
-        raise ValueError(f"budget_like_lora must be >= 1, got {lora_rank}")
-
-    def by_budget(name: str, delta: np.ndarray) -> tuple[int, ...]:
-        spectra = [np.asarray(s) for s in mode_spectra(delta)]
-        kind = tensor_kind(name, delta.shape)
-        return lora_budget_ranks(spectra, kind, lora_rank, kernel_rank=fixed_kernel_rank)[0]
-
-    return by_budget
-
-
-def _open(stack: ExitStack, checkpoint: Checkpoint | str | os.PathLike[str]) -> Checkpoint:
+def _open(stack: ExitStack, checkpoint: object, name: str) -> Checkpoint:
     if isinstance(checkpoint, Checkpoint):
         return checkpoint
+    if not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(f"{name} must be a path or a Checkpoint, got {type(checkpoint).__name__}")
     return stack.enter_context(open_checkpoint(checkpoint))
 
 
@@ -165,12 +244,23 @@ def _unusable(delta: np.ndarray) -> str | None:
     return None
 
 
+def _output(directory: object) -> Path:
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    path = Path(directory)
+    try:
+        check_target(path, (CONFIG_NAME, WEIGHTS_NAME))
+    except (FileExistsError, ValueError) as exc:
+        raise ExtractionError(str(exc)) from None
+    return path
+
+
 def extract(
     base: Checkpoint | str | os.PathLike[str],
     tuned: Checkpoint | str | os.PathLike[str],
     directory: str | os.PathLike[str],
     *,
-    ranks: int | Sequence[int] | None = None,
+    ranks: int | Sequence[int | None] | None = None,
     energy: float | None = None,
     budget_like_lora: int | None = None,
     fixed_kernel_rank: int | None = None,
@@ -178,6 +268,7 @@ def extract(
     exclude: str | re.Pattern[str] | None = None,
     refine: bool = False,
     as_parameters: bool = False,
+    carry_1d: bool = False,
     progress: Callable[[Sequence[str]], Iterable[str]] | None = None,
 ) -> Extraction:
     """Extract a FLoRA adapter from a base checkpoint and its full fine-tune.
@@ -193,23 +284,28 @@ def extract(
         The checkpoints before and after fine-tuning (anything
         :func:`tuckerlib.io.open_checkpoint` reads).
     directory : path-like
-        The adapter directory to write (created if missing).
-    ranks : int or sequence of int, optional
-        Ranks for every layer: an int for every mode (clipped to each mode's
-        size), or one rank per mode (every selected tensor must then have
-        that many modes). Whatever the rule, ranks are then clipped to the
-        usable ones (:func:`flora.spec.usable_ranks`).
+        The adapter directory to write (created if missing; an existing one
+        must be empty or hold an adapter, which is replaced).
+    ranks : int or sequence of int or None, optional
+        A rank template for every layer, as in :class:`flora.FLoRAConfig`:
+        an int for every mode, or one rank per mode (``None`` keeps the mode
+        full; every selected tensor must then have that many modes),
+        clipped to each mode's size.
     energy : float, optional
-        Per layer and mode, the smallest rank that keeps this fraction of
-        the energy of ΔW's unfolding (:func:`tuckerlib.energy_ranks`).
+        Per layer and mode, the smallest rank that keeps this fraction
+        (in ``(0, 1]``) of the energy of ΔW's unfolding
+        (:func:`tuckerlib.energy_ranks`).
     budget_like_lora : int, optional
         Per layer, the ranks that keep the most energy within the parameter
         count of a rank-``R`` LoRA of the ``(out, rest)`` reshape, as
         ``tuckerlib analyze`` recommends. The default rule, with ``R = 8``,
         when none of the three is given.
     fixed_kernel_rank : int, optional
-        With the budget rule, pin the kernel modes of convolutions to this
-        rank.
+        Pin the kernel modes (2 and up) of convolutions to this rank
+        (clipped to the kernel size), whichever rule sets the others: with
+        the budget rule the budget then goes to the channel modes; with
+        ``ranks=R`` a convolution gets ``(R, R, K, ..., K)``. It conflicts
+        with per-mode ``ranks``, which give the kernel ranks themselves.
     include, exclude : str or re.Pattern, optional
         Regular expressions (``re.search``) selecting tensor names.
     refine : bool, optional
@@ -219,6 +315,13 @@ def extract(
         :class:`flora.TuckerParametrization`) instead of guessing the module
         type from the name and shape; use it when the model's modules are
         not exactly ``torch.nn.Linear``/``ConvNd``/``Embedding``.
+    carry_1d : bool, optional
+        Carry the fine-tune's 1-D tensors into the adapter too: the bias of
+        each adapted Linear/ConvNd layer as the adapter's bias update ``Δb``
+        (``bias`` of :class:`flora.LayerSpec`), and each changed module made only of
+        1-D tensors and scalars (a norm layer, with its running statistics)
+        saved whole (``modules_to_save``). Other changed 1-D tensors are
+        listed as skipped.
     progress : callable, optional
         Wraps the list of tensor names into the iterable that is looped
         over (e.g. ``tqdm.tqdm``).
@@ -226,16 +329,29 @@ def extract(
     Returns
     -------
     Extraction
-        The directory, each layer's ranks and relative error, and the
-        skipped tensors with their reasons.
+        The directory, each layer's ranks and relative error, the skipped
+        tensors with their reasons, and the carried ones.
 
     Raises
     ------
-    ValueError
-        If more than one rank rule is given, a rule's value is invalid or
-        does not fit a tensor, or no tensor could be extracted.
+    ExtractionError
+        A ``ValueError`` for input that cannot make an adapter: more than
+        one rank rule, per-mode ranks with ``fixed_kernel_rank`` or with
+        tensors of another number of modes, two tensors that would be the
+        same layer (``blk.proj`` and ``blk.proj.weight``), no tensor to
+        extract, or a ``directory`` that is a file or holds other files.
+        Nothing is written then; all but the last but one are found before
+        any decomposition runs.
     tuckerlib.io.CheckpointError
         If a checkpoint cannot be read.
+    TypeError
+        If an argument has the wrong type (``energy="0.9"``, ``progress=42``,
+        ``budget_like_lora=True``).
+    ValueError
+        If an argument's value is invalid (a rank below 1, an energy outside
+        ``(0, 1]``, an invalid regular expression).
+    OSError
+        If writing the adapter fails (the error names the file).
 
     See Also
     --------
@@ -247,10 +363,15 @@ def extract(
     Module kinds are inferred from the checkpoint alone: a 2-D ``*.weight``
     is a ``Linear`` (an ``Embedding`` if its name mentions one), a 3/4/5-D
     ``*.weight`` a ``Conv1d``/``Conv2d``/``Conv3d``; anything else is a
-    ``Parameter``. Changes to 1-D tensors (biases, norms) are not part of a
-    FLoRA adapter and are listed as skipped. The adapter's scale is 1 and
-    its tensors are float32; at full ranks it reproduces ΔW to float32
-    rounding.
+    ``Parameter``. Without ``carry_1d``, changes to 1-D tensors (biases,
+    norms) are not part of the adapter and are listed as skipped. The
+    adapter's scale is 1 and its tensors are float32 (bias updates of a
+    float64 checkpoint float64); at full ranks it reproduces ΔW to float32
+    rounding. A saved module holds the tuned tensors exactly. A carried bias
+    update is ``tuned − base`` in float32: merging it gives the tuned bias
+    bit for bit wherever that difference is a float32 number (always for
+    float16 and bfloat16 checkpoints, and for a float32 bias that kept its
+    sign and at most doubled or halved), else to one float32 rounding.
 
     Examples
     --------
@@ -271,37 +392,84 @@ def extract(
     >>> layer.name, layer.kind, layer.ranks, layer.relative_error < 1e-6
     ('fc', 'Linear', (1, 1), True)
     """
-    rule = _rank_rule(ranks, energy, budget_like_lora, fixed_kernel_rank)
-    decompose = hooi if refine else sthosvd
-    layers: list[ExtractedLayer] = []
-    tensors: dict[str, torch.Tensor] = {}
+    rules = _rules(ranks, energy, budget_like_lora, fixed_kernel_rank)
+    include, exclude = _pattern(include, "include"), _pattern(exclude, "exclude")
+    decompose = hooi if check_flag(refine, "refine") else sthosvd
+    check_flag(as_parameters, "as_parameters")
+    check_flag(carry_1d, "carry_1d")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable such as tqdm.tqdm, got {progress!r}")
+    target = _output(directory)
     with ExitStack() as stack:
-        base_ckpt, tuned_ckpt = _open(stack, base), _open(stack, tuned)
+        base_ckpt, tuned_ckpt = _open(stack, base, "base"), _open(stack, tuned, "tuned")
         pairing = pair_checkpoints(base_ckpt, tuned_ckpt, include=include, exclude=exclude)
-        skipped = list(pairing.skipped)
-        for name in (progress or list)(pairing.names):
-            delta = read_delta(base_ckpt, tuned_ckpt, name)
-            reason = _unusable(delta)
-            if reason is not None:
-                skipped.append((name, reason))
-                continue
-            kind = _flora_kind(name, delta.shape, as_parameters)
-            layer, layer_tensors = _extract_layer(
-                name, kind, delta, decompose(delta, rule(name, delta))
-            )
-            layers.append(layer)
-            tensors.update(layer_tensors)
-    if not layers:
-        raise ValueError("nothing to extract: no changed tensor of 2 or more dimensions")
-    specs = {layer.name: LayerSpec(layer.kind, layer.shape, layer.ranks) for layer in layers}
+        plan = _plan(tuned_ckpt, pairing.names, rules, as_parameters)
+        layers, tensors, skipped = _decompose(
+            base_ckpt, tuned_ckpt, plan, rules, decompose, progress or list
+        )
+        if not layers:
+            raise ExtractionError("nothing to extract: no changed tensor of 2 or more dimensions")
+        skipped += pairing.skipped
+        carried = Carried()
+        if carry_1d:
+            kinds = {layer.name: layer.kind for layer in layers}
+            carried = carry(base_ckpt, tuned_ckpt, kinds, [name for name, _ in pairing.skipped])
+    handled = {name for name, _ in carried.carried + carried.skipped}
+    skipped = [(n, r) for n, r in skipped if n not in handled] + carried.skipped
+    return _write(target, layers, tensors, skipped, carried)
+
+
+def _decompose(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    plan: dict[str, tuple[str, str]],
+    rules: _Rules,
+    decompose: Callable[..., TuckerTensor],
+    progress: Callable[[Sequence[str]], Iterable[str]],
+) -> tuple[list[ExtractedLayer], dict[str, torch.Tensor], list[tuple[str, str]]]:
+    layers, tensors, skipped = [], {}, []
+    for name in progress(list(plan)):
+        delta = read_delta(base, tuned, name)
+        reason = _unusable(delta)
+        if reason is not None:
+            skipped.append((name, reason))
+            continue
+        layer_name, kind = plan[name]
+        tucker = decompose(delta, rules.ranks_for(name, delta))
+        layer, layer_tensors = _extract_layer(name, layer_name, kind, delta, tucker)
+        layers.append(layer)
+        tensors.update(layer_tensors)
+    return layers, tensors, skipped
+
+
+def _write(
+    directory: Path,
+    layers: list[ExtractedLayer],
+    tensors: dict[str, torch.Tensor],
+    skipped: list[tuple[str, str]],
+    carried: Carried,
+) -> Extraction:
+    specs = {
+        layer.name: LayerSpec(
+            layer.kind, layer.shape, layer.ranks, bias=layer.name in carried.biases
+        )
+        for layer in layers
+    }
+    for layer, delta in carried.biases.items():
+        tensors[f"{layer}.bias"] = delta
+    for module, state in carried.modules.items():
+        tensors.update({f"{SAVED_PREFIX}{module}.{key}": t for key, t in state.items()})
+    modules = list(carried.modules)
     config = FLoRAConfig.for_layers(specs)
-    return Extraction(write_adapter(directory, config, specs, tensors), layers, skipped, config)
+    if modules:
+        config = dataclasses.replace(config, modules_to_save=modules)
+    path = write_adapter(directory, config, specs, tensors, modules_to_save=modules)
+    return Extraction(path, layers, skipped, config, carried.carried)
 
 
 def _extract_layer(
-    name: str, kind: str, delta: np.ndarray, tucker: TuckerTensor
+    name: str, layer_name: str, kind: str, delta: np.ndarray, tucker: TuckerTensor
 ) -> tuple[ExtractedLayer, dict[str, torch.Tensor]]:
-    layer_name = name if kind == "Parameter" else name.removesuffix(".weight")
     shape = tuple(int(d) for d in delta.shape)
     error = relative_error(delta, tucker)
     layer = ExtractedLayer(layer_name, name, kind, shape, tucker.rank, tucker.n_params, error)

@@ -8,7 +8,8 @@ An adapter directory holds one named adapter in two files (format version 2):
         {"format": "flora", "format_version": 2, "adapter_name": "default",
          "config": {...FLoRAConfig fields (FLoRAConfig.to_dict())...},
          "layers": {NAME: {"kind": KIND, "shape": [I_0, ...], "ranks": [R_0, ...],
-                           "scale": s, "init": INIT, "forward": MODE, "dropout": p}},
+                           "scale": s, "init": INIT, "forward": MODE, "dropout": p,
+                           "bias": true}},
          "modules_to_save": [MODULE, ...]}
 
     ``adapter_name`` is the adapter's name in the model it was saved from.
@@ -21,15 +22,22 @@ An adapter directory holds one named adapter in two files (format version 2):
     :meth:`flora.LayerSpec.to_record`: ``shape`` is the weight's shape and
     ``ranks`` the usable ranks (``R_n <= I_n`` and ``R_n <= prod_{m != n}
     R_m``). The per-layer entries are authoritative; ``config`` records how
-    the adapter was made. ``modules_to_save`` (optional) lists the modules
-    saved whole with the adapter.
+    the adapter was made. ``"bias": true`` (optional, only written when
+    true) marks an adapter that carries a bias update. ``modules_to_save``
+    (optional) lists the modules saved whole with the adapter. Every other
+    top-level key is refused when read, as a newer format's field that this
+    reader would otherwise drop.
 
 ``adapter_model.safetensors``
     For each layer ``NAME``: ``NAME.core`` of shape ``ranks`` and
     ``NAME.factors.n`` of shape ``(shape[n], ranks[n])``; with
     ``init == "hosvd"`` also ``NAME.initial_core`` and
     ``NAME.initial_factors.n`` (the adapter at initialization, which the
-    base gave up: loading subtracts it from the fresh base weight). For each
+    base gave up: loading subtracts it from the fresh base weight); with
+    ``"bias": true`` in the layer's entry also ``NAME.bias`` of shape
+    ``(shape[0],)``, the bias update ``Δb`` (the entry is left out for
+    adapters without one, so a reader that does not know bias updates
+    refuses the directory instead of dropping them). For each
     saved module ``MODULE``: ``modules_to_save.MODULE.KEY`` for every entry
     ``KEY`` of that module's ``state_dict()``. Nothing else. Files are read
     with ``safetensors`` only, never unpickled.
@@ -41,7 +49,10 @@ when they are loaded.
 
 Saving writes a new directory beside the target and renames it into place,
 so a failed save leaves the previous adapter complete, never a mix of old
-and new files. :func:`write_adapter` writes such a directory from plain
+and new files; a failed write is an :class:`OSError` naming the file.
+Reading refuses anything that does not match this description with a
+:class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
+starts with the file at fault. :func:`write_adapter` writes such a directory from plain
 tensors, e.g. for adapters computed outside a model; :func:`read_adapter`
 reads and validates one without a model.
 """
@@ -56,10 +67,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from flora._args import check_flag, check_model
 from flora._atomic import replace_directory
+from flora._files import check_tensor_values, read_json, read_tensors, writing
 from flora._plan import (
     current_active,
     find_adapted,
@@ -71,6 +84,7 @@ from flora.layers import TuckerDelta
 from flora.layers.base import check_adapter_name
 from flora.model import attach_adapter
 from flora.spec import LayerSpec, usable_ranks
+from tuckerlib.io import CheckpointError
 
 __all__ = [
     "CONFIG_NAME",
@@ -100,6 +114,8 @@ def _layer_keys(name: str, spec: LayerSpec, ranks: Sequence[int]) -> dict[str, t
         keys[f"{name}.{prefix}core"] = tuple(ranks)
         for n, (size, rank) in enumerate(zip(spec.shape, ranks, strict=True)):
             keys[f"{name}.{prefix}factors.{n}"] = (size, rank)
+    if spec.bias:
+        keys[f"{name}.bias"] = spec.shape[:1]
     return keys
 
 
@@ -111,7 +127,9 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_name(model: nn.Module, adapter_name: str | None) -> str:
-    names = [n for host in find_adapted(model).values() for n in host.adapters]
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    names = [n for host in find_adapted(check_model(model)).values() for n in host.adapters]
     if not names:
         raise ValueError("the model has no FLoRA adapters; call flora.inject first")
     if adapter_name is None:
@@ -175,6 +193,8 @@ def adapter_state_dict(
             state[f"{layer_name}.initial_core"] = _full(initial[0])
             for n, factor in enumerate(initial[1]):
                 state[f"{layer_name}.initial_factors.{n}"] = _full(factor)
+        if adapter.bias is not None:
+            state[f"{layer_name}.bias"] = _full(adapter.bias)
     for module_name, wrapper in find_saved(model).items():
         if name in wrapper.copies:
             for key, value in wrapper.copies[name].state_dict().items():
@@ -248,10 +268,11 @@ def write_adapter(
         Recorded as ``"config"``.
     layers : dict
         Layer name to :class:`flora.LayerSpec` or its record (``kind``,
-        ``shape``, ``ranks``, ``scale``, ``init``, optional ``forward`` and
-        ``dropout``), see the module docstring.
+        ``shape``, ``ranks``, ``scale``, ``init``, optional ``forward``,
+        ``dropout`` and ``bias``), see the module docstring.
     tensors : dict of str to torch.Tensor
-        Exactly the keys the layers and saved modules need, with their shapes.
+        Exactly the keys the layers and saved modules need, with their
+        shapes; dense tensors with values, finite where floating.
     adapter_name : str, optional
         Recorded as ``"adapter_name"``.
     modules_to_save : sequence of str, optional
@@ -265,13 +286,19 @@ def write_adapter(
     Raises
     ------
     ValueError
-        If a record is invalid or the tensors' keys or shapes do not match
-        the records, or ``directory`` holds other files (nothing is written
-        then).
+        If a record is invalid, the tensors' keys or shapes do not match
+        the records, a tensor holds NaN or infinite values (a reader would
+        refuse the file) or is a meta or sparse tensor, or ``directory``
+        holds other files (nothing is written then).
     TypeError
-        If ``config`` is not a :class:`flora.FLoRAConfig`.
+        If ``config`` is not a :class:`flora.FLoRAConfig`, ``layers`` or
+        ``tensors`` is not a dict, or a value of ``tensors`` is not a
+        ``torch.Tensor`` (the message names its key).
+    FileExistsError
+        If ``directory`` is a file.
     OSError
-        If writing fails; ``directory`` is then as it was.
+        If writing fails (a full disk, a file too large): the error names
+        the file that could not be written; ``directory`` is then as it was.
 
     Examples
     --------
@@ -287,9 +314,15 @@ def write_adapter(
     ...     sorted(p.name for p in path.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if not isinstance(directory, str | PathLike):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     if not isinstance(config, FLoRAConfig):
         raise TypeError(f"config must be a FLoRAConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
+    for name, value in (("layers", layers), ("tensors", tensors)):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a dict keyed by name, got {type(value).__name__}")
+    check_tensor_values(tensors)
     specs = {}
     for name, layer in layers.items():
         try:
@@ -313,8 +346,10 @@ def write_adapter(
     files = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
     def fill(path: Path) -> None:
-        save_file(files, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-        (path / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
+        with writing(path / WEIGHTS_NAME) as weights:
+            save_file(files, str(weights), metadata={"format": "pt"})
+        with writing(path / CONFIG_NAME) as config_file:
+            config_file.write_text(json.dumps(document, indent=2) + "\n")
 
     return replace_directory(Path(directory), fill, allowed=(CONFIG_NAME, WEIGHTS_NAME))
 
@@ -362,10 +397,17 @@ def save_adapter(
     ValueError
         If the model has no adapters, the name is unknown (or None with
         several active adapters), ``state_dict`` does not match the adapter
-        (missing or unexpected keys, wrong shapes, tensors still sharded),
-        or ``directory`` holds other files; nothing is written then.
+        (missing or unexpected keys, wrong shapes, tensors still sharded,
+        NaN or infinite values), or ``directory`` holds other files;
+        nothing is written then.
     TypeError
-        If ``state_dict`` is not a mapping.
+        If ``model`` is not a module, ``state_dict`` is not a mapping or
+        holds a value that is not a ``torch.Tensor`` (named by its key).
+    FileExistsError
+        If ``directory`` is a file.
+    OSError
+        If writing fails: the error names the file; ``directory`` is then
+        as it was.
 
     See Also
     --------
@@ -467,6 +509,10 @@ class SavedAdapter:
         factors = [self.tensors[f"{prefix}factors.{n}"] for n in range(rank)]
         return self.tensors[f"{prefix}core"], factors
 
+    def bias(self, layer: str) -> torch.Tensor | None:
+        """The bias update ``Δb`` of ``layer``, or None if it has none."""
+        return self.tensors.get(f"{layer}.bias") if self.layers[layer].bias else None
+
     def saved_state(self, module: str) -> dict[str, torch.Tensor]:
         """The ``state_dict`` of saved module ``module``."""
         prefix = f"{SAVED_PREFIX}{module}."
@@ -512,12 +558,16 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
 
     Raises
     ------
-    FileNotFoundError
-        If a file is missing.
-    ValueError
-        If the config is not a flora adapter config of a known version, a
-        layer record is invalid, or the tensors do not match the records
-        (keys, shapes, floating dtype) or hold NaN or infinite values.
+    tuckerlib.io.CheckpointError
+        A ``ValueError`` whose message starts with the file at fault: the
+        directory or a file is missing or unreadable; the config is not
+        valid JSON, not a flora adapter config of a known version, lacks a
+        key or has an unknown one, or holds an invalid value; the weights
+        file is not a valid safetensors file, or its tensors do not match
+        the layer records (keys, shapes, floating dtype) or hold NaN or
+        infinite values.
+    TypeError
+        If ``directory`` is not a path.
 
     Examples
     --------
@@ -530,40 +580,77 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     >>> saved.name, saved.layers["0"].ranks
     ('default', (2, 2))
     """
-    directory = Path(directory)
+    directory = _directory(directory)
     path = directory / CONFIG_NAME
+    document = read_json(path)
     try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or document.get("format") != "flora":
-        raise ValueError(f"{path} is not a flora adapter config")
-    version = document.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-        raise ValueError(
-            f"unsupported adapter format_version {version!r}; this flora reads 1 and "
-            f"{FORMAT_VERSION}"
-        )
-    if not isinstance(document.get("layers"), dict) or not document["layers"]:
-        raise ValueError(f"{path} lists no layers")
-    name = check_adapter_name(document.get("adapter_name", "default"))
-    config = FLoRAConfig.from_dict(document.get("config", {}))
-    modules = _check_modules(document.get("modules_to_save", []) if version > 1 else [])
-    records = document["layers"]
-    if version == 1:
-        stored = {n: _version1_spec(n, r) for n, r in records.items()}
-    else:
-        stored = {n: (spec := _spec(n, r), list(spec.ranks)) for n, r in records.items()}
-    tensors = load_file(str(directory / WEIGHTS_NAME))
-    _check_tensors(stored, modules, tensors)
-    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all())
-    if bad:
-        raise ValueError(f"tensors {bad} hold NaN or infinite values")
+        version = _check_document(document)
+        name = check_adapter_name(document["adapter_name"])
+        config = _recorded_config(document["config"])
+        modules = _check_modules(document.get("modules_to_save", []))
+        records = document["layers"]
+        if version == 1:
+            stored = {n: _version1_spec(n, r) for n, r in records.items()}
+        else:
+            stored = {n: (spec := _spec(n, r), list(spec.ranks)) for n, r in records.items()}
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    weights = directory / WEIGHTS_NAME
+    tensors = read_tensors(weights)
+    try:
+        _check_tensors(stored, modules, tensors)
+        check_tensor_values(tensors)
+    except ValueError as exc:
+        raise CheckpointError(f"{weights}: {exc} (config {path})") from None
     for layer, (spec, ranks) in stored.items():
         if list(spec.ranks) != ranks:
             _compress_layer(tensors, layer, spec)
     layers = {n: spec for n, (spec, _) in stored.items()}
     return SavedAdapter(name, config, layers, tensors, modules)
+
+
+def _directory(directory: object) -> Path:
+    if not isinstance(directory, str | PathLike):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    path = Path(directory)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise CheckpointError(
+            f"{path}: {what} (an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    return path
+
+
+def _recorded_config(data: object) -> FLoRAConfig:
+    try:
+        return FLoRAConfig.from_dict(data)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config: {exc}") from None
+
+
+_DOCUMENT_KEYS = {"format", "format_version", "adapter_name", "config", "layers"}
+
+
+def _check_document(document: object) -> int:
+    """The format version of a config document whose top-level keys are all known."""
+    if not isinstance(document, dict) or document.get("format") != "flora":
+        raise ValueError('not a flora adapter config (no "format": "flora")')
+    version = document.get("format_version")
+    if type(version) is not int or version not in (1, FORMAT_VERSION):
+        raise ValueError(
+            f"unsupported format_version {version!r}; this flora reads 1 and {FORMAT_VERSION}"
+        )
+    known = _DOCUMENT_KEYS | ({"modules_to_save"} if version > 1 else set())
+    missing, unknown = sorted(_DOCUMENT_KEYS - set(document)), sorted(set(document) - known)
+    if missing or unknown:
+        raise ValueError(
+            f"the config must have keys {sorted(_DOCUMENT_KEYS)}"
+            f"{' (optional modules_to_save)' if version > 1 else ''}; missing {missing}, "
+            f"unknown {unknown}"
+        )
+    if not isinstance(document["layers"], dict) or not document["layers"]:
+        raise ValueError("layers must be a non-empty JSON object of layer records")
+    return version
 
 
 def _compress_layer(tensors: dict[str, torch.Tensor], layer: str, spec: LayerSpec) -> None:
@@ -613,12 +700,16 @@ def load_adapter(
 
     Raises
     ------
-    FileNotFoundError
-        If a file is missing.
+    tuckerlib.io.CheckpointError
+        A ``ValueError`` naming the file, if the directory or a file is
+        missing, unreadable or invalid (see :func:`read_adapter`).
     ValueError
-        If the directory is invalid (see :func:`read_adapter`), names a
-        module or parameter the model lacks or has with another kind or
-        shape, the adapter name is taken, or a saved module does not match.
+        If the adapter names a module or parameter the model lacks or has
+        with another kind or shape (or as a meta tensor), the adapter name
+        is taken, or a saved module does not match.
+    TypeError
+        If ``model`` is not a module, ``adapter_name`` not a string or
+        ``trainable`` not a bool (checked before the files are read).
     RuntimeError
         Inside :func:`flora.disable_adapter`.
 
@@ -643,6 +734,10 @@ def load_adapter(
     >>> flora.adapter_names(base), flora.active_adapters(base), flora.trainable_parameters(base)
     (['a', 'b'], ['a'], 0)
     """
+    check_model(model)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    check_flag(trainable, "trainable")
     saved = read_adapter(directory)
     adapters = {layer: _loaded(saved, layer) for layer in saved.layers}
     states = {m: saved.saved_state(m) for m in saved.modules_to_save}
@@ -653,6 +748,6 @@ def load_adapter(
 def _loaded(saved: SavedAdapter, layer: str) -> TuckerDelta:
     spec = saved.layers[layer]
     initial = saved.tucker(layer, initial=True) if spec.init == "hosvd" else None
-    adapter = TuckerDelta(spec, *saved.tucker(layer), initial=initial)
+    adapter = TuckerDelta(spec, *saved.tucker(layer), initial=initial, bias=saved.bias(layer))
     adapter.config = saved.config
     return adapter

@@ -12,13 +12,14 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora._args import check_model, check_names
 from flora._hf import release_save_pretrained
 from flora._plan import (
     Addition,
@@ -63,7 +64,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     >>> flora.adapter_names(model), flora.active_adapters(model)
     (['default', 'small'], ['default'])
     """
-    return _adapter_names(model)
+    return _adapter_names(check_model(model))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -81,16 +82,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     >>> flora.active_adapters(model)
     ['default']
     """
-    return list(_current_active(model))
-
-
-def _names(names: str | Sequence[str], model: nn.Module) -> tuple[str, ...]:
-    names = (names,) if isinstance(names, str) else tuple(names)
-    known = _adapter_names(model)
-    unknown = [n for n in names if n not in known]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(f"expected distinct adapter names among {known}, got {list(names)}")
-    return names
+    return list(_current_active(check_model(model)))
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
@@ -117,6 +109,8 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
         If a name is unknown or repeated, the list is empty, or two of the
         names have a copy of the same saved module (one copy runs at a
         time).
+    TypeError
+        If ``model`` is not a module or ``names`` not a name or list of names.
     RuntimeError
         If an adapter is merged (unmerge first), or inside
         :func:`disable_adapter`. Nothing changes then.
@@ -132,8 +126,9 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     >>> model[0].adapters["a"].core.requires_grad, model[0].adapters["b"].core.requires_grad
     (False, True)
     """
+    check_model(model)
+    names = check_names(names, "names", _adapter_names(model))
     check_enabled(model)
-    names = _names(names, model)
     layers = find_adapted(model)
     merged = sorted({n for layer in layers.values() for n in layer.merged_adapters})
     if merged:
@@ -191,7 +186,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     >>> torch.equal(model(x), base(x))
     False
     """
-    layers = find_adapted(model)
+    layers = find_adapted(check_model(model))
     if not layers:
         raise ValueError("the model has no FLoRA adapters; call flora.inject first")
     hosts = [*layers.values(), *find_saved(model).values()]
@@ -238,6 +233,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     ------
     ValueError
         If the model has no adapter of that name (nothing changes then).
+    TypeError
+        If ``adapter_name`` is not a string.
     RuntimeError
         Inside :func:`disable_adapter`.
 
@@ -250,8 +247,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     >>> flora.delete_adapter(model, "default")[0] is linear
     True
     """
+    check_model(model)
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str, got {adapter_name!r}")
+    check_names(adapter_name, "adapter_name", _adapter_names(model))
     check_enabled(model)
-    _names(adapter_name, model)
     active = [n for n in _current_active(model) if n != adapter_name]
     remaining = [n for n in _adapter_names(model) if n != adapter_name]
     if not active and remaining:
@@ -287,15 +287,19 @@ def _drop(modules: dict[str, nn.Module], name: str, layer: AdaptedWeight) -> Non
         )
 
 
-def _check_weights(weights: Sequence[float], count: int) -> list[float]:
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+def _check_weights(weights: Iterable[float], count: int) -> list[float]:
+    # Ordered iterables only: a set or a dict would pair weights with names by chance.
+    if isinstance(weights, (str, bytes, Mapping, Set)) or not isinstance(weights, Iterable):
         raise TypeError(f"weights must be a sequence of real numbers, got {weights!r}")
+    weights = list(weights)
     if len(weights) != count:
         raise ValueError(f"weights has {len(weights)} entries for {count} adapters")
     checked = []
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-            raise ValueError(f"weights must be finite real numbers, got {weights!r}")
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"weights must be real numbers, got {weights!r}")
+        if not math.isfinite(w):
+            raise ValueError(f"weights must be finite, got {weights!r}")
         checked.append(float(w))
     return checked
 
@@ -325,6 +329,8 @@ def _combined(
                     start = (torch.zeros_like(adapter.core), [f.detach() for f in adapter.factors])
                 terms.append((w * adapter.spec.scale * start[0], list(start[1])))
             initial = block_sum(terms)
+        biases = [w * a.bias.detach() for a, w in present if a.bias is not None]
+        bias = sum(biases[1:], biases[0]) if biases else None
     first = present[0][0].spec
     spec = LayerSpec(
         first.kind,
@@ -333,8 +339,9 @@ def _combined(
         init="hosvd" if initial is not None else "zero_core",
         forward=first.forward,
         dropout=first.dropout,
+        bias=bias is not None,
     )
-    return TuckerDelta(spec, core, factors, initial=initial)
+    return TuckerDelta(spec, core, factors, initial=initial, bias=bias)
 
 
 def add_weighted_adapter(
@@ -344,6 +351,8 @@ def add_weighted_adapter(
     new_name: str,
 ) -> nn.Module:
     """Add adapter ``new_name`` with ``ΔW = Σ_i w_i ΔW_i``, exactly, on every layer concerned.
+
+    Bias updates combine the same way: ``Δb = Σ_i w_i Δb_i``.
 
     Each layer's combination is one Tucker tensor: a block-diagonal core
     (block ``i`` is ``w_i s_i G_i``) and the factors side by side, with scale
@@ -362,7 +371,7 @@ def add_weighted_adapter(
     adapter_names : sequence of str
         Adapters to combine.
     weights : sequence of float
-        One finite weight per adapter.
+        One finite weight per adapter (a list, tuple or 1-D array).
     new_name : str
         Name of the new adapter (added inactive and trainable; saved
         modules are copied from the first named adapter that has one).
@@ -378,7 +387,8 @@ def add_weighted_adapter(
         If a name is unknown or repeated, ``new_name`` is taken, or the
         weights are not one finite number per adapter (nothing changes then).
     TypeError
-        If ``weights`` is not a sequence.
+        If ``weights`` is not a sequence of real numbers, or a name is not
+        a string.
     RuntimeError
         Inside :func:`disable_adapter`.
 
@@ -399,10 +409,11 @@ def add_weighted_adapter(
     >>> torch.allclose(layer.delta_weight("mix"), expected, atol=1e-5)
     True
     """
-    check_enabled(model)
-    check_adapter_name(new_name)
-    names = _names(adapter_names, model)
+    check_model(model)
+    check_adapter_name(new_name, "new_name")
+    names = check_names(adapter_names, "adapter_names", _adapter_names(model))
     weights = _check_weights(weights, len(names))
+    check_enabled(model)
     modules = dict(walk(model))
     additions = []
     for name, layer in find_adapted(model).items():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora._args import check_flag, check_model, check_names
 from flora._hf import release_save_pretrained
 from flora._plan import (
     LAYER_TYPES,
@@ -68,7 +69,7 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedWeight]:
     >>> {name: layer.adapter_names for name, layer in flora.adapted_layers(model).items()}
     {'0': ('default',), '2': ('default',)}
     """
-    return find_adapted(model)
+    return find_adapted(check_model(model))
 
 
 def _entries(spec: list[str] | str) -> list[str]:
@@ -186,7 +187,8 @@ def _check_rank_pattern(config: FLoRAConfig, names: list[str]) -> None:
 
 
 def _create(site: Site, config: FLoRAConfig) -> TuckerDelta:
-    spec = config.spec_for(site.kind, tuple(site.weight.shape), site.name)
+    has_bias = site.parameter is None and getattr(site.module, "bias", None) is not None
+    spec = config.spec_for(site.kind, tuple(site.weight.shape), site.name, has_bias=has_bias)
     try:
         adapter = TuckerDelta.create(spec, site.weight)
     except (ValueError, TypeError) as exc:
@@ -229,8 +231,9 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
         weights), ``init="hosvd"`` meets a non-finite weight, or ranks do
         not fit a layer. Nothing is changed in that case.
     TypeError
-        If ``config`` is not a :class:`flora.FLoRAConfig` or a target module is of
-        a kind FLoRA cannot adapt (see ``LAYER_TYPES``).
+        If ``model`` is not a module, ``config`` is not a
+        :class:`flora.FLoRAConfig`, or a target module is of a kind FLoRA
+        cannot adapt (see ``LAYER_TYPES``).
     RuntimeError
         Inside :func:`flora.disable_adapter`.
 
@@ -261,6 +264,7 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
     >>> model[0].base_layer is conv
     True
     """
+    check_model(model)
     if not isinstance(config, FLoRAConfig):
         raise TypeError(f"config must be a FLoRAConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
@@ -324,8 +328,11 @@ def attach_adapter(
     ------
     ValueError
         If a layer or module is missing, of another kind or shape, shares
-        its weight with another module, the name is taken, or a saved
-        module's state does not match (nothing changes then).
+        its weight with another module, is a meta tensor, lacks the bias an
+        adapter's bias update needs, the name is taken, or a saved module's
+        state does not match (nothing changes then).
+    TypeError
+        If an argument has the wrong type.
     RuntimeError
         Inside :func:`flora.disable_adapter`.
 
@@ -340,7 +347,13 @@ def attach_adapter(
     >>> torch.allclose(model[0].delta_weight(), b @ a, atol=1e-6)
     True
     """
+    check_model(model)
     check_adapter_name(adapter_name)
+    check_flag(trainable, "trainable")
+    if not isinstance(adapters, Mapping) or not all(
+        isinstance(a, TuckerDelta) for a in adapters.values()
+    ):
+        raise TypeError("adapters must be a dict from layer name to flora.TuckerDelta")
     check_enabled(model)
     modules = dict(walk(model))
     sites = []
@@ -350,6 +363,16 @@ def attach_adapter(
             raise ValueError(
                 f"layer {name!r}: the adapter is for shape {list(adapter.spec.shape)}, the "
                 f"model's weight has shape {list(site.weight.shape)}"
+            )
+        if site.weight.is_meta:
+            raise ValueError(
+                f"layer {name!r}: the model's weight is a meta tensor (a shape without "
+                "values); load the base weights before the adapter"
+            )
+        if adapter.spec.bias and getattr(site.module, "bias", None) is None:
+            raise ValueError(
+                f"layer {name!r}: the adapter carries a bias update, but the model's "
+                f"{site.kind} has no bias"
             )
         sites.append(site)
     if not sites:
@@ -367,7 +390,7 @@ def attach_adapter(
 
 
 def _require_adapters(model: nn.Module) -> dict[str, AdaptedWeight]:
-    layers = find_adapted(model)
+    layers = find_adapted(check_model(model))
     if not layers:
         raise ValueError("the model has no FLoRA adapters; call flora.inject first")
     check_enabled(model)
@@ -409,8 +432,11 @@ def merge(
         If a named adapter is already merged, or inside
         :func:`flora.disable_adapter` (nothing is merged then).
     ValueError
-        If the model has no adapters, a name is unknown, or (``safe``) a
-        merged weight would not be finite; the message names the layer.
+        If the model has no adapters, a name is unknown or repeated, a
+        weight is a meta tensor, or (``safe``) a merged weight would not be
+        finite; the message names the layer.
+    TypeError
+        If ``adapter_names`` is not a list of names or ``safe`` not a bool.
 
     Examples
     --------
@@ -423,11 +449,10 @@ def merge(
     >>> _ = flora.unmerge(model)
     """
     layers = _require_adapters(model)
+    check_flag(safe, "safe")
     if adapter_names is not None:
-        known = {n for layer in layers.values() for n in layer.adapters}
-        unknown = [n for n in adapter_names if n not in known]
-        if unknown:
-            raise ValueError(f"no adapters {unknown} in the model; it has {sorted(known)}")
+        known = list(dict.fromkeys(n for layer in layers.values() for n in layer.adapters))
+        adapter_names = list(check_names(adapter_names, "adapter_names", known))
     plan = {}
     for name, layer in layers.items():
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.adapters]
@@ -506,7 +531,10 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     ------
     ValueError
         If the model has no adapters, or (``merge=True``) a merged weight
-        would hold NaN or infinite values (nothing is changed then).
+        would hold NaN or infinite values or a weight is a meta tensor
+        (nothing is changed then).
+    TypeError
+        If ``merge`` is not a bool.
     RuntimeError
         Inside :func:`flora.disable_adapter`.
 
@@ -520,9 +548,17 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     True
     """
     layers = _require_adapters(model)
-    if merge:
+    if check_flag(merge, "merge"):
         for name, layer in layers.items():
-            if not bool(torch.isfinite(layer.effective_weight()).all()):
+            if layer.base_weight().is_meta:
+                raise ValueError(
+                    f"layer {name!r}: the weight is a meta tensor (a shape without values); "
+                    "there is nothing to merge into (unload with merge=False, or load the "
+                    "weights first)"
+                )
+            bias = layer.effective_bias()
+            merged = [layer.effective_weight(), *([] if bias is None else [bias])]
+            if not all(bool(torch.isfinite(t).all()) for t in merged):
                 raise ValueError(f"layer {name!r}: the merged weight would hold NaN or inf")
     modules = dict(walk(model))
     for name, layer in layers.items():
@@ -580,7 +616,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     True
     """
     rules: list[tuple[str, Callable[[str, torch.Tensor], tuple[str, torch.Tensor] | None]]] = []
-    for name, layer in find_adapted(model).items():
+    for name, layer in find_adapted(check_model(model)).items():
         rules.append(_weight_rule(name, layer))
     for name, wrapper in find_saved(model).items():
         running = wrapper.running_module()
@@ -620,8 +656,12 @@ def _weight_rule(name: str, layer: AdaptedWeight) -> tuple[str, Rule]:
         prefix, keep, weight_key = f"{prefix}{layer.parameter_name}.", "original", name
     _, rename = _prefix_rule(prefix, keep)
 
+    bias_key = f"{prefix}bias"
+
     def handle(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         renamed = rename(key, value)
+        if renamed is not None and isinstance(layer, FLoRALayer) and renamed[0] == bias_key:
+            return bias_key, layer.effective_bias()
         if renamed is None or (isinstance(layer, FLoRALayer) and renamed[0] != weight_key):
             return renamed
         return weight_key, layer.effective_weight()
@@ -646,6 +686,11 @@ def trainable_parameters(model: nn.Module) -> int:
     int
         Each shared parameter counted once.
 
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a ``torch.nn.Module``.
+
     See Also
     --------
     flora.summary : A per-layer table ending with PEFT's parameter line.
@@ -659,4 +704,4 @@ def trainable_parameters(model: nn.Module) -> int:
     >>> flora.trainable_parameters(model)  # 2*2 + 6*2 + 10*2
     36
     """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in check_model(model).parameters() if p.requires_grad)

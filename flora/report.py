@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from flora._args import check_model
 from flora._plan import adapter_names, current_active, find_adapted, find_saved
 
 __all__ = ["parameter_counts", "summary"]
@@ -22,7 +23,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     (8, 8)
     """
     trainable = total = 0
-    for _, param in model.named_parameters():
+    for _, param in check_model(model).named_parameters():
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
@@ -57,6 +58,11 @@ def summary(model: nn.Module) -> str:
     str
         The table, lines joined by newlines (no trailing newline).
 
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a ``torch.nn.Module``.
+
     See Also
     --------
     flora.trainable_parameters : The first number alone.
@@ -74,7 +80,7 @@ def summary(model: nn.Module) -> str:
     2      saved   Linear   copy      18
     trainable params: 130 || all params: 284 || trainable%: 45.7746
     """
-    names = adapter_names(model)
+    names = adapter_names(check_model(model))
     active = set(current_active(model))
     rows = [
         ["layer", "kind", "shape", *(n + ("*" if n in active else "") for n in names), "params"]

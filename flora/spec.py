@@ -24,10 +24,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = [
+    "BIAS_KINDS",
     "FORWARD_MODES",
     "INIT_MODES",
     "KINDS",
     "LayerSpec",
+    "check_bias",
     "check_dropout",
     "check_forward",
     "check_init",
@@ -35,11 +37,14 @@ __all__ = [
     "check_scale",
     "check_template",
     "clip_ranks",
+    "is_bool",
     "usable_ranks",
 ]
 
 #: Layer kinds, as written in configs and saved adapters.
 KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
+#: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
+BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 INIT_MODES = ("zero_core", "hosvd", "gaussian")
 FORWARD_MODES = ("auto", "dense", "factorized")
 
@@ -48,7 +53,7 @@ RankTemplate = int | Sequence[int | None]
 
 def _as_int(value: object, name: str) -> int:
     """``value`` as an int: Python and NumPy integers, never bool or float."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if is_bool(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     try:
         return operator.index(value)
@@ -66,7 +71,7 @@ def check_scale(value: object) -> float:
     >>> check_scale(np.float32(0.5))
     0.5
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"scale must be a real number, got {value!r}")
     if not math.isfinite(value) or value == 0:
         raise ValueError(f"scale must be finite and non-zero, got {value}")
@@ -82,11 +87,43 @@ def check_dropout(value: object) -> float:
     >>> check_dropout(0)
     0.0
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"dropout must be a real number, got {value!r}")
     if not 0 <= value < 1:
         raise ValueError(f"dropout must lie in [0, 1), got {value}")
     return float(value)
+
+
+def is_bool(value: object) -> bool:
+    """Whether ``value`` is a Python or NumPy boolean (``numpy.bool`` in NumPy 2).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from flora.spec import is_bool
+    >>> is_bool(np.True_), is_bool(1)
+    (True, False)
+    """
+    kind = type(value)
+    return isinstance(value, bool) or (
+        kind.__module__ == "numpy" and kind.__name__.startswith("bool")
+    )
+
+
+def check_bias(value: object, kind: str | None = None) -> bool:
+    """``value`` as a bool; ``True`` only for a kind in :data:`BIAS_KINDS` (when ``kind`` is given).
+
+    Examples
+    --------
+    >>> from flora.spec import check_bias
+    >>> check_bias(True, "Conv2d")
+    True
+    """
+    if not is_bool(value):
+        raise TypeError(f"bias must be True or False, got {value!r}")
+    if value and kind is not None and kind not in BIAS_KINDS:
+        raise ValueError(f"bias updates exist for {BIAS_KINDS} layers only, not for a {kind}")
+    return bool(value)
 
 
 def check_init(value: object) -> str:
@@ -280,13 +317,18 @@ class LayerSpec:
         How the adapter branch is computed; see :doc:`/flora_math`.
     dropout : float, optional
         Dropout probability on the branch input (Linear and ConvNd).
+    bias : bool, optional
+        Whether the adapter also carries a bias update ``Δb`` of shape
+        ``(shape[0],)``, added to the layer's bias (Linear and ConvNd
+        layers that have one; PEFT's ``lora_bias``). ``Δb`` is not
+        multiplied by ``scale``.
 
     Raises
     ------
     ValueError
         For an unknown kind, init or forward; ranks that do not match the
         shape or are not usable; a zero or non-finite scale; a dropout
-        outside ``[0, 1)``.
+        outside ``[0, 1)``; a bias update for a kind without a bias.
     TypeError
         For values of the wrong type (integral NumPy scalars count as ints,
         real NumPy scalars as floats; bools are refused).
@@ -308,6 +350,7 @@ class LayerSpec:
     init: str = "zero_core"
     forward: str = "auto"
     dropout: float = 0.0
+    bias: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -328,6 +371,7 @@ class LayerSpec:
         set_(self, "init", check_init(self.init))
         set_(self, "forward", check_forward(self.forward))
         set_(self, "dropout", check_dropout(self.dropout))
+        set_(self, "bias", check_bias(self.bias, self.kind))
 
     @classmethod
     def from_template(
@@ -340,6 +384,7 @@ class LayerSpec:
         init: str = "zero_core",
         forward: str = "auto",
         dropout: float = 0.0,
+        bias: bool = False,
     ) -> LayerSpec:
         """The spec for a weight of ``shape`` with ranks clipped from ``template``.
 
@@ -347,14 +392,15 @@ class LayerSpec:
         class.
         """
         ranks = clip_ranks(template, shape)
-        return cls(kind, tuple(shape), ranks, scale, init, forward, dropout)
+        return cls(kind, tuple(shape), ranks, scale, init, forward, dropout, bias)
 
     @property
     def n_params(self) -> int:
-        """Entries of the core and factors: ``prod(R) + sum(I_n R_n)``."""
-        return math.prod(self.ranks) + sum(
+        """Entries of the core and factors, ``prod(R) + sum(I_n R_n)``, plus ``I_0`` with a bias."""
+        tucker = math.prod(self.ranks) + sum(
             s * r for s, r in zip(self.shape, self.ranks, strict=True)
         )
+        return tucker + (self.shape[0] if self.bias else 0)
 
     def to_record(self) -> dict[str, Any]:
         """The spec as a JSON object (lists for tuples), as saved adapters hold it.
@@ -363,9 +409,11 @@ class LayerSpec:
         -------
         dict
             Keys ``kind``, ``shape``, ``ranks``, ``scale``, ``init``,
-            ``forward``, ``dropout``.
+            ``forward``, ``dropout``, and ``bias`` (``true``) only for an
+            adapter with a bias update, so that a reader that does not know
+            bias updates refuses such a record instead of dropping them.
         """
-        return {
+        record: dict[str, Any] = {
             "kind": self.kind,
             "shape": list(self.shape),
             "ranks": list(self.ranks),
@@ -374,16 +422,19 @@ class LayerSpec:
             "forward": self.forward,
             "dropout": self.dropout,
         }
+        if self.bias:
+            record["bias"] = True
+        return record
 
     @classmethod
     def from_record(cls, record: object) -> LayerSpec:
-        """Read a spec from ``to_record()`` output (``forward`` and ``dropout`` optional).
+        """Read a spec from ``to_record()`` output (``forward``, ``dropout``, ``bias`` optional).
 
         Parameters
         ----------
         record : dict
             A JSON object with keys ``kind``, ``shape``, ``ranks``, ``scale``
-            and ``init``, and optionally ``forward`` and ``dropout``.
+            and ``init``, and optionally ``forward``, ``dropout`` and ``bias``.
 
         Returns
         -------
@@ -402,7 +453,8 @@ class LayerSpec:
         required = set(names[:5])
         if not required <= set(record) <= set(names):
             raise ValueError(
-                f"a layer record must have keys {sorted(required)} (optional forward, dropout), "
+                f"a layer record must have keys {sorted(required)} (optional forward, dropout, "
+                f"bias), "
                 f"got {sorted(record)}"
             )
         for key in ("shape", "ranks"):

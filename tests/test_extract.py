@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_invalid_rules(checkpoints, tmp_path) -> None:
     base_path, tuned_path, _, _ = checkpoints
     with pytest.raises(ValueError, match="at most one"):
         flora.extract(base_path, tuned_path, tmp_path / "a", ranks=2, energy=0.9)
-    with pytest.raises(ValueError, match=r"ranks for 'conv\.weight' has 2 entries"):
+    with pytest.raises(flora.ExtractionError, match=r"ranks \(2, 2\) give 2 modes but"):
         flora.extract(base_path, tuned_path, tmp_path / "a", ranks=(2, 2), include="conv")
     with pytest.raises(ValueError, match="nothing to extract"):
         flora.extract(base_path, base_path, tmp_path / "a")
@@ -171,7 +172,7 @@ def test_cli_input_errors_exit_2_without_traceback(checkpoints, tmp_path, capsys
     base_path, tuned_path, _, _ = checkpoints
     cases = [
         ([str(base_path), str(base_path)], "nothing to extract"),
-        ([str(base_path), str(tuned_path), "--ranks", "2,2", "--include", "conv"], "has 2 entries"),
+        ([str(base_path), str(tuned_path), "--ranks", "2,2", "--include", "conv"], "give 2 modes"),
     ]
     for args, message in cases:
         assert main(["extract", *args, "--out", str(tmp_path / "o")]) == 2
@@ -190,3 +191,132 @@ def test_cli_input_errors_exit_2_without_traceback(checkpoints, tmp_path, capsys
     assert result.stderr.startswith("flora extract: error: ")
     assert "no such file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+class NormNet(torch.nn.Module):
+    """Layers with biases, a BatchNorm with running statistics, a LayerNorm, a loose vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3)
+        self.norm = torch.nn.BatchNorm2d(16)
+        self.fc = torch.nn.Linear(16, 12)
+        self.ln = torch.nn.LayerNorm(12)
+        self.gate = torch.nn.Parameter(torch.ones(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3))
+        return self.ln(self.fc(h)) * self.gate
+
+
+@pytest.fixture
+def norm_checkpoints(tmp_path: Path) -> tuple[Path, Path, dict, dict]:
+    torch.manual_seed(0)
+    base = _state(NormNet())
+    gen = torch.Generator().manual_seed(1)
+    tuned = {}
+    for key, value in base.items():
+        if value.is_floating_point():
+            # Fine-tunes move every tensor a little, relative to its size.
+            step = 0.1 * torch.randn(value.shape, generator=gen) * (value.abs() + 0.1)
+            tuned[key] = value + step
+        else:
+            tuned[key] = value + 7  # num_batches_tracked
+    tuned["norm.running_var"] = tuned["norm.running_var"].abs()
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", base, tuned
+
+
+def _loaded(base: dict, adapter: Path) -> torch.nn.Module:
+    model = NormNet().eval()
+    model.load_state_dict(base)
+    return flora.load_adapter(model, adapter)
+
+
+def test_carried_1d_tensors_reproduce_the_tuned_ones_exactly(norm_checkpoints, tmp_path) -> None:
+    base_path, tuned_path, base, tuned = norm_checkpoints
+    result = flora.extract(base_path, tuned_path, tmp_path / "a", ranks=10_000, carry_1d=True)
+    carried = dict(result.carried)
+    assert carried["conv.bias"] == carried["fc.bias"] == "bias update of its adapted layer"
+    norm_keys = ["norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"]
+    for name in [*norm_keys, "norm.num_batches_tracked", "ln.weight", "ln.bias"]:
+        assert carried[name] == "saved with its module (modules_to_save)", name
+    assert "gate" in dict(result.skipped)  # a vector outside any module has no home
+    assert result.config.bias
+    assert result.config.modules_to_save == ["norm", "ln"]
+    model = _loaded(base, result.directory)
+    merged = flora.merged_state_dict(model)
+    for name in carried:
+        assert torch.equal(merged[name], tuned[name]), name
+    plain = flora.unload(model, merge=True).state_dict()
+    for name in carried:
+        assert torch.equal(plain[name], tuned[name]), name
+    for name in ("conv.weight", "fc.weight"):
+        scale = float(tuned[name].abs().max())
+        torch.testing.assert_close(plain[name], tuned[name], rtol=0, atol=100 * EPS32 * scale)
+
+
+def test_a_carried_bias_that_shrinks_to_zero_is_one_rounding_away(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = {"fc.weight": torch.randn(8, 5), "fc.bias": torch.randn(8)}
+    tuned = {"fc.weight": 2 * base["fc.weight"], "fc.bias": 1e-3 * torch.randn(8)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    adapter = flora.extract(
+        tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "a",
+        ranks=1, carry_1d=True,
+    ).directory  # fmt: skip
+    model = torch.nn.Sequential()
+    model.add_module("fc", torch.nn.Linear(5, 8))
+    model.load_state_dict(base)
+    merged = flora.merged_state_dict(flora.load_adapter(model, adapter))["fc.bias"]
+    ulp = torch.finfo(torch.float32).eps * base["fc.bias"].abs()
+    assert torch.all((merged - tuned["fc.bias"]).abs() <= ulp)
+
+
+def test_lifecycle_gives_back_the_base_model_exactly(norm_checkpoints, tmp_path) -> None:
+    base_path, tuned_path, base, _ = norm_checkpoints
+    adapter = flora.extract(base_path, tuned_path, tmp_path / "a", carry_1d=True).directory
+    x = torch.randn(4, 3, 6, 6)
+    reference = NormNet().eval()
+    reference.load_state_dict(base)
+    expected = reference(x)
+
+    model = _loaded(base, adapter)
+    assert not torch.equal(model(x), expected)
+    with flora.disable_adapter(model):
+        assert torch.equal(model(x), expected)
+    for undo in (
+        lambda m: flora.delete_adapter(m, "default"),
+        lambda m: flora.unload(m, merge=False),
+    ):
+        model = undo(_loaded(base, adapter))
+        assert {k: type(v) for k, v in model.named_modules()} == {
+            k: type(v) for k, v in reference.named_modules()
+        }
+        state = model.state_dict()
+        assert state.keys() == base.keys()
+        for key, value in base.items():
+            assert torch.equal(state[key], value), key
+        assert torch.equal(model(x), expected)
+    # A merge and unmerge round trip gives the weights and biases back to rounding.
+    model = flora.unmerge(flora.merge(_loaded(base, adapter)))
+    state = flora.merged_state_dict(flora.unload(model, merge=False))
+    for key, value in base.items():
+        scale = float(value.abs().max()) if value.is_floating_point() else 0.0
+        torch.testing.assert_close(state[key], value, rtol=0, atol=10 * EPS32 * scale)
+
+
+def test_cli_carry_1d_lists_the_carried_tensors(norm_checkpoints, tmp_path, capsys) -> None:
+    base_path, tuned_path, _, _ = norm_checkpoints
+    out = tmp_path / "adapter"
+    assert main(["extract", str(base_path), str(tuned_path), "--out", str(out), "--quiet",
+                 "--carry-1d"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "Carried (9 tensors):\n  bias update of its adapted layer: conv.bias, fc.bias\n" in text
+    assert "  saved with its module (modules_to_save): norm." in text
+    assert "Not in the adapter (1 tensors):" in text
+    document = json.loads((out / flora.io.CONFIG_NAME).read_text())
+    assert document["layers"]["fc"]["bias"] is True
+    assert document["modules_to_save"] == ["norm", "ln"]

@@ -92,7 +92,7 @@ def test_bug1_merge_and_combine_failing_on_the_last_layer_change_nothing() -> No
         flora.merge(model)
     with pytest.raises(ValueError, match="weights"):
         flora.add_weighted_adapter(model, ["default"], [1.0, 1.0], "mix")
-    with pytest.raises(ValueError, match="adapter names"):
+    with pytest.raises(ValueError, match=r"no adapter \['missing'\]"):
         flora.delete_adapter(model, "missing")
     assert _same(_snapshot(model), before)
     assert not model[0].merged
@@ -153,7 +153,6 @@ def test_bug2_file_size_limit_in_a_subprocess(tmp_path: Path) -> None:
         """
         import resource, signal, sys
         import torch
-        from safetensors import SafetensorError
         import flora
         target = sys.argv[1]
         model = torch.nn.Sequential(torch.nn.Linear(64, 64))
@@ -165,8 +164,8 @@ def test_bug2_file_size_limit_in_a_subprocess(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
             flora.save_adapter(model, target)
-        except SafetensorError as exc:  # safetensors reports the failed write this way
-            print("refused:", exc)
+        except OSError as exc:  # one error naming the file, whatever safetensors raised
+            print("refused:", exc.filename, exc.strerror)
         """
     )
     target = tmp_path / "adapter"
@@ -174,6 +173,7 @@ def test_bug2_file_size_limit_in_a_subprocess(tmp_path: Path) -> None:
         [sys.executable, "-c", script, str(target)], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("refused:"), result.stderr
+    assert f"{target / flora.io.WEIGHTS_NAME} cannot write (" in result.stdout
     document = json.loads((target / flora.io.CONFIG_NAME).read_text())
     assert document["layers"]["0"]["ranks"] == [1, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

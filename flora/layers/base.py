@@ -68,14 +68,17 @@ def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def check_adapter_name(name: object) -> str:
+def check_adapter_name(name: object, what: str = "adapter_name") -> str:
     """``name`` if it can name an adapter: a non-empty string without ``"."``.
 
     Raises
     ------
+    TypeError
+        If ``name`` is not a string (``what`` names the argument).
     ValueError
-        Otherwise, or if the name is an attribute of ``torch.nn.ModuleDict``
-        (such as ``"keys"``), which cannot key a submodule.
+        If it is empty, holds a ``"."``, or is an attribute of
+        ``torch.nn.ModuleDict`` (such as ``"keys"``), which cannot key a
+        submodule.
 
     Examples
     --------
@@ -83,9 +86,11 @@ def check_adapter_name(name: object) -> str:
     >>> check_adapter_name("task_a")
     'task_a'
     """
-    if not isinstance(name, str) or not name or "." in name or name in _RESERVED:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {type(name).__name__}")
+    if not name or "." in name or name in _RESERVED:
         raise ValueError(
-            "adapter_name must be a non-empty string without '.' that is not an attribute "
+            f"{what} must be a non-empty string without '.' that is not an attribute "
             f"of torch.nn.ModuleDict, got {name!r}"
         )
     return name
@@ -98,6 +103,10 @@ def _check_weight(weight: torch.Tensor) -> None:
 
 class TuckerDelta(nn.Module):
     """One adapter: ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` for a weight of ``spec.shape``.
+
+    With ``spec.bias`` it also holds a bias update ``Δb`` (``bias``, shape
+    ``(spec.shape[0],)``) that the layer adds to its bias, as PEFT's
+    ``lora_bias`` does.
 
     Build it with :meth:`flora.TuckerDelta.create` (initialized as ``spec.init`` says) or from
     given tensors; add it to a layer with :meth:`flora.AdaptedWeight.add_adapter`.
@@ -113,6 +122,9 @@ class TuckerDelta(nn.Module):
     initial : tuple of (torch.Tensor, sequence of torch.Tensor), optional
         The adapter's initial core and factors when its layer gave that
         update up from the base weight (``init="hosvd"``).
+    bias : torch.Tensor, optional
+        The bias update ``Δb``, shape ``(spec.shape[0],)``; given exactly
+        when ``spec.bias`` is true.
     trainable : bool, optional
         Whether the adapter's tensors require gradients while it is active.
 
@@ -121,6 +133,8 @@ class TuckerDelta(nn.Module):
     spec : LayerSpec
     core : torch.nn.Parameter
     factors : torch.nn.ParameterList
+    bias : torch.nn.Parameter or None
+        ``Δb``, not multiplied by the scale.
     merged : bool
         Whether ``ΔW`` is currently added into the base weight.
     trainable : bool
@@ -130,8 +144,9 @@ class TuckerDelta(nn.Module):
     Raises
     ------
     ValueError
-        If a tensor's shape does not match the spec, or ``initial`` is
-        given without ``spec.init == "hosvd"`` (or missing with it).
+        If a tensor's shape does not match the spec, ``initial`` is given
+        without ``spec.init == "hosvd"`` (or missing with it), or ``bias``
+        without ``spec.bias`` (or missing with it).
 
     Examples
     --------
@@ -152,15 +167,18 @@ class TuckerDelta(nn.Module):
         factors: Sequence[torch.Tensor],
         *,
         initial: tuple[torch.Tensor, Sequence[torch.Tensor]] | None = None,
+        bias: torch.Tensor | None = None,
         trainable: bool = True,
     ):
         super().__init__()
         _check_tucker(spec, core, factors, "")
         if (initial is not None) != (spec.init == "hosvd"):
             raise ValueError("initial tensors are given exactly for init='hosvd' adapters")
+        _check_bias(spec, bias)
         self.spec = spec
         self.core = nn.Parameter(core.detach().clone())
         self.factors = nn.ParameterList(nn.Parameter(f.detach().clone()) for f in factors)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.merged = False
         self.trainable = bool(trainable)
@@ -195,7 +213,7 @@ class TuckerDelta(nn.Module):
         ------
         ValueError
             If the shapes differ, or ``init="hosvd"`` meets a weight with NaN
-            or infinite entries.
+            or infinite entries or a meta tensor (which holds no values).
         TypeError
             If the weight is not floating point.
         """
@@ -205,17 +223,25 @@ class TuckerDelta(nn.Module):
                 f"the spec is for shape {spec.shape}, the weight has {tuple(weight.shape)}"
             )
         options = {"dtype": adapter_dtype(weight.dtype), "device": weight.device}
+        bias = torch.zeros(spec.shape[0], **options) if spec.bias else None
         if spec.init == "hosvd":
+            if weight.is_meta:
+                raise ValueError(
+                    "init='hosvd' decomposes the weight, but it is a meta tensor: meta tensors "
+                    "have a shape but hold no values; load the weights first, or use "
+                    "init='zero_core'"
+                )
             if not bool(torch.isfinite(weight).all()):
                 raise ValueError(
                     "init='hosvd' needs a finite weight; this one has NaN or inf entries"
                 )
             core, factors = hosvd_init(weight, spec.ranks, spec.scale, options["dtype"])
-            return cls(spec, core, factors, initial=(core, factors), trainable=trainable)
+            return cls(spec, core, factors, initial=(core, factors), bias=bias, trainable=trainable)
         sizes = zip(spec.shape, spec.ranks, strict=True)
         factors = [torch.empty(size, rank, **options) for size, rank in sizes]
         init_factors(factors, spec.init)
-        return cls(spec, torch.zeros(spec.ranks, **options), factors, trainable=trainable)
+        core = torch.zeros(spec.ranks, **options)
+        return cls(spec, core, factors, bias=bias, trainable=trainable)
 
     @classmethod
     def from_tucker(
@@ -227,6 +253,7 @@ class TuckerDelta(nn.Module):
         scale: float = 1.0,
         forward: str = "auto",
         dropout: float = 0.0,
+        bias: torch.Tensor | None = None,
         trainable: bool = True,
     ) -> TuckerDelta:
         """An adapter holding ``ΔW = scale · core ×_0 factors[0] … ×_{N-1} factors[N-1]``.
@@ -246,6 +273,9 @@ class TuckerDelta(nn.Module):
             ``factors[n]`` of shape ``(I_n, R_n)``, same dtype as ``core``.
         scale, forward, dropout : optional
             As in :class:`flora.LayerSpec`.
+        bias : torch.Tensor, optional
+            A bias update ``Δb`` of shape ``(I_0,)`` (Linear and ConvNd),
+            added to the layer's bias as it is (not multiplied by ``scale``).
         trainable : bool, optional
             See the class.
 
@@ -256,7 +286,8 @@ class TuckerDelta(nn.Module):
         Raises
         ------
         ValueError
-            If the shapes do not chain or the tensors are not floating point.
+            If the shapes do not chain, the tensors are not floating point,
+            or ``bias`` is given for another kind or has another shape.
 
         Examples
         --------
@@ -280,8 +311,11 @@ class TuckerDelta(nn.Module):
             raise ValueError("core and factors must be floating-point tensors")
         core, factors = compress(core.detach(), [f.detach() for f in factors])
         shape = tuple(f.shape[0] for f in factors)
-        spec = LayerSpec(kind, shape, tuple(core.shape), scale, "zero_core", forward, dropout)
-        return cls(spec, core, factors, trainable=trainable)
+        has_bias = bias is not None
+        spec = LayerSpec(
+            kind, shape, tuple(core.shape), scale, "zero_core", forward, dropout, has_bias
+        )
+        return cls(spec, core, factors, bias=bias, trainable=trainable)
 
     @property
     def initial(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
@@ -310,7 +344,17 @@ class TuckerDelta(nn.Module):
         spec = self.spec
         return (
             f"ranks={spec.ranks}, scale={spec.scale}, init={spec.init!r}, "
-            f"forward={spec.forward!r}, merged={self.merged}"
+            f"forward={spec.forward!r}, {'bias=True, ' if spec.bias else ''}merged={self.merged}"
+        )
+
+
+def _check_bias(spec: LayerSpec, bias: torch.Tensor | None) -> None:
+    if (bias is not None) != spec.bias:
+        raise ValueError("a bias update is given exactly for specs with bias=True")
+    if bias is not None and (tuple(bias.shape) != spec.shape[:1] or not bias.is_floating_point()):
+        raise ValueError(
+            f"the bias update must be a floating tensor of shape {spec.shape[:1]}, got "
+            f"{bias.dtype} {tuple(bias.shape)}"
         )
 
 
@@ -370,6 +414,10 @@ class AdaptedWeight(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The base weight the adapters update (frozen)."""
         raise NotImplementedError
+
+    def base_bias(self) -> torch.Tensor | None:
+        """The base bias that bias updates change (frozen), or None if there is none."""
+        return None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -500,6 +548,33 @@ class AdaptedWeight(nn.Module):
             return None
         return self._mask(functools.reduce(operator.add, present))
 
+    @staticmethod
+    def _bias_sum(adapters: Iterable[TuckerDelta]) -> torch.Tensor | None:
+        """``Σ Δb`` of the adapters that carry a bias update (None if none does)."""
+        present = [a.bias for a in adapters if a.bias is not None]
+        return functools.reduce(operator.add, present) if present else None
+
+    def _add_to_base_bias(self, delta: torch.Tensor | None, sign: float) -> None:
+        bias = self.base_bias()
+        if delta is None or bias is None:
+            return
+        with torch.no_grad():
+            bias.copy_((bias.to(delta.dtype) + sign * delta).to(bias.dtype))
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias the layer computes with now, in the base dtype (a new tensor; None if none).
+
+        The base bias plus ``Δb`` of the running adapters that carry one.
+        """
+        bias = self.base_bias()
+        if bias is None:
+            return None
+        with torch.no_grad():
+            delta = self._bias_sum(self._terms()[0])
+            if delta is None:
+                return bias.detach().clone()
+            return (bias.detach().to(delta.dtype) + delta).to(bias.dtype)
+
     def add_adapter(self, name: str, adapter: TuckerDelta) -> None:
         """Add ``adapter`` under ``name``, inactive until :meth:`set_adapter` names it.
 
@@ -509,8 +584,9 @@ class AdaptedWeight(nn.Module):
         Raises
         ------
         ValueError
-            If the name is invalid or taken, or the adapter's spec is for
-            another kind or shape.
+            If the name is invalid or taken, the adapter's spec is for
+            another kind or shape, or it carries a bias update and the layer
+            has no bias.
         """
         check_adapter_name(name)
         if name in self.adapters:
@@ -520,6 +596,8 @@ class AdaptedWeight(nn.Module):
                 f"the adapter is for a {adapter.spec.kind} of shape {adapter.spec.shape}, "
                 f"this layer is a {self.kind} of shape {self.shape}"
             )
+        if adapter.spec.bias and self.base_bias() is None:
+            raise ValueError("the adapter carries a bias update, but this layer has no bias")
         with torch.no_grad():
             initial = adapter.initial_delta()
             if initial is not None:
@@ -542,6 +620,8 @@ class AdaptedWeight(nn.Module):
             )
             if back is not None:
                 self._add_to_base(back, 1.0)
+            if adapter.merged:
+                self._add_to_base_bias(adapter.bias, -1.0)
         adapter.merged = False
         del self.adapters[name]
         return adapter
@@ -584,27 +664,36 @@ class AdaptedWeight(nn.Module):
         RuntimeError
             If a named adapter is already merged.
         ValueError
-            If a name is unknown; with ``safe``, if ``ΔW`` or ``W + ΔW`` (in
-            the base dtype) has NaN or infinite entries.
+            If a name is unknown or the base weight is a meta tensor; with
+            ``safe``, if ``ΔW`` or ``W + ΔW`` (in the base dtype), or the
+            merged bias, has NaN or infinite entries.
         """
         names = self._merge_names(adapter_names)
         merged = [n for n in names if self.adapters[n].merged]
         if merged:
             raise RuntimeError(f"adapters {merged} are already merged; call unmerge() first")
+        if names and self.base_weight().is_meta:
+            raise ValueError(
+                "the base weight is a meta tensor (a shape without values): there is nothing "
+                "to merge into; load the weights first"
+            )
         if not safe or not names:
             return
         with torch.no_grad():
             delta = self._sum(self.adapters[n].delta_weight() for n in names)
             weight = self.base_weight()
-            total = (weight.to(delta.dtype) + delta).to(weight.dtype)
-            if not (bool(torch.isfinite(delta).all()) and bool(torch.isfinite(total).all())):
+            totals = [delta, (weight.to(delta.dtype) + delta).to(weight.dtype)]
+            bias, bias_delta = self.base_bias(), self._bias_sum(self.adapters[n] for n in names)
+            if bias is not None and bias_delta is not None:
+                totals.append((bias.to(bias_delta.dtype) + bias_delta).to(bias.dtype))
+            if not all(bool(torch.isfinite(t).all()) for t in totals):
                 raise ValueError(
                     f"merging {names} would put NaN or infinite values into the weight; "
                     "nothing was merged (merge with safe=False to force it)"
                 )
 
     def merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
-        """Add ``ΔW`` of the active (or named) adapters into the base weight.
+        """Add ``ΔW`` (and ``Δb``) of the active (or named) adapters into the base weight and bias.
 
         Merged adapters run no branch; the output stays the same up to
         rounding (one rounding to the base dtype for all of them together).
@@ -630,11 +719,12 @@ class AdaptedWeight(nn.Module):
             delta = self._sum(self.adapters[n].delta_weight() for n in names)
             if delta is not None:
                 self._add_to_base(delta, 1.0)
+            self._add_to_base_bias(self._bias_sum(self.adapters[n] for n in names), 1.0)
         for name in names:
             self.adapters[name].merged = True
 
     def unmerge(self) -> None:
-        """Subtract ``ΔW`` of every merged adapter from the base weight again.
+        """Subtract ``ΔW`` (and ``Δb``) of every merged adapter from the base weight again.
 
         Raises
         ------
@@ -646,14 +736,16 @@ class AdaptedWeight(nn.Module):
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
         with torch.no_grad():
             self._add_to_base(self._sum(self.adapters[n].delta_weight() for n in names), -1.0)
+            self._add_to_base_bias(self._bias_sum(self.adapters[n] for n in names), -1.0)
         for name in names:
             self.adapters[name].merged = False
 
     def restore_base(self) -> None:
         """Undo everything done to the base weight: unmerge, give back initial updates.
 
-        After this the base weight is ``W0`` again: bitwise when nothing was
-        ever merged and no adapter is ``"hosvd"``, else to rounding.
+        After this the base weight (and bias) is the original again: bitwise
+        when nothing was ever merged and no adapter is ``"hosvd"``, else to
+        rounding.
         """
         with torch.no_grad():
             back = self._sum(
@@ -662,19 +754,22 @@ class AdaptedWeight(nn.Module):
             )
             if back is not None:
                 self._add_to_base(back, 1.0)
+            merged = [a for a in self.adapters.values() if a.merged]
+            self._add_to_base_bias(self._bias_sum(merged), -1.0)
         for adapter in self.adapters.values():
             adapter.merged = False
 
     def merge_effective(self) -> None:
-        """Put what the adapters add now (``effective_delta()``) into the base weight.
+        """Put what the adapters add now (``effective_delta()``, and ``Δb``) into the base.
 
-        Used before the adapters are dropped: the base weight then computes
-        what the layer computes.
+        Used before the adapters are dropped: the base weight (and bias) then
+        computes what the layer computes.
         """
         with torch.no_grad():
             delta = self.effective_delta()
             if delta is not None:
                 self._add_to_base(delta, 1.0)
+            self._add_to_base_bias(self._bias_sum(self._terms()[0]), 1.0)
         for adapter in self.adapters.values():
             adapter.merged = False
 
@@ -772,6 +867,10 @@ class FLoRALayer(AdaptedWeight):
         """The wrapped module's weight."""
         return self.base_layer.weight
 
+    def base_bias(self) -> torch.Tensor | None:
+        """The wrapped module's bias, if it has one."""
+        return getattr(self.base_layer, "bias", None)
+
     @property
     def weight(self) -> torch.Tensor:
         """The wrapped module's weight (code that reads ``module.weight`` keeps working)."""
@@ -844,14 +943,20 @@ class FLoRALayer(AdaptedWeight):
         return self._cast_input(adapter.dropout(x), adapter.core.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` plus the branches of the active, unmerged adapters."""
+        """``base_layer(x)`` plus the branches (and ``Δb``) of the active, unmerged adapters."""
         running, idle = self._terms()
-        if not idle:
-            if not running:
-                return self.base_layer(x)
-            if len(running) == 1:
-                return self._forward_one(x, running[0])
-        return self._forward_many(x, running, idle)
+        if not idle and not running:
+            return self.base_layer(x)
+        if not idle and len(running) == 1:
+            out = self._forward_one(x, running[0])
+        else:
+            out = self._forward_many(x, running, idle)
+        bias = self._bias_sum(running)
+        return out if bias is None else out + self._bias_view(bias).to(out.dtype)
+
+    def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
+        """``Δb`` shaped to broadcast over the output (its last axis, by default)."""
+        return bias
 
     def _forward_one(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
         if self._choose(adapter, x) == "factorized":

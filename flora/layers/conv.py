@@ -63,6 +63,10 @@ class _ConvNd(FLoRALayer):
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self.base_layer._conv_forward(x, delta, None)
 
+    def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
+        # Channels come before the spatial axes, batched or not.
+        return bias.reshape(-1, *(1,) * (self.base_layer.weight.ndim - 2))
+
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         return base._conv_forward(x, base.weight + delta, base.bias)
