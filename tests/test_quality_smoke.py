@@ -59,7 +59,7 @@ def test_every_method_runs_with_sane_numbers(quality, result):
     for row in summary["rows"]:
         assert 0.0 <= row["val_accuracy"] <= 1.0
         assert 0.0 <= row["test_accuracy"] <= 1.0
-        assert row["seconds_per_epoch"] > 0
+        assert row["seconds_per_step"] > 0
         assert row["memory_bytes"] > 4 * summary["n_model"]
     assert summary["seconds"] > 0
 
