@@ -77,10 +77,10 @@ class Experiment:
     max_length: int = 64
     lr_grid: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "full": (3e-5, 1e-4, 3e-4),
+            "full": (3e-5, 1e-4, 3e-4, 1e-3),
             "head": (1e-3, 3e-3, 1e-2),
-            "lora": (3e-4, 1e-3, 3e-3),
-            "flora": (3e-4, 1e-3, 3e-3),
+            "lora": (3e-4, 1e-3, 3e-3, 1e-2),
+            "flora": (3e-4, 1e-3, 3e-3, 1e-2),
         }
     )
     sweep_budget_rank: int = 8
