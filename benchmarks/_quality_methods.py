@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import peft
@@ -31,7 +32,12 @@ __all__ = [
     "FloraVariant",
     "adapt",
     "flora_layer_ranks",
+    "flora_model",
     "lora_budget",
+    "lora_model",
+    "train_head",
+    "trainable_of",
+    "with_new_head",
 ]
 
 
@@ -84,8 +90,8 @@ METHODS = {
 }
 
 
-def _target_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: model.get_submodule(name) for name in TARGET_MODULES}
+def _target_layers(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Module]:
+    return {name: model.get_submodule(name) for name in targets}
 
 
 def _lora_layer_params(layer: nn.Module, rank: int) -> int:
@@ -94,9 +100,12 @@ def _lora_layer_params(layer: nn.Module, rank: int) -> int:
     return rank * (math.prod(weight.shape[1:]) + weight.shape[0])
 
 
-def lora_budget(model: nn.Module, rank: int) -> dict[str, int]:
-    """Parameters PEFT's LoRA at ``rank`` adds to each adapted layer of ``model``."""
-    return {name: _lora_layer_params(m, rank) for name, m in _target_layers(model).items()}
+def lora_budget(
+    model: nn.Module, rank: int, targets: Sequence[str] = TARGET_MODULES
+) -> dict[str, int]:
+    """Parameters PEFT's LoRA at ``rank`` adds to each layer of ``model`` named in ``targets``."""
+    layers = _target_layers(model, targets)
+    return {name: _lora_layer_params(m, rank) for name, m in layers.items()}
 
 
 def _pinned(shape: tuple[int, ...], kernel_rank: int | None) -> tuple[int | None, ...]:
@@ -132,11 +141,14 @@ def _energy_ranks(weight: torch.Tensor, budget: int, kernel_rank: int | None) ->
 
 
 def flora_layer_ranks(
-    model: nn.Module, budget_rank: int, variant: FloraVariant
+    model: nn.Module,
+    budget_rank: int,
+    variant: FloraVariant,
+    targets: Sequence[str] = TARGET_MODULES,
 ) -> dict[str, tuple[int, ...]]:
     """Per-layer Tucker ranks within the LoRA-``budget_rank`` budget (see module notes)."""
-    budgets = lora_budget(model, budget_rank)
-    layers = _target_layers(model)
+    budgets = lora_budget(model, budget_rank, targets)
+    layers = _target_layers(model, targets)
     choose = _energy_ranks if variant.channel_rule == "energy" else None
     carry = 0
     ranks = {}
@@ -148,10 +160,11 @@ def flora_layer_ranks(
         else:
             ranks[name] = choose(weight, available, variant.kernel_rank)
         carry = available - tuckerlib.tucker_params(tuple(weight.shape), ranks[name])
-    return {name: ranks[name] for name in TARGET_MODULES}
+    return {name: ranks[name] for name in targets}
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
+def trainable_of(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require gradients."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -164,37 +177,60 @@ def _head(base: DigitsCNN) -> Adapted:
     model = copy.deepcopy(base)
     model.requires_grad_(False)
     model.head.requires_grad_(True)
-    return Adapted(model, _trainable(model), {})
+    return Adapted(model, trainable_of(model), {})
 
 
-def _lora(base: DigitsCNN, budget_rank: int, scale: float) -> Adapted:
+def with_new_head(base: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``base`` whose ``head`` layer is initialized afresh with ``seed``."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    model.head.reset_parameters()
+    return model
+
+
+def train_head(adapted: Adapted) -> Adapted:
+    """``adapted`` with its new ``head`` layer trained in full (PEFT's ``modules_to_save``)."""
+    for name, parameter in adapted.model.named_parameters():
+        if name.split(".")[-2] == "head":
+            parameter.requires_grad_(True)
+    return Adapted(adapted.model, trainable_of(adapted.model), adapted.ranks)
+
+
+def lora_model(
+    base: nn.Module, budget_rank: int, scale: float, targets: Sequence[str] = TARGET_MODULES
+) -> Adapted:
+    """A copy of ``base`` with PEFT's LoRA at rank ``budget_rank`` on ``targets``."""
     # lora_alpha = scale * r makes PEFT's multiplier alpha / r equal FLoRA's scale s.
     config = peft.LoraConfig(
         r=budget_rank,
         lora_alpha=scale * budget_rank,
-        target_modules=list(TARGET_MODULES),
+        target_modules=list(targets),
         lora_dropout=0.0,
         bias="none",
     )
     model = peft.get_peft_model(copy.deepcopy(base), config)
-    return Adapted(model, _trainable(model), {})
+    return Adapted(model, trainable_of(model), {})
 
 
-def _flora(base: DigitsCNN, budget_rank: int, variant: FloraVariant) -> Adapted:
-    ranks = flora_layer_ranks(base, budget_rank, variant)
+def flora_model(
+    base: nn.Module,
+    ranks: dict[str, tuple[int, ...]],
+    variant: FloraVariant,
+) -> Adapted:
+    """A copy of ``base`` with FLoRA adapters of the given per-layer ``ranks``."""
     config = flora.FLoRAConfig(
         ranks=1,
         scale=variant.scale,
-        target_modules=list(TARGET_MODULES),
-        rank_pattern={name: r for name, r in ranks.items()},
+        target_modules=list(ranks),
+        rank_pattern={re.escape(name): r for name, r in ranks.items()},
         init=variant.init,
         # All forward modes agree to rounding; "auto" counts flops and picks the
-        # factorized path, which on 8x8 feature maps runs 2-3x slower than
+        # factorized path, which on small feature maps runs 2-3x slower than
         # dense because it launches three small convolutions per layer.
         forward="dense",
     )
     model = flora.inject(copy.deepcopy(base), config)
-    return Adapted(model, _trainable(model), ranks)
+    return Adapted(model, trainable_of(model), ranks)
 
 
 def adapt(
@@ -209,10 +245,10 @@ def adapt(
     builders: dict[str, Callable[[], Adapted]] = {
         "full": lambda: _full(base),
         "head": lambda: _head(base),
-        "lora": lambda: _lora(base, budget_rank, variant.scale if variant else 1.0),
+        "lora": lambda: lora_model(base, budget_rank, variant.scale if variant else 1.0),
     }
     if method in builders:
         return builders[method]()
     if variant is None:
         raise ValueError(f"method {method!r} needs a FloraVariant")
-    return _flora(base, budget_rank, variant)
+    return flora_model(base, flora_layer_ranks(base, budget_rank, variant), variant)

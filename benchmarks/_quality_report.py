@@ -10,7 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Summary", "markdown", "summarize", "write_csv", "write_figure", "write_json"]
+__all__ = [
+    "Summary",
+    "machine",
+    "markdown",
+    "summarize",
+    "timing_table",
+    "write_csv",
+    "write_figure",
+    "write_json",
+    "write_study",
+]
 
 
 @dataclass(frozen=True)
@@ -28,13 +38,20 @@ class Summary:
     test_mean: float
     test_std: float
     val_mean: float
-    seconds_per_epoch: float
+    ms_per_step: float
     memory_kib: float
     ranks: str
 
 
 def _std(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _accuracy_cell(summary: Summary) -> str:
+    # A single run has no spread to report: "± 0.000" would claim one.
+    if summary.n_seeds == 1:
+        return f"{summary.test_mean:.3f}"
+    return f"{summary.test_mean:.3f} ± {summary.test_std:.3f}"
 
 
 def summarize(rows: Iterable[dict], n_model: int) -> list[Summary]:
@@ -59,7 +76,7 @@ def summarize(rows: Iterable[dict], n_model: int) -> list[Summary]:
                 test_mean=float(np.mean(test)),
                 test_std=_std(test),
                 val_mean=float(np.mean([m["val_accuracy"] for m in members])),
-                seconds_per_epoch=float(np.mean([m["seconds_per_epoch"] for m in members])),
+                ms_per_step=1e3 * float(np.mean([m["seconds_per_step"] for m in members])),
                 memory_kib=members[0]["memory_bytes"] / 1024,
                 ranks=members[0]["ranks"],
             )
@@ -69,14 +86,14 @@ def summarize(rows: Iterable[dict], n_model: int) -> list[Summary]:
 
 _COLUMNS = (
     ("Method", lambda s: s.setting),
-    ("Budget (LoRA r)", lambda s: "-" if s.budget_rank is None else str(s.budget_rank)),
+    ("Budget (LoRA r)", lambda s: "n/a" if s.budget_rank is None else str(s.budget_rank)),
     ("Trainable params", lambda s: f"{s.n_trainable:,}"),
     ("% of model", lambda s: f"{s.percent_of_model:.2f}"),
-    ("Test accuracy", lambda s: f"{s.test_mean:.3f} ± {s.test_std:.3f}"),
+    ("Test accuracy", _accuracy_cell),
     ("Val accuracy", lambda s: f"{s.val_mean:.3f}"),
     ("LR", lambda s: f"{s.lr:g}"),
     ("Seeds", lambda s: str(s.n_seeds)),
-    ("s / epoch", lambda s: f"{s.seconds_per_epoch:.3f}"),
+    ("ms / step", lambda s: f"{s.ms_per_step:.1f}"),
     ("Train memory (KiB)", lambda s: f"{s.memory_kib:,.0f}"),
 )
 
@@ -106,7 +123,12 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_figure(path: Path, summaries: Sequence[Summary], labels: dict[str, str]) -> None:
+def write_figure(
+    path: Path,
+    summaries: Sequence[Summary],
+    labels: dict[str, str],
+    task: str = "rotated digits",
+) -> None:
     """Test accuracy against trainable parameters, one line per method, ±1 std bars."""
     import matplotlib
 
@@ -133,9 +155,62 @@ def write_figure(path: Path, summaries: Sequence[Summary], labels: dict[str, str
         )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy, rotated digits")
+    ax.set_ylabel(f"test accuracy, {task}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def machine() -> dict:
+    """Where a run happened: processor, versions, torch threads and the load average."""
+    import os
+    import platform
+
+    import torch
+
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def write_study(out: Path, prefix: str, result: dict, labels: dict[str, str], task: str) -> None:
+    """Write ``{prefix}.png``, ``{prefix}_{study}.csv`` per study and ``{prefix}_runs.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for study, summaries in result["summaries"].items():
+        write_csv(out / f"{prefix}_{study}.csv", summaries)
+    write_figure(out / f"{prefix}.png", result["summaries"]["main"], labels, task)
+    meta = {k: v for k, v in result.items() if k != "summaries"}
+    meta["machine"] = machine()
+    write_json(out / f"{prefix}_runs.json", meta)
+
+
+def timing_table(rows: Sequence[dict]) -> str:
+    """Markdown table of a timing-only run (one row per method)."""
+    header = [
+        "Method",
+        "Budget (LoRA r)",
+        "Trainable params",
+        "ms / step (median)",
+        "min",
+        "max",
+        "Train memory (KiB)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r["setting"],
+            "n/a" if r["budget_rank"] is None else str(r["budget_rank"]),
+            f"{r['n_trainable']:,}",
+            f"{1e3 * r['median_seconds']:.1f}",
+            f"{1e3 * r['min_seconds']:.1f}",
+            f"{1e3 * r['max_seconds']:.1f}",
+            f"{r['memory_bytes'] / 1024:,.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

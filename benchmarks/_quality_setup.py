@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from _quality_train import Split
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional
@@ -20,7 +21,6 @@ from torch.nn import functional
 __all__ = [
     "TARGET_MODULES",
     "DigitsCNN",
-    "Split",
     "TaskData",
     "load_task",
     "pretrain",
@@ -35,16 +35,10 @@ _N_VAL = 200
 
 
 @dataclass(frozen=True)
-class Split:
-    """Images ``x`` of shape ``(n, 1, 8, 8)`` in [0, 1] and labels ``y`` of shape ``(n,)``."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-
-@dataclass(frozen=True)
 class TaskData:
     """Source-task (upright) splits and the shifted task's train/validation/test splits.
+
+    Images have shape ``(n, 1, 8, 8)`` with values in [0, 1].
 
     The validation and test images are held out of pretraining and of
     adaptation; the learning rate is chosen on ``val``, never on ``test``.

@@ -1,49 +1,97 @@
 """One adaptation run: the shared optimizer, schedule, timing and memory accounting.
 
-Every method (full fine-tuning, head only, LoRA, FLoRA) goes through
+Every method (full fine-tuning, head only, LoRA, FLoRA, ...) goes through
 :func:`train_and_evaluate` with the same Adam optimizer, cosine schedule,
 batch size and number of steps; only the set of trainable tensors and the
-learning rate differ.
+learning rate differ. :func:`time_steps` times training steps alone, for
+the short timing-only runs.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from _quality_setup import Split, TaskData
 from torch import nn
 from torch.nn import functional
 
-__all__ = ["RunResult", "TrainSettings", "accuracy", "train_and_evaluate"]
+__all__ = [
+    "RunResult",
+    "Split",
+    "Splits",
+    "StepTiming",
+    "TrainSettings",
+    "accuracy",
+    "time_steps",
+    "train_and_evaluate",
+]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs ``x`` and labels ``y`` of shape ``(n,)``.
+
+    ``x`` is a tensor whose first axis indexes the items (images), or any
+    object that a model accepts and that slices the same way (cached hidden
+    states with their mask).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class Splits(Protocol):
+    """The train, validation and test splits of a task."""
+
+    train: Split
+    val: Split
+    test: Split
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimization settings shared by every method."""
+    """Optimization settings shared by every method of one experiment."""
 
     steps: int
     batch_size: int = 64
+    eval_batch_size: int | None = None
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """Accuracies in [0, 1], seconds per epoch of training, and training memory in bytes."""
+    """Accuracies in [0, 1], seconds per training step, and training memory in bytes."""
 
     val_accuracy: float
     test_accuracy: float
-    seconds_per_epoch: float
+    seconds_per_step: float
     memory_bytes: int
 
 
-def accuracy(model: nn.Module, split: Split) -> float:
-    """Fraction of ``split`` that ``model`` classifies correctly."""
+@dataclass(frozen=True)
+class StepTiming:
+    """Median and spread of the wall time of training steps, and training memory."""
+
+    median_seconds: float
+    min_seconds: float
+    max_seconds: float
+    memory_bytes: int
+
+
+def accuracy(model: nn.Module, split: Split, batch_size: int | None = None) -> float:
+    """Fraction of ``split`` that ``model`` classifies correctly (in chunks of ``batch_size``)."""
+    n = split.y.numel()
+    size = n if batch_size is None else batch_size
+    correct = 0
     with torch.no_grad():
-        predicted = model(split.x).argmax(dim=1)
-    return float((predicted == split.y).float().mean())
+        for start in range(0, n, size):
+            predicted = model(split.x[start : start + size]).argmax(dim=1)
+            correct += int((predicted == split.y[start : start + size]).sum())
+    return correct / n
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
@@ -71,10 +119,42 @@ def _training_memory(model: nn.Module, trainable: list[nn.Parameter], saved: int
     return weights + 3 * trainable_bytes + saved
 
 
+class _Stepper:
+    """Adam steps on minibatches sampled with replacement; counts the first step's memory."""
+
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], train: Split, **options):
+        self.model, self.trainable, self.train = model, trainable, train
+        self.batch_size = options["batch_size"]
+        self.optimizer = torch.optim.Adam(trainable, lr=options["lr"])
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=options["steps"]
+        )
+        self.generator = torch.Generator().manual_seed(options["seed"])
+        self.saved: dict[tuple[int, int], int] = {}
+
+    def step(self) -> None:
+        index = torch.randint(self.train.y.numel(), (self.batch_size,), generator=self.generator)
+        x, y = self.train.x[index], self.train.y[index]
+        if not self.saved:
+            with _count_saved_tensors(self.saved):
+                loss = functional.cross_entropy(self.model(x), y)
+        else:
+            loss = functional.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+
+    def memory_bytes(self) -> int:
+        parameter_keys = {_storage_key(p) for p in self.model.parameters()}
+        saved = sum(n for key, n in self.saved.items() if key not in parameter_keys)
+        return _training_memory(self.model, self.trainable, saved)
+
+
 def train_and_evaluate(
     model: nn.Module,
     trainable: list[nn.Parameter],
-    data: TaskData,
+    data: Splits,
     settings: TrainSettings,
     *,
     lr: float,
@@ -89,31 +169,54 @@ def train_and_evaluate(
     tensors autograd saves for backward (counted once per storage, frozen
     weights excluded since they are already counted).
     """
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
-    generator = torch.Generator().manual_seed(seed)
-    parameter_keys = {_storage_key(p) for p in model.parameters()}
-    saved: dict[tuple[int, int], int] = {}
+    stepper = _Stepper(
+        model,
+        trainable,
+        data.train,
+        lr=lr,
+        seed=seed,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+    )
     model.train()
     start = time.perf_counter()
-    for step in range(settings.steps):
-        index = torch.randint(data.train.y.numel(), (settings.batch_size,), generator=generator)
-        if step == 0:
-            with _count_saved_tensors(saved):
-                loss = functional.cross_entropy(model(data.train.x[index]), data.train.y[index])
-        else:
-            loss = functional.cross_entropy(model(data.train.x[index]), data.train.y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    for _ in range(settings.steps):
+        stepper.step()
     elapsed = time.perf_counter() - start
     model.eval()
-    epochs = settings.steps * settings.batch_size / data.train.y.numel()
-    saved_bytes = sum(n for key, n in saved.items() if key not in parameter_keys)
     return RunResult(
-        val_accuracy=accuracy(model, data.val),
-        test_accuracy=accuracy(model, data.test),
-        seconds_per_epoch=elapsed / epochs,
-        memory_bytes=_training_memory(model, trainable, saved_bytes),
+        val_accuracy=accuracy(model, data.val, settings.eval_batch_size),
+        test_accuracy=accuracy(model, data.test, settings.eval_batch_size),
+        seconds_per_step=elapsed / settings.steps,
+        memory_bytes=stepper.memory_bytes(),
+    )
+
+
+def time_steps(
+    model: nn.Module,
+    trainable: list[nn.Parameter],
+    train: Split,
+    *,
+    batch_size: int,
+    steps: int,
+    warmup: int = 3,
+) -> StepTiming:
+    """Wall time of ``steps`` training steps after ``warmup`` untimed ones (learning rate 1e-4)."""
+    stepper = _Stepper(
+        model, trainable, train, lr=1e-4, seed=0, steps=warmup + steps, batch_size=batch_size
+    )
+    model.train()
+    for _ in range(warmup):
+        stepper.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        stepper.step()
+        times.append(time.perf_counter() - start)
+    model.eval()
+    return StepTiming(
+        median_seconds=statistics.median(times),
+        min_seconds=min(times),
+        max_seconds=max(times),
+        memory_bytes=stepper.memory_bytes(),
     )

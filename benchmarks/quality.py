@@ -12,7 +12,8 @@ Run (on 2 CPU cores; writes the docs' figure and tables)::
 
     .venv/bin/python benchmarks/quality.py --out docs/_static
 
-``--quick`` runs the same pipeline at smoke size (seconds).
+``--timing-only`` measures step time and training memory of every method
+(about a minute); ``--quick`` runs the same pipeline at smoke size (seconds).
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import dataclasses
-import platform
 import sys
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _quality_methods import FLORA_VARIANTS, METHODS, FloraVariant, adapt
-from _quality_report import markdown, summarize, write_csv, write_figure, write_json
-from _quality_setup import DigitsCNN, TaskData, load_task, pretrain
-from _quality_train import TrainSettings, accuracy, train_and_evaluate
+from _quality_methods import FLORA_VARIANTS, METHODS, Adapted, adapt
+from _quality_report import machine, markdown, summarize, timing_table, write_json, write_study
+from _quality_setup import DigitsCNN, load_task, pretrain
+from _quality_study import Builder, Plan, Study, time_methods
+from _quality_train import TrainSettings, accuracy
 
 _ADAPTER_LRS = (1e-2, 3e-2, 1e-1)
 
@@ -62,6 +64,7 @@ class Experiment:
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
     ablation_kernel_ranks: tuple[int | None, ...] = (1, 2, None)
     ablation_scales: tuple[float, ...] = (0.25, 1.0, 4.0)
+    timing_steps: int = 20
 
 
 FULL = Experiment()
@@ -76,98 +79,30 @@ QUICK = Experiment(
     ablation_seeds=(0,),
     ablation_kernel_ranks=(1, None),
     ablation_scales=(1.0, 4.0),
+    timing_steps=2,
 )
 
 
-@dataclass
-class Context:
-    """What every run shares: the data, the pretrained base and a result cache."""
+def _builder(base: DigitsCNN) -> Builder:
+    def build(method: str, budget: int | None, seed: int, variant: Hashable) -> Adapted:
+        chosen = variant if variant is not None else FLORA_VARIANTS.get(method)
+        return adapt(base, method, budget_rank=budget or 1, seed=seed, variant=chosen)
 
-    experiment: Experiment
-    data: TaskData
-    base: DigitsCNN
-    cache: dict[tuple, dict] = field(default_factory=dict)
-
-    @property
-    def n_model(self) -> int:
-        """Parameters of the base network."""
-        return sum(p.numel() for p in self.base.parameters())
+    return build
 
 
-def _variant_for(method: str) -> FloraVariant | None:
-    return FLORA_VARIANTS.get(method)
+def _plan(experiment: Experiment) -> Plan:
+    return Plan(
+        methods=METHODS,
+        budgets=experiment.budget_ranks,
+        seeds=experiment.seeds,
+        lr_grid=experiment.lr_grid,
+        sweep_budget=experiment.sweep_budget_rank,
+        sweep_seeds=experiment.sweep_seeds,
+    )
 
 
-def _run(
-    ctx: Context,
-    method: str,
-    budget_rank: int | None,
-    variant: FloraVariant | None,
-    lr: float,
-    seed: int,
-) -> dict:
-    """Train one (method, budget, variant, lr, seed) once; identical requests hit the cache."""
-    key = (method, budget_rank, variant, lr, seed)
-    if key not in ctx.cache:
-        adapted = adapt(ctx.base, method, budget_rank=budget_rank or 1, seed=seed, variant=variant)
-        settings = TrainSettings(steps=ctx.experiment.steps)
-        result = train_and_evaluate(
-            adapted.model, adapted.trainable, ctx.data, settings, lr=lr, seed=seed
-        )
-        ctx.cache[key] = {
-            "method": method,
-            "budget_rank": budget_rank,
-            "lr": lr,
-            "seed": seed,
-            "n_trainable": adapted.n_trainable,
-            "ranks": "; ".join(f"{n} {r}" for n, r in adapted.ranks.items()),
-            **dataclasses.asdict(result),
-        }
-        print(
-            f"[{len(ctx.cache):3d}] {method} r={budget_rank} {variant} lr={lr:g} seed={seed}: "
-            f"val {result.val_accuracy:.3f}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return dict(ctx.cache[key])
-
-
-def _budgets(method: str, experiment: Experiment) -> tuple[int | None, ...]:
-    return (None,) if method in ("full", "head") else experiment.budget_ranks
-
-
-def sweep(ctx: Context) -> tuple[dict[str, float], list[dict]]:
-    """Pick each method's learning rate by mean validation accuracy at the sweep budget."""
-    chosen, rows = {}, []
-    for method in METHODS:
-        budget = None if method in ("full", "head") else ctx.experiment.sweep_budget_rank
-        scores = {}
-        for lr in ctx.experiment.lr_grid[method]:
-            runs = [
-                _run(ctx, method, budget, _variant_for(method), lr, seed)
-                for seed in ctx.experiment.sweep_seeds
-            ]
-            rows += [
-                {**r, "study": "sweep", "setting": f"{METHODS[method]}, lr {lr:g}"} for r in runs
-            ]
-            scores[lr] = sum(r["val_accuracy"] for r in runs) / len(runs)
-        # Ties go to the smaller learning rate (the grids are ascending).
-        chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
-    return chosen, rows
-
-
-def main_study(ctx: Context, lrs: dict[str, float]) -> list[dict]:
-    """Every method at every budget and seed, at its chosen learning rate."""
-    rows = []
-    for method, label in METHODS.items():
-        for budget in _budgets(method, ctx.experiment):
-            for seed in ctx.experiment.seeds:
-                run = _run(ctx, method, budget, _variant_for(method), lrs[method], seed)
-                rows.append({**run, "study": "main", "setting": label})
-    return rows
-
-
-def ablation(ctx: Context, lrs: dict[str, float]) -> list[dict]:
+def ablation(study: Study, experiment: Experiment, lrs: dict[str, float]) -> list[dict]:
     """FLoRA zero_core (energy ranks) at one budget: kernel ranks, then the scale s."""
     base_variant = FLORA_VARIANTS["flora_energy"]
     settings = [
@@ -175,17 +110,19 @@ def ablation(ctx: Context, lrs: dict[str, float]) -> list[dict]:
             f"kernel rank {'full' if k is None else k}",
             dataclasses.replace(base_variant, kernel_rank=k),
         )
-        for k in ctx.experiment.ablation_kernel_ranks
+        for k in experiment.ablation_kernel_ranks
     ]
     settings += [
         (f"scale s = {s:g}", dataclasses.replace(base_variant, scale=s))
-        for s in ctx.experiment.ablation_scales
+        for s in experiment.ablation_scales
     ]
-    budget = ctx.experiment.ablation_budget_rank
+    budget = experiment.ablation_budget_rank
     rows = []
     for label, variant in settings:
-        for seed in ctx.experiment.ablation_seeds:
-            run = _run(ctx, "flora_energy", budget, variant, lrs["flora_energy"], seed)
+        # The default variant is the main study's: share its cached runs.
+        key = None if variant == base_variant else variant
+        for seed in experiment.ablation_seeds:
+            run = study.run("flora_energy", budget, lrs["flora_energy"], seed, key)
             rows.append({**run, "study": "ablation", "setting": label})
     return rows
 
@@ -199,44 +136,53 @@ def run_experiment(experiment: Experiment, out: Path | None = None) -> dict:
     start = time.perf_counter()
     data = load_task()
     base = pretrain(data.source_train, steps=experiment.pretrain_steps)
-    ctx = Context(experiment, data, base)
-    lrs, sweep_rows = sweep(ctx)
-    rows = sweep_rows + main_study(ctx, lrs) + ablation(ctx, lrs)
-    summaries = summarize(rows, ctx.n_model)
+    n_model = sum(p.numel() for p in base.parameters())
+    study = Study(
+        _plan(experiment), _builder(base), data, TrainSettings(steps=experiment.steps), "digits"
+    )
+    lrs, sweep_rows = study.sweep()
+    rows = sweep_rows + study.main(lrs) + ablation(study, experiment, lrs)
+    summaries = summarize(rows, n_model)
     result = {
         "summaries": {
             s: [x for x in summaries if x.study == s] for s in ("main", "ablation", "sweep")
         },
         "lrs": lrs,
         "rows": rows,
-        "n_model": ctx.n_model,
+        "n_model": n_model,
         "base_source_accuracy": accuracy(base, data.source_test),
         "base_shifted_accuracy": accuracy(base, data.test),
         "seconds": time.perf_counter() - start,
     }
     if out is not None:
-        _write(out, result)
+        write_study(out, "flora_vs_lora", result, METHODS, "rotated digits")
     return result
 
 
-def _write(out: Path, result: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for study, summaries in result["summaries"].items():
-        write_csv(out / f"flora_vs_lora_{study}.csv", summaries)
-    write_figure(out / "flora_vs_lora.png", result["summaries"]["main"], METHODS)
-    meta = {k: v for k, v in result.items() if k != "summaries"}
-    meta["machine"] = {
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    write_json(out / "flora_vs_lora_runs.json", meta)
+def run_timing(experiment: Experiment, out: Path | None = None) -> list[dict]:
+    """Median step time and training memory of every method at the sweep budget."""
+    data = load_task()
+    base = pretrain(data.source_train, steps=experiment.pretrain_steps)
+    settings = TrainSettings(steps=experiment.steps)
+    rows = time_methods(
+        _plan(experiment),
+        _builder(base),
+        data.train,
+        batch_size=settings.batch_size,
+        steps=experiment.timing_steps,
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "flora_vs_lora_timing.json", {"rows": rows, "machine": machine()})
+    return rows
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke-size run (seconds)")
+    parser.add_argument(
+        "--timing-only", action="store_true", help="only time training steps (a minute)"
+    )
     parser.add_argument("--out", type=Path, help="folder for the figure, tables and raw runs")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     return parser.parse_args(argv)
@@ -246,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    result = run_experiment(QUICK if args.quick else FULL, args.out)
+    experiment = QUICK if args.quick else FULL
+    if args.timing_only:
+        print(timing_table(run_timing(experiment, args.out)))
+        print(f"\n{machine()}")
+        return 0
+    result = run_experiment(experiment, args.out)
     print(
         f"base network: {result['n_model']:,} parameters; accuracy upright "
         f"{result['base_source_accuracy']:.3f}, rotated {result['base_shifted_accuracy']:.3f}"

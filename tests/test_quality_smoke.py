@@ -50,6 +50,9 @@ def test_writes_figure_tables_and_runs(result):
         lines = (out / f"flora_vs_lora_{study}.csv").read_text(encoding="utf-8").splitlines()
         assert len(lines) > 1
         assert lines[0].startswith("Method,")
+        # One seed has no spread; a lone "-" cell would render as a bullet.
+        assert "± 0.000" not in "\n".join(lines)
+        assert ",-," not in "\n".join(lines)
 
 
 def test_every_method_runs_with_sane_numbers(quality, result):
@@ -59,7 +62,7 @@ def test_every_method_runs_with_sane_numbers(quality, result):
     for row in summary["rows"]:
         assert 0.0 <= row["val_accuracy"] <= 1.0
         assert 0.0 <= row["test_accuracy"] <= 1.0
-        assert row["seconds_per_epoch"] > 0
+        assert row["seconds_per_step"] > 0
         assert row["memory_bytes"] > 4 * summary["n_model"]
     assert summary["seconds"] > 0
 
@@ -106,3 +109,18 @@ def test_zero_core_adapters_start_at_the_base_model(quality):
         adapted = adapt(base, method, budget_rank=1, seed=0, variant=FLORA_VARIANTS.get(method))
         with torch.no_grad():
             torch.testing.assert_close(adapted.model(x), base(x), rtol=tol, atol=tol)
+
+
+def test_timing_only_times_every_method(quality, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = quality.run_timing(quality.QUICK, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["setting"] for r in rows] == list(quality.METHODS.values())
+    assert all(0 < r["min_seconds"] <= r["median_seconds"] <= r["max_seconds"] for r in rows)
+    assert all(r["memory_bytes"] > 0 for r in rows)
+    assert (tmp_path / "flora_vs_lora_timing.json").stat().st_size > 0
