@@ -1,6 +1,6 @@
-"""FLoRA and PEFT LoRA: exact export round trips, and analyze --adapter against materializing ΔW.
+"""FLoRA and PEFT LoRA: exact export and import, analyze --adapter, compress on a trained adapter.
 
-Two tables:
+Four tables:
 
 (a) Export round trips. A small BERT (``transformers.BertConfig``, random
     weights, no download) with FLoRA adapters on every attention and MLP
@@ -12,6 +12,17 @@ Two tables:
     into a fresh copy of the base model. Reported: max abs difference of
     the outputs against the FLoRA model, next to the outputs' magnitude
     (target: float32 rounding), and the parameter counts.
+(a2) Import round trips. PEFT LoRA adapters made with ``peft.get_peft_model``
+    on the same BERT (``use_rslora``, a ``rank_pattern`` and an
+    ``alpha_pattern``; the word embeddings' ``padding_idx`` column of
+    ``lora_embedding_A`` kept at zero, as PEFT's training leaves it) and on
+    the conv net's ungrouped convolutions (a LoRA trained in PEFT mixes a
+    grouped conv's channel groups, which no grouped weight holds), with
+    random non-zero A and B, saved and read back with ``flora.import_lora``
+    into a fresh copy of the base model: max abs difference against the PEFT
+    model's outputs. Then flora -> ``export_lora`` -> ``import_lora`` on the
+    FLoRA adapters of (a), grouped convolutions included: the largest
+    difference of any layer's ΔW, relative to its largest entry.
 (b) ``tuckerlib analyze --adapter`` on a synthetic LLaMA-7B-shaped PEFT LoRA
     adapter: rank 64 on the 7 projections of 32 decoder blocks (q, k, v, o
     4096x4096; gate, up 11008x4096; down 4096x11008), written as bfloat16
@@ -27,11 +38,20 @@ Two tables:
     the float64 ΔW (eigenvalues of its float64 Gram matrix; on the same
     subset). Targets: >= 20x faster, relative spectrum
     difference <= 1e-5.
+(c) ``flora.compress`` on trained adapters: the digits CNN of the quality
+    study (scikit-learn's 8x8 digits, no download), pretrained on upright
+    digits and adapted with FLoRA (ranks 16 per channel mode, full kernel
+    modes, on the three convolutions and the head) to the digits rotated by
+    90 degrees. The trained adapter is compressed at three energy levels
+    and by the default rule (the ``FLoRA ranks`` column of
+    ``analyze --adapter``): adapter parameters against test accuracy, and
+    the largest per-layer relative error ``‖ΔW − ΔW'‖ / ‖ΔW‖``.
 
-``--quick`` shrinks both for a smoke run: (a) unchanged but tiny already;
-(b) d=512, ffn=1376, rank 16, 4 blocks.
+``--quick`` shrinks them for a smoke run: (a) unchanged but tiny already;
+(b) d=512, ffn=1376, rank 16, 4 blocks; (c) 40 pretraining and 40
+adaptation steps.
 
-Usage: python benchmarks/bench_interop.py [--quick] [--only a,b] [--workdir /tmp]
+Usage: python benchmarks/bench_interop.py [--quick] [--only a,a2,b,c] [--workdir /tmp]
                                           [--blocks 1]
 """
 
@@ -145,7 +165,7 @@ def _round_trip(make: Callable[[], tuple]) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         flora.save_adapter(model, Path(tmp) / "flora")
         start = time.perf_counter()
-        flora.export_lora(Path(tmp) / "flora", Path(tmp) / "lora", base_model=base)
+        flora.export_lora(Path(tmp) / "flora", Path(tmp) / "lora")
         export_time = time.perf_counter() - start
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -167,12 +187,8 @@ def _round_trip(make: Callable[[], tuple]) -> list[str]:
     ]
 
 
-def table_a() -> None:
-    header = ["model", "layers", "FLoRA params", "LoRA params", "export s", "max |PEFT - FLoRA|",
-              "max |out|", "max |FLoRA - base|"]  # fmt: skip
-    rows = [header, *(_round_trip(make) for make in (_bert, _conv_net))]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    print("\n(a) flora adapter -> export_lora -> peft.PeftModel.from_pretrained: outputs")
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
             "  ".join(
@@ -180,7 +196,127 @@ def table_a() -> None:
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
+
+
+def table_a() -> None:
+    header = ["model", "layers", "FLoRA params", "LoRA params", "export s", "max |PEFT - FLoRA|",
+              "max |out|", "max |FLoRA - base|"]  # fmt: skip
+    print("\n(a) flora adapter -> export_lora -> peft.PeftModel.from_pretrained: outputs")
+    _print_table([header, *(_round_trip(make) for make in (_bert, _conv_net))])
     print("target: max |PEFT - FLoRA| at float32 rounding of max |out|")
+
+
+# (a2) ------------------------------------------------------------------------
+
+#: PEFT options of the import round trips, per model.
+_PEFT_OPTIONS = {
+    "BERT (2 layers, hidden 64)": {
+        "r": 8, "lora_alpha": 16, "use_rslora": True, "rank_pattern": {"value": 4},
+        "alpha_pattern": {"dense": 4},
+        "target_modules": ["query", "key", "value", "dense", "word_embeddings"],
+    },
+    "conv net (Conv1d/2d/3d, grouped, depthwise)": {
+        "r": 4, "lora_alpha": 8, "target_modules": ["conv1d", "conv2d", "conv3d"],
+    },
+}  # fmt: skip
+_IMPORT_LABELS = {"conv net (Conv1d/2d/3d, grouped, depthwise)": "conv net (Conv1d/2d/3d)"}
+
+
+def _trained_peft(base: object, options: dict) -> object:
+    """A PEFT LoRA model with non-zero A and B, as after training."""
+    import peft
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**options))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        for module in model.modules():
+            # PEFT's lookup never sends gradient to the padding column of
+            # lora_embedding_A, which starts at zero: training leaves it zero.
+            padding_idx = getattr(getattr(module, "base_layer", None), "padding_idx", None)
+            if hasattr(module, "lora_embedding_A") and padding_idx is not None:
+                for a in module.lora_embedding_A.values():
+                    a[:, padding_idx] = 0
+    return model.eval()
+
+
+def _import_row(make: Callable[[], tuple]) -> list[str]:
+    import torch
+
+    import flora
+    from tuckerlib.io import open_adapter as open_dir
+
+    base, _, run, label = make()
+    lora = _trained_peft(base, _PEFT_OPTIONS[label])
+    with tempfile.TemporaryDirectory() as tmp:
+        lora.save_pretrained(tmp)
+        with open_dir(tmp) as adapter:
+            lora_params = sum(adapter[name].stored_params for name in adapter)
+        start = time.perf_counter()
+        model = flora.import_lora(copy.deepcopy(base), tmp).eval()
+        seconds = time.perf_counter() - start
+    layers = flora.adapted_layers(model)
+    with torch.no_grad():
+        expected, got = run(lora), run(model)
+    return [
+        f"PEFT LoRA -> import_lora, {_IMPORT_LABELS.get(label, label)}",
+        str(len(layers)),
+        str(lora_params),
+        str(sum(layer.n_adapter_params for layer in layers.values())),
+        f"{seconds:.2f}",
+        f"{float((got - expected).abs().max()):.2e}",
+        f"{float(expected.abs().max()):.2e}",
+    ]
+
+
+def _flora_round_trip_row(make: Callable[[], tuple]) -> list[str]:
+    import torch
+
+    import flora
+
+    base, config, run, label = make()
+    model = flora.inject(copy.deepcopy(base), config).eval()
+    _randomize(model, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        flora.export_lora(model, Path(tmp) / "lora")
+        start = time.perf_counter()
+        back = flora.import_lora(copy.deepcopy(base), Path(tmp) / "lora").eval()
+        seconds = time.perf_counter() - start
+    before, after = flora.adapted_layers(model), flora.adapted_layers(back)
+    gap = 0.0
+    with torch.no_grad():
+        for name, layer in before.items():
+            delta = layer.delta_weight()
+            difference = (after[name].delta_weight() - delta).abs().max() / delta.abs().max()
+            gap = max(gap, float(difference))
+        expected, got = run(model), run(back)
+    return [
+        f"flora -> export_lora -> import_lora, {label}",
+        str(len(before)),
+        str(sum(layer.n_adapter_params for layer in before.values())),
+        str(sum(layer.n_adapter_params for layer in after.values())),
+        f"{seconds:.2f}",
+        f"{float((got - expected).abs().max()):.2e}",
+        f"{float(expected.abs().max()):.2e}",
+        f"{gap:.1e}",
+    ]
+
+
+def table_a2() -> None:
+    print("\n(a2) PEFT LoRA -> flora.import_lora: outputs against PEFT's")
+    header = ["round trip", "layers", "LoRA params", "FLoRA params", "import s",
+              "max |FLoRA - PEFT|", "max |out|"]  # fmt: skip
+    _print_table([header, *(_import_row(make) for make in (_bert, _conv_net))])
+    print("\n     flora -> export_lora -> import_lora: the same adapter back")
+    header = ["round trip", "layers", "FLoRA params", "params back", "import s",
+              "max |out diff|", "max |out|", "max rel. dW diff"]  # fmt: skip
+    _print_table([header, *(_flora_round_trip_row(make) for make in (_bert, _conv_net))])
+    print("target: differences at float32 rounding")
 
 
 # (b) -------------------------------------------------------------------------
@@ -305,18 +441,97 @@ def table_b(workdir: Path, quick: bool, blocks_timed: int) -> None:
     )
 
 
+# (c) -------------------------------------------------------------------------
+
+
+def _adapt_digits(steps: int, pretrain_steps: int) -> tuple[object, object]:
+    """(FLoRA-adapted digits CNN trained on the rotated digits, the task's data)."""
+    import torch
+    from _quality_setup import TARGET_MODULES, load_task, pretrain
+    from torch.nn import functional
+
+    import flora
+
+    data = load_task()
+    base = pretrain(data.source_train, steps=pretrain_steps)
+    config = flora.FLoRAConfig(
+        ranks={"Conv2d": (16, 16, None, None), "Linear": 10},
+        target_modules=list(TARGET_MODULES),
+        forward="dense",  # 8x8 maps: one dense conv beats three small ones
+    )
+    torch.manual_seed(0)
+    model = flora.inject(base, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=3e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(data.train.y.numel(), (64,), generator=generator)
+        loss = functional.cross_entropy(model(data.train.x[index]), data.train.y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval(), data
+
+
+def _test_accuracy(model: object, data: object) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float((model(data.test.x).argmax(dim=1) == data.test.y).float().mean())
+
+
+def table_c(quick: bool) -> None:
+    import flora
+
+    steps, pretrain_steps = (40, 40) if quick else (300, 600)
+    start = time.perf_counter()
+    trained, data = _adapt_digits(steps, pretrain_steps)
+    seconds = time.perf_counter() - start
+    with flora.disable_adapter(trained):
+        base_accuracy = _test_accuracy(trained, data)
+    rows = [
+        ["adapter", "params", "test acc.", "max rel. error", "compress s"],
+        ["base model, no adapter", "0", f"{base_accuracy:.3f}", "", ""],
+        ["trained (uncompressed)", str(flora.trainable_parameters(trained)),
+         f"{_test_accuracy(trained, data):.3f}", "", ""],
+    ]  # fmt: skip
+    levels = [("energy 0.99", {"energy": 0.99}), ("energy 0.9", {"energy": 0.9}),
+              ("energy 0.7", {"energy": 0.7}), ("default rule", {})]  # fmt: skip
+    for label, options in levels:
+        model = copy.deepcopy(trained)
+        start = time.perf_counter()
+        errors = flora.compress(model, **options)
+        elapsed = time.perf_counter() - start
+        params = sum(layer.n_adapter_params for layer in flora.adapted_layers(model).values())
+        rows.append([f"compress, {label}", str(params), f"{_test_accuracy(model, data):.3f}",
+                     f"{max(errors.values()):.3f}", f"{elapsed:.3f}"])  # fmt: skip
+    print(
+        f"\n(c) flora.compress on a FLoRA adapter of the digits CNN trained on rotated digits "
+        f"({steps} steps, {seconds:.0f} s with pretraining; {data.test.y.numel()} test images)"
+    )
+    _print_table(rows)
+    print("params: adapter entries (cores and factors of the 4 adapted layers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--only", default="a,b", help="tables to run, e.g. 'b'")
+    parser.add_argument("--only", default="a,a2,b,c", help="tables to run, e.g. 'b'")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--blocks", type=int, default=1, help="blocks timed materialized in (b)")
     args = parser.parse_args()
     tables = set(args.only.split(","))
     if "a" in tables:
         table_a()
+    if "a2" in tables:
+        table_a2()
     if "b" in tables:
         table_b(args.workdir, args.quick, args.blocks)
+    if "c" in tables:
+        table_c(args.quick)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """flora: FLoRA adapters (Tucker-structured weight updates) for PyTorch modules."""
 
+from flora.compression import compress
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.extraction import ExtractedLayer, Extraction, ExtractionError, extract
 from flora.io import (
@@ -30,7 +31,7 @@ from flora.lifecycle import (
     disable_adapter,
     set_adapter,
 )
-from flora.lora import export_lora
+from flora.lora import export_lora, import_lora
 from flora.model import (
     adapted_layers,
     attach_adapter,
@@ -68,10 +69,12 @@ __all__ = [
     "adapter_state_dict",
     "add_weighted_adapter",
     "attach_adapter",
+    "compress",
     "delete_adapter",
     "disable_adapter",
     "export_lora",
     "extract",
+    "import_lora",
     "inject",
     "load_adapter",
     "merge",

@@ -11,15 +11,19 @@ multilinear rank. The mode order is the one ST-HOSVD uses on ``ΔW`` itself
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flora._lora_math import compact
-from tuckerlib import energy_ranks, relative_error, sthosvd, tucker_to_tensor
+from tuckerlib import relative_error, sthosvd, tucker_to_tensor
 
-__all__ = ["Compressed", "compress_tucker"]
+__all__ = ["Compressed", "compress_tucker", "padded_spectra"]
+
+#: Picks the new ranks from the small core ``C`` (float64) and ``ΔW``'s shape.
+RankRule = Callable[[torch.Tensor, tuple[int, ...]], Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -31,36 +35,43 @@ class Compressed:
     relative_error: float
 
 
-def _target_ranks(
-    shape: tuple[int, ...],
-    ranks: int | Sequence[int] | None,
-    energy: float | None,
-    core: torch.Tensor,
-) -> tuple[int, ...]:
-    if (ranks is None) == (energy is None):
-        raise ValueError("give exactly one of ranks and energy")
-    if energy is not None:
-        return tuple(energy_ranks(core, energy))
-    if isinstance(ranks, int):
-        return tuple(min(ranks, size) for size in shape)
-    ranks = tuple(ranks)
-    if len(ranks) != len(shape) or any(
-        r < 1 or r > size for r, size in zip(ranks, shape, strict=True)
+def padded_spectra(small: torch.Tensor, shape: Sequence[int]) -> list[np.ndarray]:
+    """``ΔW``'s mode spectra from its small core: the core's, padded with zeros to ``I_n``."""
+    spectra = []
+    for n, size in enumerate(shape):
+        unfolding = small.movedim(n, 0).reshape(small.shape[n], -1)
+        s = torch.linalg.svdvals(unfolding).cpu().numpy()
+        spectra.append(np.concatenate([s, np.zeros(size - s.size)]))
+    return spectra
+
+
+def _small_core(
+    core: torch.Tensor, factors: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    small = core.to(torch.float64)
+    bases = []
+    for n, factor in enumerate(factors):
+        q, r = torch.linalg.qr(factor.to(torch.float64))
+        small = torch.movedim(torch.tensordot(r, small, dims=([1], [n])), 0, n)
+        bases.append(q)
+    return small, bases
+
+
+def _check_target(target: Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    target = tuple(int(r) for r in target)
+    if len(target) != len(shape) or any(
+        r < 1 or r > size for r, size in zip(target, shape, strict=True)
     ):
         raise ValueError(
-            f"ranks must give one rank in [1, I_n] per mode of shape {shape}, got {ranks}"
+            f"ranks must give one rank in [1, I_n] per mode of shape {shape}, got {target}"
         )
-    return ranks
+    return target
 
 
 def compress_tucker(
-    core: torch.Tensor,
-    factors: Sequence[torch.Tensor],
-    *,
-    ranks: int | Sequence[int] | None = None,
-    energy: float | None = None,
+    core: torch.Tensor, factors: Sequence[torch.Tensor], ranks: Sequence[int] | RankRule
 ) -> Compressed:
-    """Truncate ``ΔW = s · core ×_n factors[n]`` to ``ranks`` (or to keep ``energy``).
+    """Truncate ``ΔW = s · core ×_n factors[n]`` to ``ranks`` (or the ranks a rule picks).
 
     The layer's scale ``s`` multiplies ``ΔW`` and ``ΔW'`` alike, so it is
     kept as it is and plays no part here.
@@ -69,11 +80,9 @@ def compress_tucker(
     ----------
     core, factors : torch.Tensor
         The update's core ``(R_0, ...)`` and factors ``(I_n, R_n)``.
-    ranks : int or sequence of int, optional
-        The new ranks (an int for every mode, clipped to each mode's size).
-    energy : float, optional
-        Instead of ``ranks``: per mode, the smallest rank keeping this
-        fraction of ``‖ΔW‖²`` (:func:`tuckerlib.energy_ranks`).
+    ranks : sequence of int or callable
+        The new ranks, one in ``[1, I_n]`` per mode, or a function of the
+        small core ``C`` (float64) and ``ΔW``'s shape that returns them.
 
     Returns
     -------
@@ -84,13 +93,8 @@ def compress_tucker(
     """
     dtype = core.dtype
     shape = tuple(f.shape[0] for f in factors)
-    small = core.to(torch.float64)
-    bases = []
-    for n, factor in enumerate(factors):
-        q, r = torch.linalg.qr(factor.to(torch.float64))
-        small = torch.movedim(torch.tensordot(r, small, dims=([1], [n])), 0, n)
-        bases.append(q)
-    target = _target_ranks(shape, ranks, energy, small)
+    small, bases = _small_core(core, factors)
+    target = _check_target(ranks(small, shape) if callable(ranks) else ranks, shape)
     order = sorted(range(len(shape)), key=lambda n: (-shape[n] / target[n], n))
     truncated = sthosvd(
         small, [min(r, k) for r, k in zip(target, small.shape, strict=True)], order=order

@@ -1,98 +1,310 @@
-"""A PEFT LoRA adapter directory as flora layer records and tensors, exactly.
+"""A PEFT LoRA adapter directory as FLoRA adapters for a given model, exactly.
 
 Each LoRA pair is read as a Tucker tensor (:func:`tuckerlib.io.open_adapter`):
-Linear ``scaling · B I_r Aᵀᵀ`` (core the identity, ``U_0 = B``, ``U_1 = Aᵀ``),
+Linear ``scaling · B I_r A`` (core the identity, ``U_0 = B``, ``U_1 = Aᵀ``),
 Embedding ``scaling · Aᵀ I_r Bᵀ``, ConvNd ``scaling · A ×_0 B`` (``lora_A``'s
-kernel as the core, identity factors on the other modes), then brought to
-usable ranks by :func:`flora._lora_math.compact`, which changes nothing but
-the shapes. The record's ``scale`` is PEFT's scaling.
+kernel as the core, identity factors on the other modes);
+:meth:`flora.TuckerDelta.from_tucker` brings it to usable ranks without
+changing it. The model decides what each pair updates, as PEFT's layer
+would: PEFT's LoRA branch of a Linear pair computes ``x ↦ scaling · B A x``
+whatever ``fan_in_fan_out`` says, which is a ``torch.nn.Linear`` update
+``B A`` or, for a weight stored ``(in, out)`` as transformers' ``Conv1D``
+stores it, the parameter update ``(B A)ᵀ``. What PEFT's layer applies
+differently from FLoRA's (see :func:`flora._geometry.lora_difference`, and
+an embedding's ``padding_idx`` row, which PEFT updates and FLoRA does not)
+is refused by layer name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.utils import parametrize
 
-from flora._lora_math import compact
-from flora.config import FLoRAConfig
+from flora._geometry import lora_difference, module_geometry
+from flora._plan import walk
+from flora._tucker import reconstruct
+from flora.layers import FLoRALayer, ModulesToSave, TuckerDelta
 from tuckerlib.io import AdapterLayer, open_adapter
 
-__all__ = ["FloraLayers", "lora_to_flora"]
+__all__ = ["Imported", "grouped", "lora_adapters", "plain_module_names"]
+
+_PEFT_PREFIX = "base_model.model."
+_CONV_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+_SAVED_REASON = "modules_to_save"
+
+
+def plain_module_names(model: nn.Module, prefix: str = "") -> Iterator[str]:
+    """Module names of ``model`` as they are without FLoRA (what PEFT's name matching sees).
+
+    FLoRA layers count as the module they wrap, saved modules as their
+    original; shared modules are listed under every name, as PEFT's
+    ``named_modules(remove_duplicate=False)`` does.
+    """
+    yield prefix
+    if isinstance(model, FLoRALayer):
+        model = model.base_layer
+    elif isinstance(model, ModulesToSave):
+        model = model.original_module
+    for name, child in model._modules.items():
+        if child is None or (name == "parametrizations" and parametrize.is_parametrized(model)):
+            continue
+        yield from plain_module_names(child, f"{prefix}.{name}" if prefix else name)
+
+
+def grouped(refused: list[tuple[str, str]]) -> str:
+    """``layers 'a', 'b' (reason); layer 'c' (reason)``."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in refused:
+        by_reason.setdefault(reason, []).append(repr(name))
+    return "; ".join(
+        f"{'layers' if len(names) > 1 else 'layer'} {', '.join(names)} ({reason})"
+        for reason, names in by_reason.items()
+    )
 
 
 @dataclass(frozen=True)
-class FloraLayers:
-    """What :func:`flora.io.write_adapter` takes: a config, layer records and tensors."""
+class Imported:
+    """What :func:`flora.attach_adapter` takes: layer adapters and saved modules' states."""
 
-    config: FLoRAConfig
-    layers: dict[str, dict[str, Any]]
-    tensors: dict[str, torch.Tensor]
+    adapters: dict[str, TuckerDelta]
+    saved: dict[str, dict[str, torch.Tensor]]
 
 
-def _convert(layer: AdapterLayer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class _Target:
+    """Where one LoRA pair goes in the model, as a FLoRA layer of ``kind``."""
+
+    name: str
+    kind: str
+    core: torch.Tensor
+    factors: list[torch.Tensor]
+
+
+def _tucker(layer: AdapterLayer) -> tuple[torch.Tensor, list[torch.Tensor]]:
     core = torch.from_numpy(layer.core).to(torch.float64)
-    factors = [torch.from_numpy(f).to(torch.float64) for f in layer.dense_factors()]
-    core, factors = compact(core, factors)
-    record = {
-        "kind": layer.kind,
-        "shape": list(layer.shape),
-        "ranks": list(core.shape),
-        "scale": layer.scale,
-        "init": "zero_core",
-        "forward": "auto",
-        "dropout": layer.dropout,
-    }
-    tensors = {f"{layer.name}.core": core.float().contiguous()}
-    for n, factor in enumerate(factors):
-        tensors[f"{layer.name}.factors.{n}"] = factor.float().contiguous()
-    return record, tensors
+    return core, [torch.from_numpy(f).to(torch.float64) for f in layer.dense_factors()]
 
 
-def lora_to_flora(directory: str | PathLike[str]) -> FloraLayers:
-    """Convert a PEFT LoRA adapter directory into flora's records and tensors.
+def _base(modules: Mapping[str, nn.Module], name: str) -> nn.Module | None:
+    module = modules.get(name)
+    return module.base_layer if isinstance(module, FLoRALayer) else module
 
-    The result has, layer by layer, the update PEFT applies (to rounding);
-    ``flora.io.write_adapter(path, result.config, result.layers,
-    result.tensors)`` writes it as a flora adapter.
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # Checked by name: importing transformers only to detect its class would
+    # load the whole library for models that do not use it.
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
+def _wrong_module(name: str, module: nn.Module | None, expected: str) -> str:
+    if module is None:
+        return f"the model has no module {name!r}"
+    return f"the model's {name!r} is a {type(module).__name__}, not a {expected}"
+
+
+def _wrong_shape(layer: AdapterLayer, weight: torch.Tensor) -> str | None:
+    if tuple(weight.shape) == layer.shape:
+        return None
+    return (
+        f"the LoRA is for a weight of shape {list(layer.shape)}, the model's has "
+        f"{list(weight.shape)}"
+    )
+
+
+def _padding_row(layer: AdapterLayer, index: int) -> str | None:
+    core, factors = _tucker(layer)
+    row = reconstruct(core, [factors[0][index : index + 1], factors[1]])
+    if not row.any():
+        return None
+    return (
+        f"padding_idx {index}: the LoRA updates the padding row, which PEFT applies and FLoRA's "
+        "Embedding leaves unchanged"
+    )
+
+
+def _embedding(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | str:
+    base = _base(modules, layer.name)
+    if type(base) is not nn.Embedding:
+        return _wrong_module(layer.name, base, "torch.nn.Embedding")
+    problem = _wrong_shape(layer, base.weight)
+    problem = problem or lora_difference("Embedding", layer.shape, module_geometry(base))
+    if problem is None and base.padding_idx is not None:
+        problem = _padding_row(layer, base.padding_idx)
+    return problem or _Target(layer.name, "Embedding", *_tucker(layer))
+
+
+def _conv(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | str:
+    base = _base(modules, layer.name)
+    if type(base) is not _CONV_TYPES[layer.kind]:
+        return _wrong_module(layer.name, base, f"torch.nn.{layer.kind}")
+    problem = _wrong_shape(layer, base.weight)
+    problem = problem or lora_difference(layer.kind, layer.shape, module_geometry(base))
+    return problem or _Target(layer.name, layer.kind, *_tucker(layer))
+
+
+def _matrix(
+    layer: AdapterLayer, modules: Mapping[str, nn.Module], transposed: bool
+) -> _Target | str:
+    """A Linear pair: ``x ↦ B A x``, on a ``torch.nn.Linear`` or a weight stored (in, out)."""
+    core, factors = _tucker(layer)
+    name, out_in = layer.name, layer.shape
+    if transposed:  # read as the (in, out) weight "NAME.weight": back to (out, in)
+        name, out_in = name.rpartition(".")[0], out_in[::-1]
+        core, factors = core.T, factors[::-1]
+    base = _base(modules, name)
+    if type(base) is nn.Linear and tuple(base.weight.shape) == out_in:
+        return _Target(name, "Linear", core, factors)
+    if base is not None and _is_hf_conv1d(base) and tuple(base.weight.shape) == out_in[::-1]:
+        return _Target(f"{name}.weight", "Parameter", core.T, factors[::-1])
+    if type(base) is nn.Linear or (base is not None and _is_hf_conv1d(base)):
+        return (
+            f"the LoRA is for a {out_in[0]}x{out_in[1]} (out x in) map, the model's weight has "
+            f"shape {list(base.weight.shape)}"
+        )
+    return _wrong_module(name, base, "torch.nn.Linear or transformers' Conv1D")
+
+
+def _target(
+    layer: AdapterLayer, modules: Mapping[str, nn.Module], fan_in_fan_out: bool
+) -> _Target | str:
+    if layer.kind == "Embedding":
+        return _embedding(layer, modules)
+    if layer.kind in _CONV_TYPES:
+        return _conv(layer, modules)
+    if layer.kind == "Linear" or fan_in_fan_out:
+        return _matrix(layer, modules, transposed=layer.kind == "Parameter")
+    # A target_parameters pair: B A updates the parameter as it is stored.
+    return _Target(layer.name, "Parameter", *_tucker(layer))
+
+
+def _dropout(target: _Target, layer: AdapterLayer, trainable: bool) -> float | str:
+    if target.kind != "Parameter" or not layer.dropout:
+        return layer.dropout if target.kind != "Embedding" else 0.0
+    if trainable:
+        return (
+            f"lora_dropout={layer.dropout}: FLoRA adapts this weight as a parameter, whose "
+            "update has no input dropout to train with; import it with trainable=False"
+        )
+    return 0.0
+
+
+def _adapter(
+    layer: AdapterLayer, modules: Mapping[str, nn.Module], fan_in_fan_out: bool, trainable: bool
+) -> tuple[str, TuckerDelta | str]:
+    target = _target(layer, modules, fan_in_fan_out)
+    if isinstance(target, str):
+        return layer.name, target
+    dropout = _dropout(target, layer, trainable)
+    if isinstance(dropout, str):
+        return target.name, dropout
+    delta = TuckerDelta.from_tucker(
+        target.kind,
+        target.core,
+        target.factors,
+        scale=layer.scale,
+        dropout=dropout,
+        trainable=trainable,
+    )
+    return target.name, delta
+
+
+def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors under PEFT's keys without ``base_model.model.``."""
+    path = directory / "adapter_model.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+    else:
+        tensors = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+    return {key.removeprefix(_PEFT_PREFIX): value for key, value in tensors.items()}
+
+
+def _saved_owners(entries: list[str], names: list[str]) -> list[str]:
+    # PEFT wraps every module whose name ends with an entry (a plain string
+    # suffix, not a dotted one); the outermost of them hold the saved state.
+    matched = [k for k in names if k and any(k.endswith(e) for e in entries)]
+    return [k for k in matched if not any(k.startswith(o + ".") for o in matched)]
+
+
+def _original(modules: Mapping[str, nn.Module], name: str) -> nn.Module | None:
+    module = modules.get(name)
+    return module.original_module if isinstance(module, ModulesToSave) else module
+
+
+def _saved_states(
+    directory: Path,
+    config: Mapping[str, Any],
+    model: nn.Module,
+    skipped: list[tuple[str, str]],
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[tuple[str, str]]]:
+    """The saved modules' states (cast as PEFT's loading casts them), and the tensors refused."""
+    entries = config.get("modules_to_save") or []
+    entries = [entries] if isinstance(entries, str) else list(entries)
+    owners = _saved_owners(entries, list(dict.fromkeys(plain_module_names(model))))
+    refused, keys = [], {}
+    for key, reason in skipped:
+        owner = max((o for o in owners if key.startswith(o + ".")), key=len, default=None)
+        if owner is None or not reason.startswith(_SAVED_REASON):
+            refused.append((key, reason))
+        else:
+            keys[key] = owner
+    if not keys:
+        return {}, refused
+    tensors, modules = _load_weights(directory), dict(walk(model))
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key, owner in keys.items():
+        states.setdefault(owner, {})[key[len(owner) + 1 :]] = tensors[key]
+    for owner, state in states.items():
+        original = _original(modules, owner)
+        expected = {} if original is None else original.state_dict()
+        for key, value in state.items():
+            if key in expected and value.is_floating_point() and expected[key].is_floating_point():
+                state[key] = value.to(expected[key].dtype)
+    return states, refused
+
+
+def _inside_saved(name: str, saved: Mapping[str, object]) -> str | None:
+    owner = next((o for o in saved if name.startswith(o + ".")), None)
+    if owner is None:
+        return None
+    return f"inside module {owner!r}, which the adapter saves whole (modules_to_save)"
+
+
+def lora_adapters(model: nn.Module, directory: Path, *, trainable: bool) -> Imported:
+    """Every layer and saved module of a PEFT LoRA directory, as FLoRA builds them for ``model``.
 
     Raises
     ------
     ValueError
         If the directory is no PEFT LoRA adapter, uses an option with no
-        exact FLoRA form (``use_dora``, ``lora_bias``, ...; named in the
-        message), or holds layers or tensors with none (each named with the
-        reason: ``modules_to_save`` copies, grouped convs mixing groups, 3-D
-        ``target_parameters``).
-
-    Notes
-    -----
-    Exact for the update PEFT computes from the tensors alone. Two base
-    layer properties the directory does not record also decide the outputs
-    and must be checked against the model: PEFT runs ``lora_A`` with
-    dilation 1 and zero padding (FLoRA uses the base conv's), and PEFT
-    updates an embedding's ``padding_idx`` row (FLoRA does not).
+        exact FLoRA form (:class:`tuckerlib.io.AdapterError`, naming the
+        option), or any layer or tensor has none (all named, with reasons).
     """
-    path = Path(directory)
-    with open_adapter(path) as adapter:
+    with open_adapter(directory) as adapter:
         if adapter.format != "lora":
-            raise ValueError(f"{path} holds a flora adapter, not a PEFT LoRA one")
-        if adapter.skipped:
-            listed = "; ".join(f"{name!r}: {reason}" for name, reason in adapter.skipped)
-            raise ValueError(f"{path}: no exact FLoRA form for {listed}")
-        layers, tensors = {}, {}
+            raise ValueError(
+                f"{directory} holds a flora adapter, not a PEFT LoRA one; use flora.load_adapter"
+            )
+        config = adapter.config
+        saved, refused = _saved_states(directory, config, model, adapter.skipped)
+        modules = dict(walk(model))
+        adapters: dict[str, TuckerDelta] = {}
         for name in adapter:
-            layers[name], converted = _convert(adapter[name])
-            tensors.update(converted)
-    modules = [name for name, record in layers.items() if record["kind"] != "Parameter"]
-    parameters = [name for name, record in layers.items() if record["kind"] == "Parameter"]
-    dropouts = {record["dropout"] for record in layers.values()}
-    config = FLoRAConfig(
-        target_modules=modules or None,
-        target_parameters=parameters or None,
-        dropout=max(dropouts, default=0.0),
-    )
-    return FloraLayers(config, layers, tensors)
+            target, result = _adapter(
+                adapter[name], modules, bool(config.get("fan_in_fan_out")), trainable
+            )
+            problem = result if isinstance(result, str) else _inside_saved(target, saved)
+            if problem is not None:
+                refused.append((target, problem))
+            else:
+                adapters[target] = result
+    if refused:
+        raise ValueError(f"{directory}: no exact FLoRA form for {grouped(refused)}")
+    return Imported(adapters, saved)

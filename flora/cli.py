@@ -168,11 +168,13 @@ EXPORT_DESCRIPTION = """\
 Write a flora adapter directory as a PEFT LoRA adapter directory with the
 same update, exactly: each layer's Tucker update becomes a LoRA pair of rank
 R_0 (the rank of its output mode), which peft.PeftModel.from_pretrained loads.
-Linear layers and 2-D parameters export from the directory alone; Conv and
-Embedding layers need the base model's layer properties, so export those from
-Python with flora.export_lora(FLORA_DIR, OUT_DIR, base_model=model). A layer
-with no exact LoRA form is refused by name. Exit status: 0 ok, 2 usage or
-input error."""
+The directory alone is enough where it records its layers' geometry (as
+flora.save_adapter writes it); Conv and Embedding layers of directories that
+do not (written by flora extract or earlier releases) need the base model's
+layer properties, so export those from Python with
+flora.export_lora(FLORA_DIR, OUT_DIR, base_model=model). A layer with no
+exact LoRA form is refused by name. Exit status: 0 ok, 2 usage or input
+error."""
 
 
 def _add_export(commands: Any) -> None:

@@ -9,7 +9,7 @@ An adapter directory holds one named adapter in two files (format version 2):
          "config": {...FLoRAConfig fields (FLoRAConfig.to_dict())...},
          "layers": {NAME: {"kind": KIND, "shape": [I_0, ...], "ranks": [R_0, ...],
                            "scale": s, "init": INIT, "forward": MODE, "dropout": p,
-                           "bias": true}},
+                           "bias": true, "geometry": {...}}},
          "modules_to_save": [MODULE, ...]}
 
     ``adapter_name`` is the adapter's name in the model it was saved from.
@@ -27,6 +27,17 @@ An adapter directory holds one named adapter in two files (format version 2):
     (optional) lists the modules saved whole with the adapter. Every other
     top-level key is refused when read, as a newer format's field that this
     reader would otherwise drop.
+
+    ``geometry`` (optional, Conv and Embedding layers only) records what the
+    update a layer applies depends on beyond the weight's shape. A
+    convolution: ``{"groups": g, "stride": [...], "padding": [...] | "same"
+    | "valid", "dilation": [...], "padding_mode": MODE}``; an embedding:
+    ``{"padding_idx": int | null, "max_norm": float | null}`` (the
+    ``padding_idx`` row gets no update). :func:`save_adapter` writes it from
+    the model's layers and :func:`load_adapter` checks it against the model
+    it loads into. Directories without it (those of earlier releases, and
+    those of :func:`flora.extract`, which sees only checkpoint names and
+    shapes) load as before, unchecked.
 
 ``adapter_model.safetensors``
     For each layer ``NAME``: ``NAME.core`` of shape ``ranks`` and
@@ -61,7 +72,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -73,14 +84,16 @@ from torch import nn
 from flora._args import check_flag, check_model
 from flora._atomic import replace_directory
 from flora._files import check_tensor_values, read_json, read_tensors, writing
+from flora._geometry import check_geometry, geometry_mismatch, module_geometry
 from flora._plan import (
     current_active,
     find_adapted,
     find_saved,
+    walk,
 )
 from flora._tucker import compress
 from flora.config import FLoRAConfig
-from flora.layers import TuckerDelta
+from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.layers.base import check_adapter_name
 from flora.model import attach_adapter
 from flora.spec import LayerSpec, usable_ranks
@@ -247,6 +260,28 @@ def _check_modules(value: object) -> list[str]:
     return list(value)
 
 
+def _spec_and_geometry(
+    name: str, layer: LayerSpec | Mapping[str, Any]
+) -> tuple[LayerSpec, dict[str, Any] | None]:
+    """A layer's spec and its optional geometry, from a spec or a record."""
+    if isinstance(layer, LayerSpec):
+        return layer, None
+    if not isinstance(layer, Mapping) or "geometry" not in layer:
+        return _spec(name, layer), None
+    spec = _spec(name, {k: v for k, v in layer.items() if k != "geometry"})
+    try:
+        return spec, check_geometry(spec.kind, spec.shape, layer["geometry"])
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc}") from None
+
+
+def _record(spec: LayerSpec, geometry: Mapping[str, Any] | None) -> dict[str, Any]:
+    record = spec.to_record()
+    if geometry is not None:
+        record["geometry"] = dict(geometry)
+    return record
+
+
 def write_adapter(
     directory: str | PathLike[str],
     config: FLoRAConfig,
@@ -269,7 +304,7 @@ def write_adapter(
     layers : dict
         Layer name to :class:`flora.LayerSpec` or its record (``kind``,
         ``shape``, ``ranks``, ``scale``, ``init``, optional ``forward``,
-        ``dropout`` and ``bias``), see the module docstring.
+        ``dropout``, ``bias`` and ``geometry``), see the module docstring.
     tensors : dict of str to torch.Tensor
         Exactly the keys the layers and saved modules need, with their
         shapes; dense tensors with values, finite where floating.
@@ -323,12 +358,11 @@ def write_adapter(
         if not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict keyed by name, got {type(value).__name__}")
     check_tensor_values(tensors)
-    specs = {}
+    specs, geometry = {}, {}
     for name, layer in layers.items():
-        try:
-            specs[name] = layer if isinstance(layer, LayerSpec) else LayerSpec.from_record(layer)
-        except ValueError as exc:
-            raise ValueError(f"layer {name!r}: {exc}") from None
+        specs[name], found = _spec_and_geometry(name, layer)
+        if found is not None:
+            geometry[name] = found
     if not specs:
         raise ValueError("an adapter needs at least one layer")
     modules = _check_modules(list(modules_to_save))
@@ -338,7 +372,7 @@ def write_adapter(
         "format_version": FORMAT_VERSION,
         "adapter_name": adapter_name,
         "config": config.to_dict(),
-        "layers": {name: spec.to_record() for name, spec in specs.items()},
+        "layers": {name: _record(spec, geometry.get(name)) for name, spec in specs.items()},
     }
     if modules:
         document["modules_to_save"] = modules
@@ -451,9 +485,18 @@ def save_adapter(
     specs = {layer_name: adapter.spec for layer_name, adapter in adapters.items()}
     config = next(iter(adapters.values())).config or FLoRAConfig.for_layers(specs)
     saved = [m for m, wrapper in find_saved(model).items() if name in wrapper.copies]
+    hosts = find_adapted(model)
+    records = {
+        layer_name: _record(spec, _host_geometry(hosts[layer_name]))
+        for layer_name, spec in specs.items()
+    }
     return write_adapter(
-        directory, config, specs, state_dict, adapter_name=name, modules_to_save=saved
+        directory, config, records, state_dict, adapter_name=name, modules_to_save=saved
     )
+
+
+def _host_geometry(host: AdaptedWeight) -> dict[str, Any] | None:
+    return module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
 
 
 @dataclass(frozen=True)
@@ -473,6 +516,9 @@ class SavedAdapter:
         larger ranks are compressed exactly).
     modules_to_save : list of str
         Modules saved whole.
+    geometry : dict of str to dict, optional
+        Layer name to its recorded geometry (Conv and Embedding layers of
+        directories that record it; see :mod:`flora.io`).
 
     Examples
     --------
@@ -499,6 +545,8 @@ class SavedAdapter:
     tensors: dict[str, torch.Tensor]
     #: Modules saved whole.
     modules_to_save: list[str]
+    #: Layer name to its recorded geometry.
+    geometry: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def tucker(
         self, layer: str, *, initial: bool = False
@@ -589,10 +637,13 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
         config = _recorded_config(document["config"])
         modules = _check_modules(document.get("modules_to_save", []))
         records = document["layers"]
+        geometry: dict[str, dict[str, Any]] = {}
         if version == 1:
             stored = {n: _version1_spec(n, r) for n, r in records.items()}
         else:
-            stored = {n: (spec := _spec(n, r), list(spec.ranks)) for n, r in records.items()}
+            read = {n: _spec_and_geometry(n, r) for n, r in records.items()}
+            stored = {n: (spec, list(spec.ranks)) for n, (spec, _) in read.items()}
+            geometry = {n: g for n, (_, g) in read.items() if g is not None}
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     weights = directory / WEIGHTS_NAME
@@ -606,7 +657,7 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
         if list(spec.ranks) != ranks:
             _compress_layer(tensors, layer, spec)
     layers = {n: spec for n, (spec, _) in stored.items()}
-    return SavedAdapter(name, config, layers, tensors, modules)
+    return SavedAdapter(name, config, layers, tensors, modules, geometry)
 
 
 def _directory(directory: object) -> Path:
@@ -673,9 +724,10 @@ def load_adapter(
 ) -> nn.Module:
     """Add the adapter saved in ``directory`` to ``model`` and load its tensors.
 
-    Every layer name, kind and shape, every tensor key, shape, dtype and
-    value (finite) and every saved module is checked before the model is
-    touched: a failed load raises and leaves the model exactly as it was.
+    Every layer name, kind, shape and recorded geometry, every tensor key,
+    shape, dtype and value (finite) and every saved module is checked before
+    the model is touched: a failed load raises and leaves the model exactly
+    as it was.
 
     Parameters
     ----------
@@ -705,7 +757,9 @@ def load_adapter(
         missing, unreadable or invalid (see :func:`read_adapter`).
     ValueError
         If the adapter names a module or parameter the model lacks or has
-        with another kind or shape (or as a meta tensor), the adapter name
+        with another kind or shape (or as a meta tensor), records a geometry
+        the model's layer does not have (another ``groups``,
+        ``padding_idx``, ...; the message names the layer), the adapter name
         is taken, or a saved module does not match.
     TypeError
         If ``model`` is not a module, ``adapter_name`` not a string or
@@ -739,10 +793,25 @@ def load_adapter(
         check_adapter_name(adapter_name)
     check_flag(trainable, "trainable")
     saved = read_adapter(directory)
+    _check_geometry(model, saved.geometry)
     adapters = {layer: _loaded(saved, layer) for layer in saved.layers}
     states = {m: saved.saved_state(m) for m in saved.modules_to_save}
     name = saved.name if adapter_name is None else adapter_name
     return attach_adapter(model, name, adapters, modules_to_save=states, trainable=trainable)
+
+
+def _check_geometry(model: nn.Module, geometry: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse a layer whose recorded geometry is not the model's (other mismatches: attach)."""
+    modules = dict(walk(model))
+    for name, recorded in geometry.items():
+        module = modules.get(name)
+        if isinstance(module, FLoRALayer):
+            module = module.base_layer
+        if module_geometry(module) is None:
+            continue
+        problem = geometry_mismatch(recorded, module)
+        if problem is not None:
+            raise ValueError(f"layer {name!r}: {problem}")
 
 
 def _loaded(saved: SavedAdapter, layer: str) -> TuckerDelta:

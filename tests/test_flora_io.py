@@ -83,7 +83,16 @@ def test_save_load_reproduces_outputs_bitwise(tmp_path: Path, init: str) -> None
         "init": init,
         "forward": "auto",
         "dropout": 0.0,
+        "geometry": {
+            "groups": 2,
+            "stride": [1],
+            "padding": [1],
+            "dilation": [1],
+            "padding_mode": "zeros",
+        },
     }
+    assert document["layers"]["embed"]["geometry"] == {"padding_idx": 0, "max_norm": None}
+    assert "geometry" not in document["layers"]["head"]
     assert document["layers"]["norm.weight"]["kind"] == "Parameter"
     assert flora.FLoRAConfig.from_dict(document["config"]) == _config(init)
     frozen = flora.load_adapter(_net(), tmp_path)
@@ -271,3 +280,83 @@ def test_attach_adapter_builds_from_tensors_all_or_nothing() -> None:
     flora.attach_adapter(model, "lora", {"head": head}, trainable=False)
     torch.testing.assert_close(model.head.delta_weight(), 2.0 * b @ a)
     assert flora.trainable_parameters(model) == 0
+
+
+def _edit_layer(directory: Path, layer: str, **changes: object) -> None:
+    path = directory / "adapter_config.json"
+    document = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            document["layers"][layer].pop(key, None)
+        else:
+            document["layers"][layer][key] = value
+    path.write_text(json.dumps(document))
+
+
+class _Other(_Net):
+    """_Net with another geometry but the same weight shapes."""
+
+    def __init__(self, **changes: object) -> None:
+        super().__init__()
+        if "groups" in changes:
+            self.conv = nn.Conv1d(3, 6, 3, padding=1)  # weight (6, 3, 3), as with groups=2
+        if "padding_idx" in changes:
+            self.embed = nn.Embedding(10, 6, padding_idx=changes["padding_idx"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"groups": 1}, r"layer 'conv': the adapter was saved for a layer with groups=2; .*=1"),
+        ({"padding_idx": 3}, r"layer 'embed': .* padding_idx=0; the model's has padding_idx=3"),
+        ({"padding_idx": None}, r"layer 'embed': .*=0; the model's has padding_idx=None"),
+    ],
+)
+def test_load_checks_the_recorded_geometry(tmp_path: Path, changes: dict, message: str) -> None:
+    flora.save_adapter(_trained(), tmp_path)
+    model = _Other(**changes)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        flora.load_adapter(model, tmp_path)
+    assert _same(_snapshot(model), before)
+    assert flora.read_adapter(tmp_path).geometry["embed"] == {"padding_idx": 0, "max_norm": None}
+
+
+def test_directories_without_geometry_load_unchecked(tmp_path: Path) -> None:
+    flora.save_adapter(_trained(), tmp_path)
+    for layer in ("conv", "embed"):
+        _edit_layer(tmp_path, layer, geometry=None)
+    assert flora.read_adapter(tmp_path).geometry == {}
+    flora.load_adapter(_Other(groups=1), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("layer", "geometry", "message"),
+    [
+        ("head", {"padding_idx": None, "max_norm": None}, "a Linear layer has no geometry"),
+        ("embed", {"padding_idx": 10, "max_norm": None}, r"padding_idx must be null or an int"),
+        ("embed", {"padding_idx": 0}, r"must have keys \['padding_idx', 'max_norm'\]"),
+        ("conv", {"groups": 4, "stride": [1], "padding": [1], "dilation": [1],
+                  "padding_mode": "zeros"}, "groups must be a positive int dividing the 6"),
+        ("conv", {"groups": 2, "stride": [1], "padding": "full", "dilation": [1],
+                  "padding_mode": "zeros"}, "padding must be 'same', 'valid' or a list of 1"),
+    ],
+)  # fmt: skip
+def test_malformed_geometry_is_refused_by_layer(
+    tmp_path: Path, layer: str, geometry: dict, message: str
+) -> None:
+    flora.save_adapter(_trained(), tmp_path)
+    _edit_layer(tmp_path, layer, geometry=geometry)
+    with pytest.raises(ValueError, match=rf"layer '{layer}': .*{message}"):
+        flora.read_adapter(tmp_path)
+
+
+def test_write_adapter_takes_geometry_in_records(tmp_path: Path) -> None:
+    spec = flora.LayerSpec("Embedding", (5, 3), (2, 2))
+    record = {**spec.to_record(), "geometry": {"padding_idx": 4, "max_norm": 2.0}}
+    tensors = {"e.core": torch.ones(2, 2), "e.factors.0": torch.ones(5, 2)}
+    tensors["e.factors.1"] = torch.ones(3, 2)
+    flora.write_adapter(tmp_path, flora.FLoRAConfig(), {"e": record}, tensors)
+    saved = flora.read_adapter(tmp_path)
+    assert saved.layers["e"] == spec
+    assert saved.geometry == {"e": {"padding_idx": 4, "max_norm": 2.0}}

@@ -35,14 +35,16 @@ def test_flora_layers_read_as_their_update(tmp_path, case, init) -> None:
         read = adapter[name]
     assert (read.kind, read.shape, read.stored_ranks) == (layer.kind, layer.shape, layer.ranks)
     assert read.stored_params == layer.n_adapter_params
-    # The directory does not know an Embedding's padding row: it reads the plain Tucker tensor.
-    source = layer.adapter() if case == "Embedding" else layer
+    # The update as the layer applies it: an Embedding's padding row is zero.
     with torch.no_grad():
-        expected = source.delta_weight()
-        initial = source.initial_delta()
+        expected = layer.delta_weight()
+        initial = layer.initial_delta()
         if initial is not None:
             expected = expected - initial
     np.testing.assert_allclose(read.to_tensor(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    if case == "Embedding":
+        assert read.geometry == {"padding_idx": 0, "max_norm": None}
+        assert not read.to_tensor()[0].any()
 
 
 def _peft_dir(tmp_path: Path, base: nn.Module, **options: object) -> nn.Module:
@@ -200,3 +202,23 @@ def test_peft_pickle_weights_read_safely(tmp_path) -> None:
     with open_adapter(tmp_path / "lora") as adapter:
         expected = model.base_model.model[0].get_delta_weight("default").detach().numpy()
         np.testing.assert_allclose(adapter["0"].to_tensor(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("case", "geometry", "message"),
+    [
+        ("Embedding", {"padding_idx": 10, "max_norm": None}, r"padding_idx must be null or an"),
+        ("Embedding", {"padding_idx": True, "max_norm": None}, r"padding_idx must be null or an"),
+        ("Embedding", [0], "geometry must be an object, on a Conv or Embedding layer"),
+        ("Linear", {"groups": 1}, "geometry must be an object, on a Conv or Embedding layer"),
+    ],
+)
+def test_malformed_flora_geometry_is_named(tmp_path, case, geometry, message) -> None:
+    _, model = flora_model(case, "gaussian")
+    directory = flora.save_adapter(model, tmp_path / "flora")
+    path = directory / "adapter_config.json"
+    document = json.loads(path.read_text())
+    document["layers"]["0"]["geometry"] = geometry
+    path.write_text(json.dumps(document))
+    with pytest.raises(AdapterError, match=f"layer '0': {message}"):
+        open_adapter(directory)

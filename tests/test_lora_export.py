@@ -26,10 +26,30 @@ def _peft_model(base: nn.Module, directory: Path) -> nn.Module:
         return peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
 
 
-def _export(tmp_path: Path, case: str, init: str = "gaussian") -> tuple[nn.Module, ...]:
+def _strip_geometry(directory: Path) -> None:
+    """Make ``directory`` look like one written before layers recorded their geometry."""
+    path = directory / "adapter_config.json"
+    document = json.loads(path.read_text())
+    for record in document["layers"].values():
+        record.pop("geometry", None)
+    path.write_text(json.dumps(document))
+
+
+SOURCES = ["model", "directory", "legacy directory"]
+
+
+def _export(
+    tmp_path: Path, case: str, init: str = "gaussian", source: str = "directory"
+) -> tuple[nn.Module, ...]:
     base, model = flora_model(case, init)
-    flora.save_adapter(model, tmp_path / "flora")
-    flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=base)
+    if source == "model":
+        flora.export_lora(model, tmp_path / "lora")
+    else:
+        flora.save_adapter(model, tmp_path / "flora")
+        if source == "legacy directory":
+            _strip_geometry(tmp_path / "flora")
+        options = {"base_model": base} if source == "legacy directory" else {}
+        flora.export_lora(tmp_path / "flora", tmp_path / "lora", **options)
     return base, model, _peft_model(base, tmp_path / "lora")
 
 
@@ -38,25 +58,30 @@ def _assert_same_outputs(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_peft_loads_the_export_with_the_flora_outputs(tmp_path, case) -> None:
-    base, model, peft_model = _export(tmp_path, case)
+def test_peft_loads_the_export_with_the_flora_outputs(tmp_path, case, source) -> None:
+    base, model, peft_model = _export(tmp_path, case, source=source)
     x = CASES[case][1]()
     with torch.no_grad():
         _assert_same_outputs(peft_model(x), model(x))
         assert (peft_model(x) - base(x)).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("source", ["model", "directory"])
 @pytest.mark.parametrize("case", ["Linear", "Conv2d", "Conv2d-grouped", "Conv3d"])
-def test_hosvd_adapters_export_their_change_to_the_pretrained_weight(tmp_path, case) -> None:
-    _, model, peft_model = _export(tmp_path, case, init="hosvd")
+def test_hosvd_adapters_export_their_change_to_the_pretrained_weight(
+    tmp_path, case, source
+) -> None:
+    _, model, peft_model = _export(tmp_path, case, init="hosvd", source=source)
     x = CASES[case][1]()
     with torch.no_grad():
         _assert_same_outputs(peft_model(x), model(x))
 
 
-def test_hosvd_embedding_with_padding_row(tmp_path) -> None:
-    _, model, peft_model = _export(tmp_path, "Embedding", init="hosvd")
+@pytest.mark.parametrize("source", ["model", "directory"])
+def test_hosvd_embedding_with_padding_row(tmp_path, source) -> None:
+    _, model, peft_model = _export(tmp_path, "Embedding", init="hosvd", source=source)
     x = CASES["Embedding"][1]()
     with torch.no_grad():
         _assert_same_outputs(peft_model(x), model(x))
@@ -65,7 +90,7 @@ def test_hosvd_embedding_with_padding_row(tmp_path) -> None:
 def test_config_and_keys_follow_peft(tmp_path) -> None:
     base, model = flora_model("Conv2d-grouped", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
-    out = flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=base)
+    out = flora.export_lora(tmp_path / "flora", tmp_path / "lora")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert config["r"] == config["lora_alpha"] == 9  # groups * min(R_0, out/groups) = 3 * 3
@@ -110,6 +135,7 @@ def test_rank_patterns_hold_per_layer_ranks(tmp_path) -> None:
 def test_a_meta_device_base_model_is_enough(tmp_path) -> None:
     base, model = flora_model("Conv2d-grouped", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
+    _strip_geometry(tmp_path / "flora")
     with torch.device("meta"):
         skeleton = nn.Sequential(CASES["Conv2d-grouped"][0]())
     flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=skeleton)
@@ -118,16 +144,21 @@ def test_a_meta_device_base_model_is_enough(tmp_path) -> None:
         _assert_same_outputs(_peft_model(base, tmp_path / "lora")(x), model(x))
 
 
-def _refusal(tmp_path: Path, layer: nn.Module, **kwargs: object) -> str:
+def _refusal(tmp_path: Path, layer: nn.Module, source: str) -> str:
     base = nn.Sequential(layer)
-    model = flora.inject(copy.deepcopy(base), flora.FLoRAConfig(ranks=2, **kwargs))
+    model = flora.inject(copy.deepcopy(base), flora.FLoRAConfig(ranks=2))
     flora.save_adapter(model, tmp_path / "flora")
+    if source == "legacy directory":
+        _strip_geometry(tmp_path / "flora")
+    sources = {"model": model, "directory": tmp_path / "flora"}
+    options = {"base_model": base} if source == "legacy directory" else {}
     with pytest.raises(ValueError, match="no exact LoRA form") as info:
-        flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=base)
+        flora.export_lora(sources.get(source, tmp_path / "flora"), tmp_path / "lora", **options)
     assert not (tmp_path / "lora").exists()
     return str(info.value)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize(
     ("layer", "reason"),
     [
@@ -136,8 +167,8 @@ def _refusal(tmp_path: Path, layer: nn.Module, **kwargs: object) -> str:
         (nn.Embedding(5, 4, max_norm=1.0), "max_norm"),
     ],
 )
-def test_layers_peft_cannot_reproduce_are_refused_by_name(tmp_path, layer, reason) -> None:
-    message = _refusal(tmp_path, layer)
+def test_layers_peft_cannot_reproduce_are_refused_by_name(tmp_path, layer, reason, source) -> None:
+    message = _refusal(tmp_path, layer, source)
     assert "layer '0'" in message
     assert reason in message
 
@@ -172,9 +203,10 @@ def test_parameters_peft_cannot_hold_are_refused(tmp_path) -> None:
     assert "layers '0.stack', '0.a', '0.b' (several parameters of one module" in message
 
 
-def test_conv_and_embedding_layers_need_the_base_model(tmp_path) -> None:
+def test_directories_without_geometry_need_the_base_model(tmp_path) -> None:
     _, model = flora_model("Conv1d", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
+    _strip_geometry(tmp_path / "flora")
     with pytest.raises(ValueError, match=r"layer '0' \(the adapter directory does not record"):
         flora.export_lora(tmp_path / "flora", tmp_path / "lora")
     wrong = nn.Sequential(nn.Conv1d(4, 6, 5))
@@ -186,11 +218,29 @@ def test_conv_and_embedding_layers_need_the_base_model(tmp_path) -> None:
         )
 
 
+def test_a_base_model_must_agree_with_the_recorded_geometry(tmp_path) -> None:
+    _, model = flora_model("Conv2d-grouped", "gaussian")
+    flora.save_adapter(model, tmp_path / "flora")
+    other = nn.Sequential(nn.Conv2d(6, 9, 3, groups=3, padding=2))
+    with pytest.raises(ValueError, match=r"layer '0' \(the directory records .*'padding': 'same'"):
+        flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=other)
+    path = tmp_path / "flora" / "adapter_config.json"
+    document = json.loads(path.read_text())
+    document["layers"]["0"]["geometry"]["groups"] = 2
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"groups must be a positive int dividing the 9"):
+        flora.export_lora(tmp_path / "flora", tmp_path / "lora")
+
+
 def test_bad_sources_and_targets(tmp_path) -> None:
     _, model = flora_model("Linear", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
-    with pytest.raises(TypeError, match=r"flora\.save_adapter first"):
-        flora.export_lora(model, tmp_path / "lora")
+    with pytest.raises(TypeError, match="an adapted model or a flora adapter directory"):
+        flora.export_lora(42, tmp_path / "lora")
+    with pytest.raises(ValueError, match="base_model is for directory sources"):
+        flora.export_lora(model, tmp_path / "lora", base_model=model)
+    with pytest.raises(ValueError, match=r"no adapter 'other'; the model has \['default'\]"):
+        flora.export_lora(model, tmp_path / "lora", adapter_name="other")
     with pytest.raises(ValueError, match="holds adapter 'default', not 'other'"):
         flora.export_lora(tmp_path / "flora", tmp_path / "lora", adapter_name="other")
     with pytest.raises(ValueError, match="is the source"):
@@ -205,15 +255,67 @@ def test_bad_sources_and_targets(tmp_path) -> None:
         flora.export_lora(out, tmp_path / "again")
 
 
-def test_modules_to_save_are_refused(tmp_path) -> None:
-    _, model = flora_model("Linear", "gaussian")
+class _Heads(nn.Module):
+    """A body and two heads; the second head's name is given."""
+
+    def __init__(self, second: str) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3))
+        self.second = second
+        setattr(self, second, nn.Linear(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return self.head(h) + getattr(self, self.second)(h)
+
+
+def _with_saved_head(second: str = "aux") -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    base = _Heads(second).eval()
+    config = flora.FLoRAConfig(
+        ranks=3, init="gaussian", target_modules=["body"], modules_to_save=["head"]
+    )
+    model = flora.inject(copy.deepcopy(base), config)
+    with torch.no_grad():
+        model.body.core.normal_()
+        copy_ = model.head.copies["default"]
+        for p in copy_.parameters():
+            p.add_(torch.randn_like(p))
+        copy_[1].running_mean.fill_(0.5)
+    return base, model.eval()
+
+
+@pytest.mark.parametrize("source", ["model", "directory"])
+def test_saved_modules_export_as_peft_modules_to_save(tmp_path, source) -> None:
+    base, model = _with_saved_head()
+    if source == "model":
+        flora.export_lora(model, tmp_path / "lora")
+    else:
+        flora.save_adapter(model, tmp_path / "flora")
+        flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=base)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head"]
+    peft_model = _peft_model(base, tmp_path / "lora")
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        _assert_same_outputs(peft_model(x), model(x))
+        with flora.disable_adapter(model):
+            plain = model(x)
+        assert (model(x) - plain).abs().max() > 0.1
+
+
+def test_saved_modules_peft_would_not_load_alone_are_refused(tmp_path) -> None:
+    # "head" is a plain-string suffix of "lm_head": PEFT would wrap both.
+    _, model = _with_saved_head("lm_head")
+    message = r"'head' \(modules_to_save: PEFT wraps every module"
+    with pytest.raises(ValueError, match=message) as info:
+        flora.export_lora(model, tmp_path / "lora")
+    assert "['lm_head']" in str(info.value)
     flora.save_adapter(model, tmp_path / "flora")
-    path = tmp_path / "flora" / "adapter_config.json"
-    document = json.loads(path.read_text())
-    document.update(format_version=2, modules_to_save=["head"])
-    path.write_text(json.dumps(document))
-    with pytest.raises(ValueError, match=r"'head' \(modules_to_save"):
+    with pytest.raises(ValueError, match=r"'head' \(modules_to_save: .*pass base_model"):
         flora.export_lora(tmp_path / "flora", tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
 
 
 def test_a_failed_write_keeps_the_previous_export(tmp_path, monkeypatch) -> None:
@@ -250,9 +352,20 @@ def test_cli_exports_linear_adapters(tmp_path, capsys) -> None:
         _assert_same_outputs(_peft_model(base, tmp_path / "lora")(x), model(x))
 
 
+def test_cli_exports_conv_adapters_that_record_their_geometry(tmp_path, capsys) -> None:
+    base, model = flora_model("Conv2d-grouped", "gaussian")
+    flora.save_adapter(model, tmp_path / "flora")
+    assert main(["export-lora", str(tmp_path / "flora"), str(tmp_path / "lora")]) == 0
+    assert "0      Conv2d  9x2x3x3" in capsys.readouterr().out
+    x = CASES["Conv2d-grouped"][1]()
+    with torch.no_grad():
+        _assert_same_outputs(_peft_model(base, tmp_path / "lora")(x), model(x))
+
+
 def test_cli_refusals_exit_2_with_one_line(tmp_path, capsys) -> None:
     _, model = flora_model("Conv2d", "gaussian")
     flora.save_adapter(model, tmp_path / "flora")
+    _strip_geometry(tmp_path / "flora")
     assert main(["export-lora", str(tmp_path / "flora"), str(tmp_path / "lora")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from flora._compress import compress_tucker
 from flora._lora_math import compact, lora_split, to_lora
 from flora._tucker import reconstruct
+from tuckerlib import energy_ranks
 
 
 @st.composite
@@ -107,7 +108,7 @@ def test_compress_error_is_the_measured_error(tucker, data) -> None:
     core, factors = tucker
     shape = [f.shape[0] for f in factors]
     ranks = [data.draw(st.integers(1, size)) for size in shape]
-    result = compress_tucker(core, factors, ranks=ranks)
+    result = compress_tucker(core, factors, ranks)
     delta = reconstruct(core, factors)
     approx = reconstruct(result.core, result.factors)
     norm = float(delta.norm())
@@ -124,23 +125,30 @@ def test_compress_is_exact_at_the_multilinear_rank(tucker) -> None:
         max(1, int(np.linalg.matrix_rank(np.moveaxis(delta, n, 0).reshape(delta.shape[n], -1))))
         for n in range(delta.ndim)
     ]
-    result = compress_tucker(core, factors, ranks=multilinear)
+    result = compress_tucker(core, factors, multilinear)
     assert result.relative_error < 1e-10
     _close(reconstruct(result.core, result.factors), torch.from_numpy(delta))
 
 
-def test_compress_by_energy_and_bad_arguments() -> None:
+def test_compress_by_a_rule_and_bad_arguments() -> None:
     generator = torch.Generator().manual_seed(0)
     core = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.1], dtype=torch.float64))
     factors = [
         torch.linalg.qr(torch.randn(8, 4, generator=generator, dtype=torch.float64))[0]
         for _ in range(2)
     ]
-    result = compress_tucker(core, factors, energy=0.9)
+    seen = []
+
+    def by_energy(small: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+        seen.append(shape)
+        return energy_ranks(small, 0.9)
+
+    result = compress_tucker(core, factors, by_energy)
+    assert seen == [(8, 8)]
     assert tuple(result.core.shape) == (2, 2)  # 16 + 4 = 20 of 21.01 > 0.9
     assert result.relative_error == pytest.approx(math.sqrt(1.01 / 21.01))
     assert result.core.dtype == torch.float64
-    with pytest.raises(ValueError, match="exactly one of ranks and energy"):
-        compress_tucker(core, factors)
     with pytest.raises(ValueError, match=r"one rank in \[1, I_n\] per mode"):
-        compress_tucker(core, factors, ranks=(9, 1))
+        compress_tucker(core, factors, (9, 1))
+    with pytest.raises(ValueError, match=r"one rank in \[1, I_n\] per mode"):
+        compress_tucker(core, factors, (2,))

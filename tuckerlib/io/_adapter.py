@@ -68,6 +68,13 @@ class AdapterLayer:
         Entries the adapter stores for this layer.
     dropout : float
         Dropout on the adapter branch's input during training.
+    geometry : dict or None
+        What the update a layer applies depends on beyond the weight's
+        shape, where a flora directory records it (Conv: ``groups``,
+        ``stride``, ``padding``, ``dilation``, ``padding_mode``; Embedding:
+        ``padding_idx``, ``max_norm``); None otherwise. An embedding's
+        ``padding_idx`` row is already zero in ``factors[0]``: the layer
+        gives it no update.
     """
 
     name: str
@@ -79,6 +86,7 @@ class AdapterLayer:
     stored_ranks: tuple[int, ...]
     stored_params: int
     dropout: float = 0.0
+    geometry: Mapping[str, Any] | None = None
 
     def dense_factors(self, dtype: np.dtype | type | None = None) -> list[np.ndarray]:
         """The factors with every identity written out, in ``dtype`` (default: the core's)."""

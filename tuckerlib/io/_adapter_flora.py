@@ -5,7 +5,9 @@ each layer's ``kind``, ``shape``, ``ranks``, ``scale`` and ``init``; the
 weight file holds ``NAME.core`` and ``NAME.factors.n`` (and, for
 ``init="hosvd"``, the adapter at initialization under ``NAME.initial_core``
 and ``NAME.initial_factors.n``). Version 2 adds ``modules_to_save``: whole
-modules saved under keys of their own, which are no low-rank update.
+modules saved under keys of their own, which are no low-rank update, and an
+optional per-layer ``geometry`` (Conv and Embedding layers): an embedding's
+``padding_idx`` row gets no update, so it is zero in the update read here.
 """
 
 from __future__ import annotations
@@ -59,7 +61,31 @@ def _check_record(where: str, name: str, record: object) -> dict[str, Any]:
     dropout = record.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterError(f"{where}: layer {name!r}: dropout must lie in [0, 1), got {dropout!r}")
+    if "geometry" in record:
+        _check_geometry(where, name, record)
     return dict(record)
+
+
+def _check_geometry(where: str, name: str, record: Mapping[str, Any]) -> None:
+    """What this reader uses of a geometry: that it is an object, and its ``padding_idx``."""
+    geometry = record["geometry"]
+    if not isinstance(geometry, Mapping) or not record["kind"].startswith(("Conv", "Embedding")):
+        raise AdapterError(
+            f"{where}: layer {name!r}: geometry must be an object, on a Conv or Embedding layer"
+        )
+    if record["kind"] == "Embedding":
+        index = geometry.get("padding_idx")
+        if index is not None and (type(index) is not int or not 0 <= index < record["shape"][0]):
+            raise AdapterError(
+                f"{where}: layer {name!r}: padding_idx must be null or an int in "
+                f"[0, {record['shape'][0]}), got {index!r}"
+            )
+
+
+def _padding_row(record: Mapping[str, Any]) -> int | None:
+    if record["kind"] != "Embedding":
+        return None
+    return record.get("geometry", {}).get("padding_idx")
 
 
 def _tucker_keys(name: str, prefix: str, record: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -95,6 +121,10 @@ def _read_layer(name: str, record: Mapping[str, Any], weights: Checkpoint) -> Ad
         initial = [weights.read(f"{name}.initial_factors.{n}") for n in range(ndim)]
         core = _block_diagonal(core, -weights.read(f"{name}.initial_core"))
         factors = [np.concatenate(pair, axis=1) for pair in zip(factors, initial, strict=True)]
+    padding_row = _padding_row(record)
+    if padding_row is not None:
+        factors[0] = factors[0].copy()
+        factors[0][padding_row] = 0
     return AdapterLayer(
         name=name,
         kind=record["kind"],
@@ -105,6 +135,7 @@ def _read_layer(name: str, record: Mapping[str, Any], weights: Checkpoint) -> Ad
         stored_ranks=tuple(record["ranks"]),
         stored_params=tucker_params(record["shape"], record["ranks"]),
         dropout=float(record.get("dropout", 0.0)),
+        geometry=record.get("geometry"),
     )
 
 

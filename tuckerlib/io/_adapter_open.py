@@ -21,7 +21,9 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
 
     * flora: ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}`` as stored; for
       ``init="hosvd"`` the change to the pretrained weight, ``ΔW − ΔW_init``
-      (block-diagonal core, concatenated factors).
+      (block-diagonal core, concatenated factors). Where the directory
+      records an embedding's ``padding_idx``, that row is zero, as the
+      layer applies it; the recorded geometry is ``AdapterLayer.geometry``.
     * PEFT LoRA, with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with
       ``use_rslora``; ``r`` and ``lora_alpha`` per layer from
       ``rank_pattern`` and ``alpha_pattern``): Linear ``scaling · B A``

@@ -1,0 +1,350 @@
+"""A flora adapter (of a model, or in a directory) as PEFT LoRA tensors and config.
+
+Each layer's update becomes a LoRA pair by :mod:`flora._lora_math`; what
+PEFT's layer would apply differently (:func:`flora._geometry.lora_difference`)
+is refused by name. The layout depends on the layer's geometry: from the
+model's own modules, from the directory's records, or from a ``base_model``
+for directories that do not record it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flora._geometry import check_geometry, lora_difference, module_geometry
+from flora._lora_import import plain_module_names
+from flora._lora_math import LoraTensors, lora_split, to_lora
+from flora._plan import find_adapted, find_saved
+from flora._tucker import block_sum
+from flora.io import SAVED_PREFIX, _resolve_name, adapter_state_dict, read_adapter
+from flora.layers import FLoRALayer
+from tuckerlib.io import AdapterLayer, open_adapter
+
+__all__ = ["ExportLayer", "Source", "model_source", "peft_config", "peft_tensors", "read_source"]
+
+_PEFT_PREFIX = "base_model.model."
+_MODULE_TYPES = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+    "Embedding": nn.Embedding,
+}
+
+
+@dataclass(frozen=True)
+class ExportLayer:
+    """One layer's update ``scale · core ×_n factors[n]`` (float64) and what PEFT needs of it."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    core: torch.Tensor
+    factors: list[torch.Tensor]
+    scale: float
+    dropout: float
+    geometry: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Source:
+    """An adapter to export: its layers, its saved modules' states, and the names to check."""
+
+    layers: list[ExportLayer]
+    saved: dict[str, dict[str, torch.Tensor]]
+    #: Module names of the base model, for PEFT's name matching; None if unknown.
+    names: list[str] | None
+
+
+def _from_adapter_layer(layer: AdapterLayer) -> ExportLayer:
+    core = torch.from_numpy(layer.core).to(torch.float64)
+    factors = [torch.from_numpy(f).to(torch.float64) for f in layer.dense_factors()]
+    return ExportLayer(
+        layer.name,
+        layer.kind,
+        layer.shape,
+        core,
+        factors,
+        layer.scale,
+        layer.dropout,
+        layer.geometry,
+    )
+
+
+def read_source(path: Path, adapter_name: str | None, base_model: nn.Module | None) -> Source:
+    """A flora adapter directory as a :class:`Source` (ValueError if it is none)."""
+    with open_adapter(path) as adapter:
+        if adapter.format != "flora":
+            raise ValueError(f"{path} holds a PEFT LoRA adapter, not a flora one")
+        stored = adapter.config.get("adapter_name", "default")
+        if adapter_name is not None and adapter_name != stored:
+            raise ValueError(f"{path} holds adapter {stored!r}, not {adapter_name!r}")
+        layers = [_from_adapter_layer(adapter[name]) for name in adapter]
+        has_saved = bool(adapter.skipped)
+    saved = {}
+    if has_saved:
+        flora_adapter = read_adapter(path)
+        saved = {m: flora_adapter.saved_state(m) for m in flora_adapter.modules_to_save}
+    names = None if base_model is None else [n for n, _ in _named_modules(base_model)]
+    return Source(layers, saved, names)
+
+
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return list(model.named_modules(remove_duplicate=False))
+
+
+def _to64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float64)
+
+
+def _model_layer(name: str, host: object, adapter: Any, state: Mapping[str, Any]) -> ExportLayer:
+    spec = adapter.spec
+    count = len(spec.shape)
+    core = _to64(state[f"{name}.core"])
+    factors = [_to64(state[f"{name}.factors.{n}"]) for n in range(count)]
+    if spec.init == "hosvd":
+        # The base holds W0 − ΔW_init: the change to W0 is ΔW − ΔW_init.
+        initial = [_to64(state[f"{name}.initial_factors.{n}"]) for n in range(count)]
+        core, factors = block_sum(
+            [(core, factors), (-_to64(state[f"{name}.initial_core"]), initial)]
+        )
+    geometry = module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
+    return ExportLayer(
+        name, spec.kind, spec.shape, core, factors, spec.scale, spec.dropout, geometry
+    )
+
+
+def model_source(model: nn.Module, adapter_name: str | None) -> Source:
+    """One adapter of an adapted model as a :class:`Source`; geometry from its layers."""
+    name = _resolve_name(model, adapter_name)
+    state = adapter_state_dict(model, adapter_name=name)
+    layers = [
+        _model_layer(layer_name, host, host.adapters[name], state)
+        for layer_name, host in find_adapted(model).items()
+        if name in host.adapters
+    ]
+    saved = {}
+    for module in find_saved(model):
+        prefix = f"{SAVED_PREFIX}{module}."
+        found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if found:
+            saved[module] = found
+    return Source(layers, saved, list(dict.fromkeys(plain_module_names(model))))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What PEFT's layer needs beyond the weight's shape."""
+
+    groups: int = 1
+    padding_idx: int | None = None
+
+
+def _base_module_geometry(layer: ExportLayer, base_model: nn.Module) -> dict[str, Any] | str | None:
+    """The base module's geometry (None: a kind without one), or why it does not fit."""
+    kind = layer.kind
+    module_name = layer.name.rpartition(".")[0] if kind == "Parameter" else layer.name
+    try:
+        module = base_model.get_submodule(module_name)
+    except AttributeError:
+        return f"base_model has no module {module_name!r}"
+    if kind == "Parameter":
+        weight = getattr(module, layer.name.rpartition(".")[2], None)
+    else:
+        if not isinstance(module, _MODULE_TYPES[kind]):
+            return f"base_model's {module_name!r} is a {type(module).__name__}, not a {kind}"
+        weight = module.weight
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != layer.shape:
+        found = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        return f"the adapter is for shape {list(layer.shape)}, base_model's weight has {found}"
+    return module_geometry(module) if kind != "Parameter" else None
+
+
+def _geometry(layer: ExportLayer, base_model: nn.Module | None) -> Mapping[str, Any] | str | None:
+    """The geometry PEFT's layout follows, or why there is none to follow."""
+    recorded = layer.geometry
+    if recorded is not None:
+        try:
+            recorded = check_geometry(layer.kind, layer.shape, recorded)
+        except ValueError as exc:
+            return str(exc)
+    if base_model is None:
+        return recorded
+    found = _base_module_geometry(layer, base_model)
+    if isinstance(found, str) or recorded is None or found == recorded:
+        return found
+    return f"the directory records {dict(recorded)}, base_model's layer has {found}"
+
+
+def _layout(layer: ExportLayer, base_model: nn.Module | None) -> _Layout | str:
+    """How PEFT must lay the layer out, or why no LoRA pair reproduces it."""
+    if layer.kind == "Parameter" and len(layer.shape) != 2:
+        return (
+            f"a {len(layer.shape)}-D parameter: PEFT's target_parameters hold 2-D weights and "
+            "3-D expert stacks whose axis order and per-expert ranks no FLoRA tensor fixes"
+        )
+    geometry = _geometry(layer, base_model)
+    if isinstance(geometry, str):
+        return geometry
+    if layer.kind in ("Linear", "Parameter"):
+        return _Layout()
+    if geometry is None:
+        detail = "padding_idx" if layer.kind == "Embedding" else "groups, dilation and padding_mode"
+        return (
+            f"the adapter directory does not record the base layer's {detail}, on which "
+            "PEFT's form depends; pass base_model to flora.export_lora (its weights are not read)"
+        )
+    difference = lora_difference(layer.kind, layer.shape, geometry)
+    if difference is not None:
+        return difference
+    return _Layout(geometry.get("groups", 1), geometry.get("padding_idx"))
+
+
+def _lora_tensors(layer: ExportLayer, layout: _Layout) -> LoraTensors:
+    # float64 arithmetic, float32 storage: the exported pair is ΔW to float32 rounding.
+    left, right = lora_split(layer.core, layer.factors, layer.scale)
+    tensors = to_lora(layer.kind, left, right, groups=layout.groups, padding_idx=layout.padding_idx)
+    return LoraTensors(tensors.lora_a.float(), tensors.lora_b.float(), tensors.rank)
+
+
+def _peft_keys(layer: ExportLayer, tensors: LoraTensors) -> dict[str, torch.Tensor]:
+    module = layer.name.rpartition(".")[0] if layer.kind == "Parameter" else layer.name
+    prefix = f"{_PEFT_PREFIX}{module}"
+    if layer.kind == "Embedding":
+        return {
+            f"{prefix}.lora_embedding_A": tensors.lora_a,
+            f"{prefix}.lora_embedding_B": tensors.lora_b,
+        }
+    return {f"{prefix}.lora_A.weight": tensors.lora_a, f"{prefix}.lora_B.weight": tensors.lora_b}
+
+
+def _parameter_clashes(layers: Sequence[ExportLayer]) -> list[tuple[str, str]]:
+    modules = Counter(
+        layer.name.rpartition(".")[0] for layer in layers if layer.kind == "Parameter"
+    )
+    return [
+        (
+            layer.name,
+            "several parameters of one module: PEFT nests its wrappers in an order of its own",
+        )
+        for layer in layers
+        if layer.kind == "Parameter" and modules[layer.name.rpartition(".")[0]] > 1
+    ]
+
+
+def _saved_refusal(module: str, source: Source, targets: Sequence[str]) -> str | None:
+    """Why PEFT would not load saved module ``module`` exactly, if it would not."""
+    if source.names is None:
+        return (
+            "modules_to_save: PEFT wraps every module whose name ends with the entry; pass "
+            "base_model to flora.export_lora so that the match can be checked"
+        )
+    if module not in source.names:
+        return f"modules_to_save: the model has no module {module!r}"
+    others = [k for k in source.names if k != module and k.endswith(module)]
+    if others:
+        return (
+            f"modules_to_save: PEFT wraps every module whose name ends with {module!r}, so it "
+            f"would wrap {others[:3]} too"
+        )
+    inside = [
+        k
+        for k in source.names
+        if k.startswith(module + ".") and any(k == t or k.endswith("." + t) for t in targets)
+    ]
+    if inside:
+        return (
+            f"modules_to_save: PEFT's LoRA targets also match {inside[:3]} inside it, which it "
+            "would wrap in both"
+        )
+    return None
+
+
+def peft_tensors(
+    source: Source, base_model: nn.Module | None
+) -> tuple[dict[str, torch.Tensor], dict[str, int], list[tuple[str, str]]]:
+    """PEFT's tensors, each layer's LoRA rank, and what has no exact LoRA form (with why)."""
+    refused = _parameter_clashes(source.layers)
+    keys: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for layer in source.layers:
+        layout = _layout(layer, base_model)
+        if isinstance(layout, str):
+            refused.append((layer.name, layout))
+            continue
+        tensors = _lora_tensors(layer, layout)
+        keys.update(_peft_keys(layer, tensors))
+        ranks[layer.name] = tensors.rank
+    targets = [layer.name for layer in source.layers if layer.kind != "Parameter"]
+    for module, state in source.saved.items():
+        reason = _saved_refusal(module, source, targets)
+        if reason is not None:
+            refused.append((module, reason))
+            continue
+        for key, value in state.items():
+            keys[f"{_PEFT_PREFIX}{module}.{key}"] = value.detach().to("cpu").contiguous()
+    return keys, ranks, refused
+
+
+def _exact_pattern(name: str) -> str:
+    # PEFT matches a pattern key against any dotted suffix of a name, as
+    # re.match(rf"(.*\.)?({key})$", name); anchoring the key at the start
+    # makes it match this one name only.
+    return "^" + name.replace(".", r"\.")
+
+
+def _dropout(layers: Sequence[ExportLayer]) -> float:
+    values = {layer.dropout for layer in layers if layer.kind not in ("Embedding", "Parameter")}
+    if len(values) > 1:
+        raise ValueError(
+            f"the layers use different dropouts {sorted(values)}; PEFT's lora_dropout is one value"
+        )
+    dropout = values.pop() if values else 0.0
+    if dropout and any(layer.kind == "Parameter" for layer in layers):
+        raise ValueError(
+            f"PEFT's target_parameters do not work with lora_dropout={dropout}; the adapter has "
+            "parameters and dropout on its layers"
+        )
+    return dropout
+
+
+def peft_config(source: Source, ranks: Mapping[str, int]) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for the exported layers, scaling 1 everywhere."""
+    counts = Counter(ranks.values())
+    rank = max(counts, key=lambda r: (counts[r], -r))
+    # lora_alpha = r everywhere makes PEFT's scaling 1: the tensors carry s.
+    different = {_exact_pattern(name): r for name, r in ranks.items() if r != rank}
+    layers = source.layers
+    modules = [layer.name for layer in layers if layer.kind != "Parameter"]
+    parameters = [layer.name for layer in layers if layer.kind == "Parameter"]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": different,
+        "alpha_pattern": dict(different),
+        "use_rslora": False,
+        "lora_dropout": _dropout(layers),
+        "target_modules": modules,
+        "target_parameters": parameters or None,
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": list(source.saved) or None,
+    }
