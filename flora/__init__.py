@@ -31,7 +31,7 @@ from flora.lifecycle import (
     disable_adapter,
     set_adapter,
 )
-from flora.lora import export_lora, import_lora
+from flora.lora import LoraConversionError, export_lora, import_lora
 from flora.model import (
     adapted_layers,
     attach_adapter,
@@ -59,6 +59,7 @@ __all__ = [
     "FLoRALayer",
     "LayerSpec",
     "Linear",
+    "LoraConversionError",
     "ModulesToSave",
     "SavedAdapter",
     "TuckerDelta",

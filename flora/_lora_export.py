@@ -4,7 +4,9 @@ Each layer's update becomes a LoRA pair by :mod:`flora._lora_math`; what
 PEFT's layer would apply differently (:func:`flora._geometry.lora_difference`)
 is refused by name. The layout depends on the layer's geometry: from the
 model's own modules, from the directory's records, or from a ``base_model``
-for directories that do not record it.
+for directories that do not record it. Bias updates ``Δb`` become PEFT's
+``lora_bias``: ``lora_B.bias = Δb`` (the exported scaling is 1), zero for
+the layers without one, since ``lora_bias`` is one setting for the adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from flora._geometry import check_geometry, lora_difference, module_geometry
+from flora._lora_errors import LoraConversionError
 from flora._lora_import import plain_module_names
 from flora._lora_math import LoraTensors, lora_split, to_lora
 from flora._plan import find_adapted, find_saved
@@ -27,7 +30,15 @@ from flora.io import SAVED_PREFIX, _resolve_name, adapter_state_dict, read_adapt
 from flora.layers import FLoRALayer
 from tuckerlib.io import AdapterLayer, open_adapter
 
-__all__ = ["ExportLayer", "Source", "model_source", "peft_config", "peft_tensors", "read_source"]
+__all__ = [
+    "ExportLayer",
+    "Source",
+    "lora_bias",
+    "model_source",
+    "peft_config",
+    "peft_tensors",
+    "read_source",
+]
 
 _PEFT_PREFIX = "base_model.model."
 _MODULE_TYPES = {
@@ -41,7 +52,7 @@ _MODULE_TYPES = {
 
 @dataclass(frozen=True)
 class ExportLayer:
-    """One layer's update ``scale · core ×_n factors[n]`` (float64) and what PEFT needs of it."""
+    """One layer's update ``scale · core ×_n factors[n]``, its ``Δb`` (float64), PEFT's needs."""
 
     name: str
     kind: str
@@ -51,6 +62,7 @@ class ExportLayer:
     scale: float
     dropout: float
     geometry: Mapping[str, Any] | None
+    bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class Source:
 def _from_adapter_layer(layer: AdapterLayer) -> ExportLayer:
     core = torch.from_numpy(layer.core).to(torch.float64)
     factors = [torch.from_numpy(f).to(torch.float64) for f in layer.dense_factors()]
+    bias = None if layer.bias is None else torch.from_numpy(layer.bias).to(torch.float64)
     return ExportLayer(
         layer.name,
         layer.kind,
@@ -75,17 +88,18 @@ def _from_adapter_layer(layer: AdapterLayer) -> ExportLayer:
         layer.scale,
         layer.dropout,
         layer.geometry,
+        bias,
     )
 
 
 def read_source(path: Path, adapter_name: str | None, base_model: nn.Module | None) -> Source:
-    """A flora adapter directory as a :class:`Source` (ValueError if it is none)."""
+    """A flora adapter directory as a :class:`Source` (LoraConversionError if it is none)."""
     with open_adapter(path) as adapter:
         if adapter.format != "flora":
-            raise ValueError(f"{path} holds a PEFT LoRA adapter, not a flora one")
+            raise LoraConversionError(f"{path} holds a PEFT LoRA adapter, not a flora one")
         stored = adapter.config.get("adapter_name", "default")
         if adapter_name is not None and adapter_name != stored:
-            raise ValueError(f"{path} holds adapter {stored!r}, not {adapter_name!r}")
+            raise LoraConversionError(f"{path} holds adapter {stored!r}, not {adapter_name!r}")
         layers = [_from_adapter_layer(adapter[name]) for name in adapter]
         has_saved = bool(adapter.skipped)
     saved = {}
@@ -116,8 +130,9 @@ def _model_layer(name: str, host: object, adapter: Any, state: Mapping[str, Any]
             [(core, factors), (-_to64(state[f"{name}.initial_core"]), initial)]
         )
     geometry = module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
+    bias = _to64(state[f"{name}.bias"]) if spec.bias else None
     return ExportLayer(
-        name, spec.kind, spec.shape, core, factors, spec.scale, spec.dropout, geometry
+        name, spec.kind, spec.shape, core, factors, spec.scale, spec.dropout, geometry, bias
     )
 
 
@@ -214,7 +229,9 @@ def _lora_tensors(layer: ExportLayer, layout: _Layout) -> LoraTensors:
     return LoraTensors(tensors.lora_a.float(), tensors.lora_b.float(), tensors.rank)
 
 
-def _peft_keys(layer: ExportLayer, tensors: LoraTensors) -> dict[str, torch.Tensor]:
+def _peft_keys(
+    layer: ExportLayer, tensors: LoraTensors, with_bias: bool
+) -> dict[str, torch.Tensor]:
     module = layer.name.rpartition(".")[0] if layer.kind == "Parameter" else layer.name
     prefix = f"{_PEFT_PREFIX}{module}"
     if layer.kind == "Embedding":
@@ -222,7 +239,29 @@ def _peft_keys(layer: ExportLayer, tensors: LoraTensors) -> dict[str, torch.Tens
             f"{prefix}.lora_embedding_A": tensors.lora_a,
             f"{prefix}.lora_embedding_B": tensors.lora_b,
         }
-    return {f"{prefix}.lora_A.weight": tensors.lora_a, f"{prefix}.lora_B.weight": tensors.lora_b}
+    keys = {f"{prefix}.lora_A.weight": tensors.lora_a, f"{prefix}.lora_B.weight": tensors.lora_b}
+    if with_bias:
+        # PEFT adds scaling · lora_B.bias with scaling 1 here; zero where there is no Δb.
+        bias = torch.zeros(layer.shape[0]) if layer.bias is None else layer.bias.float()
+        keys[f"{prefix}.lora_B.bias"] = bias.contiguous()
+    return keys
+
+
+def lora_bias(source: Source) -> bool:
+    """Whether the export needs PEFT's ``lora_bias``: some layer has a bias update."""
+    return any(layer.bias is not None for layer in source.layers)
+
+
+def _bias_refusal(layer: ExportLayer, source: Source) -> str | None:
+    """Why PEFT cannot hold ``layer`` beside the adapter's bias updates, if it cannot."""
+    if not lora_bias(source) or layer.kind not in ("Embedding", "Parameter"):
+        return None
+    with_bias = [other.name for other in source.layers if other.bias is not None]
+    what = "Embedding layers" if layer.kind == "Embedding" else "target_parameters"
+    return (
+        f"the bias updates of {with_bias[:3]}{' ...' if len(with_bias) > 3 else ''} need PEFT's "
+        f"lora_bias=True, one setting for every layer, which PEFT refuses for {what}"
+    )
 
 
 def _parameter_clashes(layers: Sequence[ExportLayer]) -> list[tuple[str, str]]:
@@ -279,8 +318,12 @@ def peft_tensors(
         if isinstance(layout, str):
             refused.append((layer.name, layout))
             continue
+        reason = _bias_refusal(layer, source)
+        if reason is not None:
+            refused.append((layer.name, reason))
+            continue
         tensors = _lora_tensors(layer, layout)
-        keys.update(_peft_keys(layer, tensors))
+        keys.update(_peft_keys(layer, tensors, lora_bias(source)))
         ranks[layer.name] = tensors.rank
     targets = [layer.name for layer in source.layers if layer.kind != "Parameter"]
     for module, state in source.saved.items():
@@ -303,12 +346,12 @@ def _exact_pattern(name: str) -> str:
 def _dropout(layers: Sequence[ExportLayer]) -> float:
     values = {layer.dropout for layer in layers if layer.kind not in ("Embedding", "Parameter")}
     if len(values) > 1:
-        raise ValueError(
+        raise LoraConversionError(
             f"the layers use different dropouts {sorted(values)}; PEFT's lora_dropout is one value"
         )
     dropout = values.pop() if values else 0.0
     if dropout and any(layer.kind == "Parameter" for layer in layers):
-        raise ValueError(
+        raise LoraConversionError(
             f"PEFT's target_parameters do not work with lora_dropout={dropout}; the adapter has "
             "parameters and dropout on its layers"
         )
@@ -343,7 +386,7 @@ def peft_config(source: Source, ranks: Mapping[str, int]) -> dict[str, Any]:
         "layers_pattern": None,
         "fan_in_fan_out": False,
         "bias": "none",
-        "lora_bias": False,
+        "lora_bias": lora_bias(source),
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": list(source.saved) or None,

@@ -12,7 +12,10 @@ whatever ``fan_in_fan_out`` says, which is a ``torch.nn.Linear`` update
 stores it, the parameter update ``(B A)ᵀ``. What PEFT's layer applies
 differently from FLoRA's (see :func:`flora._geometry.lora_difference`, and
 an embedding's ``padding_idx`` row, which PEFT updates and FLoRA does not)
-is refused by layer name.
+is refused by layer name. PEFT's ``lora_bias`` (``scaling · lora_B.bias``,
+added to the output) becomes the bias update ``Δb`` of a Linear or ConvNd
+layer with a bias; elsewhere only a zero one, which changes nothing, is
+accepted (and left out).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from flora._geometry import lora_difference, module_geometry
+from flora._lora_errors import LoraConversionError
 from flora._plan import walk
 from flora._tucker import reconstruct
 from flora.layers import FLoRALayer, ModulesToSave, TuckerDelta
+from flora.spec import BIAS_KINDS
 from tuckerlib.io import AdapterLayer, open_adapter
 
 __all__ = ["Imported", "grouped", "lora_adapters", "plain_module_names"]
@@ -79,12 +84,13 @@ class Imported:
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one LoRA pair goes in the model, as a FLoRA layer of ``kind``."""
+    """Where one LoRA pair goes in the model, as a FLoRA layer of ``kind`` (and its ``Δb``)."""
 
     name: str
     kind: str
     core: torch.Tensor
     factors: list[torch.Tensor]
+    bias: torch.Tensor | None = None
 
 
 def _tucker(layer: AdapterLayer) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -130,6 +136,33 @@ def _padding_row(layer: AdapterLayer, index: int) -> str | None:
     )
 
 
+def _bias_update(layer: AdapterLayer, base: nn.Module, kind: str) -> torch.Tensor | str | None:
+    """The pair's bias update as FLoRA holds it on ``base`` (None: none), or why it cannot."""
+    if layer.bias is None:
+        return None
+    bias = torch.from_numpy(layer.bias).to(torch.float64)
+    if kind in BIAS_KINDS and getattr(base, "bias", None) is not None:
+        return bias
+    if not bias.any():
+        return None  # PEFT adds zero: nothing to hold
+    if kind in BIAS_KINDS:
+        return (
+            "lora_bias: PEFT adds its trained lora_B bias to the output of this layer, which has "
+            "no bias for FLoRA's bias update to change"
+        )
+    return (
+        "lora_bias: PEFT adds its trained lora_B bias to the output of this Conv1D, whose weight "
+        "FLoRA adapts as a parameter, with no bias update"
+    )
+
+
+def _with_bias(target: _Target, layer: AdapterLayer, base: nn.Module) -> _Target | str:
+    bias = _bias_update(layer, base, target.kind)
+    if isinstance(bias, str):
+        return bias
+    return _Target(target.name, target.kind, target.core, target.factors, bias)
+
+
 def _embedding(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | str:
     base = _base(modules, layer.name)
     if type(base) is not nn.Embedding:
@@ -147,7 +180,7 @@ def _conv(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | st
         return _wrong_module(layer.name, base, f"torch.nn.{layer.kind}")
     problem = _wrong_shape(layer, base.weight)
     problem = problem or lora_difference(layer.kind, layer.shape, module_geometry(base))
-    return problem or _Target(layer.name, layer.kind, *_tucker(layer))
+    return problem or _with_bias(_Target(layer.name, layer.kind, *_tucker(layer)), layer, base)
 
 
 def _matrix(
@@ -161,9 +194,10 @@ def _matrix(
         core, factors = core.T, factors[::-1]
     base = _base(modules, name)
     if type(base) is nn.Linear and tuple(base.weight.shape) == out_in:
-        return _Target(name, "Linear", core, factors)
+        return _with_bias(_Target(name, "Linear", core, factors), layer, base)
     if base is not None and _is_hf_conv1d(base) and tuple(base.weight.shape) == out_in[::-1]:
-        return _Target(f"{name}.weight", "Parameter", core.T, factors[::-1])
+        target = _Target(f"{name}.weight", "Parameter", core.T, factors[::-1])
+        return _with_bias(target, layer, base)
     if type(base) is nn.Linear or (base is not None and _is_hf_conv1d(base)):
         return (
             f"the LoRA is for a {out_in[0]}x{out_in[1]} (out x in) map, the model's weight has "
@@ -211,6 +245,7 @@ def _adapter(
         target.factors,
         scale=layer.scale,
         dropout=dropout,
+        bias=target.bias,
         trainable=trainable,
     )
     return target.name, delta
@@ -282,14 +317,16 @@ def lora_adapters(model: nn.Module, directory: Path, *, trainable: bool) -> Impo
 
     Raises
     ------
-    ValueError
-        If the directory is no PEFT LoRA adapter, uses an option with no
-        exact FLoRA form (:class:`tuckerlib.io.AdapterError`, naming the
-        option), or any layer or tensor has none (all named, with reasons).
+    tuckerlib.io.AdapterError
+        If the directory is no PEFT LoRA adapter or uses an option with no
+        exact FLoRA form (naming the option).
+    LoraConversionError
+        If it holds a flora adapter, or any layer or tensor has no exact
+        FLoRA form (all named, with reasons).
     """
     with open_adapter(directory) as adapter:
         if adapter.format != "lora":
-            raise ValueError(
+            raise LoraConversionError(
                 f"{directory} holds a flora adapter, not a PEFT LoRA one; use flora.load_adapter"
             )
         config = adapter.config
@@ -306,5 +343,5 @@ def lora_adapters(model: nn.Module, directory: Path, *, trainable: bool) -> Impo
             else:
                 adapters[target] = result
     if refused:
-        raise ValueError(f"{directory}: no exact FLoRA form for {grouped(refused)}")
+        raise LoraConversionError(f"{directory}: no exact FLoRA form for {grouped(refused)}")
     return Imported(adapters, saved)

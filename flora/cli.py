@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.extraction import Extraction, ExtractionError, extract
-from flora.lora import export_lora
+from flora.lora import LoraConversionError, export_lora
 from tuckerlib.cli.common import (
     EXIT_OK,
     ArgumentParser,
@@ -125,9 +125,10 @@ def _summary(result: Extraction) -> str:
     lines = _table(header, rows)
     adapter = sum(layer.n_params for layer in result.layers)
     dense = sum(math.prod(layer.shape) for layer in result.layers)
+    carried = f", plus {result.carried_values} values of carried tensors" if result.carried else ""
     lines.append(
-        f"\nWrote {result.directory}: {len(result.layers)} layers, {adapter} adapter parameters "
-        f"for {dense} weights ({adapter / dense:.1%})."
+        f"\nWrote {result.directory}: {len(result.layers)} layers, {adapter} core and factor "
+        f"parameters for {dense} weights ({adapter / dense:.1%}){carried}."
     )
     for title, entries in (("Carried", result.carried), ("Not in the adapter", result.skipped)):
         if entries:
@@ -167,14 +168,14 @@ def _run_extract(args: argparse.Namespace) -> int:
 EXPORT_DESCRIPTION = """\
 Write a flora adapter directory as a PEFT LoRA adapter directory with the
 same update, exactly: each layer's Tucker update becomes a LoRA pair of rank
-R_0 (the rank of its output mode), which peft.PeftModel.from_pretrained loads.
-The directory alone is enough where it records its layers' geometry (as
-flora.save_adapter writes it); Conv and Embedding layers of directories that
-do not (written by flora extract or earlier releases) need the base model's
-layer properties, so export those from Python with
-flora.export_lora(FLORA_DIR, OUT_DIR, base_model=model). A layer with no
-exact LoRA form is refused by name. Exit status: 0 ok, 2 usage or input
-error."""
+R_0 (the rank of its output mode), which peft.PeftModel.from_pretrained loads;
+bias updates become PEFT's lora_bias. The directory alone is enough where it
+records its layers' geometry (as flora.save_adapter writes it); Conv and
+Embedding layers of directories that do not (written by flora extract or
+earlier releases) need the base model's layer properties, so export those
+from Python with flora.export_lora(FLORA_DIR, OUT_DIR, base_model=model). A
+layer with no exact LoRA form is refused by name. Exit status: 0 ok, 2 usage
+or input error."""
 
 
 def _add_export(commands: Any) -> None:
@@ -191,15 +192,19 @@ def _add_export(commands: Any) -> None:
 
 def _export_summary(source: Path, out: Path) -> str:
     with open_adapter(source) as flora_adapter, open_adapter(out) as lora_adapter:
-        rows = []
+        rows, biases = [], []
         for name in lora_adapter:
             flora_layer, lora_layer = flora_adapter[name], lora_adapter[name]
+            ranks = ",".join(map(str, flora_layer.stored_ranks))
+            if flora_layer.bias is not None:
+                biases.append(name)
+                ranks += "+b"
             rows.append(
                 [
                     name,
                     flora_layer.kind,
                     "x".join(map(str, flora_layer.shape)),
-                    ",".join(map(str, flora_layer.stored_ranks)),
+                    ranks,
                     str(lora_layer.stored_ranks[0]),
                     str(lora_layer.stored_params),
                 ]
@@ -211,16 +216,23 @@ def _export_summary(source: Path, out: Path) -> str:
         f"\nWrote {out}: {len(rows)} layers, {lora_params} LoRA parameters for {flora_params} "
         "FLoRA parameters, the same update."
     )
+    if biases:
+        lines.append(
+            f"+b: the bias updates of {describe(biases)} are lora_B.bias of PEFT's lora_bias "
+            "(zero on the other layers), not counted above."
+        )
     return "\n".join(lines) + "\n"
 
 
 def _run_export(args: argparse.Namespace) -> int:
     try:
         export_lora(args.source, args.out)
-    except ValueError as exc:
-        # Refusals are ValueErrors naming each layer; at the command line, exit 2.
-        if isinstance(exc, UsageError | OSError):
-            raise
+    except LoraConversionError as exc:
+        # Input the parser could not check: layers without a LoRA form (each
+        # named), the wrong kind of directory, an --out that cannot take the
+        # adapter. Unreadable directories and failed writes (CheckpointError,
+        # OSError) reach run(); any other exception is a bug and keeps its
+        # traceback.
         raise UsageError(str(exc)) from None
     sys.stdout.write(_export_summary(args.source, args.out))
     return EXIT_OK
@@ -256,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fc1    Linear  128x256  7,7    2737    0.28...
     fc2    Linear  10x128   7,7    1015    0.17...
     <BLANKLINE>
-    Wrote ...adapter: 2 layers, 3752 adapter parameters for 34048 weights (11.0%).
+    Wrote ...adapter: 2 layers, 3752 core and factor parameters for 34048 weights (11.0%).
     Not in the adapter (2 tensors):
       1-D tensor (bias, norm or scalar): no rank structure: fc1.bias, fc2.bias
     0

@@ -119,6 +119,7 @@ def _plan(name: str, host: AdaptedWeight, adapter_name: str, rule: RankRule) -> 
         spec,
         result.core.to(dtype),
         [f.to(dtype) for f in result.factors],
+        bias=None if adapter.bias is None else adapter.bias.detach(),
         trainable=adapter.trainable,
     )
     new.config = adapter.config
@@ -171,7 +172,8 @@ def compress(
     Returns
     -------
     dict of str to float
-        Layer name to ``‖ΔW − ΔW'‖ / ‖ΔW‖`` (``0.0`` where ``ΔW = 0``).
+        Layer name to ``‖ΔW − ΔW'‖ / ‖ΔW‖`` (``0.0`` where ``ΔW = 0``), the
+        error of the weight update alone.
 
     Raises
     ------
@@ -208,6 +210,10 @@ def compress(
     base weight gets ``ΔW_init`` back (rounded to its dtype once), and the
     adapter becomes a ``"zero_core"`` one with the same outputs up to the
     reported error.
+
+    A bias update ``Δb`` (``FLoRAConfig(bias=True)``) has no ranks to
+    shrink: the compressed adapter keeps it unchanged, bit for bit, and the
+    reported errors are those of ``ΔW`` alone.
 
     Examples
     --------

@@ -113,6 +113,9 @@ class Extraction:
     carried : list of (str, str)
         With ``carry_1d``: the 1-D tensors carried into the adapter, and
         how (as the bias update of their layer, or saved with their module).
+    carried_values : int
+        Entries of the carried tensors: the bias updates and the saved
+        modules' tensors (not counted in the layers' ``n_params``).
     """
 
     #: The adapter directory.
@@ -125,6 +128,8 @@ class Extraction:
     config: FLoRAConfig
     #: ``(name, how)`` of each 1-D tensor carried into the adapter.
     carried: list[tuple[str, str]] = field(default_factory=list)
+    #: Entries of the carried tensors (bias updates, saved modules).
+    carried_values: int = 0
 
 
 @dataclass(frozen=True)
@@ -464,7 +469,9 @@ def _write(
     if modules:
         config = dataclasses.replace(config, modules_to_save=modules)
     path = write_adapter(directory, config, specs, tensors, modules_to_save=modules)
-    return Extraction(path, layers, skipped, config, carried.carried)
+    states = [*carried.biases.values(), *(t for s in carried.modules.values() for t in s.values())]
+    values = sum(t.numel() for t in states)
+    return Extraction(path, layers, skipped, config, carried.carried, values)
 
 
 def _extract_layer(

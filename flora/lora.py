@@ -4,9 +4,11 @@ Every FLoRA update is a LoRA update of rank ``R_0`` (the rank of mode 0,
 after clipping to what a Tucker tensor can use), for Linear, Conv1d/2d/3d
 (grouped included) and Embedding layers and for 2-D parameters, and every
 LoRA update of those layers is a Tucker tensor; see :doc:`/lora_adapters`
-for the formulas. :func:`export_lora` writes a flora adapter as a directory
-that ``peft.PeftModel.from_pretrained`` loads; :func:`import_lora` reads
-such a directory into FLoRA adapters.
+for the formulas. Bias updates ``Δb`` are PEFT's ``lora_bias``, both ways.
+:func:`export_lora` writes a flora adapter as a directory that
+``peft.PeftModel.from_pretrained`` loads; :func:`import_lora` reads such a
+directory into FLoRA adapters. Input they refuse raises
+:class:`LoraConversionError`.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from flora._atomic import replace_directory
+from flora._atomic import check_target, replace_directory
+from flora._lora_errors import LoraConversionError
 from flora._lora_export import Source, model_source, peft_config, peft_tensors, read_source
 from flora._lora_import import grouped, lora_adapters
 from flora._plan import check_enabled
 from flora.layers.base import check_adapter_name
 from flora.model import attach_adapter
 
-__all__ = ["export_lora", "import_lora"]
+__all__ = ["LoraConversionError", "export_lora", "import_lora"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,7 +41,7 @@ def _source(
 ) -> tuple[Source, str]:
     if isinstance(source, nn.Module):
         if base_model is not None:
-            raise ValueError(
+            raise LoraConversionError(
                 "base_model is for directory sources; a model source gives its own layers"
             )
         return model_source(source, adapter_name), "the model"
@@ -49,6 +52,13 @@ def _source(
         "source must be an adapted model or a flora adapter directory (str or path), got "
         f"{type(source).__name__}"
     )
+
+
+def _check_output(target: Path) -> None:
+    try:
+        check_target(target, _REPLACEABLE)
+    except ValueError as exc:
+        raise LoraConversionError(str(exc)) from None
 
 
 def export_lora(
@@ -64,7 +74,8 @@ def export_lora(
     LoRA pair of rank ``R_0`` (after clipping the ranks to what a Tucker
     tensor can use) with ``lora_alpha = r``, so
     ``peft.PeftModel.from_pretrained(base, directory)`` gives the outputs of
-    the FLoRA-adapted model to float32 rounding. The formulas are in
+    the FLoRA-adapted model to float32 rounding. Bias updates ``Δb`` become
+    PEFT's ``lora_bias``: ``lora_B.bias = Δb``. The formulas are in
     :doc:`/lora_adapters`.
 
     Parameters
@@ -100,16 +111,28 @@ def export_lora(
     ------
     TypeError
         If ``source`` is neither a model nor a path.
+    LoraConversionError
+        A ``ValueError``, if any layer or saved module has no exact LoRA
+        form (the message lists each and why): a dilated convolution, a
+        non-zero ``padding_mode`` with padding, an embedding with
+        ``max_norm``, a parameter that is not 2-D or shares its module with
+        another, an Embedding layer or a parameter in an adapter with bias
+        updates (PEFT's ``lora_bias`` is one setting for all layers and
+        PEFT refuses it for those), a Conv or Embedding layer whose geometry
+        is neither recorded nor given by ``base_model``, a saved module
+        PEFT's name matching would not load alone, layers with different
+        dropouts. Also if a directory source holds a PEFT adapter or
+        another adapter than ``adapter_name``, ``base_model`` comes with a
+        model source, or ``directory`` is the source or holds other files.
+        Nothing is written then.
     ValueError
-        If the source has no such adapter, or any layer or saved module has
-        no exact LoRA form (the message lists each and why): a dilated
-        convolution, a non-zero ``padding_mode`` with padding, an embedding
-        with ``max_norm``, a parameter that is not 2-D or shares its module
-        with another, a Conv or Embedding layer whose geometry is neither
-        recorded nor given by ``base_model``, a saved module PEFT's name
-        matching would not load alone. Nothing is written then.
+        If a model source has no such adapter, or several are active and
+        none is named.
     tuckerlib.io.AdapterError
         If the source directory is missing or malformed.
+    OSError
+        If ``directory`` cannot be written (it is a file, a full disk):
+        the error names the file; ``directory`` is then as it was.
 
     See Also
     --------
@@ -129,6 +152,13 @@ def export_lora(
     PEFT wraps every module whose name ends with a listed name, so one that
     would catch another module too is refused.
 
+    PEFT adds ``scaling · lora_B.bias`` to a layer's output, and the
+    export's scaling is 1, so a bias update is written as
+    ``lora_B.bias = Δb``. ``lora_bias`` is one setting for the whole PEFT
+    adapter: the layers without a bias update get a zero ``lora_B.bias``,
+    which changes nothing. PEFT refuses to merge such an adapter into a
+    layer that has no bias of its own (the outputs are exact either way).
+
     Examples
     --------
     >>> import tempfile
@@ -147,11 +177,14 @@ def export_lora(
     target = Path(directory)
     same = isinstance(source, (str, PathLike)) and target.exists()
     if same and target.resolve() == Path(fspath(source)).resolve():
-        raise ValueError(f"directory {target} is the source; write the LoRA adapter elsewhere")
+        raise LoraConversionError(
+            f"directory {target} is the source; write the LoRA adapter elsewhere"
+        )
+    _check_output(target)
     found, where = _source(source, adapter_name, base_model)
     keys, ranks, refused = peft_tensors(found, base_model)
     if refused:
-        raise ValueError(f"{where}: no exact LoRA form for {grouped(refused)}")
+        raise LoraConversionError(f"{where}: no exact LoRA form for {grouped(refused)}")
     config = peft_config(found, ranks)
 
     def fill(staging: Path) -> None:
@@ -176,7 +209,9 @@ def import_lora(
     the ranks are brought to what a Tucker tensor can use without changing
     the update. ``scaling`` is PEFT's: ``lora_alpha / r``, or
     ``lora_alpha / sqrt(r)`` with ``use_rslora``, per layer from
-    ``rank_pattern`` and ``alpha_pattern``.
+    ``rank_pattern`` and ``alpha_pattern``. With ``lora_bias``, each Linear
+    and ConvNd layer that has a bias also gets the bias update
+    ``Δb = scaling · lora_B.bias``.
 
     Everything is read, converted and checked before the model is touched:
     a failure raises and leaves the model exactly as it was.
@@ -205,19 +240,26 @@ def import_lora(
 
     Raises
     ------
+    tuckerlib.io.AdapterError
+        A ``ValueError`` naming the file, if the directory is missing or
+        malformed, or uses an option without an exact FLoRA form (naming
+        the option: ``use_dora``, ``bias``, initializations that rewrite the
+        base weights, ...).
+    LoraConversionError
+        A ``ValueError``, if the directory holds a flora adapter, or a
+        layer or saved tensor has no exact FLoRA form (every one named,
+        with why): a module the model lacks or has with another type or
+        shape, a dilated convolution or a non-zero ``padding_mode`` with
+        padding (PEFT runs ``lora_A`` with dilation 1 and zero padding), an
+        embedding with ``max_norm``, or whose LoRA updates its
+        ``padding_idx`` row (FLoRA's Embedding leaves that row unchanged), a
+        grouped LoRA conv mixing groups, a non-zero ``lora_bias`` on a layer
+        without a bias or on transformers' ``Conv1D`` (FLoRA's bias update
+        changes the bias of a Linear or ConvNd layer), an Embedding pair of
+        a ``lora_bias`` adapter, a full tensor outside ``modules_to_save``.
     ValueError
-        If the directory is no PEFT LoRA adapter, uses an option without an
-        exact FLoRA form (:class:`tuckerlib.io.AdapterError`, naming the
-        option: ``use_dora``, ``lora_bias``, ``bias``, initializations that
-        rewrite the base weights, ...), or a layer or saved tensor has none
-        (every one named, with why): a module the model lacks or has with
-        another type or shape, a dilated convolution or a non-zero
-        ``padding_mode`` with padding (PEFT runs ``lora_A`` with dilation 1
-        and zero padding), an embedding with ``max_norm``, or whose LoRA
-        updates its ``padding_idx`` row (FLoRA's Embedding leaves that row
-        unchanged), a grouped LoRA conv mixing groups, a full tensor outside
-        ``modules_to_save``. Also if the name is taken or a saved module
-        does not match the model's.
+        If ``adapter_name`` is invalid or taken, or a saved module does not
+        match the model's.
     RuntimeError
         Inside :func:`flora.disable_adapter`.
 
@@ -237,6 +279,12 @@ def import_lora(
     ``trainable=False``). PEFT's ``modules_to_save`` copies become the
     adapter's saved modules, under the module names PEFT's suffix matching
     finds in ``model``.
+
+    PEFT's ``lora_bias`` adds ``scaling · lora_B.bias`` to a layer's output
+    (even on a layer without a bias); FLoRA's bias update ``Δb`` adds to
+    the layer's bias. A zero ``lora_B.bias`` on a layer without a bias (or
+    on a ``Conv1D``) changes nothing and is left out; a non-zero one is
+    refused.
 
     Examples
     --------

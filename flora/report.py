@@ -6,6 +6,7 @@ from torch import nn
 
 from flora._args import check_model
 from flora._plan import adapter_names, current_active, find_adapted, find_saved
+from flora.spec import LayerSpec
 
 __all__ = ["parameter_counts", "summary"]
 
@@ -38,15 +39,20 @@ def _table(rows: list[list[str]]) -> list[str]:
     ]
 
 
+def _ranks(spec: LayerSpec) -> str:
+    return f"{spec.ranks}+b" if spec.bias else str(spec.ranks)
+
+
 def summary(model: nn.Module) -> str:
     """A table of the adapted layers and saved modules, and PEFT's parameter line.
 
     One row per adapted layer: its name, kind, weight shape, the ranks of
     each adapter (a column per adapter; ``*`` marks the active ones, ``-``
-    a layer without that adapter) and the adapter parameters it holds; then
-    one row per saved module (``modules_to_save``). The last line is
-    exactly what PEFT's ``print_trainable_parameters`` prints:
-    ``trainable params: N || all params: M || trainable%: P``.
+    a layer without that adapter, ``+b`` an adapter that also carries a
+    bias update ``Δb``) and the adapter parameters it holds (cores, factors
+    and bias updates); then one row per saved module (``modules_to_save``).
+    The last line is exactly what PEFT's ``print_trainable_parameters``
+    prints: ``trainable params: N || all params: M || trainable%: P``.
 
     Parameters
     ----------
@@ -86,7 +92,7 @@ def summary(model: nn.Module) -> str:
         ["layer", "kind", "shape", *(n + ("*" if n in active else "") for n in names), "params"]
     ]
     for layer_name, layer in find_adapted(model).items():
-        ranks = [str(layer.adapters[n].spec.ranks) if n in layer.adapters else "-" for n in names]
+        ranks = [_ranks(layer.adapters[n].spec) if n in layer.adapters else "-" for n in names]
         params = sum(a.spec.n_params for a in layer.adapters.values())
         rows.append([layer_name, layer.kind, str(layer.shape), *ranks, str(params)])
     for module_name, wrapper in find_saved(model).items():

@@ -206,7 +206,7 @@ def _edit_config(directory: Path, **changes: object) -> None:
     ("changes", "message"),
     [
         ({"use_dora": True}, "use_dora=True: DoRA rescales"),
-        ({"lora_bias": True}, "lora_bias=True"),
+        ({"lora_bias": True}, "lora_bias=True, but the adapter holds no lora_B.bias"),
         ({"peft_type": "LOHA"}, "peft_type='LOHA': only LoRA adapters"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa': this initialization rewrites"),
         ({"bias": "all"}, "bias='all': the adapter trains biases"),

@@ -66,6 +66,8 @@ class AdapterTensorReport(TensorReport):
     adapter_params: int
     exact_ranks: list[int]
     exact_params: int
+    #: Whether the layer also carries a bias update (not part of dW, not analysed).
+    bias_update: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The tensor's entry of the version-2 JSON schema."""
@@ -75,6 +77,7 @@ class AdapterTensorReport(TensorReport):
             "adapter_params": self.adapter_params,
             "exact_ranks": self.exact_ranks,
             "exact_params": self.exact_params,
+            "bias_update": self.bias_update,
         }
 
 
@@ -91,7 +94,7 @@ class AdapterReport(Report):
 
     def notes(self) -> tuple[str, ...]:
         """What dW is for an adapter, and the adapter columns."""
-        return (
+        notes = (
             "dW: the update the adapter adds to each weight (a flora init='hosvd' adapter: its "
             "change to the pretrained weight), analysed from its factors without forming it; "
             "rel. dW needs the base weights (n/a).",
@@ -99,6 +102,12 @@ class AdapterReport(Report):
             "multilinear rank of dW, the smallest Tucker ranks that hold it exactly, and their "
             "parameters (fewer than the adapter's: the same update fits in fewer parameters).",
         )
+        if any(getattr(t, "bias_update", False) for t in self.tensors):
+            notes += (
+                "+b: the layer also carries a bias update (flora bias, PEFT lora_bias), added "
+                "to its bias; it is not part of dW: not analysed, not in adapter params.",
+            )
+        return notes
 
     def extra_columns(self) -> list[tuple[str, Callable[[TensorReport], str]]]:
         """Adapter ranks and parameters, exact ranks and parameters."""
@@ -106,8 +115,12 @@ class AdapterReport(Report):
         def ints(values: list[int]) -> str:
             return ",".join(str(v) for v in values)
 
+        def ranks(t: TensorReport) -> str:
+            text = ints(getattr(t, "adapter_ranks", []))
+            return text + "+b" if getattr(t, "bias_update", False) else text
+
         return [
-            ("adapter ranks", lambda t: ints(getattr(t, "adapter_ranks", []))),
+            ("adapter ranks", ranks),
             ("adapter params", lambda t: str(getattr(t, "adapter_params", ""))),
             ("exact ranks", lambda t: ints(getattr(t, "exact_ranks", []))),
             ("exact params", lambda t: str(getattr(t, "exact_params", ""))),
@@ -192,7 +205,9 @@ def analyze_layer(layer: AdapterLayer, options: AnalyzeOptions) -> AdapterTensor
     if not np.all(np.isfinite(core)):
         return "dW has NaN or infinite entries"
     if not np.any(core):
-        return "unchanged (dW = 0)"
+        return "unchanged (dW = 0)" + (
+            "; its bias update is not analysed" if layer.bias is not None else ""
+        )
     shape, kind = layer.shape, _kind(layer)
     spectra = _spectra(core, shape)
     ranks, budget = lora_budget_ranks(
@@ -220,6 +235,7 @@ def analyze_layer(layer: AdapterLayer, options: AnalyzeOptions) -> AdapterTensor
         adapter_params=layer.stored_params,
         exact_ranks=exact,
         exact_params=tucker_params(shape, exact),
+        bias_update=layer.bias is not None,
     )
 
 

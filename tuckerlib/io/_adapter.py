@@ -65,7 +65,7 @@ class AdapterLayer:
         The ranks as the adapter stores them: the FLoRA ranks, or ``(r,)``
         for a LoRA pair of rank ``r``.
     stored_params : int
-        Entries the adapter stores for this layer.
+        Entries the adapter stores for this layer's weight update.
     dropout : float
         Dropout on the adapter branch's input during training.
     geometry : dict or None
@@ -75,6 +75,14 @@ class AdapterLayer:
         ``padding_idx``, ``max_norm``); None otherwise. An embedding's
         ``padding_idx`` row is already zero in ``factors[0]``: the layer
         gives it no update.
+    bias : numpy.ndarray or None
+        The bias update ``Δb`` the adapter adds to the layer's bias (to
+        every output channel), or None: a flora layer's ``bias`` update as
+        stored, a PEFT pair's ``scaling · lora_B.bias`` (``lora_bias``).
+        Shape ``(shape[0],)``, or ``(shape[1],)`` for a pair read with
+        ``fan_in_fan_out`` as a weight stored ``(in, out)``. It is no part
+        of ``ΔW`` (:meth:`to_tensor`) and its entries are not counted in
+        ``stored_params``.
     """
 
     name: str
@@ -87,6 +95,7 @@ class AdapterLayer:
     stored_params: int
     dropout: float = 0.0
     geometry: Mapping[str, Any] | None = None
+    bias: np.ndarray | None = field(default=None, repr=False)
 
     def dense_factors(self, dtype: np.dtype | type | None = None) -> list[np.ndarray]:
         """The factors with every identity written out, in ``dtype`` (default: the core's)."""

@@ -5,9 +5,12 @@ each layer's ``kind``, ``shape``, ``ranks``, ``scale`` and ``init``; the
 weight file holds ``NAME.core`` and ``NAME.factors.n`` (and, for
 ``init="hosvd"``, the adapter at initialization under ``NAME.initial_core``
 and ``NAME.initial_factors.n``). Version 2 adds ``modules_to_save``: whole
-modules saved under keys of their own, which are no low-rank update, and an
+modules saved under keys of their own, which are no low-rank update, an
 optional per-layer ``geometry`` (Conv and Embedding layers): an embedding's
-``padding_idx`` row gets no update, so it is zero in the update read here.
+``padding_idx`` row gets no update, so it is zero in the update read here,
+and an optional ``"bias": true`` (Linear and ConvNd layers) for a bias
+update ``Δb`` stored as ``NAME.bias`` of shape ``(shape[0],)``, read as
+the layer's ``bias``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ __all__ = ["FLORA_KINDS", "FORMAT_VERSIONS", "open_flora"]
 
 FORMAT_VERSIONS = (1, 2)
 FLORA_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
+#: Kinds whose layer can carry a bias update.
+BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 INIT_MODES = ("zero_core", "hosvd", "gaussian")
 _REQUIRED = ("kind", "shape", "ranks", "scale", "init")
 
@@ -63,6 +68,12 @@ def _check_record(where: str, name: str, record: object) -> dict[str, Any]:
         raise AdapterError(f"{where}: layer {name!r}: dropout must lie in [0, 1), got {dropout!r}")
     if "geometry" in record:
         _check_geometry(where, name, record)
+    bias = record.get("bias", False)
+    if type(bias) is not bool or (bias and record["kind"] not in BIAS_KINDS):
+        raise AdapterError(
+            f"{where}: layer {name!r}: bias must be true or false, and true only for "
+            f"{list(BIAS_KINDS)} layers, got {bias!r} for kind {record['kind']!r}"
+        )
     return dict(record)
 
 
@@ -99,6 +110,8 @@ def _layer_keys(name: str, record: Mapping[str, Any]) -> dict[str, tuple[int, ..
     keys = _tucker_keys(name, "", record)
     if record["init"] == "hosvd":
         keys.update(_tucker_keys(name, "initial_", record))
+    if record.get("bias", False):
+        keys[f"{name}.bias"] = (record["shape"][0],)
     return keys
 
 
@@ -136,6 +149,7 @@ def _read_layer(name: str, record: Mapping[str, Any], weights: Checkpoint) -> Ad
         stored_params=tucker_params(record["shape"], record["ranks"]),
         dropout=float(record.get("dropout", 0.0)),
         geometry=record.get("geometry"),
+        bias=weights.read(f"{name}.bias") if record.get("bias", False) else None,
     )
 
 

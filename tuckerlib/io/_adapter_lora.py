@@ -10,7 +10,11 @@ for an Embedding. The update is ``scaling · B A`` (Linear), ``(B A)ᵀ``
 (Embedding, and Linear with ``fan_in_fan_out``) or the composition of the
 two convolutions, with ``scaling = lora_alpha / r`` (``lora_alpha /
 sqrt(r)`` with ``use_rslora``), ``r`` and ``lora_alpha`` per layer from the
-first matching ``rank_pattern`` / ``alpha_pattern`` key.
+first matching ``rank_pattern`` / ``alpha_pattern`` key. With ``lora_bias``,
+``lora_B`` of a Linear or ConvNd pair also has a bias, saved as
+``….lora_B.bias``: PEFT adds ``scaling · lora_B.bias`` to the layer's
+output, a bias update ``Δb`` beside the weight update (PEFT's Embedding and
+``target_parameters`` refuse ``lora_bias``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = ["open_lora"]
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+_BIAS_KEY = re.compile(r"^(?P<name>.+)\.lora_B\.bias$")
 
 #: Config entries that say how the adapter was made or which modules it
 #: targets; the tensors present decide the update, so these are not needed.
@@ -78,6 +83,7 @@ _HANDLED = frozenset(
         "bias",
         "modules_to_save",
         "target_parameters",
+        "lora_bias",
     }
 )
 #: Initializations that leave the base weights alone: the saved pair is the whole update.
@@ -85,7 +91,6 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _REASONS = {
     "use_dora": "DoRA rescales every output channel of W0 + ΔW by a trained magnitude, so "
     "its update depends on the base weight and is not a low-rank tensor",
-    "lora_bias": "lora_bias trains a bias of lora_B, which no weight update holds",
     "alora_invocation_tokens": "aLoRA switches the adapter on per token, which no weight "
     "update does",
     "layer_replication": "layer_replication duplicates base layers, which changes the model, "
@@ -123,6 +128,8 @@ def _check_options(where: str, config: Mapping[str, Any]) -> None:
         )
     if config.get("bias", "none") != "none":
         raise _refuse(where, "bias", config["bias"], "the adapter trains biases of the base layers")
+    if type(config.get("lora_bias", False)) is not bool:
+        raise AdapterError(f"{where}: lora_bias must be true or false, got {config['lora_bias']!r}")
     if config.get("fan_in_fan_out") and config.get("target_parameters"):
         raise _refuse(
             where, "fan_in_fan_out", True, "PEFT refuses it together with target_parameters"
@@ -148,6 +155,7 @@ class _Options:
     dropout: float
     fan_in_fan_out: bool
     target_parameters: tuple[str, ...]
+    lora_bias: bool = False
 
     def _pattern(self, patterns: Mapping[str, Any], name: str, default: Any) -> Any:
         # PEFT's get_pattern_key: the first key matching a dotted suffix of the name.
@@ -204,12 +212,13 @@ def _options(where: str, config: Mapping[str, Any]) -> _Options:
         dropout=float(dropout),
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         target_parameters=tuple(targets),
+        lora_bias=config.get("lora_bias", False),
     )
 
 
 @dataclass(frozen=True)
 class _Pair:
-    """The two keys of one layer and the header shapes behind them."""
+    """The keys of one layer (``lora_B.bias`` with ``lora_bias``) and the header shapes."""
 
     name: str
     a_key: str
@@ -217,26 +226,33 @@ class _Pair:
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     embedding: bool
+    bias_key: str | None = None
+
+
+def _full_tensor_reason(short: str, modules_to_save: list[str]) -> str:
+    if _BIAS_KEY.match(short):
+        return "a lora_B bias without lora_bias=True in the config, which PEFT does not load"
+    owner = next((m for m in modules_to_save if re.search(rf"(^|\.){re.escape(m)}\.", short)), None)
+    if owner:
+        return "modules_to_save: a full trained copy of the module, not a low-rank update"
+    return "a full tensor saved with the adapter, not a low-rank update"
 
 
 def _pairs(
-    path: Path, weights: Checkpoint, modules_to_save: list[str]
+    path: Path, weights: Checkpoint, modules_to_save: list[str], lora_bias: bool
 ) -> tuple[list[_Pair], list[tuple[str, str]]]:
     halves: dict[tuple[str, bool], dict[str, str]] = {}
+    biases: dict[str, str] = {}
     skipped = []
     for key in weights:
         short = key.removeprefix(_PREFIX)
+        bias = _BIAS_KEY.match(short) if lora_bias else None
+        if bias is not None:
+            biases[bias.group("name")] = key
+            continue
         match = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short)
         if match is None:
-            owner = next(
-                (m for m in modules_to_save if re.search(rf"(^|\.){re.escape(m)}\.", short)), None
-            )
-            reason = (
-                "modules_to_save: a full trained copy of the module, not a low-rank update"
-                if owner
-                else "a full tensor saved with the adapter, not a low-rank update"
-            )
-            skipped.append((short, reason))
+            skipped.append((short, _full_tensor_reason(short, modules_to_save)))
             continue
         embedding = match.group("part").startswith("lora_embedding")
         side = match.group("part")[-1]
@@ -249,8 +265,31 @@ def _pairs(
         a_info, b_info = weights.info(keys["A"]), weights.info(keys["B"])
         if not (a_info.is_floating and b_info.is_floating):
             raise AdapterError(f"{path}: layer {name!r}: lora_A and lora_B must be floating point")
-        pairs.append(_Pair(name, keys["A"], keys["B"], a_info.shape, b_info.shape, embedding))
+        bias_key = None if embedding else biases.pop(name, None)
+        if bias_key is not None:
+            _check_bias(path, name, weights, bias_key, b_info.shape[0])
+        pair = _Pair(name, keys["A"], keys["B"], a_info.shape, b_info.shape, embedding, bias_key)
+        pairs.append(pair)
+    if biases:
+        raise AdapterError(f"{path}: lora_B.bias tensors of no LoRA pair: {sorted(biases)}")
     return pairs, skipped
+
+
+def _check_bias(path: Path, name: str, weights: Checkpoint, key: str, out: int) -> None:
+    info = weights.info(key)
+    if info.shape != (out,) or not info.is_floating:
+        raise AdapterError(
+            f"{path}: layer {name!r}: lora_B.bias must be floating with shape [{out}], got "
+            f"{info.dtype} {list(info.shape)}"
+        )
+
+
+def _bias(weights: Checkpoint, pair: _Pair, scaling: float) -> np.ndarray | None:
+    """PEFT's bias update ``scaling · lora_B.bias`` (None without one), in the stored dtype."""
+    if pair.bias_key is None:
+        return None
+    bias = weights.read(pair.bias_key)
+    return (bias.astype(np.float64) * scaling).astype(bias.dtype)
 
 
 def _linear(
@@ -272,6 +311,7 @@ def _linear(
             stored_ranks=(r,),
             stored_params=a.size + b.size,
             dropout=dropout,
+            bias=_bias(weights, pair, scaling),
         )
 
     return read
@@ -333,7 +373,10 @@ def _conv(pair: _Pair, scaling: float, groups: int, dropout: float) -> LayerRead
         if core is None:
             raise AdapterError(f"layer {pair.name!r}: lora_A mixes channels across groups")
         factors = (_conv_factor(b, groups), *(None,) * (len(shape) - 1))
-        return AdapterLayer(pair.name, kind, shape, core, factors, scaling, (r,), stored, dropout)
+        bias = _bias(weights, pair, scaling)
+        return AdapterLayer(
+            pair.name, kind, shape, core, factors, scaling, (r,), stored, dropout, bias=bias
+        )
 
     return read
 
@@ -373,6 +416,20 @@ def _conv_groups(path: Path, pair: _Pair, rank: int) -> int:
 _Plan = tuple[str, LayerReader] | tuple[str, str]
 
 
+def _bias_refused(what: str) -> str:
+    return f"lora_bias=True, which PEFT refuses for {what}: PEFT does not load this adapter"
+
+
+def _require_bias(path: Path, pair: _Pair, options: _Options) -> None:
+    # PEFT gives lora_B a bias initialized by its own rule: without the
+    # saved one, the update PEFT applies is not in the directory.
+    if options.lora_bias and pair.bias_key is None:
+        raise AdapterError(
+            f"{path}: layer {pair.name!r}: lora_bias=True, but the adapter holds no lora_B.bias "
+            "for it"
+        )
+
+
 def _plan_matrix(path: Path, pair: _Pair, options: _Options, targets: list[str]) -> _Plan:
     """A Linear pair: of a module, of a 2-D parameter, or of a weight stored (in, out)."""
     if len(targets) > 1:
@@ -384,10 +441,13 @@ def _plan_matrix(path: Path, pair: _Pair, options: _Options, targets: list[str])
             "a 3-D target_parameters tensor: its axis order depends on the module "
             "(is_transposed), which the adapter does not record"
         )
+    if targets and options.lora_bias:
+        return name, _bias_refused("target_parameters")
     _check_rank(path, pair, rank, pair.a_shape[0])
     if targets:
         read = _linear(pair, scaling, kind="Parameter", name=name, transposed=False, dropout=0.0)
         return name, read
+    _require_bias(path, pair, options)
     if options.fan_in_fan_out:
         # The option exists for weights stored (in, out), as transformers' Conv1D does.
         weight = f"{pair.name}.weight"
@@ -403,6 +463,7 @@ def _plan_matrix(path: Path, pair: _Pair, options: _Options, targets: list[str])
 def _plan_conv(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) -> _Plan:
     rank = options.rank(pair.name)
     _check_rank(path, pair, rank, pair.a_shape[0])
+    _require_bias(path, pair, options)
     groups = _conv_groups(path, pair, rank)
     if groups > 1 and _grouped_blocks(weights.read(pair.a_key), groups) is None:
         return pair.name, (
@@ -417,6 +478,8 @@ def _plan_pair(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) 
     if "base_layer" in pair.name.split("."):
         return pair.name, _NESTED
     if pair.embedding:
+        if options.lora_bias:
+            return pair.name, _bias_refused("an Embedding")
         _check_rank(path, pair, options.rank(pair.name), pair.a_shape[0])
         return pair.name, _embedding(pair, options.scaling(pair.name))
     if len(pair.a_shape) == 2 and pair.b_shape[1:] == pair.a_shape[:1]:
@@ -437,7 +500,7 @@ def open_lora(directory: Path, config: dict[str, Any]) -> Adapter:
     modules = config.get("modules_to_save") or []
     weights = open_weights(directory)
     try:
-        pairs, skipped = _pairs(directory, weights, list(modules))
+        pairs, skipped = _pairs(directory, weights, list(modules), options.lora_bias)
         readers: dict[str, LayerReader] = {}
         for pair in pairs:
             name, plan = _plan_pair(directory, pair, options, weights)

@@ -34,6 +34,10 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
       a block-diagonal factor over the grouped weight; a 2-D parameter of
       ``target_parameters`` as Linear.
 
+    A bias update ``Δb`` beside the weight update (flora ``"bias": true``,
+    PEFT ``lora_bias``: ``scaling · lora_B.bias``) is read as the
+    ``bias`` of :class:`AdapterLayer`; it is no part of ``ΔW``.
+
     Parameters
     ----------
     path : path-like
@@ -53,10 +57,11 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
         If a file is missing or malformed, the config is neither a flora
         nor a PEFT adapter config, or the adapter is not one whose update is
         a low-rank tensor: a PEFT ``peft_type`` other than ``"LORA"``, or an
-        option that changes the update's form (``use_dora``, ``lora_bias``,
-        ``bias`` other than ``"none"``, an initialization that rewrites the
-        base weights such as PiSSA or LoftQ, and any other option not left
-        at its default); the message names the option.
+        option that changes the update's form (``use_dora``, ``bias`` other
+        than ``"none"``, an initialization that rewrites the base weights
+        such as PiSSA or LoftQ, and any other option not left at its
+        default); the message names the option. Also a PEFT adapter with
+        ``lora_bias`` whose Linear or ConvNd pair has no ``lora_B.bias``.
 
     Notes
     -----
@@ -64,7 +69,10 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
     with no Tucker equivalent, is listed in ``Adapter.skipped``: PEFT
     ``modules_to_save`` copies and other full tensors, a grouped LoRA conv
     whose ``lora_A`` mixes channels across groups, a 3-D
-    ``target_parameters`` tensor (its axis order depends on the module).
+    ``target_parameters`` tensor (its axis order depends on the module),
+    an Embedding or ``target_parameters`` pair of a ``lora_bias`` adapter
+    (PEFT refuses that combination), a ``lora_B.bias`` without
+    ``lora_bias`` (PEFT does not load it).
 
     Examples
     --------
