@@ -9,6 +9,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
+from flora.layers._thin import thin_matmul_t
 from flora.layers.base import FLoRALayer, TuckerDelta
 
 __all__ = ["Embedding"]
@@ -85,7 +86,7 @@ class Embedding(FLoRALayer):
         padding_idx = self.base_layer.padding_idx
         if padding_idx is not None:
             rows = rows * (x != padding_idx).unsqueeze(-1).to(rows.dtype)
-        return (rows @ (adapter.core * adapter.spec.scale)) @ dim_factor.T
+        return thin_matmul_t(rows @ (adapter.core * adapter.spec.scale), dim_factor)
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, delta)

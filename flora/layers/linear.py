@@ -9,6 +9,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
+from flora.layers._thin import thin_matmul, thin_matmul_t
 from flora.layers.base import FLoRALayer, TuckerDelta
 
 __all__ = ["Linear"]
@@ -65,7 +66,8 @@ class Linear(FLoRALayer):
 
     def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
         out_factor, in_factor = adapter.factors
-        return ((x @ in_factor) @ (adapter.core * adapter.spec.scale).T) @ out_factor.T
+        core = adapter.core * adapter.spec.scale
+        return thin_matmul_t(thin_matmul(x, in_factor) @ core.T, out_factor)
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, delta)
