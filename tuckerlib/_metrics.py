@@ -23,8 +23,33 @@ def _host_float(a: Any) -> float:
 
 
 def _magnitude(a: Any, xp: ModuleType) -> float:
-    """Largest absolute entry of ``a`` (``0.0`` for an empty array)."""
-    return _host_float(xp.max(xp.abs(a))) if math.prod(a.shape) else 0.0
+    """Largest absolute entry of ``a`` (``0.0`` if empty, NaN if it holds NaN).
+
+    For a real array from its largest and smallest entries: two reductions,
+    and no temporary the size of ``a`` (``abs(a)`` would be one).
+    """
+    if not math.prod(a.shape):
+        return 0.0
+    if xp.isdtype(a.dtype, "complex floating"):
+        return _host_float(xp.max(xp.abs(a)))
+    high, low = _host_float(xp.max(a)), _host_float(xp.min(a))
+    if math.isnan(high) or math.isnan(low):
+        return math.nan
+    return max(high, -low)
+
+
+def _needs_scaling(top: float, size: int, dtype: Any, xp: ModuleType) -> bool:
+    """Whether squares of entries up to ``top`` could overflow or underflow in ``dtype``.
+
+    The sum of ``size`` squares must stay below the largest number, and the
+    square of the largest entry well above the smallest normal one (so
+    entries down to ``sqrt(eps)`` times it keep their digits).
+    """
+    info = xp.finfo(dtype)
+    exponent = math.frexp(top)[1]
+    highest = math.frexp(float(info.max))[1]
+    lowest = math.frexp(float(info.smallest_normal))[1] - math.frexp(float(info.eps))[1]
+    return 2 * exponent + size.bit_length() >= highest or 2 * exponent <= lowest
 
 
 def _widened(a: Any, xp: ModuleType) -> Any:
@@ -53,13 +78,16 @@ def _unit_scaled(a: Any, top: float) -> tuple[Any, int]:
 def frobenius_norm(a: Any, xp: ModuleType) -> float:
     """Frobenius norm of a floating array as a float, immune to under- and overflow.
 
-    Scaling by the largest entry's power of two first keeps tiny values from
-    squaring to zero (which would fake a zero reference) and huge ones from
-    overflowing.
+    Where squares could overflow or underflow, scaling by the largest
+    entry's power of two first keeps tiny values from squaring to zero (which
+    would fake a zero reference) and huge ones from overflowing; elsewhere
+    no copy of ``a`` is made.
     """
     top = _magnitude(a, xp)
     if top == 0.0 or not math.isfinite(top):
         return top
+    if not _needs_scaling(top, math.prod(a.shape), a.dtype, xp):
+        return _host_float(xp.linalg.vector_norm(a))
     scaled, exponent = _unit_scaled(a, top)
     return math.ldexp(_host_float(xp.linalg.vector_norm(scaled)), exponent)
 
@@ -93,10 +121,11 @@ def relative_error(x: Any, x_hat: Any) -> float:
 
     Notes
     -----
-    Both inputs are scaled by the power of two of the largest magnitude
-    among them before the difference and the norms are formed, so entries near the top of the
-    dtype's range (``6e4`` in float16, ``1e308`` in float64) neither
-    overflow nor, when tiny, underflow to a zero reference.
+    Where their squares could overflow or underflow, both inputs are scaled
+    by the power of two of the largest magnitude among them before the
+    difference and the norms are formed, so entries near the top of the
+    dtype's range (``6e4`` in float16, ``1e308`` in float64) neither overflow
+    nor, when tiny, underflow to a zero reference.
 
     Examples
     --------
@@ -122,9 +151,10 @@ def relative_error(x: Any, x_hat: Any) -> float:
     scale = max(_magnitude(x, xp), _magnitude(x_hat, xp))
     if scale == 0.0:
         return 0.0
-    # In units of the common scale, so the ratio stays finite where it is.
-    x, _ = _unit_scaled(x, scale)
-    x_hat, _ = _unit_scaled(x_hat, scale)
+    if _needs_scaling(scale, math.prod(x.shape), x.dtype, xp):
+        # In units of the common scale, so the ratio stays finite where it is.
+        x, _ = _unit_scaled(x, scale)
+        x_hat, _ = _unit_scaled(x_hat, scale)
     reference = frobenius_norm(x, xp)
     difference = frobenius_norm(x - x_hat, xp)
     if reference == 0.0:
