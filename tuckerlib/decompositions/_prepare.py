@@ -21,7 +21,7 @@ import numpy as np
 
 from tuckerlib._host import host_float, is_dask, is_traced
 from tuckerlib._layout import memory_order
-from tuckerlib._namespace import as_array, get_namespace, is_numpy
+from tuckerlib._namespace import as_array, get_namespace
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import check_finite, check_ndim
@@ -124,13 +124,16 @@ def prepare_tensor(x: Any, name: str = "x") -> Prepared:
 
 
 def _squared_norm(xp: ModuleType, x: Any) -> float:
-    """``‖x‖²`` in the array's own dtype: one BLAS dot for NumPy, without a temporary."""
-    if is_numpy(xp):
-        flat = np.reshape(np.transpose(x, memory_order(x)), -1)
-        # Overflow is expected for extreme inputs: it is what decides the scale.
-        with np.errstate(over="ignore", invalid="ignore"):
-            return float(np.dot(flat, flat))
-    return host_float(xp.sum(x * x))
+    """``‖x‖²`` in the array's own dtype: one dot product, without a temporary.
+
+    The tensor is flattened in its memory order (a view for every axis
+    permutation of a contiguous array), so NumPy and PyTorch run one BLAS
+    dot where ``sum(x * x)`` would allocate a tensor-sized temporary.
+    """
+    flat = xp.reshape(xp.permute_dims(x, memory_order(x)), (-1,))
+    # Overflow is expected for extreme inputs: it is what decides the scale.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return host_float(flat @ flat)
 
 
 def _largest(xp: ModuleType, x: Any, name: str) -> float:
