@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from collections.abc import Iterable, Sequence
@@ -14,12 +15,14 @@ __all__ = [
     "Summary",
     "machine",
     "markdown",
+    "study_arguments",
     "summarize",
     "timing_table",
     "write_csv",
     "write_figure",
     "write_json",
     "write_study",
+    "write_timing",
 ]
 
 
@@ -188,6 +191,28 @@ def write_study(out: Path, prefix: str, result: dict, labels: dict[str, str], ta
     meta = {k: v for k, v in result.items() if k != "summaries"}
     meta["machine"] = machine()
     write_json(out / f"{prefix}_runs.json", meta)
+
+
+def write_timing(out: Path | None, prefix: str, rows: Sequence[dict]) -> None:
+    """Write a timing-only run to ``{prefix}_timing.json`` in ``out`` (nothing without ``out``)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"{prefix}_timing.json", {"rows": list(rows), "machine": machine()})
+
+
+def study_arguments(
+    argv: list[str] | None, description: str, *, timing: str | None = None
+) -> argparse.Namespace:
+    """The options every quality script takes; ``--timing-only`` where ``timing`` says how long."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smoke-size run (seconds)")
+    if timing is not None:
+        parser.add_argument(
+            "--timing-only", action="store_true", help=f"only time training steps ({timing})"
+        )
+    parser.add_argument("--out", type=Path, help="folder for the figure, tables and raw runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    return parser.parse_args(argv)
 
 
 def timing_table(rows: Sequence[dict]) -> str:

@@ -25,7 +25,6 @@ import os
 # machine. Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -35,7 +34,15 @@ from pathlib import Path
 
 import torch
 from _quality_methods import FLORA_VARIANTS, METHODS, Adapted, adapt
-from _quality_report import machine, markdown, summarize, timing_table, write_json, write_study
+from _quality_report import (
+    machine,
+    markdown,
+    study_arguments,
+    summarize,
+    timing_table,
+    write_study,
+    write_timing,
+)
 from _quality_setup import DigitsCNN, load_task, pretrain
 from _quality_study import Builder, Plan, Study, time_methods
 from _quality_train import TrainSettings, accuracy
@@ -171,26 +178,13 @@ def run_timing(experiment: Experiment, out: Path | None = None) -> list[dict]:
         batch_size=settings.batch_size,
         steps=experiment.timing_steps,
     )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "flora_vs_lora_timing.json", {"rows": rows, "machine": machine()})
+    write_timing(out, "flora_vs_lora", rows)
     return rows
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke-size run (seconds)")
-    parser.add_argument(
-        "--timing-only", action="store_true", help="only time training steps (a minute)"
-    )
-    parser.add_argument("--out", type=Path, help="folder for the figure, tables and raw runs")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    args = _parse(argv)
+    args = study_arguments(argv, __doc__.splitlines()[0], timing="a minute")
     torch.set_num_threads(args.threads)
     experiment = QUICK if args.quick else FULL
     if args.timing_only:

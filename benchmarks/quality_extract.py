@@ -16,9 +16,10 @@ each without and with HOOI refinement. The anchor is an SVD LoRA of each
 layer's ``(out, in·kh·kw)`` update, truncated to the rank whose LoRA pair
 costs no more than FLoRA's adapter of that layer. Each is scored as
 extracted (weights only) and with the fine-tune's 1-D tensors (biases,
-norm scales and shifts, running statistics, PReLU slopes) copied into the
-merged model as well, the "carry 1-D tensors" variant, computed here since
-``flora.extract`` records only weights of two or more dimensions. O-Net's
+norm scales and shifts, running statistics, PReLU slopes) as well: FLoRA
+through ``flora.extract(carry_1d=True)`` (bias updates of the adapted
+layers, norm and PReLU modules saved whole), the SVD LoRA anchor by copying
+them into its merged model. O-Net's
 new head has no pretrained counterpart (its "base" is a random
 initialization), so it is excluded from extraction and carried in full by
 every method (as PEFT's ``modules_to_save`` would), its size counted.
@@ -34,7 +35,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import importlib.util
 import math
 import sys
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 from _quality_onet import load_digits48, onet_state_dict, pretrained_onet
-from _quality_report import machine, write_json
+from _quality_report import machine, study_arguments, write_json
 from _quality_train import Split, TrainSettings, accuracy, train_and_evaluate
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -168,19 +168,24 @@ def _scores(pair: Pair, model: nn.Module, tuned: dict[str, torch.Tensor]) -> tup
 
 
 def _flora_point(pair: Pair, directory: Path, base, tuned, rule: dict, refine: bool) -> dict:
+    """A FLoRA extraction scored as extracted, then extracted with ``carry_1d=True``."""
     exclude = rf"^({'|'.join(pair.new_modules)})\." if pair.new_modules else None
-    extraction = flora.extract(
-        pair.base, pair.tuned, directory, refine=refine, exclude=exclude, **rule
-    )
-    model = flora.load_adapter(_model_with(pair, {**base, **pair.new_state(tuned)}), directory)
-    flora.unload(model)
-    plain, carried = _scores(pair, model, tuned)
-    sizes = {layer.tensor: layer.n_params for layer in extraction.layers}
+    scores = []
+    for carry in (False, True):
+        where = directory.with_name(directory.name + ("-1d" if carry else ""))
+        extraction = flora.extract(
+            pair.base, pair.tuned, where, refine=refine, exclude=exclude, carry_1d=carry, **rule
+        )
+        model = flora.load_adapter(_model_with(pair, {**base, **pair.new_state(tuned)}), where)
+        scores.append(accuracy(flora.unload(model, merge=True).eval(), pair.test))
+        if not carry:
+            sizes = {layer.tensor: layer.n_params for layer in extraction.layers}
     return {
         "method": "FLoRA, HOOI refine" if refine else "FLoRA, ST-HOSVD",
         "n_params": sum(sizes.values()) + _size(pair.new_state(tuned)),
-        "accuracy": plain,
-        "accuracy_carry": carried,
+        "accuracy": scores[0],
+        "accuracy_carry": scores[1],
+        "n_carried": extraction.carried_values,
         "layer_sizes": sizes,
     }
 
@@ -341,17 +346,9 @@ def _figure(path: Path, result: dict) -> None:
     plt.close(fig)
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke-size run (seconds)")
-    parser.add_argument("--out", type=Path, help="folder for the figure, table and raw results")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    args = _parse(argv)
+    args = study_arguments(argv, __doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     try:
         state = onet_state_dict()

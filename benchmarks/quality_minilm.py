@@ -28,7 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The model comes from an installed wheel: never ask a hub for anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
 import sys
 import time
 from collections.abc import Hashable
@@ -45,7 +44,15 @@ from _quality_methods import (
     train_head,
     with_new_head,
 )
-from _quality_report import machine, markdown, summarize, timing_table, write_json, write_study
+from _quality_report import (
+    machine,
+    markdown,
+    study_arguments,
+    summarize,
+    timing_table,
+    write_study,
+    write_timing,
+)
 from _quality_study import Builder, Plan, Study, time_methods
 from _quality_text import build_task, load_encoder, load_tweets, text_targets
 from _quality_train import TrainSettings
@@ -187,26 +194,13 @@ def run_timing(experiment: Experiment, out: Path | None = None, assets: tuple | 
         batch_size=experiment.batch_size,
         steps=experiment.timing_steps,
     )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "flora_vs_lora_minilm_timing.json", {"rows": rows, "machine": machine()})
+    write_timing(out, "flora_vs_lora_minilm", rows)
     return rows
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke-size run (seconds)")
-    parser.add_argument(
-        "--timing-only", action="store_true", help="only time training steps (minutes)"
-    )
-    parser.add_argument("--out", type=Path, help="folder for the figure, tables and raw runs")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    args = _parse(argv)
+    args = study_arguments(argv, __doc__.splitlines()[0], timing="minutes")
     torch.set_num_threads(args.threads)
     experiment = QUICK if args.quick else FULL
     try:
