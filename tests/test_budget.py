@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -30,15 +31,19 @@ def kept_energy(spectra, ranks):
     return float(np.prod(fractions))
 
 
+def usable(ranks):
+    """No rank above the product of the others: a Tucker tensor can use every rank."""
+    return all(r * r <= math.prod(ranks) for r in ranks)
+
+
 def exhaustive(spectra, budget, fixed=None):
+    """Best objective over usable ranks within the budget (over all ranks if none is usable)."""
     shape = tuple(len(s) for s in spectra)
     fixed = fixed or (None,) * len(shape)
     choices = [range(1, i + 1) if f is None else [f] for i, f in zip(shape, fixed, strict=True)]
-    return max(
-        kept_energy(spectra, ranks)
-        for ranks in itertools.product(*choices)
-        if tucker_params(shape, ranks) <= budget
-    )
+    within = [r for r in itertools.product(*choices) if tucker_params(shape, r) <= budget]
+    candidates = [r for r in within if usable(r)] or within
+    return max(kept_energy(spectra, ranks) for ranks in candidates)
 
 
 small_case = st.tuples(
@@ -62,6 +67,25 @@ def test_within_one_percent_of_exhaustive_and_within_budget(case):
     ranks = ranks_for_budget(x, budget)
     assert tucker_params(x.shape, ranks) <= budget
     assert kept_energy(spectra, ranks) >= 0.99 * exhaustive(spectra, budget)
+
+
+@given(case=small_case)
+def test_ranks_are_usable_when_the_budget_allows(case):
+    """Every rank at most the product of the others, when rank 1 everywhere fits."""
+    x, budget = draw(*case)
+    assert usable(ranks_for_budget(x, budget))
+    assert usable(solve_budget(host_spectra(x), budget, limit=4))
+
+
+def test_usable_ranks_spend_the_budget_elsewhere():
+    x = np.random.default_rng(3).standard_normal((16, 16, 3, 3))
+    # Kernel ranks 1 leave each channel rank capped by the other: (2, 1, 1, 1)
+    # would pay for a second mode-0 column that no core entry can reach.
+    assert ranks_for_budget(x, 60, fixed={2: 1, 3: 1}) == (1, 1, 1, 1)
+    ranks = ranks_for_budget(x, 600, fixed={2: 1, 3: 1})
+    assert ranks[0] == ranks[1] and tucker_params(x.shape, ranks) <= 600
+    # A pin that no usable choice within the budget can honour is kept as given.
+    assert ranks_for_budget(x, 60, fixed={0: 2, 2: 1, 3: 1}) == (2, 1, 1, 1)
 
 
 @given(case=small_case)

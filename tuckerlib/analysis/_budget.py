@@ -133,6 +133,7 @@ class _Problem:
         self.enumerated = [n for n in free if n != self.last]
         fixed = [n for n in range(len(shape)) if pinned[n] is not None]
         self.fixed_prod = math.prod(pinned[n] for n in fixed)  # type: ignore[misc]
+        self.fixed_max = max((pinned[n] for n in fixed), default=1)  # type: ignore[type-var]
         self.fixed_sum = sum(shape[n] * pinned[n] for n in fixed)  # type: ignore[operator]
         self.score = [_log_fraction(k) for k in kept]
         self.fixed_energy = sum(self.score[n][pinned[n]] for n in fixed)
@@ -144,30 +145,62 @@ class _Problem:
         self.budget = budget
 
     def best(self, choices: list[np.ndarray]) -> tuple[dict[int, int], float, int]:
-        """Best ranks over the grid ``choices`` (one 1-D array per enumerated mode)."""
+        """Best ranks over the grid ``choices`` (one 1-D array per enumerated mode).
+
+        Only usable ranks count, no rank above the product of the others
+        (a Tucker tensor cannot use it: ``R_n² <= Π_m R_m``), unless the
+        grid holds no usable point within the budget.
+        """
         k = len(choices)
         prod = np.full((1,) * k, self.fixed_prod, dtype=np.int64)
         used = np.full((1,) * k, self.fixed_sum, dtype=np.int64)
         energy = np.full((1,) * k, self.fixed_energy)
+        biggest = np.full((1,) * k, self.fixed_max, dtype=np.int64)
         for axis, (n, r) in enumerate(zip(self.enumerated, choices, strict=True)):
             r = r.reshape((1,) * axis + (-1,) + (1,) * (k - axis - 1))
             prod = prod * r
             used = used + self.shape[n] * r
             energy = energy + self.score[n][r]
+            biggest = np.maximum(biggest, r)
         size = self.shape[self.last]
-        r_last = np.minimum((self.budget - used) // (prod + size), size)
+        affordable = np.minimum((self.budget - used) // (prod + size), size)
+        usable = self._complete(prod, used, energy, np.minimum(affordable, prod), biggest)
+        if np.isfinite(usable[1]).any():
+            return self._pick(choices, *usable)
+        return self._pick(choices, *self._complete(prod, used, energy, affordable, None))
+
+    def _complete(
+        self,
+        prod: np.ndarray,
+        used: np.ndarray,
+        energy: np.ndarray,
+        r_last: np.ndarray,
+        biggest: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The closed-form mode's rank, each point's energy and parameters.
+
+        With ``biggest`` (the largest other rank) a point that is not usable
+        scores ``-inf``, like one over the budget.
+        """
+        size = self.shape[self.last]
         feasible = r_last >= 1
         r_last = self.equivalent[np.clip(r_last, 0, size)]
-        energy = energy + self.score[self.last][r_last]
+        if biggest is not None:
+            feasible = feasible & (biggest * biggest <= prod * r_last)
+        energy = np.where(feasible, energy + self.score[self.last][r_last], -np.inf)
         params = prod * r_last + used + size * r_last
-        energy = np.where(feasible, energy, -np.inf)
+        return r_last, energy, params
+
+    def _pick(
+        self, choices: list[np.ndarray], r_last: np.ndarray, energy: np.ndarray, params: np.ndarray
+    ) -> tuple[dict[int, int], float, int]:
+        """The point of most energy, the fewest parameters among equals."""
         top = energy.max()
         # Scores are logs of kept fractions: equal to rounding means equal energy.
         params = np.where(energy >= top - _TIE, params, np.iinfo(np.int64).max)
-        flat = int(np.argmin(params))
-        index = np.unravel_index(flat, params.shape)
+        index = np.unravel_index(int(np.argmin(params)), params.shape)
         ranks = {n: int(c[i]) for n, c, i in zip(self.enumerated, choices, index, strict=True)}
-        ranks[self.last] = int(r_last[index])
+        ranks[self.last] = int(np.broadcast_to(r_last, params.shape)[index])
         return ranks, float(energy[index]), int(params[index])
 
     def exhaustive(self) -> dict[int, int]:
@@ -267,7 +300,8 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     Returns
     -------
     tuple of int
-        One rank per mode, ``tucker_params(shape, ranks) <= budget``.
+        One rank per mode, ``tucker_params(shape, ranks) <= budget``, and
+        usable: no rank above the product of the others (see Notes).
 
     Raises
     ------
@@ -308,6 +342,14 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     free modes are searched exhaustively when there are at most ``2**21`` of
     them (e.g. 2 304 for a 256×256×3×3 convolution), and by a coordinate
     search otherwise. Among equal energies the fewest parameters win.
+
+    Only usable ranks are considered, ``R_n <= Π_{m≠n} R_m``: the core's
+    mode-``n`` unfolding has rank at most the product of the other ranks,
+    so a larger ``R_n`` pays for factor columns that no core entry reaches,
+    while the surrogate, which reads the spectra of ``x``, would count their
+    energy. With kernel ranks pinned to 1, for example, the two channel
+    ranks come out equal. Only when the pinned ranks leave no usable choice
+    within the budget is the best unusable one returned.
 
     For a matrix (``N = 2``) the surrogate would be misleading: both modes
     share one spectrum, and the best ``(R_0, R_1)`` Tucker approximation is
