@@ -24,6 +24,7 @@ from torch import nn
 
 import flora
 import tuckerlib
+from flora.spec import usable_ranks
 
 __all__ = [
     "FLORA_VARIANTS",
@@ -123,7 +124,8 @@ def _equal_channel_ranks(
     pinned = _pinned(shape, kernel_rank)[: len(shape)]
     best = _cheapest(shape, pinned)
     for r in range(1, max(shape[:2]) + 1):
-        ranks = tuple(min(r, shape[n]) if p is None else p for n, p in enumerate(pinned))
+        wanted = tuple(min(r, shape[n]) if p is None else p for n, p in enumerate(pinned))
+        ranks = usable_ranks(wanted, shape)
         if tuckerlib.tucker_params(shape, ranks) > budget:
             break
         best = ranks
@@ -159,6 +161,8 @@ def flora_layer_ranks(
             ranks[name] = _equal_channel_ranks(tuple(weight.shape), available, variant.kernel_rank)
         else:
             ranks[name] = choose(weight, available, variant.kernel_rank)
+        # flora clips to usable ranks; what the clipping saves goes to the next layer.
+        ranks[name] = usable_ranks(ranks[name], tuple(weight.shape))
         carry = available - tuckerlib.tucker_params(tuple(weight.shape), ranks[name])
     return {name: ranks[name] for name in targets}
 
@@ -224,10 +228,8 @@ def flora_model(
         target_modules=list(ranks),
         rank_pattern={re.escape(name): r for name, r in ranks.items()},
         init=variant.init,
-        # All forward modes agree to rounding; "auto" counts flops and picks the
-        # factorized path, which on small feature maps runs 2-3x slower than
-        # dense because it launches three small convolutions per layer.
-        forward="dense",
+        # forward="auto", flora's default: each layer runs the branch its cost
+        # model finds cheaper (all forward modes agree to rounding).
     )
     model = flora.inject(copy.deepcopy(base), config)
     return Adapted(model, trainable_of(model), ranks)
