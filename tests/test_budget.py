@@ -83,7 +83,8 @@ def test_usable_ranks_spend_the_budget_elsewhere():
     # would pay for a second mode-0 column that no core entry can reach.
     assert ranks_for_budget(x, 60, fixed={2: 1, 3: 1}) == (1, 1, 1, 1)
     ranks = ranks_for_budget(x, 600, fixed={2: 1, 3: 1})
-    assert ranks[0] == ranks[1] and tucker_params(x.shape, ranks) <= 600
+    assert ranks[0] == ranks[1]
+    assert tucker_params(x.shape, ranks) <= 600
     # A pin that no usable choice within the budget can honour is kept as given.
     assert ranks_for_budget(x, 60, fixed={0: 2, 2: 1, 3: 1}) == (2, 1, 1, 1)
 
