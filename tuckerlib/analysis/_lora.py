@@ -167,8 +167,8 @@ def lora_budget_ranks(
     ...            np.array([4.0, 1, 0.5]), np.array([4.0, 1, 0.5])]  # a (4, 8, 3, 3) conv
     >>> lora_budget_ranks(spectra, "conv", 2)  # budget 2 * (4 + 72)
     ((3, 3, 3, 3), 152)
-    >>> lora_budget_ranks(spectra, "conv", 2, kernel_rank=1)
-    ((4, 5, 1, 1), 152)
+    >>> lora_budget_ranks(spectra, "conv", 2, kernel_rank=1)  # R_1 <= R_0 · 1 · 1
+    ((4, 4, 1, 1), 152)
     """
     spectra = as_list(spectra, "spectra", "a sequence of 1-D spectra, one per mode")
     if kind not in TENSOR_KINDS:
