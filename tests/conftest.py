@@ -150,11 +150,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # The JAX backend of the decomposition and analysis tests: eager JAX
 # compiles every operation for each new shape, seconds per hypothesis
-# example; those functions run on JAX in tests/test_jax.py instead, on fixed
-# shapes, eagerly and under jax.jit.
+# example; tests/test_jax.py checks each of those functions on JAX against
+# NumPy on fixed shapes instead, eagerly and under jax.jit where it traces.
 JAX_PER_SHAPE = (
     "eager JAX compiles every operation for each new shape (seconds per example); "
-    "tests/test_jax.py runs this function on JAX on fixed shapes, eagerly and under jax.jit"
+    "tests/test_jax.py checks this function on JAX against NumPy on fixed shapes"
+)
+
+# The internal kernels have no JAX test of their own: on JAX they run inside
+# the decompositions that tests/test_jax.py checks against NumPy.
+JAX_KERNELS = (
+    "eager JAX compiles every operation for each new shape (seconds per example); "
+    "this internal kernel runs on JAX inside the decompositions tests/test_jax.py checks"
 )
 
 # The in-memory kernels (fibre matrices, sketches of a materialized

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import DASK_KERNELS, JAX_PER_SHAPE
+from conftest import DASK_KERNELS, JAX_KERNELS
 
 from tuckerlib import sthosvd, unfold
 from tuckerlib._layout import inverse, memory_order
@@ -16,7 +16,7 @@ from tuckerlib.decompositions._linalg import left_singular, sign_fix
 from tuckerlib.decompositions._prepare import check_method
 
 pytestmark = [
-    pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE),
+    pytest.mark.skip_backend("jax", reason=JAX_KERNELS),
     pytest.mark.skip_backend("dask", reason=DASK_KERNELS),
 ]
 

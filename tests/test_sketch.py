@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import DASK_KERNELS, JAX_PER_SHAPE
+from conftest import DASK_KERNELS, JAX_KERNELS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +18,7 @@ from tuckerlib.decompositions._sketch import (
 )
 
 pytestmark = [
-    pytest.mark.skip_backend("jax", reason=JAX_PER_SHAPE),
+    pytest.mark.skip_backend("jax", reason=JAX_KERNELS),
     pytest.mark.skip_backend("dask", reason=DASK_KERNELS),
 ]
 

@@ -9,10 +9,13 @@ build when it
   "On this page" title with no entries);
 * has a table cell that renders as an empty bullet (a lone ``-``; write
   ``n/a``) or a spread of ``± 0.000`` (a single run has no spread);
-* mentions development leftovers: ``DESIGN``, ``issue 12``, internal labels
-  (``T1``, ``Table 1c``), a private module path or name (``_cost.py``,
-  ``flora._cost``, ``_ops``), or an example that cannot be copied out of the
-  page (``getfixture(...)``, ``sys.path.insert(...)``).
+* mentions development leftovers, text that only makes sense to the people
+  who wrote it: a reference to a planning document that does not ship with
+  these docs (the word ``DESIGN``; a page states its rule itself instead),
+  an issue number (``issue 12``), internal labels (``T1``, ``Table 1c``), a
+  private module path or name (``_cost.py``, ``flora._cost``, ``_ops``), or
+  an example that cannot be copied out of the page (``getfixture(...)``,
+  ``sys.path.insert(...)``).
 
 The source listings of ``sphinx.ext.viewcode`` (``_modules/``) show the code
 itself, private modules included, and are only checked for external assets.
