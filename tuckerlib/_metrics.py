@@ -6,20 +6,12 @@ import math
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
-
+from tuckerlib._host import host_float
 from tuckerlib._namespace import get_namespace
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import as_floating, as_numeric_array, check_finite
 
 __all__ = ["frobenius_norm", "relative_error"]
-
-
-def _host_float(a: Any) -> float:
-    """A 0-D array as a Python float, detached from autograd."""
-    if array_api_compat.is_torch_array(a):
-        a = a.detach()
-    return float(a)
 
 
 def _magnitude(a: Any, xp: ModuleType) -> float:
@@ -31,8 +23,8 @@ def _magnitude(a: Any, xp: ModuleType) -> float:
     if not math.prod(a.shape):
         return 0.0
     if xp.isdtype(a.dtype, "complex floating"):
-        return _host_float(xp.max(xp.abs(a)))
-    high, low = _host_float(xp.max(a)), _host_float(xp.min(a))
+        return host_float(xp.max(xp.abs(a)))
+    high, low = host_float(xp.max(a)), host_float(xp.min(a))
     if math.isnan(high) or math.isnan(low):
         return math.nan
     return max(high, -low)
@@ -87,9 +79,9 @@ def frobenius_norm(a: Any, xp: ModuleType) -> float:
     if top == 0.0 or not math.isfinite(top):
         return top
     if not _needs_scaling(top, math.prod(a.shape), a.dtype, xp):
-        return _host_float(xp.linalg.vector_norm(a))
+        return host_float(xp.linalg.vector_norm(a))
     scaled, exponent = _unit_scaled(a, top)
-    return math.ldexp(_host_float(xp.linalg.vector_norm(scaled)), exponent)
+    return math.ldexp(host_float(xp.linalg.vector_norm(scaled)), exponent)
 
 
 def relative_error(x: Any, x_hat: Any) -> float:

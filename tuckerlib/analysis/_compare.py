@@ -48,20 +48,21 @@ def _given_spectra(spectra: Any, prepared: Prepared) -> list[np.ndarray]:
             f"spectra must hold one spectrum of length I_n per mode of x, i.e. lengths {shape}; "
             f"got lengths {lengths}"
         )
-    _check_energies(host, prepared.xp, prepared.x)
+    _check_energies(host, prepared)
     return host
 
 
-def _check_energies(host: list[np.ndarray], xp: Any, x: Any) -> None:
+def _check_energies(host: list[np.ndarray], prepared: Prepared) -> None:
     """Every unfolding holds all entries of ``x``: each spectrum's energy must be ``‖x‖²``.
 
     The tolerance follows ``x``'s dtype: the Gram route of
     :func:`mode_spectra` gets energies right to about ``eps`` times the
     mode size, and never closer than ``sqrt(eps)`` is asked for.
     """
+    xp, x = prepared.xp, prepared.x
     eps = float(xp.finfo(x.dtype).eps)
     tolerance = max(math.sqrt(eps), 32 * max(x.shape) * eps)
-    norm = frobenius_norm(x, xp)
+    norm = frobenius_norm(x, xp) if prepared.norm2 is None else math.sqrt(prepared.norm2)
     for n, s in enumerate(host):
         top = float(s[0]) if len(s) else 0.0
         given = top * float(np.linalg.norm(s / top)) if top > 0.0 else 0.0

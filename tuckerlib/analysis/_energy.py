@@ -24,7 +24,7 @@ def _unit_scaled(values: np.ndarray) -> np.ndarray:
 
 def energy_rank(s: np.ndarray, energy: float) -> int:
     """Smallest ``r >= 1`` with ``Σ_{i<r} s_i² >= energy · Σ_i s_i²``."""
-    kept = np.cumsum(np.square(_unit_scaled(s)))
+    kept = np.cumsum(np.square(s))
     if kept.size == 0 or kept[-1] == 0.0:
         return 1
     target = energy * kept[-1] * (1.0 - _SLACK)

@@ -36,6 +36,7 @@ from tuckerlib import (
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
 from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport
 from tuckerlib.cli.common import UsageError
+from tuckerlib.decompositions._truncation import default_order
 from tuckerlib.io import Adapter, AdapterLayer
 
 __all__ = [
@@ -187,7 +188,7 @@ def _tucker_error(
         # The best (R_0, R_1) approximation of a matrix is its rank-min(R) SVD.
         return _tail_error(spectra[0], min(ranks))
     # ST-HOSVD's order on ΔW (largest I_n / R_n first) applied to C' gives ΔW's ST-HOSVD.
-    order = sorted(range(len(shape)), key=lambda n: (-shape[n] / ranks[n], n))
+    order = default_order(shape, ranks)
     clipped = [min(r, k) for r, k in zip(ranks, core.shape, strict=True)]
     approx = sthosvd(core, clipped, order=order)
     return float(relative_error(core, tucker_to_tensor(approx.core, approx.factors)))

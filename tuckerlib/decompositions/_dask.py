@@ -51,6 +51,7 @@ from tuckerlib.decompositions._hooi import HOOIInfo, iterate
 from tuckerlib.decompositions._linalg import orthonormal, sign_fix
 from tuckerlib.decompositions._prepare import Prepared, magnitude_scale
 from tuckerlib.decompositions._sketch import Sketch, gaussian_draws, nystrom_coefficients
+from tuckerlib.decompositions._spectra import pad
 from tuckerlib.decompositions._sthosvd import Truncated, sthosvd_steps
 from tuckerlib.decompositions._truncation import default_order
 
@@ -462,12 +463,11 @@ def hooi(
     """:func:`~tuckerlib.hooi` of a Dask tensor: each mode of a sweep is one pass."""
     xp = chunk_namespace(prepared.x)
     if isinstance(init, TuckerTensor):
-        prepared, _ = measure(prepared, lambda x: [])
         factors = [
             sign_fix(xp, xp.linalg.qr(xp.astype(f, prepared.x.dtype))[0])
             for f in compute(*init.factors)
         ]
-        (core,) = compute(project_all(prepared.x, factors))
+        prepared, (core,) = measure(prepared, lambda x: [project_all(x, factors)])
     elif init == "hosvd":
         prepared, factors = _hosvd_factors(prepared, ranks, None, "auto")
         (core,) = compute(project_all(prepared.x, factors))
@@ -504,7 +504,5 @@ def spectra(prepared: Prepared, vectors: bool) -> tuple[Prepared, list[tuple[Any
             w, v = xp.linalg.eigh(gram)
             out.append((descending_sqrt(xp, w), xp.flip(v, axis=1)))
             continue
-        values = descending_sqrt(xp, xp.linalg.eigvalsh(gram))
-        pad = xp.zeros(shape[n] - values.shape[0], dtype=values.dtype)
-        out.append((xp.concat([values, pad]), None))
+        out.append((pad(xp, descending_sqrt(xp, xp.linalg.eigvalsh(gram)), shape[n]), None))
     return prepared, out

@@ -317,20 +317,6 @@ def _linear(
     return read
 
 
-def _embedding(pair: _Pair, scaling: float) -> LayerReader:
-    r, num = pair.a_shape
-    dim = pair.b_shape[0]
-
-    def read(weights: Checkpoint) -> AdapterLayer:
-        a, b = weights.read(pair.a_key), weights.read(pair.b_key)
-        core = np.eye(r, dtype=a.dtype)
-        return AdapterLayer(
-            pair.name, "Embedding", (num, dim), core, (a.T, b), scaling, (r,), a.size + b.size
-        )
-
-    return read
-
-
 def _grouped_blocks(a: np.ndarray, groups: int) -> np.ndarray | None:
     """lora_A's diagonal blocks ``(r, in/groups, *kernel)``, or None if it mixes groups."""
     r, channels = a.shape[:2]
@@ -481,7 +467,14 @@ def _plan_pair(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) 
         if options.lora_bias:
             return pair.name, _bias_refused("an Embedding")
         _check_rank(path, pair, options.rank(pair.name), pair.a_shape[0])
-        return pair.name, _embedding(pair, options.scaling(pair.name))
+        return pair.name, _linear(
+            pair,
+            options.scaling(pair.name),
+            kind="Embedding",
+            name=pair.name,
+            transposed=True,
+            dropout=0.0,
+        )
     if len(pair.a_shape) == 2 and pair.b_shape[1:] == pair.a_shape[:1]:
         return _plan_matrix(path, pair, options, _parameter_names(pair, options.target_parameters))
     if 3 <= len(pair.a_shape) <= 5:
