@@ -24,7 +24,7 @@ from flora._geometry import check_geometry, lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
 from flora._lora_import import plain_module_names
 from flora._lora_math import LoraTensors, lora_split, to_lora
-from flora._plan import find_adapted, find_saved
+from flora._plan import MODULE_TYPES, find_adapted, find_saved
 from flora._tucker import block_sum
 from flora.io import SAVED_PREFIX, _resolve_name, adapter_state_dict, read_adapter
 from flora.layers import FLoRALayer
@@ -41,13 +41,6 @@ __all__ = [
 ]
 
 _PEFT_PREFIX = "base_model.model."
-_MODULE_TYPES = {
-    "Linear": nn.Linear,
-    "Conv1d": nn.Conv1d,
-    "Conv2d": nn.Conv2d,
-    "Conv3d": nn.Conv3d,
-    "Embedding": nn.Embedding,
-}
 
 
 @dataclass(frozen=True)
@@ -173,7 +166,7 @@ def _base_module_geometry(layer: ExportLayer, base_model: nn.Module) -> dict[str
     if kind == "Parameter":
         weight = getattr(module, layer.name.rpartition(".")[2], None)
     else:
-        if not isinstance(module, _MODULE_TYPES[kind]):
+        if not isinstance(module, MODULE_TYPES[kind]):
             return f"base_model's {module_name!r} is a {type(module).__name__}, not a {kind}"
         weight = module.weight
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != layer.shape:

@@ -27,58 +27,21 @@ unchanged, so the LoRA rank is ``R_0`` after that clipping.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from flora._tucker import reconstruct
+from flora._tucker import compress, reconstruct
 
 __all__ = ["LoraTensors", "compact", "lora_split", "to_lora"]
-
-
-def _unfold(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x.movedim(n, 0).reshape(x.shape[n], -1)
-
-
-def _fold(matrix: torch.Tensor, n: int, shape: Sequence[int]) -> torch.Tensor:
-    moved = (shape[n], *shape[:n], *shape[n + 1 :])
-    return matrix.reshape(moved).movedim(0, n)
-
-
-def _with_mode(shape: Sequence[int], n: int, size: int) -> tuple[int, ...]:
-    return (*shape[:n], size, *shape[n + 1 :])
 
 
 def compact(
     core: torch.Tensor, factors: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The same Tucker tensor with ranks ``R_n ≤ min(I_n, ∏_{m≠n} R_m)``.
-
-    A factor with more columns than rows is replaced by the ``Q`` of its QR
-    factorization (its ``R`` goes into the core); a core mode larger than
-    the product of the others is cut to that product by a QR of its
-    unfolding (``Q`` goes into the factor). Neither changes the tensor
-    beyond rounding; repeated until no rank can shrink.
-    """
-    factors = list(factors)
-    for n, factor in enumerate(factors):
-        if factor.shape[1] > factor.shape[0]:
-            q, r = torch.linalg.qr(factor)
-            core = _fold(r @ _unfold(core, n), n, _with_mode(core.shape, n, r.shape[0]))
-            factors[n] = q
-    shrunk = True
-    while shrunk:
-        shrunk = False
-        for n in range(core.ndim):
-            others = math.prod(core.shape) // core.shape[n]
-            if core.shape[n] > others:
-                q, r = torch.linalg.qr(_unfold(core, n))
-                core = _fold(r, n, _with_mode(core.shape, n, others))
-                factors[n] = factors[n] @ q
-                shrunk = True
-    return core, factors
+    """The same Tucker tensor with ranks ``R_n ≤ min(I_n, ∏_{m≠n} R_m)``: :func:`compress`."""
+    return compress(core, factors)
 
 
 def lora_split(
@@ -123,7 +86,8 @@ def _grouped_conv(left: torch.Tensor, right: torch.Tensor, groups: int) -> LoraT
 
 
 def _mode0(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    return _fold(matrix @ _unfold(x, 0), 0, _with_mode(x.shape, 0, matrix.shape[0]))
+    """``x ×_0 matrix``: the mode-0 unfolding of ``x`` is a reshape."""
+    return (matrix @ x.reshape(x.shape[0], -1)).reshape(matrix.shape[0], *x.shape[1:])
 
 
 def to_lora(

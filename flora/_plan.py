@@ -35,6 +35,7 @@ from flora.layers import (
 
 __all__ = [
     "LAYER_TYPES",
+    "MODULE_TYPES",
     "Addition",
     "SavedCopy",
     "Site",
@@ -43,6 +44,7 @@ __all__ = [
     "check_enabled",
     "check_sites",
     "current_active",
+    "drop_host",
     "find_adapted",
     "find_saved",
     "refresh_requires_grad",
@@ -61,7 +63,8 @@ LAYER_TYPES: dict[type[nn.Module], type[FLoRALayer]] = {
     nn.Embedding: Embedding,
 }
 
-_MODULE_TYPES = {layer.kind: torch_type for torch_type, layer in LAYER_TYPES.items()}
+#: The torch module type of each layer kind.
+MODULE_TYPES = {layer.kind: torch_type for torch_type, layer in LAYER_TYPES.items()}
 
 
 def _join(prefix: str, name: str) -> str:
@@ -169,7 +172,7 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
             if module.kind != kind:
                 raise ValueError(f"layer {name!r} is a FLoRA {module.kind}, not a {kind}")
             return Site(name, kind, module, None, module, module.base_weight())
-        if type(module) is not _MODULE_TYPES[kind]:
+        if type(module) is not MODULE_TYPES[kind]:
             raise ValueError(
                 f"layer {name!r}: expected a torch.nn.{kind}, the model has a "
                 f"{type(module).__name__}"
@@ -280,6 +283,16 @@ def replace_module(modules: dict[str, nn.Module], name: str, new: nn.Module) -> 
     """Put ``new`` where module ``name`` is, given the model's :func:`walk` as ``modules``."""
     parent, _, child = name.rpartition(".")
     setattr(modules[parent], child, new)
+
+
+def drop_host(modules: dict[str, nn.Module], name: str, layer: AdaptedWeight) -> None:
+    """Give ``layer``'s place back to its base module (or unparametrize its parameter)."""
+    if isinstance(layer, FLoRALayer):
+        replace_module(modules, name, layer.base_layer)
+    else:
+        parametrize.remove_parametrizations(
+            layer.base_layer, layer.parameter_name, leave_parametrized=False
+        )
 
 
 def apply(

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from flora._args import check_model, check_names
 from flora._hf import release_save_pretrained
@@ -27,6 +26,7 @@ from flora._plan import (
     apply,
     check_enabled,
     check_sites,
+    drop_host,
     find_adapted,
     find_saved,
     replace_module,
@@ -37,7 +37,7 @@ from flora._plan import adapter_names as _adapter_names
 from flora._plan import current_active as _current_active
 from flora._tucker import block_sum
 from flora.config import FLoRAConfig
-from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
+from flora.layers import AdaptedWeight, TuckerDelta
 from flora.layers.base import check_adapter_name
 from flora.spec import LayerSpec
 
@@ -267,7 +267,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             layer.remove_adapter(adapter_name)
         layer._set_active(tuple(active))
         if not layer.adapters:
-            _drop(modules, name, layer)
+            drop_host(modules, name, layer)
     for name, wrapper in find_saved(model).items():
         if adapter_name in wrapper.copies:
             wrapper.remove_copy(adapter_name)
@@ -276,15 +276,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             replace_module(modules, name, wrapper.original_module)
     release_save_pretrained(model)
     return model
-
-
-def _drop(modules: dict[str, nn.Module], name: str, layer: AdaptedWeight) -> None:
-    if isinstance(layer, FLoRALayer):
-        replace_module(modules, name, layer.base_layer)
-    else:
-        parametrize.remove_parametrizations(
-            layer.base_layer, layer.parameter_name, leave_parametrized=False
-        )
 
 
 def _check_weights(weights: Iterable[float], count: int) -> list[float]:

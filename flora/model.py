@@ -20,6 +20,7 @@ from flora._plan import (
     apply,
     check_enabled,
     check_sites,
+    drop_host,
     find_adapted,
     find_saved,
     replace_module,
@@ -566,12 +567,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
             layer.merge_effective()
         else:
             layer.restore_base()
-        if isinstance(layer, FLoRALayer):
-            replace_module(modules, name, layer.base_layer)
-        else:
-            parametrize.remove_parametrizations(
-                layer.base_layer, layer.parameter_name, leave_parametrized=False
-            )
+        drop_host(modules, name, layer)
     for name, wrapper in find_saved(model).items():
         replace_module(
             modules, name, wrapper.running_module() if merge else wrapper.original_module

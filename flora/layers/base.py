@@ -976,10 +976,11 @@ class FLoRALayer(AdaptedWeight):
         separate = []
         shared: list[torch.Tensor | None] = [a.initial_delta().detach() for a in idle]
         for adapter in running:
-            if self._choose(adapter, x) == "dense" and self._dropout_off(adapter):
+            mode = self._choose(adapter, x)
+            if mode == "dense" and self._dropout_off(adapter):
                 shared.append(adapter.delta_weight())
             else:
-                separate.append(adapter)
+                separate.append((adapter, mode))
         delta = self._sum(shared)
         if delta is not None and self._fusable_delta(delta):
             out = self._fused(x, delta)
@@ -987,9 +988,9 @@ class FLoRALayer(AdaptedWeight):
             out = self.base_layer(x)
             if delta is not None:
                 out = out + self._dense(self._cast_input(x, delta.dtype), delta).to(out.dtype)
-        for adapter in separate:
+        for adapter, mode in separate:
             branch_input = self._branch_input(x, adapter)
-            if self._choose(adapter, x) == "factorized":
+            if mode == "factorized":
                 branch = self._factorized(branch_input, adapter)
             else:
                 branch = self._dense(branch_input, self._mask(adapter.delta_weight()))
