@@ -240,19 +240,31 @@ def _step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         p.grad = None
 
 
-def _inputs(module: nn.Module, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(
+    module: nn.Module, shape: Sequence[int], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(tuple(shape), generator=generator, requires_grad=True)
+    x = torch.randn(tuple(shape), generator=generator).to(device).requires_grad_()
     with torch.no_grad():
         out_shape = module(x).shape
-    return x, torch.randn(out_shape, generator=generator)
+    return x, torch.randn(out_shape, generator=generator).to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_case(
-    modules: dict[str, nn.Module], shape: Sequence[int], repeats: int, inner: int, warmup: int
+    modules: dict[str, nn.Module],
+    shape: Sequence[int],
+    repeats: int,
+    inner: int,
+    warmup: int,
+    device: torch.device,
 ) -> dict[str, list[float]]:
     """Seconds per step of every variant, ``repeats`` samples interleaved across variants."""
-    x, grad_out = _inputs(modules["base"], shape)
+    x, grad_out = _inputs(modules["base"], shape, device)
     names = list(modules)
     for name in names:
         for _ in range(warmup):
@@ -261,11 +273,40 @@ def time_case(
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
+            _sync(device)
             start = time.perf_counter()
             for _ in range(inner):
                 _step(modules[name], x, grad_out)
+            _sync(device)
             samples[name].append((time.perf_counter() - start) / inner)
     return samples
+
+
+def gemm_rate(device: torch.device, size: int = 2048) -> float:
+    """Multiply-adds per second of a plain float32 ``size³`` matmul (best of 5)."""
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(size, size, generator=generator).to(device)
+    b = torch.randn(size, size, generator=generator).to(device)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return size**3 / best
+
+
+def weight_grad_macs(base: nn.Module, shape: Sequence[int]) -> int:
+    """Multiply-adds of the weight gradient of ``base`` on an input of ``shape``.
+
+    What a step with a trainable ``ΔW`` computes beyond the frozen base's
+    step: the base layer already runs its forward and its input gradient.
+    """
+    with torch.no_grad():
+        out = base(torch.zeros(tuple(shape), device=base.weight.device))
+    return out.numel() * math.prod(base.weight.shape[1:])
 
 
 def _proc_status(key: str) -> int:
@@ -396,30 +437,82 @@ def evaluate_targets(case: Case, samples: dict[str, list[float]]) -> list[tuple[
     ]
 
 
+def cuda_memory(
+    modules: dict[str, nn.Module], shape: Sequence[int], device: torch.device
+) -> dict[str, int]:
+    """Peak CUDA memory one warmed-up step adds on top of what was allocated before it."""
+    x, grad_out = _inputs(modules["base"], shape, device)
+    peaks = {}
+    for name, module in modules.items():
+        _step(module, x, grad_out)
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        _step(module, x, grad_out)
+        _sync(device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) - before
+    return peaks
+
+
+def report_floor(case: Case, shape: Sequence[int], module: nn.Module, added: float, rate: float):
+    """The weight gradient's multiply-adds at the plain GEMM rate, against FLoRA's added time."""
+    macs = weight_grad_macs(module.layer.base_layer, shape)
+    floor = macs / rate
+    print(
+        f"flop floor: the weight gradient is {macs / 1e6:.0f} M multiply-adds, "
+        f"{floor * 1e3:.2f} ms at the GEMM rate; FLoRA auto adds {added * 1e3:.2f} ms "
+        f"= {added / floor:.1f}x the floor"
+    )
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print one table per shape, then the targets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda[:N]; CUDA times synchronize"
+    )
+    parser.add_argument(
+        "--cases", nargs="+", choices=[c.name for c in CASES], help="only these shapes"
+    )
     parser.add_argument("--memory-worker", metavar="CASE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
         memory_worker(args.memory_worker, args.quick)
         return 0
     torch.set_num_threads(_THREADS)
+    device = torch.device(args.device)
     repeats, inner, warmup = (3, 1, 1) if args.quick else (7, 2, 1)
+    rate = gemm_rate(device)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+        f"torch {torch.__version__}, {_describe(device)}, float32, "
         f"median of {repeats} interleaved repeats x {inner} steps; "
-        "step = forward + backward to the input and the trainable parameters"
+        "step = forward + backward to the input and the trainable parameters; "
+        f"plain GEMM {rate / 1e9:.1f} G multiply-adds/s"
     )
     verdicts = []
     for case in CASES:
+        if args.cases and case.name not in args.cases:
+            continue
         shape = case.quick_input_shape if args.quick else case.input_shape
         modules, rank = build_variants(case)
-        samples = time_case(modules, shape, repeats, inner, warmup)
-        memory = None if args.no_memory else measure_memory(case, args.quick)
+        modules = {name: module.to(device) for name, module in modules.items()}
+        samples = time_case(modules, shape, repeats, inner, warmup, device)
+        if args.no_memory:
+            memory = None
+        elif device.type == "cuda":
+            memory = cuda_memory(modules, shape, device)
+        else:
+            memory = measure_memory(case, args.quick)
         report_case(case, shape, modules, rank, samples, memory)
+        report_floor(case, shape, modules["flora-auto"], _overhead(samples, "flora-auto"), rate)
         verdicts += evaluate_targets(case, samples)
     print("\n## targets")
     for label, passed, evidence in verdicts:

@@ -24,12 +24,15 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
+
 from flora._tucker import mode_order
 
 __all__ = [
     "MACHINE_BALANCE",
     "Op",
     "chain_cost",
+    "channels_last_weight_grad",
     "choose",
     "product",
     "reconstruction_ops",
@@ -184,3 +187,47 @@ def choose(
         dense_cost += chain_cost([dense_op], training=training, input_grad=input_grad)
         dense_cost += branch_sum
     return "factorized" if factorized_cost < dense_cost else "dense"
+
+
+def channels_last_weight_grad(x: torch.Tensor, weight_shape: Sequence[int], groups: int) -> bool:
+    """Whether a grouped convolution's weight gradient runs faster on channels-last copies.
+
+    Only on the CPU, where oneDNN's kernel depends on the layout: for
+    contiguous (NCHW) tensors it has direct kernels for depthwise
+    convolutions of up to 3×3 taps and for groups of at least 8 input and
+    8 output channels, and runs every other grouped shape as im2col plus one
+    small GEMM per group, several times slower than its direct channels-last
+    kernel, which covers every shape. Copying the input and the output
+    gradient to channels-last costs two passes over each, small against
+    that difference (``benchmarks/bench_auto_rule.py`` measures both layouts).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The convolution's batched input (only its device is read).
+    weight_shape : sequence of int
+        ``(out, in/groups, *kernel)``, two or three kernel axes.
+    groups : int
+        The convolution's groups.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from flora._cost import channels_last_weight_grad
+    >>> x = torch.empty(8, 96, 56, 56)
+    >>> channels_last_weight_grad(x, (96, 1, 7, 7), 96)  # depthwise 7×7
+    True
+    >>> channels_last_weight_grad(x, (96, 1, 3, 3), 96)  # depthwise 3×3: direct in NCHW
+    False
+    """
+    if x.device.type != "cpu" or groups == 1:
+        return False
+    out_channels, in_per_group, *kernel = weight_shape
+    taps = math.prod(kernel)
+    if taps == 1:
+        return False
+    depthwise = in_per_group == 1
+    direct = (depthwise and len(kernel) == 2 and taps <= 9) or (
+        in_per_group >= 8 and out_channels // groups >= 8
+    )
+    return not direct

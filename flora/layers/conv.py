@@ -25,6 +25,7 @@ from torch import nn
 
 from flora._cost import Op, reconstruction_ops
 from flora._tucker import reconstruct
+from flora.layers._grouped import grouped_conv
 from flora.layers.base import FLoRALayer, TuckerDelta
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
@@ -60,7 +61,27 @@ class _ConvNd(FLoRALayer):
         h = self._spatial_conv(h, kernel_core)
         return conv(h, factors[0].reshape(shape[0], ranks[0], *pointwise))
 
+    def _grouped(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The base's convolution with ``weight`` through :func:`grouped_conv` (groups > 1)."""
+        base = self.base_layer
+        padding = base.padding
+        pads = base._reversed_padding_repeated_twice
+        if base.padding_mode != "zeros":
+            x, padding = F.pad(x, pads, mode=base.padding_mode), (0,) * len(base.stride)
+        elif isinstance(padding, str):
+            # "valid", or "same" as the base pads it: symmetric where it can.
+            before, after = pads[-2::-2], pads[::-1][::2]
+            if before == after:
+                padding = tuple(before)
+            else:
+                x, padding = F.pad(x, pads), (0,) * len(base.stride)
+        return grouped_conv(x, weight, bias, base.stride, padding, base.dilation, base.groups)
+
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            return self._grouped(x, delta, None)
         return self.base_layer._conv_forward(x, delta, None)
 
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
@@ -69,6 +90,8 @@ class _ConvNd(FLoRALayer):
 
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if base.groups > 1:
+            return self._grouped(x, base.weight + delta, base.bias)
         return base._conv_forward(x, base.weight + delta, base.bias)
 
     def _output_pixels(self, spatial: tuple[int, ...]) -> int:
