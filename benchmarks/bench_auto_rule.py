@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -214,6 +215,29 @@ def measure(case: Case, pairs: int) -> Result:
     )
 
 
+def save(path: str, results: Sequence[Result]) -> None:
+    """Write every case's per-pair ratios and median times as JSON."""
+    data = {
+        r.case.name: {"ratios": r.ratios, "dense": r.dense, "factorized": r.factorized}
+        for r in results
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def replay(path: str, cases: Sequence[Case]) -> list[Result]:
+    """Results from saved timings, with ``auto``'s choice recomputed by today's rule."""
+    with open(path) as f:
+        data = json.load(f)
+    results = []
+    for case in cases:
+        saved = data[case.name]
+        layer, x = _layer(case)
+        choice = _auto_choice(layer, x, case.training)
+        results.append(Result(case, saved["ratios"], saved["dense"], saved["factorized"], choice))
+    return results
+
+
 def _quartiles(values: Sequence[float]) -> tuple[float, float]:
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q3
@@ -279,6 +303,134 @@ def sweep(results: Sequence[Result]) -> None:
         flora._cost.MACHINE_BALANCE = saved
 
 
+@dataclass(frozen=True)
+class LayoutCase:
+    """A grouped convolution whose adapter's weight gradient can run in either layout."""
+
+    name: str
+    make_base: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+
+LAYOUT_CASES = (
+    LayoutCase(
+        "depthwise 96 7×7, 8×56²",
+        lambda: nn.Conv2d(96, 96, 7, padding=3, groups=96),
+        (8, 96, 56, 56),
+    ),
+    LayoutCase(
+        "depthwise 96 5×5, 8×56²",
+        lambda: nn.Conv2d(96, 96, 5, padding=2, groups=96),
+        (8, 96, 56, 56),
+    ),
+    LayoutCase(
+        "depthwise 96 3×3, 8×56²",
+        lambda: nn.Conv2d(96, 96, 3, padding=1, groups=96),
+        (8, 96, 56, 56),
+    ),
+    LayoutCase(
+        "depthwise 96 7×7 s2, 8×56²",
+        lambda: nn.Conv2d(96, 96, 7, stride=2, padding=3, groups=96),
+        (8, 96, 56, 56),
+    ),
+    LayoutCase(
+        "depthwise 384 7×7, 8×14²",
+        lambda: nn.Conv2d(384, 384, 7, padding=3, groups=384),
+        (8, 384, 14, 14),
+    ),
+    LayoutCase(
+        "depthwise 768 7×7, 8×7²",
+        lambda: nn.Conv2d(768, 768, 7, padding=3, groups=768),
+        (8, 768, 7, 7),
+    ),
+    LayoutCase(
+        "grouped 128, 32 groups, 3×3, 8×28²",
+        lambda: nn.Conv2d(128, 128, 3, padding=1, groups=32),
+        (8, 128, 28, 28),
+    ),
+    LayoutCase(
+        "grouped 64, 4 groups, 3×3, 8×56²",
+        lambda: nn.Conv2d(64, 64, 3, padding=1, groups=4),
+        (8, 64, 56, 56),
+    ),
+    LayoutCase(
+        "depthwise Conv1d 256 k7, 8×1024",
+        lambda: nn.Conv1d(256, 256, 7, padding=3, groups=256),
+        (8, 256, 1024),
+    ),
+    LayoutCase(
+        "depthwise Conv1d 256 k3, 8×1024",
+        lambda: nn.Conv1d(256, 256, 3, padding=1, groups=256),
+        (8, 256, 1024),
+    ),
+    LayoutCase(
+        "depthwise Conv3d 64 5×5×5, 2×16³",
+        lambda: nn.Conv3d(64, 64, 5, padding=2, groups=64),
+        (2, 64, 16, 16, 16),
+    ),
+    LayoutCase(
+        "depthwise Conv3d 32 3×3×3, 2×16³",
+        lambda: nn.Conv3d(32, 32, 3, padding=1, groups=32),
+        (2, 32, 16, 16, 16),
+    ),
+)
+
+
+def measure_layout(case: LayoutCase, pairs: int) -> tuple[list[float], bool]:
+    """``channels-last / NCHW`` step-time ratios per pair, and the rule's choice."""
+    import flora.layers._grouped as grouped
+
+    torch.manual_seed(0)
+    layer = getattr(flora, type(base := case.make_base()).__name__)(base, init="gaussian")
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(case.input_shape, generator=generator, requires_grad=True)
+    run = _runner(layer, x, training=True)
+    rule = grouped.channels_last_weight_grad
+    choices = []
+
+    def spy(*args: object) -> bool:
+        choices.append(rule(*args))
+        return choices[-1]
+
+    grouped.channels_last_weight_grad = spy
+    try:
+        run()
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for pair in range(pairs):
+            for layout in (False, True) if pair % 2 == 0 else (True, False):
+                grouped.channels_last_weight_grad = lambda *args, flag=layout: flag
+                run()
+                times[layout].append(_time(run, 2))
+    finally:
+        grouped.channels_last_weight_grad = rule
+    return [c / n for c, n in zip(times[True], times[False], strict=True)], choices[0]
+
+
+def report_layout(pairs: int) -> None:
+    """Time both weight-gradient layouts of grouped convolutions against the rule's choice."""
+    print(
+        "\ngrouped convolutions: weight gradient in NCHW or on channels-last copies "
+        "(training step of the adapted layer)\n"
+        f"{'case':<40}{'cl/nchw':>9}{'q1–q3':>13}{'faster':>9}{'rule':>9}{'loss':>7}"
+    )
+    right = 0
+    for case in LAYOUT_CASES:
+        ratios, choice = measure_layout(case, pairs)
+        ratio = statistics.median(ratios)
+        q1, q3 = _quartiles(ratios)
+        tie = q1 <= 1.0 <= q3
+        faster = "tie" if tie else ("cl" if ratio < 1 else "nchw")
+        loss = max(ratio - 1.0, 0.0) if choice else max(1.0 / ratio - 1.0, 0.0)
+        right += loss <= 0.05 or tie
+        print(
+            f"{case.name:<40}{ratio:>9.2f}{f'{q1:.2f}–{q3:.2f}':>13}{faster:>9}"
+            f"{'cl' if choice else 'nchw':>9}{loss:>7.1%}"
+        )
+    print(
+        f"the rule picks the faster layout (within 5%, or a tie) in {right} of {len(LAYOUT_CASES)}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Time every case, print the table and the balance sweep."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -286,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=None, help="alternating pairs per case")
     parser.add_argument(
         "--threads", type=int, default=_THREADS, help=f"torch threads (default {_THREADS})"
+    )
+    parser.add_argument("--save", metavar="JSON", help="write the timings to this file")
+    parser.add_argument(
+        "--replay", metavar="JSON", help="reuse saved timings (nothing is timed): re-check the rule"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -297,9 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"median of {pairs} alternating pairs; MACHINE_BALANCE = {flora._cost.MACHINE_BALANCE}; "
         f"load average {load:.1f} at start"
     )
-    results = [measure(case, pairs) for case in cases]
+    if args.replay:
+        results = replay(args.replay, cases)
+    else:
+        results = [measure(case, pairs) for case in cases]
+    if args.save:
+        save(args.save, results)
     report(results)
     sweep(results)
+    if not args.replay:
+        report_layout(pairs)
     if hasattr(os, "getloadavg"):
         print(f"load average {os.getloadavg()[0]:.1f} at end")
     return 0

@@ -2,11 +2,12 @@
 
 Each op of a branch is an :class:`Op`: its multiply-adds and the tensor
 elements it reads and writes (inputs, weight, output). Its time is taken as
-``max(macs, MACHINE_BALANCE · elements)`` in units of one multiply-add: an
-op is bound either by arithmetic or by memory traffic, whichever is slower.
-Thin matmuls and few-channel convolutions, which a plain flop count makes
-look nearly free, are memory-bound here and cost what moving their
-activations costs.
+``max(macs, MACHINE_BALANCE · elements) + OP_OVERHEAD`` in units of one
+multiply-add: an op is bound either by arithmetic or by memory traffic,
+whichever is slower, plus a fixed cost per op. Thin matmuls and few-channel
+convolutions, which a plain flop count makes look nearly free, are
+memory-bound here and cost what moving their activations costs; ops without
+arithmetic (gathers, sums) stream their elements at ``STREAM_BALANCE``.
 
 With gradients every op of a chain runs three times in this model (forward,
 gradient of its input, gradient of its weight, each touching the same
@@ -30,6 +31,8 @@ from flora._tucker import mode_order
 
 __all__ = [
     "MACHINE_BALANCE",
+    "OP_OVERHEAD",
+    "STREAM_BALANCE",
     "Op",
     "chain_cost",
     "channels_last_weight_grad",
@@ -42,9 +45,16 @@ __all__ = [
 # Multiply-adds per tensor element read or written (float32: 8 per byte) at
 # which an op turns from memory-bound to compute-bound. An effective balance,
 # not a datasheet one: thin matmuls and few-channel convolutions run below
-# peak. Chosen with benchmarks/bench_auto_rule.py: on one thread 16 and 32
-# both pick the faster path in 28 of 30 cases, 64 in 24.
+# peak. Ops without multiply-adds (gathers, sums, copies) stream their
+# elements at STREAM_BALANCE instead, and every op pays OP_OVERHEAD on top
+# (dispatch, allocation, autograd bookkeeping): the ops of a small branch cost
+# more than their arithmetic. Chosen with benchmarks/bench_auto_rule.py by
+# replaying its 30 timed cases over a grid of the three constants, on two
+# machines' timings: these pick the faster path, or either where the two are
+# within noise, in 30 and 29 of 30 cases (the balance alone: 27 and 26).
 MACHINE_BALANCE = 32
+STREAM_BALANCE = 8
+OP_OVERHEAD = 4_000_000
 
 
 class Op(NamedTuple):
@@ -55,17 +65,23 @@ class Op(NamedTuple):
 
 
 def roofline(op: Op) -> int:
-    """Time of ``op`` in multiply-add units: ``max(macs, MACHINE_BALANCE · elements)``.
+    """Time of ``op`` in multiply-add units: ``max(macs, β · elements) + OP_OVERHEAD``.
+
+    ``β`` is :data:`MACHINE_BALANCE`, or :data:`STREAM_BALANCE` for an op
+    without multiply-adds.
 
     Examples
     --------
     >>> from flora._cost import Op, roofline
     >>> roofline(Op(macs=10**9, elements=10**6))  # a large matmul: compute-bound
-    1000000000
+    1004000000
     >>> roofline(Op(macs=10**6, elements=10**6))  # a thin matmul: memory-bound
-    32000000
+    36000000
+    >>> roofline(Op(macs=0, elements=10**6))  # a sum: streams its elements
+    12000000
     """
-    return max(op.macs, MACHINE_BALANCE * op.elements)
+    balance = MACHINE_BALANCE if op.macs else STREAM_BALANCE
+    return max(op.macs, balance * op.elements) + OP_OVERHEAD
 
 
 def product(rows: int, inner: int, cols: int) -> Op:
@@ -199,7 +215,8 @@ def channels_last_weight_grad(x: torch.Tensor, weight_shape: Sequence[int], grou
     small GEMM per group, several times slower than its direct channels-last
     kernel, which covers every shape. Copying the input and the output
     gradient to channels-last costs two passes over each, small against
-    that difference (``benchmarks/bench_auto_rule.py`` measures both layouts).
+    that difference; for a 3-D depthwise kernel it pays from 5×5×5 taps on,
+    not at 3×3×3 (``benchmarks/bench_auto_rule.py`` measures both layouts).
 
     Parameters
     ----------
@@ -227,7 +244,7 @@ def channels_last_weight_grad(x: torch.Tensor, weight_shape: Sequence[int], grou
     if taps == 1:
         return False
     depthwise = in_per_group == 1
-    direct = (depthwise and len(kernel) == 2 and taps <= 9) or (
+    direct = (depthwise and taps <= 3 ** len(kernel)) or (
         in_per_group >= 8 and out_channels // groups >= 8
     )
     return not direct

@@ -160,7 +160,8 @@ def test_second_derivatives_match(monkeypatch: pytest.MonkeyPatch, channels_last
         ((96, 1, 1, 1), 96, False),  # a 1×1 kernel has nothing to gain
         ((128, 4, 3, 3), 32, True),  # 4 channels a group: im2col in NCHW
         ((64, 16, 3, 3), 4, False),  # 16 channels a group: direct in NCHW
-        ((32, 1, 3, 3, 3), 32, True),  # no direct 3-D depthwise kernel in NCHW
+        ((32, 1, 3, 3, 3), 32, False),  # 3-D: channels-last pays from 5×5×5 on
+        ((32, 1, 5, 5, 5), 32, True),
         ((64, 64, 3, 3), 1, False),  # not grouped
     ],
 )

@@ -174,17 +174,32 @@ def test_auto_with_gradients() -> None:
 
 def test_auto_balance_zero_counts_multiply_adds(monkeypatch: pytest.MonkeyPatch) -> None:
     small = flora.Linear(nn.Linear(64, 64), ranks=2)
-    monkeypatch.setattr(flora._cost, "MACHINE_BALANCE", 0)
+    for constant in ("MACHINE_BALANCE", "STREAM_BALANCE", "OP_OVERHEAD"):
+        monkeypatch.setattr(flora._cost, constant, 0)
     # 16x fewer multiply-adds: a flop count alone picks factorized.
     assert small.choose_forward(_meta_input(4096, 64)) == "factorized"
 
 
-def test_chain_cost_counts_backward_passes() -> None:
+def test_chain_cost_counts_backward_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flora._cost, "OP_OVERHEAD", 0)
     ops = [flora._cost.Op(1000, 1), flora._cost.Op(2000, 1)]
     assert flora._cost.chain_cost(ops, training=False, input_grad=False) == 3000
     # The first op skips its input gradient unless the input needs one.
     assert flora._cost.chain_cost(ops, training=True, input_grad=False) == 2000 + 6000
     assert flora._cost.chain_cost(ops, training=True, input_grad=True) == 9000
+
+
+def test_op_overhead_is_paid_once_per_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flora._cost, "OP_OVERHEAD", 7)
+    ops = [flora._cost.Op(1000, 1), flora._cost.Op(2000, 1)]
+    assert flora._cost.chain_cost(ops, training=True, input_grad=True) == 9000 + 6 * 7
+
+
+def test_ops_without_multiply_adds_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flora._cost, "OP_OVERHEAD", 0)
+    stream, gemm = flora._cost.Op(0, 100), flora._cost.Op(1, 100)
+    assert flora._cost.roofline(stream) == flora._cost.STREAM_BALANCE * 100
+    assert flora._cost.roofline(gemm) == flora._cost.MACHINE_BALANCE * 100
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "Parameter"])
