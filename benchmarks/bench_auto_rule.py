@@ -359,6 +359,11 @@ LAYOUT_CASES = (
         (8, 256, 1024),
     ),
     LayoutCase(
+        "depthwise 96 3×3 dilation 2, 8×56²",
+        lambda: nn.Conv2d(96, 96, 3, padding=2, dilation=2, groups=96),
+        (8, 96, 56, 56),
+    ),
+    LayoutCase(
         "depthwise Conv1d 256 k3, 8×1024",
         lambda: nn.Conv1d(256, 256, 3, padding=1, groups=256),
         (8, 256, 1024),

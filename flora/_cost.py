@@ -205,18 +205,21 @@ def choose(
     return "factorized" if factorized_cost < dense_cost else "dense"
 
 
-def channels_last_weight_grad(x: torch.Tensor, weight_shape: Sequence[int], groups: int) -> bool:
+def channels_last_weight_grad(
+    x: torch.Tensor, weight_shape: Sequence[int], groups: int, dilation: Sequence[int]
+) -> bool:
     """Whether a grouped convolution's weight gradient runs faster on channels-last copies.
 
     Only on the CPU, where oneDNN's kernel depends on the layout: for
-    contiguous (NCHW) tensors it has direct kernels for depthwise
-    convolutions of up to 3×3 taps and for groups of at least 8 input and
-    8 output channels, and runs every other grouped shape as im2col plus one
-    small GEMM per group, several times slower than its direct channels-last
-    kernel, which covers every shape. Copying the input and the output
-    gradient to channels-last costs two passes over each, small against
-    that difference; for a 3-D depthwise kernel it pays from 5×5×5 taps on,
-    not at 3×3×3 (``benchmarks/bench_auto_rule.py`` measures both layouts).
+    contiguous (NCHW) tensors it has a direct depthwise kernel only for
+    undilated kernels of at most 3 taps along each axis, and a direct
+    grouped kernel for groups of at least 8 input and 8 output channels; it
+    runs every other grouped shape (a ConvNeXt 7×7 depthwise kernel, a
+    dilated one, 4 channels a group) as im2col plus one small GEMM per group,
+    two to three times slower than its direct channels-last kernel, which
+    covers every shape. Copying the input and the output gradient to
+    channels-last costs two passes over each, small against that difference
+    (``benchmarks/bench_auto_rule.py`` times both layouts).
 
     Parameters
     ----------
@@ -226,25 +229,24 @@ def channels_last_weight_grad(x: torch.Tensor, weight_shape: Sequence[int], grou
         ``(out, in/groups, *kernel)``, two or three kernel axes.
     groups : int
         The convolution's groups.
+    dilation : sequence of int
+        The convolution's dilation, one per kernel axis.
 
     Examples
     --------
     >>> import torch
     >>> from flora._cost import channels_last_weight_grad
     >>> x = torch.empty(8, 96, 56, 56)
-    >>> channels_last_weight_grad(x, (96, 1, 7, 7), 96)  # depthwise 7×7
+    >>> channels_last_weight_grad(x, (96, 1, 7, 7), 96, (1, 1))  # depthwise 7×7
     True
-    >>> channels_last_weight_grad(x, (96, 1, 3, 3), 96)  # depthwise 3×3: direct in NCHW
+    >>> channels_last_weight_grad(x, (96, 1, 3, 3), 96, (1, 1))  # direct in NCHW
     False
     """
     if x.device.type != "cpu" or groups == 1:
         return False
     out_channels, in_per_group, *kernel = weight_shape
-    taps = math.prod(kernel)
-    if taps == 1:
+    if math.prod(kernel) == 1:
         return False
-    depthwise = in_per_group == 1
-    direct = (depthwise and taps <= 3 ** len(kernel)) or (
-        in_per_group >= 8 and out_channels // groups >= 8
-    )
+    small = max(kernel) <= 3 and max(dilation) == 1
+    direct = (in_per_group == 1 and small) or (in_per_group >= 8 and out_channels // groups >= 8)
     return not direct

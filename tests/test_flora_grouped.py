@@ -152,27 +152,32 @@ def test_second_derivatives_match(monkeypatch: pytest.MonkeyPatch, channels_last
 
 
 @pytest.mark.parametrize(
-    ("weight_shape", "groups", "expected"),
+    ("weight_shape", "groups", "dilation", "expected"),
     [
-        ((96, 1, 7, 7), 96, True),  # depthwise 7×7: im2col in NCHW
-        ((96, 1, 5, 5), 96, True),
-        ((96, 1, 3, 3), 96, False),  # oneDNN's direct depthwise kernel
-        ((96, 1, 1, 1), 96, False),  # a 1×1 kernel has nothing to gain
-        ((128, 4, 3, 3), 32, True),  # 4 channels a group: im2col in NCHW
-        ((64, 16, 3, 3), 4, False),  # 16 channels a group: direct in NCHW
-        ((32, 1, 3, 3, 3), 32, False),  # 3-D: channels-last pays from 5×5×5 on
-        ((32, 1, 5, 5, 5), 32, True),
-        ((64, 64, 3, 3), 1, False),  # not grouped
+        ((96, 1, 7, 7), 96, (1, 1), True),  # depthwise 7×7: im2col in NCHW
+        ((96, 1, 5, 5), 96, (1, 1), True),
+        ((96, 1, 3, 3), 96, (1, 1), False),  # oneDNN's direct depthwise kernel
+        ((96, 1, 3, 3), 96, (2, 2), True),  # dilated: im2col in NCHW
+        ((256, 1, 1, 7), 256, (1, 1), True),  # a Conv1d k7, run as 1×7
+        ((256, 1, 1, 3), 256, (1, 1), False),
+        ((96, 1, 1, 1), 96, (1, 1), False),  # a 1×1 kernel has nothing to gain
+        ((128, 4, 3, 3), 32, (1, 1), True),  # 4 channels a group: im2col in NCHW
+        ((64, 16, 3, 3), 4, (1, 1), False),  # 16 channels a group: direct in NCHW
+        ((32, 1, 3, 3, 3), 32, (1, 1, 1), False),
+        ((32, 1, 5, 5, 5), 32, (1, 1, 1), True),
+        ((64, 64, 3, 3), 1, (1, 1), False),  # not grouped
     ],
 )
-def test_layout_rule(weight_shape: tuple[int, ...], groups: int, expected: bool) -> None:
+def test_layout_rule(
+    weight_shape: tuple[int, ...], groups: int, dilation: tuple[int, ...], expected: bool
+) -> None:
     x = torch.empty(1, weight_shape[1] * groups, 8, 8)
-    assert channels_last_weight_grad(x, weight_shape, groups) is expected
+    assert channels_last_weight_grad(x, weight_shape, groups, dilation) is expected
 
 
 def test_layout_rule_keeps_other_devices_as_they_are() -> None:
     x = torch.empty(1, 96, 8, 8, device="meta")
-    assert channels_last_weight_grad(x, (96, 1, 7, 7), 96) is False
+    assert channels_last_weight_grad(x, (96, 1, 7, 7), 96, (1, 1)) is False
 
 
 def test_depthwise_layer_uses_the_channels_last_gradient(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -138,7 +138,9 @@ def grouped_conv(
             groups,
         )
         return out.squeeze(-2)
-    channels_last = weight.requires_grad and channels_last_weight_grad(x, weight.shape, groups)
+    channels_last = weight.requires_grad and channels_last_weight_grad(
+        x, weight.shape, groups, dilation
+    )
     return _GroupedConv.apply(
         x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, channels_last
     )
