@@ -4,10 +4,10 @@ A grouped convolution's adapter runs dense (its weight ``W + ΔW`` is one
 tensor per group), so a training step computes the weight gradient of a
 grouped convolution, which the frozen base layer never does. On the CPU,
 PyTorch hands that gradient to oneDNN, whose choice of kernel depends on the
-memory layout: for contiguous (NCHW) tensors only depthwise kernels of up
-to 3×3 taps and groups of at least 8 channels get a direct kernel, every
-other shape goes to im2col and one small GEMM per group, several times
-slower (8×96×56² depthwise 7×7: 68 ms against 18 ms channels-last on two
+memory layout: for contiguous (NCHW) tensors only undilated depthwise
+kernels of at most 3 taps an axis and groups of at least 8 channels get a
+direct kernel, every other shape goes to im2col and one small GEMM per
+group, several times slower (8×96×56² depthwise 7×7: 68 ms against 18 ms channels-last on two
 threads). Channels-last tensors get the direct kernel for every shape.
 
 :func:`grouped_conv` computes exactly ``F.convNd(x, weight, bias, ...)``
