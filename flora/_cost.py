@@ -212,14 +212,15 @@ def channels_last_weight_grad(
 
     Only on the CPU, where oneDNN's kernel depends on the layout: for
     contiguous (NCHW) tensors it has a direct depthwise kernel only for
-    undilated kernels of at most 3 taps along each axis, and a direct
-    grouped kernel for groups of at least 8 input and 8 output channels; it
-    runs every other grouped shape (a ConvNeXt 7×7 depthwise kernel, a
-    dilated one, 4 channels a group) as im2col plus one small GEMM per group,
-    two to three times slower than its direct channels-last kernel, which
-    covers every shape. Copying the input and the output gradient to
-    channels-last costs two passes over each, small against that difference
-    (``benchmarks/bench_auto_rule.py`` times both layouts).
+    kernels of at most 3 taps along each axis, and a direct grouped kernel
+    for groups of at least 8 input and 8 output channels; it runs every other
+    undilated grouped shape (a ConvNeXt 7×7 depthwise kernel, 4 channels a
+    group) as im2col plus one small GEMM per group, two to three times slower
+    than its direct channels-last kernel. Copying the input and the output
+    gradient to channels-last costs two passes over each, small against that
+    difference. Dilated kernels stay in NCHW: both layouts run them as
+    im2col, the channels-last one far slower (``benchmarks/bench_auto_rule.py``
+    times both layouts).
 
     Parameters
     ----------
@@ -245,8 +246,9 @@ def channels_last_weight_grad(
     if x.device.type != "cpu" or groups == 1:
         return False
     out_channels, in_per_group, *kernel = weight_shape
-    if math.prod(kernel) == 1:
+    if math.prod(kernel) == 1 or max(dilation) > 1:
         return False
-    small = max(kernel) <= 3 and max(dilation) == 1
-    direct = (in_per_group == 1 and small) or (in_per_group >= 8 and out_channels // groups >= 8)
+    direct = (in_per_group == 1 and max(kernel) <= 3) or (
+        in_per_group >= 8 and out_channels // groups >= 8
+    )
     return not direct
