@@ -35,8 +35,8 @@ __all__ = [
     "STREAM_BALANCE",
     "Op",
     "chain_cost",
-    "channels_last_weight_grad",
     "choose",
+    "grouped_weight_grad",
     "product",
     "reconstruction_ops",
     "roofline",
@@ -205,22 +205,24 @@ def choose(
     return "factorized" if factorized_cost < dense_cost else "dense"
 
 
-def channels_last_weight_grad(
+def grouped_weight_grad(
     x: torch.Tensor, weight_shape: Sequence[int], groups: int, dilation: Sequence[int]
-) -> bool:
-    """Whether a grouped convolution's weight gradient runs faster on channels-last copies.
+) -> str:
+    """How a grouped convolution's weight gradient runs fastest: a method of ``grouped_conv``.
 
-    Only on the CPU, where oneDNN's kernel depends on the layout: for
-    contiguous (NCHW) tensors it has a direct depthwise kernel only for
-    kernels of at most 3 taps along each axis, and a direct grouped kernel
-    for groups of at least 8 input and 8 output channels; it runs every other
-    undilated grouped shape (a ConvNeXt 7×7 depthwise kernel, 4 channels a
-    group) as im2col plus one small GEMM per group, two to three times slower
-    than its direct channels-last kernel. Copying the input and the output
-    gradient to channels-last costs two passes over each, small against that
-    difference. Dilated kernels stay in NCHW: both layouts run them as
-    im2col, the channels-last one far slower (``benchmarks/bench_auto_rule.py``
-    times both layouts).
+    Only the CPU has a choice: oneDNN runs a grouped weight gradient in
+    NCHW with a direct kernel for depthwise kernels of at most 3 taps an
+    axis and for groups of at least 8 input and 8 output channels, and as
+    im2col plus one small GEMM per group otherwise, several times slower.
+    A depthwise kernel (one input channel a group) takes ``"swapped"``, one
+    forward depthwise convolution with the output gradient as its kernels,
+    which oneDNN runs directly for any kernel size and which beat the
+    native kernel even where that is direct (3×3: 0.69 of its step time);
+    other undilated groups outside the direct NCHW cases take
+    ``"channels_last"``, where oneDNN's backward kernel is direct (a dilated
+    one runs as im2col there too, and slower, so it stays ``"native"``).
+    ``benchmarks/bench_auto_rule.py`` times every method on a set of shapes
+    against this rule.
 
     Parameters
     ----------
@@ -233,22 +235,28 @@ def channels_last_weight_grad(
     dilation : sequence of int
         The convolution's dilation, one per kernel axis.
 
+    Returns
+    -------
+    str
+        ``"native"``, ``"channels_last"`` or ``"swapped"``.
+
     Examples
     --------
     >>> import torch
-    >>> from flora._cost import channels_last_weight_grad
+    >>> from flora._cost import grouped_weight_grad
     >>> x = torch.empty(8, 96, 56, 56)
-    >>> channels_last_weight_grad(x, (96, 1, 7, 7), 96, (1, 1))  # depthwise 7×7
-    True
-    >>> channels_last_weight_grad(x, (96, 1, 3, 3), 96, (1, 1))  # direct in NCHW
-    False
+    >>> grouped_weight_grad(x, (96, 1, 7, 7), 96, (1, 1))  # depthwise 7×7
+    'swapped'
+    >>> grouped_weight_grad(x, (96, 16, 3, 3), 6, (1, 1))  # direct in NCHW
+    'native'
+    >>> grouped_weight_grad(x, (96, 4, 3, 3), 24, (1, 1))  # 4 channels a group
+    'channels_last'
     """
-    if x.device.type != "cpu" or groups == 1:
-        return False
     out_channels, in_per_group, *kernel = weight_shape
-    if math.prod(kernel) == 1 or max(dilation) > 1:
-        return False
-    direct = (in_per_group == 1 and max(kernel) <= 3) or (
-        in_per_group >= 8 and out_channels // groups >= 8
-    )
-    return not direct
+    if x.device.type != "cpu" or groups == 1 or math.prod(kernel) == 1:
+        return "native"
+    if in_per_group == 1:
+        return "swapped"
+    if max(dilation) == 1 and not (in_per_group >= 8 and out_channels // groups >= 8):
+        return "channels_last"
+    return "native"

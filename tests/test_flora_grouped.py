@@ -1,9 +1,10 @@
-"""Grouped and depthwise convolution adapters: the channels-last weight gradient.
+"""Grouped and depthwise convolution adapters: the fast weight gradients.
 
 Outputs and gradients of an adapted grouped convolution equal plain autograd
-through ``F.convNd(x, W + ΔW)`` in float64, whichever layout the weight
-gradient runs in, over groups, kernel sizes, strides, dilations, padding
-(numbers, ``"same"``, ``"valid"``) and padding modes.
+through ``F.convNd(x, W + ΔW)`` in float64, whichever way the weight
+gradient runs (PyTorch's own, channels-last copies, or the swapped forward
+convolution for depthwise kernels), over groups, kernel sizes, strides,
+dilations, padding (numbers, ``"same"``, ``"valid"``) and padding modes.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
 import flora
-from flora._cost import channels_last_weight_grad
+from flora._cost import grouped_weight_grad
 from flora.layers import _grouped
 from flora.layers._grouped import grouped_conv
 
@@ -96,15 +97,19 @@ def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> N
         assert (a - e).abs().max().item() <= _TOL * scale
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+METHODS = ["native", "channels_last", "swapped"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @given(case=grouped_layers())
 def test_grouped_adapter_matches_autograd(
-    channels_last: bool, case: tuple[nn.Module, torch.Tensor]
+    method: str, case: tuple[nn.Module, torch.Tensor]
 ) -> None:
     conv, x = case
+    assume(method != "swapped" or conv.in_channels == conv.groups)
     layer = _adapt(conv)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_grouped, "channels_last_weight_grad", lambda *args: channels_last)
+        patch.setattr(_grouped, "grouped_weight_grad", lambda *args: method)
         _assert_close(_step(layer, x), _reference(layer, x))
 
 
@@ -120,15 +125,15 @@ def test_forward_modes_agree_on_grouped_layers(case: tuple[nn.Module, torch.Tens
     _assert_close(results[2], results[0])
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("method", METHODS)
 def test_bias_gradient_when_the_base_bias_trains(
-    monkeypatch: pytest.MonkeyPatch, channels_last: bool
+    monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
     weight = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr(_grouped, "channels_last_weight_grad", lambda *args: channels_last)
+    monkeypatch.setattr(_grouped, "grouped_weight_grad", lambda *args: method)
     out = grouped_conv(x, weight, bias, (1, 1), (2, 2), (1, 1), 6)
     expected = F.conv2d(x, weight, bias, 1, 2, 1, 6)
     got = torch.autograd.grad(out.square().sum(), [weight, bias])
@@ -136,12 +141,12 @@ def test_bias_gradient_when_the_base_bias_trains(
     _assert_close([out, *got], [expected, *want])
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_second_derivatives_match(monkeypatch: pytest.MonkeyPatch, channels_last: bool) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_second_derivatives_match(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr(_grouped, "channels_last_weight_grad", lambda *args: channels_last)
+    monkeypatch.setattr(_grouped, "grouped_weight_grad", lambda *args: method)
 
     def penalty(conv: object) -> list[torch.Tensor]:
         out = conv(x, weight, None, (1, 1), (1, 1), (1, 1), 4)
@@ -154,50 +159,50 @@ def test_second_derivatives_match(monkeypatch: pytest.MonkeyPatch, channels_last
 @pytest.mark.parametrize(
     ("weight_shape", "groups", "dilation", "expected"),
     [
-        ((96, 1, 7, 7), 96, (1, 1), True),  # depthwise 7×7: im2col in NCHW
-        ((96, 1, 5, 5), 96, (1, 1), True),
-        ((96, 1, 3, 3), 96, (1, 1), False),  # oneDNN's direct depthwise kernel
-        ((96, 1, 3, 3), 96, (2, 2), False),  # dilated: im2col in both, slower channels-last
-        ((96, 1, 7, 7), 96, (2, 2), False),
-        ((256, 1, 1, 7), 256, (1, 1), True),  # a Conv1d k7, run as 1×7
-        ((256, 1, 1, 3), 256, (1, 1), False),
-        ((96, 1, 1, 1), 96, (1, 1), False),  # a 1×1 kernel has nothing to gain
-        ((128, 4, 3, 3), 32, (1, 1), True),  # 4 channels a group: im2col in NCHW
-        ((64, 16, 3, 3), 4, (1, 1), False),  # 16 channels a group: direct in NCHW
-        ((32, 1, 3, 3, 3), 32, (1, 1, 1), False),
-        ((32, 1, 5, 5, 5), 32, (1, 1, 1), True),
-        ((64, 64, 3, 3), 1, (1, 1), False),  # not grouped
+        ((96, 1, 7, 7), 96, (1, 1), "swapped"),  # depthwise 7×7: im2col in NCHW
+        ((96, 1, 5, 5), 96, (1, 1), "swapped"),
+        ((192, 1, 7, 7), 96, (1, 1), "swapped"),  # channel multiplier 2
+        ((96, 1, 3, 3), 96, (1, 1), "swapped"),  # faster than oneDNN's direct kernel too
+        ((96, 1, 3, 3), 96, (2, 2), "swapped"),  # dilated: im2col in NCHW
+        ((256, 1, 1, 7), 256, (1, 1), "swapped"),  # a Conv1d k7, run as 1×7
+        ((256, 1, 1, 3), 256, (1, 1), "swapped"),
+        ((96, 1, 1, 1), 96, (1, 1), "native"),  # a 1×1 kernel has nothing to gain
+        ((128, 4, 3, 3), 32, (1, 1), "channels_last"),  # 4 channels a group
+        ((128, 4, 3, 3), 32, (2, 2), "native"),  # dilated: im2col in both layouts
+        ((64, 16, 3, 3), 4, (1, 1), "native"),  # 16 channels a group: direct in NCHW
+        ((32, 1, 3, 3, 3), 32, (1, 1, 1), "swapped"),
+        ((32, 1, 5, 5, 5), 32, (1, 1, 1), "swapped"),
+        ((64, 64, 3, 3), 1, (1, 1), "native"),  # not grouped
     ],
 )
-def test_layout_rule(
-    weight_shape: tuple[int, ...], groups: int, dilation: tuple[int, ...], expected: bool
+def test_weight_gradient_rule(
+    weight_shape: tuple[int, ...], groups: int, dilation: tuple[int, ...], expected: str
 ) -> None:
     x = torch.empty(1, weight_shape[1] * groups, 8, 8)
-    assert channels_last_weight_grad(x, weight_shape, groups, dilation) is expected
+    assert grouped_weight_grad(x, weight_shape, groups, dilation) == expected
 
 
-def test_layout_rule_keeps_other_devices_as_they_are() -> None:
+def test_weight_gradient_rule_keeps_other_devices_native() -> None:
     x = torch.empty(1, 96, 8, 8, device="meta")
-    assert channels_last_weight_grad(x, (96, 1, 7, 7), 96, (1, 1)) is False
+    assert grouped_weight_grad(x, (96, 1, 7, 7), 96, (1, 1)) == "native"
 
 
-def test_depthwise_layer_uses_the_channels_last_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = _grouped._channels_last
+def test_depthwise_layer_uses_the_swapped_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    methods = []
+    real = _grouped.grouped_weight_grad
 
-    def spy(t: torch.Tensor) -> torch.Tensor:
-        calls.append(tuple(t.shape))
-        return real(t)
+    def spy(*args: object) -> str:
+        methods.append(real(*args))
+        return methods[-1]
 
-    monkeypatch.setattr(_grouped, "_channels_last", spy)
+    monkeypatch.setattr(_grouped, "grouped_weight_grad", spy)
     layer = flora.Conv2d(nn.Conv2d(8, 8, 7, padding=3, groups=8), ranks=2)
     x = torch.randn(2, 8, 10, 10, requires_grad=True)
     layer(x).sum().backward()
-    assert (2, 8, 10, 10) in calls
-    calls.clear()
+    assert methods == ["swapped"]
     with torch.no_grad():
         layer(x)
-    assert calls == []
+    assert methods == ["swapped"]
 
 
 def test_depthwise_adapter_compiles_without_graph_breaks() -> None:
