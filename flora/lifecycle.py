@@ -35,6 +35,7 @@ from flora._plan import (
 )
 from flora._plan import adapter_names as _adapter_names
 from flora._plan import current_active as _current_active
+from flora._routing import release_routing
 from flora._tucker import block_sum
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, TuckerDelta
@@ -275,6 +276,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if not wrapper.copies:
             replace_module(modules, name, wrapper.original_module)
     release_save_pretrained(model)
+    release_routing(model)
     return model
 
 

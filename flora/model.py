@@ -28,6 +28,7 @@ from flora._plan import (
     saved_copy,
     walk,
 )
+from flora._routing import release_routing
 from flora.config import FLoRAConfig, name_matches
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
@@ -573,6 +574,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
             modules, name, wrapper.running_module() if merge else wrapper.original_module
         )
     release_save_pretrained(model)
+    release_routing(model)
     return model
 
 

@@ -30,6 +30,7 @@ from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import compress, reconstruct
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.init import hosvd_init, init_factors
+from flora.layers._route import BASE, Route, routed
 from flora.spec import LayerSpec, RankTemplate
 
 __all__ = [
@@ -528,13 +529,19 @@ class AdaptedWeight(nn.Module):
         delta = self.adapter(adapter_name).initial_delta()
         return None if delta is None else self._mask(delta)
 
-    def _terms(self) -> tuple[list[TuckerDelta], list[TuckerDelta]]:
-        """(adapters that run, adapters whose initial update is given back)."""
+    def _terms(
+        self, active: tuple[str, ...] | None = None
+    ) -> tuple[list[TuckerDelta], list[TuckerDelta]]:
+        """(adapters that run, adapters whose initial update is given back).
+
+        For the active adapters, or those of ``active`` (a routed group).
+        """
         running, idle = [], []
+        runs = self.active_adapters if active is None else active
         for name, adapter in self.adapters.items():
             if adapter.merged:
                 continue
-            if not self.disabled and name in self.active_adapters:
+            if (active is not None or not self.disabled) and name in runs:
                 running.append(adapter)
             elif adapter.spec.init == "hosvd":
                 idle.append(adapter)
@@ -871,6 +878,8 @@ class FLoRALayer(AdaptedWeight):
             adapter = TuckerDelta.create(spec, base_layer.weight)
         super().__init__()
         self.base_layer = base_layer
+        # Per-sample routes of the forwards running now, by thread (flora._routing).
+        self._routes: dict[int, tuple[Route, str]] = {}
         if adapter is not None:
             base_layer.requires_grad_(False)
             self.add_adapter(adapter_name, adapter)
@@ -965,8 +974,28 @@ class FLoRALayer(AdaptedWeight):
         return self._cast_input(x, adapter.core.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` plus the branches (and ``Δb``) of the active, unmerged adapters."""
-        running, idle = self._terms()
+        """``base_layer(x)`` plus the branches (and ``Δb``) of the active, unmerged adapters.
+
+        In a forward routed per sample (``model(..., adapter_names=[...])``)
+        each sample runs as if its adapter alone were active.
+        """
+        route = routed(self._routes)
+        if route is not None:
+            return self._forward_routed(x, *route)
+        return self._forward_terms(x, *self._terms())
+
+    def _forward_routed(self, x: torch.Tensor, route: Route, where: str) -> torch.Tensor:
+        groups = {}
+        for name, _ in route.groups:
+            running, idle = self._terms(() if name == BASE else (name,))
+            groups[name] = (tuple(id(a) for a in running), running, idle)
+        keys = [groups[name][0] for name, _ in route.groups]
+        terms = {key: (running, idle) for key, running, idle in groups.values()}
+        return route.run(where, x, keys, lambda key, xs: self._forward_terms(xs, *terms[key]))
+
+    def _forward_terms(
+        self, x: torch.Tensor, running: list[TuckerDelta], idle: list[TuckerDelta]
+    ) -> torch.Tensor:
         if not idle and not running:
             return self.base_layer(x)
         if not idle and len(running) == 1:
