@@ -35,7 +35,9 @@ def _model(forward: str) -> nn.Module:
     ).to(DTYPE)
     # "hosvd" starts with a non-zero core and factors, so every adapter
     # tensor gets a non-zero gradient at the first step.
-    config = flora.FLoRAConfig(ranks=2, init="hosvd", forward=forward)
+    config = flora.FLoRAConfig(
+        ranks=2, init="hosvd", forward=forward, target_modules=["0", "2", "4"]
+    )
     return flora.inject(model, config)
 
 
