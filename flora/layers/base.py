@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import compress, reconstruct
@@ -945,8 +946,11 @@ class FLoRALayer(AdaptedWeight):
         if spec.forward == "factorized":
             return "factorized"
         training = torch.is_grad_enabled() and adapter.core.requires_grad
-        shape = tuple(x.shape)
-        decision = (
+        # A dynamic-shape compile sees symbolic sizes: the choice is for their
+        # example values. It is a speed heuristic (both paths compute ΔW x),
+        # so it needs no guard of its own.
+        shape = tuple([optimization_hint(size) for size in x.shape])
+        return _static_choice(
             type(self),
             self._geometry(),
             spec.shape,
@@ -956,10 +960,6 @@ class FLoRALayer(AdaptedWeight):
             training,
             training and x.requires_grad,
         )
-        if all(type(size) is int for size in shape):
-            return _static_choice(*decision)
-        # Symbolic sizes (a dynamic-shape compile): the rule traces, with guards.
-        return _auto_choice(*decision)
 
     def _geometry(self) -> tuple:
         """The base layer's settings besides its weight shape that the op costs depend on."""
@@ -1099,10 +1099,11 @@ _cached_choice = functools.lru_cache(maxsize=4096)(_auto_choice)
 
 @torch.compiler.assume_constant_result
 def _static_choice(*decision: object) -> str:
-    """:func:`_auto_choice` for concrete sizes, cached.
+    """:func:`_auto_choice`, cached: a constant for ``torch.compile``.
 
-    Every argument is a constant that ``torch.compile`` guards on where the
-    forward reads it (shapes, grad mode, ``requires_grad``, the spec), so the
-    compiler takes the result as a constant instead of tracing the rule.
+    The arguments are plain constants (sizes, flags, the spec's tuples) that
+    the compiler guards on where the forward reads them (input shapes, grad
+    mode, ``requires_grad``, the adapter's spec), so it takes the result as
+    a constant instead of tracing the rule.
     """
     return _cached_choice(*decision)
