@@ -70,11 +70,14 @@ def _assert_routed(model: nn.Module, x: torch.Tensor, names: list[str] = NAMES) 
     assert not torch.allclose(routed[0], _alone(model, "__base__", lambda: model(x[:1]))[0])
 
 
-def test_linear_mixed_batch_matches_each_sample_alone() -> None:
+@pytest.mark.parametrize(
+    "names", [NAMES, ["a", "a", "b", "b", "b", "__base__"]], ids=["interleaved", "contiguous"]
+)
+def test_linear_mixed_batch_matches_each_sample_alone(names: list[str]) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4))
     model = _three_adapters(model, ["0", "2"], bias=True)
-    _assert_routed(model, torch.randn(len(NAMES), 5, 7, dtype=DTYPE))
+    _assert_routed(model, torch.randn(len(names), 5, 7, dtype=DTYPE), names)
 
 
 @pytest.mark.parametrize("forward", ["dense", "factorized"])

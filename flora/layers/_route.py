@@ -36,7 +36,9 @@ class Route:
 
     names: tuple[str, ...]
     groups: tuple[tuple[str, tuple[int, ...]], ...]
-    _indices: dict[torch.device, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    _indices: dict[tuple, tuple[torch.Tensor, slice | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def from_names(cls, names: Sequence[str]) -> Route:
@@ -58,15 +60,17 @@ class Route:
         """The batch size."""
         return len(self.names)
 
-    def indices(self, device: torch.device) -> list[torch.Tensor]:
-        """Each group's sample indices, then the order that undoes the grouping, on ``device``."""
-        if device not in self._indices:
-            tensors = [torch.tensor(idx, device=device) for _, idx in self.groups]
-            grouped = torch.cat(tensors)
-            order = torch.empty_like(grouped)
-            order[grouped] = torch.arange(len(grouped), device=device)
-            self._indices[device] = [*tensors, order]
-        return self._indices[device]
+    def _rows(
+        self, groups: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, slice | None]:
+        """The samples of some groups: their indices on ``device``, and a slice if contiguous."""
+        key = (groups, device)
+        if key not in self._indices:
+            rows = sorted(i for g in groups for i in self.groups[g][1])
+            contiguous = rows[-1] - rows[0] + 1 == len(rows)
+            span = slice(rows[0], rows[-1] + 1) if contiguous else None
+            self._indices[key] = (torch.tensor(rows, device=device), span)
+        return self._indices[key]
 
     def run(
         self,
@@ -102,30 +106,32 @@ class Route:
                 f"adapter_names routes a batch of {self.batch}, but module {where!r} got an "
                 f"input of shape {list(x.shape)}: per-sample routing needs the batch first"
             )
-        distinct = list(dict.fromkeys(keys))
-        if len(distinct) == 1:
-            return call(distinct[0], x)
-        *tensors, order = self.indices(x.device)
-        pairs = list(zip(keys, tensors, strict=True))
-        runs = {key: [t for k, t in pairs if k == key] for key in distinct}
-        outputs, used = [], []
-        for key, parts in runs.items():
-            index = parts[0] if len(parts) == 1 else torch.cat(parts)
-            samples = x if lead == 1 else x.index_select(0, index)
-            out = call(key, samples)
-            if not isinstance(out, torch.Tensor) or out.ndim == 0:
+        runs: dict[object, list[int]] = {}
+        for group, key in enumerate(keys):
+            runs.setdefault(key, []).append(group)
+        if len(runs) == 1:
+            return call(keys[0], x)
+        out = None
+        for key, groups in runs.items():
+            index, span = self._rows(tuple(groups), x.device)
+            samples = x if lead == 1 else _take(x, index, span)
+            result = call(key, samples)
+            if not isinstance(result, torch.Tensor) or result.ndim == 0:
                 raise ValueError(
-                    f"module {where!r} returns a {type(out).__name__}; per-sample routing "
+                    f"module {where!r} returns a {type(result).__name__}; per-sample routing "
                     "gathers tensors with the samples first"
                 )
-            outputs.append(out.expand(len(index), *out.shape[1:]) if lead == 1 else out)
-            used.append(index)
-        if len(runs) < len(tensors):
-            # Groups that run together came out in run order: reorder by the runs' indices.
-            grouped = torch.cat(used)
-            order = torch.empty_like(grouped)
-            order[grouped] = torch.arange(len(grouped), device=grouped.device)
-        return torch.cat(outputs).index_select(0, order)
+            if lead == 1:
+                result = result.expand(len(index), *result.shape[1:])
+            if out is None:
+                out = result.new_empty((self.batch, *result.shape[1:]))
+            out.index_copy_(0, index, result)
+        return out
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, span: slice | None) -> torch.Tensor:
+    """Samples ``index`` of ``x``: a view when they are contiguous, else one gathered copy."""
+    return x[span] if span is not None else x.index_select(0, index)
 
 
 def routed(routes: dict[int, tuple[Route, str]]) -> tuple[Route, str] | None:
