@@ -284,6 +284,8 @@ def sweep(results: Sequence[Result]) -> None:
     try:
         for balance in sorted({*_BALANCES, saved}):
             flora._cost.MACHINE_BALANCE = balance
+            # flora caches each decision per shape: recompute them at this balance.
+            flora.layers.base._cached_choice.cache_clear()
             losses = []
             for r in results:
                 layer, x = _layer(r.case)
@@ -301,6 +303,7 @@ def sweep(results: Sequence[Result]) -> None:
             )
     finally:
         flora._cost.MACHINE_BALANCE = saved
+        flora.layers.base._cached_choice.cache_clear()
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,9 @@ def _conv_net() -> tuple[object, object, Callable[[], object], object]:
 
     torch.manual_seed(0)
     base = ConvNet().eval()
-    flora_config = flora.FLoRAConfig(scale=0.5)
+    flora_config = flora.FLoRAConfig(
+        scale=0.5, target_modules=["conv1d", "conv2d", "grouped", "depthwise", "conv3d"]
+    )
     x = torch.randn(2, 3, 16)
 
     def run(model: object) -> object:

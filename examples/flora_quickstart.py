@@ -34,7 +34,7 @@ def main() -> None:
     model = make_model()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    config = flora.FLoRAConfig(ranks={"Linear": 4}, scale=1.0)
+    config = flora.FLoRAConfig(ranks={"Linear": 4}, scale=1.0, target_modules=["0", "2", "5"])
     flora.inject(model, config)
     print("trainable parameters:", flora.trainable_parameters(model))
 

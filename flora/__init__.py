@@ -1,7 +1,7 @@
 """flora: FLoRA adapters (Tucker-structured weight updates) for PyTorch modules."""
 
 from flora.compression import compress
-from flora.config import DEFAULT_RANKS, FLoRAConfig
+from flora.config import DEFAULT_RANKS, DEFAULT_TARGET_MODULES, FLoRAConfig
 from flora.extraction import ExtractedLayer, Extraction, ExtractionError, extract
 from flora.io import (
     SavedAdapter,
@@ -47,6 +47,7 @@ from flora.spec import LayerSpec
 
 __all__ = [
     "DEFAULT_RANKS",
+    "DEFAULT_TARGET_MODULES",
     "AdaptedWeight",
     "Conv1d",
     "Conv2d",

@@ -15,8 +15,9 @@ tensors), except that the first op skips its input gradient when the
 layer's input needs none. See :doc:`/flora_math` for the per-layer op lists
 and ``benchmarks/bench_auto_rule.py`` for the measurements behind the constant.
 
-Everything here is plain integer arithmetic on shapes, cheap enough to run
-on every call and traceable by ``torch.compile(fullgraph=True)``.
+Everything here is plain integer arithmetic on shapes; the layers cache its
+answer per layer type, shape and mode, and ``torch.compile`` takes that
+answer as a constant (``flora.layers.base``).
 """
 
 from __future__ import annotations

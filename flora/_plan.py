@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from flora._hf import guard_save_pretrained
+from flora._routing import install_routing
 from flora.layers import (
     AdaptedWeight,
     Conv1d,
@@ -329,6 +330,7 @@ def apply(
         wrapper.add_copy(adapter_name, saved.copy, trainable=trainable)
     refresh_requires_grad(model)
     guard_save_pretrained(model)
+    install_routing(model)
 
 
 def refresh_requires_grad(model: nn.Module) -> None:

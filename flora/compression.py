@@ -221,7 +221,8 @@ def compress(
     >>> import flora
     >>> torch.manual_seed(0) and None
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32))
-    >>> model = flora.inject(model, flora.FLoRAConfig(ranks=8, init="gaussian"))
+    >>> config = flora.FLoRAConfig(ranks=8, init="gaussian", target_modules="all-linear")
+    >>> model = flora.inject(model, config)
     >>> with torch.no_grad():  # a trained update of multilinear rank (2, 2)
     ...     _ = model[0].core.copy_(torch.diag(torch.tensor([3.0, 1.0, 0, 0, 0, 0, 0, 0])))
     >>> x = torch.randn(4, 32)

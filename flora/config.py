@@ -20,7 +20,7 @@ from flora.spec import (
     check_template,
 )
 
-__all__ = ["DEFAULT_RANKS", "FLoRAConfig", "name_matches"]
+__all__ = ["DEFAULT_RANKS", "DEFAULT_TARGET_MODULES", "FLoRAConfig", "name_matches"]
 
 Ranks = RankTemplate | Mapping[str, RankTemplate] | None
 
@@ -36,6 +36,60 @@ DEFAULT_RANKS: Mapping[str, RankTemplate] = {
     "Conv3d": (16, 16, 2, 2, 2),
     "Embedding": (8, 8),
     "Parameter": 8,
+}
+
+
+# The ``target_modules`` value that targets every Linear but the output layer (PEFT's).
+ALL_LINEAR = "all-linear"
+
+#: The modules adapted when ``FLoRAConfig.target_modules`` (and ``target_parameters``) is
+#: not given, by Hugging Face ``config.model_type``: PEFT's LoRA defaults
+#: (``peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, PEFT
+#: 0.21), kept here so that flora does not need PEFT. Entries match like a
+#: ``target_modules`` list (exact name or dotted suffix), or are a regex string.
+#: Several name transformers ``Conv1D`` layers (GPT-2's ``c_attn``), which
+#: :func:`flora.inject` refuses as it refuses them when named.
+DEFAULT_TARGET_MODULES: Mapping[str, list[str] | str] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 
@@ -101,10 +155,15 @@ class FLoRAConfig:
         A list matches module names exactly or as a dotted suffix
         (``"fc1"`` matches ``"blocks.0.fc1"``); a string is a regular
         expression matched against the whole name (``re.fullmatch``).
-        ``None`` adapts every Linear, Conv1d/2d/3d and Embedding module
-        (exact types, not subclasses) outside ``modules_to_save``, unless
-        ``target_parameters`` is given, in which case only those parameters
-        are adapted.
+        ``"all-linear"`` (any case) adapts every
+        ``torch.nn.Linear`` outside ``modules_to_save`` except the output
+        layer of a Hugging Face model (its output embeddings, else a
+        ``classifier`` or ``score`` head), as PEFT does; transformers
+        ``Conv1D`` layers are not adapted. ``None`` takes PEFT's default
+        targets for the model's ``config.model_type``
+        (:data:`DEFAULT_TARGET_MODULES`), and is an error for other models,
+        unless ``target_parameters`` is given, in which case only those
+        parameters are adapted.
     exclude_modules : list of str, str or None, optional
         Names removed from the targets, matched like ``target_modules``.
     rank_pattern : dict, optional

@@ -191,7 +191,8 @@ def adapter_state_dict(
     --------
     >>> import torch
     >>> import flora
-    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules="all-linear")
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), config)
     >>> {k: tuple(v.shape) for k, v in flora.adapter_state_dict(model).items()}
     {'0.core': (2, 2), '0.factors.0': (3, 2), '0.factors.1': (4, 2)}
     """
@@ -458,7 +459,7 @@ def save_adapter(
     >>> fresh = torch.nn.Sequential(torch.nn.Linear(4, 3))
     >>> fresh.load_state_dict(model.state_dict())
     <All keys matched successfully>
-    >>> model = flora.inject(model, flora.FLoRAConfig(ranks=2))
+    >>> model = flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules=["0"]))
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     _ = flora.save_adapter(model, tmp)
     ...     fresh = flora.load_adapter(fresh, tmp)
@@ -622,7 +623,8 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     >>> import tempfile
     >>> import torch
     >>> import flora
-    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules="all-linear")
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), config)
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     saved = flora.read_adapter(flora.save_adapter(model, tmp))
     >>> saved.name, saved.layers["0"].ranks
@@ -779,7 +781,8 @@ def load_adapter(
     >>> import flora
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     >>> for name in ("a", "b"):
-    ...     _ = flora.inject(model, flora.FLoRAConfig(ranks=2), adapter_name=name)
+    ...     config = flora.FLoRAConfig(ranks=2, target_modules=["0"])
+    ...     _ = flora.inject(model, config, adapter_name=name)
     >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4))
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     for name in ("a", "b"):

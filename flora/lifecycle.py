@@ -35,6 +35,7 @@ from flora._plan import (
 )
 from flora._plan import adapter_names as _adapter_names
 from flora._plan import current_active as _current_active
+from flora._routing import release_routing
 from flora._tucker import block_sum
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, TuckerDelta
@@ -59,8 +60,9 @@ def adapter_names(model: nn.Module) -> list[str]:
     >>> import torch
     >>> import flora
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=2))
-    >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=1), adapter_name="small")
+    >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules=["0"]))
+    >>> config = flora.FLoRAConfig(ranks=1, target_modules=["0"])
+    >>> _ = flora.inject(model, config, adapter_name="small")
     >>> flora.adapter_names(model), flora.active_adapters(model)
     (['default', 'small'], ['default'])
     """
@@ -78,7 +80,8 @@ def active_adapters(model: nn.Module) -> list[str]:
     --------
     >>> import torch
     >>> import flora
-    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules="all-linear")
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), config)
     >>> flora.active_adapters(model)
     ['default']
     """
@@ -120,8 +123,9 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     >>> import torch
     >>> import flora
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=2), adapter_name="a")
-    >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=2), adapter_name="b")
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"])
+    >>> _ = flora.inject(model, config, adapter_name="a")
+    >>> _ = flora.inject(model, config, adapter_name="b")
     >>> _ = flora.set_adapter(model, "b")
     >>> model[0].adapters["a"].core.requires_grad, model[0].adapters["b"].core.requires_grad
     (False, True)
@@ -176,7 +180,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     >>> import torch
     >>> import flora
     >>> base = torch.nn.Linear(4, 4)
-    >>> model = flora.inject(torch.nn.Sequential(base), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"])
+    >>> model = flora.inject(torch.nn.Sequential(base), config)
     >>> with torch.no_grad():
     ...     _ = model[0].core.fill_(1.0)
     >>> x = torch.randn(2, 4)
@@ -243,7 +248,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     >>> import torch
     >>> import flora
     >>> linear = torch.nn.Linear(4, 4)
-    >>> model = flora.inject(torch.nn.Sequential(linear), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"])
+    >>> model = flora.inject(torch.nn.Sequential(linear), config)
     >>> flora.delete_adapter(model, "default")[0] is linear
     True
     """
@@ -275,6 +281,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if not wrapper.copies:
             replace_module(modules, name, wrapper.original_module)
     release_save_pretrained(model)
+    release_routing(model)
     return model
 
 
@@ -389,7 +396,8 @@ def add_weighted_adapter(
     >>> import flora
     >>> model = torch.nn.Sequential(torch.nn.Linear(6, 5))
     >>> for name in ("a", "b"):
-    ...     _ = flora.inject(model, flora.FLoRAConfig(ranks=2, init="gaussian"), adapter_name=name)
+    ...     config = flora.FLoRAConfig(ranks=2, init="gaussian", target_modules=["0"])
+    ...     _ = flora.inject(model, config, adapter_name=name)
     ...     with torch.no_grad():
     ...         _ = model[0].adapters[name].core.normal_()
     >>> _ = flora.add_weighted_adapter(model, ["a", "b"], [0.5, 2.0], "mix")

@@ -166,7 +166,8 @@ def export_lora(
     >>> import flora
     >>> torch.manual_seed(0) and None
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten())
-    >>> model = flora.inject(model, flora.FLoRAConfig(ranks=3, init="gaussian"))
+    >>> config = flora.FLoRAConfig(ranks=3, init="gaussian", target_modules=["0"])
+    >>> model = flora.inject(model, config)
     >>> with torch.no_grad():
     ...     _ = model[0].core.normal_()
     >>> with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,8 @@ from flora._plan import (
     saved_copy,
     walk,
 )
-from flora.config import FLoRAConfig, name_matches
+from flora._routing import release_routing
+from flora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, FLoRAConfig, name_matches
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
 
@@ -66,7 +67,7 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedWeight]:
     >>> import torch
     >>> import flora
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=2))
+    >>> _ = flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules="all-linear"))
     >>> {name: layer.adapter_names for name, layer in flora.adapted_layers(model).items()}
     {'0': ('default',), '2': ('default',)}
     """
@@ -123,21 +124,62 @@ def _kind(module: nn.Module) -> str | None:
     return None if layer is None else layer.kind
 
 
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    """A Hugging Face model's output layer: output embeddings, else a classification head."""
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    if not callable(output_embeddings):
+        return None
+    head = output_embeddings()
+    if head is None:
+        # PEFT's SEQ_CLS_HEAD_NAMES.
+        heads = [getattr(model, name, None) for name in ("score", "classifier")]
+        head = next((h for h in heads if isinstance(h, nn.Module)), None)
+    return head
+
+
+def _all_linear(model: nn.Module, modules: dict[str, nn.Module], saved: list[str]) -> list[str]:
+    """Every Linear of ``model`` outside ``saved`` but its output layer (``"all-linear"``)."""
+    head = _output_layer(model)
+    return [
+        name
+        for name, module in modules.items()
+        if name and module is not head and _kind(module) == "Linear" and not _inside(name, saved)
+    ]
+
+
+def _default_targets(model: nn.Module) -> list[str] | str:
+    """PEFT's default targets for the model's architecture (``target_modules=None``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    what = f"model type {model_type!r}" if model_type else f"a {type(model).__name__}"
+    raise ValueError(
+        f"target_modules is not given and flora has no default targets for {what} "
+        "(flora.DEFAULT_TARGET_MODULES lists those of PEFT); name them, e.g. "
+        'target_modules="all-linear" or target_modules=["query", "value"]'
+    )
+
+
 def _module_sites(
-    modules: dict[str, nn.Module], config: FLoRAConfig, saved: list[str]
+    model: nn.Module, modules: dict[str, nn.Module], config: FLoRAConfig, saved: list[str]
 ) -> list[Site]:
     names = [n for n in modules if n]
-    _check_each_entry_matches(config.target_modules, names, "target_modules")
-    everything = config.target_modules is None and config.target_parameters is None
+    spec = config.target_modules
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        linear = set(_all_linear(model, modules, saved))
+        targets = [n for n in names if n in linear]
+    elif spec is None:
+        if config.target_parameters is not None:
+            return []
+        default = _default_targets(model)
+        targets = [n for n in names if _matches(n, default)]
+    else:
+        _check_each_entry_matches(spec, names, "target_modules")
+        targets = [n for n in names if _matches(n, spec)]
     sites = []
-    for name in names:
+    for name in targets:
         module = modules[name]
         if _matches(name, config.exclude_modules):
-            continue
-        if config.target_modules is None:
-            if not everything or _kind(module) is None or _inside(name, saved):
-                continue
-        elif not _matches(name, config.target_modules):
             continue
         if _inside(name, saved):
             raise ValueError(f"module {name!r} is a target and in modules_to_save; pick one")
@@ -272,7 +314,7 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
     check_enabled(model)
     modules = dict(walk(model))
     saved = _saved_names(modules, config)
-    sites = _module_sites(modules, config, saved) + _parameter_sites(modules, config, saved)
+    sites = _module_sites(model, modules, config, saved) + _parameter_sites(modules, config, saved)
     if not sites:
         raise ValueError("the config matches no module or parameter of the model")
     _check_rank_pattern(config, [site.name for site in sites])
@@ -443,7 +485,8 @@ def merge(
     --------
     >>> import torch
     >>> import flora
-    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules="all-linear")
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), config)
     >>> _ = flora.merge(model)
     >>> model[0].merged
     True
@@ -493,7 +536,8 @@ def unmerge(model: nn.Module) -> nn.Module:
     >>> import flora
     >>> linear = torch.nn.Linear(4, 4)
     >>> weight = linear.weight.detach().clone()
-    >>> model = flora.inject(torch.nn.Sequential(linear), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"])
+    >>> model = flora.inject(torch.nn.Sequential(linear), config)
     >>> _ = flora.unmerge(flora.merge(model))
     >>> torch.equal(linear.weight, weight)  # the core is zero: nothing to round
     True
@@ -544,7 +588,8 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     >>> import torch
     >>> import flora
     >>> linear = torch.nn.Linear(4, 4)
-    >>> model = flora.inject(torch.nn.Sequential(linear), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"])
+    >>> model = flora.inject(torch.nn.Sequential(linear), config)
     >>> flora.unload(model, merge=False)[0] is linear
     True
     """
@@ -573,6 +618,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
             modules, name, wrapper.running_module() if merge else wrapper.original_module
         )
     release_save_pretrained(model)
+    release_routing(model)
     return model
 
 
@@ -601,7 +647,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     --------
     >>> import torch
     >>> import flora
-    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), flora.FLoRAConfig(ranks=2))
+    >>> config = flora.FLoRAConfig(ranks=2, target_modules="all-linear")
+    >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), config)
     >>> with torch.no_grad():
     ...     _ = model[0].core.fill_(1.0)
     >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
@@ -696,7 +743,7 @@ def trainable_parameters(model: nn.Module) -> int:
     >>> import torch
     >>> import flora
     >>> model = torch.nn.Sequential(torch.nn.Linear(10, 6))
-    >>> model = flora.inject(model, flora.FLoRAConfig(ranks=2))
+    >>> model = flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules="all-linear"))
     >>> flora.trainable_parameters(model)  # 2*2 + 6*2 + 10*2
     36
     """

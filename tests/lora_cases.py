@@ -64,7 +64,9 @@ def flora_model(case: str, init: str) -> tuple[nn.Module, nn.Module]:
     make, _, ranks = CASES[case]
     base = nn.Sequential(make())
     model = copy.deepcopy(base)
-    targets = {"target_parameters": ["0.weight"]} if case == "Parameter" else {}
+    targets = (
+        {"target_parameters": ["0.weight"]} if case == "Parameter" else {"target_modules": ["0"]}
+    )
     flora.inject(model, flora.FLoRAConfig(ranks=ranks, init=init, scale=0.7, **targets))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

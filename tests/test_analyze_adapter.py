@@ -133,7 +133,9 @@ def test_skipped_layers_and_filters(tmp_path, capsys) -> None:
 
 
 def test_a_zero_update_is_skipped(tmp_path, capsys) -> None:
-    model = flora.inject(nn.Sequential(nn.Linear(4, 3)), flora.FLoRAConfig(ranks=2))
+    model = flora.inject(
+        nn.Sequential(nn.Linear(4, 3)), flora.FLoRAConfig(ranks=2, target_modules="all-linear")
+    )
     flora.save_adapter(model, tmp_path / "flora")
     assert main(["analyze", "--adapter", str(tmp_path / "flora"), "--quiet"]) == 0
     assert "unchanged (dW = 0): 0" in capsys.readouterr().out

@@ -1002,7 +1002,7 @@ def test_meta_model_hosvd_init_is_refused_and_zero_core_builds_the_structure() -
     meta = Net(device="meta")
     types = {n: type(m) for n, m in meta.named_modules()}
     with pytest.raises(ValueError, match=r"layer 'fc': init='hosvd' .* meta tensor: meta tensors"):
-        flora.inject(meta, flora.FLoRAConfig(ranks=2, init="hosvd"))
+        flora.inject(meta, flora.FLoRAConfig(ranks=2, init="hosvd", target_modules=["fc"]))
     assert {n: type(m) for n, m in meta.named_modules()} == types
     # zero_core needs no values: the structure is built, the values come with the weights.
     flora.inject(meta, flora.FLoRAConfig(ranks=2, target_modules=["fc"]))

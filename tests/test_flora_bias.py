@@ -99,6 +99,9 @@ def test_merge_unmerge_disable_and_remove_restore_the_bias() -> None:
     torch.testing.assert_close(base.bias, original, rtol=0, atol=4 * EPS32)
 
 
+TARGETS = ["0", "2", "3"]
+
+
 def _model(bias: bool = True) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Conv1d(5, 3, 1), nn.Linear(1, 2, bias=bias))
@@ -114,7 +117,9 @@ def _train_bias(model: nn.Module, name: str, value: float) -> None:
 
 
 def test_config_bias_gives_layers_with_a_bias_a_trainable_update() -> None:
-    model = flora.inject(_model(bias=False), flora.FLoRAConfig(ranks=1, bias=True))
+    model = flora.inject(
+        _model(bias=False), flora.FLoRAConfig(ranks=1, bias=True, target_modules=TARGETS)
+    )
     assert model[0].adapters["default"].bias.shape == (5,)
     assert model[2].adapters["default"].bias.shape == (3,)
     assert model[3].adapters["default"].bias is None  # no bias to update
@@ -130,7 +135,9 @@ def test_save_load_combine_and_merged_state_dict_carry_the_bias_update(tmp_path)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     for name, value in (("a", 0.5), ("b", -2.0)):
         flora.inject(
-            model, flora.FLoRAConfig(ranks=1, bias=True, init="gaussian"), adapter_name=name
+            model,
+            flora.FLoRAConfig(ranks=1, bias=True, init="gaussian", target_modules=TARGETS),
+            adapter_name=name,
         )
         _train_bias(model, name, value)
     flora.add_weighted_adapter(model, ["a", "b"], [2.0, 1.0], "mix")
@@ -151,7 +158,9 @@ def test_save_load_combine_and_merged_state_dict_carry_the_bias_update(tmp_path)
 def test_deleting_or_unloading_without_merge_gives_the_base_bias_back_bit_for_bit() -> None:
     model = _model()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    flora.inject(model, flora.FLoRAConfig(ranks=1, bias=True, init="gaussian"))
+    flora.inject(
+        model, flora.FLoRAConfig(ranks=1, bias=True, init="gaussian", target_modules=TARGETS)
+    )
     _train_bias(model, "default", 0.1)
     with flora.disable_adapter(model):
         assert torch.equal(model[0].effective_bias(), original["0.bias"])

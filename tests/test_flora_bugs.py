@@ -55,7 +55,7 @@ def test_bug1_hosvd_inject_failing_on_the_last_layer_changes_nothing() -> None:
         model[1].weight[0, 0] = float("nan")
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"layer '1'.*NaN"):
-        flora.inject(model, flora.FLoRAConfig(init="hosvd", ranks=2))
+        flora.inject(model, flora.FLoRAConfig(init="hosvd", ranks=2, target_modules="all-linear"))
     assert _same(_snapshot(model), before)
 
 
@@ -70,12 +70,17 @@ def test_bug1_integer_target_parameter_changes_nothing() -> None:
 
 
 def test_bug1_load_failing_on_the_last_layer_changes_nothing(tmp_path: Path) -> None:
-    adapted = flora.inject(_two_linears(), flora.FLoRAConfig(ranks=2, init="hosvd"))
+    adapted = flora.inject(
+        _two_linears(), flora.FLoRAConfig(ranks=2, init="hosvd", target_modules="all-linear")
+    )
     flora.save_adapter(adapted, tmp_path)
     tensors = load_file(str(tmp_path / flora.io.WEIGHTS_NAME))
     tensors["1.core"][0, 0] = float("inf")
     save_file(tensors, str(tmp_path / flora.io.WEIGHTS_NAME))
-    for model in (_two_linears(), flora.inject(_two_linears(), flora.FLoRAConfig(ranks=1))):
+    for model in (
+        _two_linears(),
+        flora.inject(_two_linears(), flora.FLoRAConfig(ranks=1, target_modules="all-linear")),
+    ):
         before = _snapshot(model)
         with pytest.raises(ValueError, match=r"1\.core.*NaN or infinite"):
             flora.load_adapter(model, tmp_path, adapter_name="other")
@@ -83,7 +88,7 @@ def test_bug1_load_failing_on_the_last_layer_changes_nothing(tmp_path: Path) -> 
 
 
 def test_bug1_merge_and_combine_failing_on_the_last_layer_change_nothing() -> None:
-    model = flora.inject(_two_linears(), flora.FLoRAConfig(ranks=2))
+    model = flora.inject(_two_linears(), flora.FLoRAConfig(ranks=2, target_modules="all-linear"))
     with torch.no_grad():
         model[0].core.fill_(0.5)
         model[1].core.fill_(float("nan"))
@@ -102,7 +107,9 @@ def test_bug1_merge_and_combine_failing_on_the_last_layer_change_nothing() -> No
 
 
 def _trained(ranks: int, seed: int) -> nn.Sequential:
-    model = flora.inject(_two_linears(), flora.FLoRAConfig(ranks=ranks))
+    model = flora.inject(
+        _two_linears(), flora.FLoRAConfig(ranks=ranks, target_modules="all-linear")
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in flora.adapted_layers(model).values():
@@ -156,10 +163,10 @@ def test_bug2_file_size_limit_in_a_subprocess(tmp_path: Path) -> None:
         import flora
         target = sys.argv[1]
         model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-        flora.inject(model, flora.FLoRAConfig(ranks=1))
+        flora.inject(model, flora.FLoRAConfig(ranks=1, target_modules=["0"]))
         flora.save_adapter(model, target)
         flora.delete_adapter(model, "default")
-        flora.inject(model, flora.FLoRAConfig(ranks=32))
+        flora.inject(model, flora.FLoRAConfig(ranks=32, target_modules=["0"]))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write instead of a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
@@ -188,7 +195,7 @@ def test_bug3_tied_weights_are_refused_naming_both_modules() -> None:
     model[1].weight = model[0].weight
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"'0' is shared with '1\.weight'"):
-        flora.inject(model, flora.FLoRAConfig(ranks=2))
+        flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules="all-linear"))
     embed = nn.Embedding(8, 8)
     model[1].weight = embed.weight
     model.embed = embed
@@ -226,7 +233,9 @@ def test_bug5_usable_ranks_in_layers_config_and_extract(tmp_path: Path) -> None:
     depthwise = flora.Conv2d(nn.Conv2d(32, 32, 3, groups=32))
     # (16, 16, 2, 2) -> sizes (16, 1, 2, 2) -> R_0 <= 1 * 2 * 2
     assert depthwise.ranks == (4, 1, 2, 2)
-    model = flora.inject(nn.Sequential(nn.Linear(256, 2)), flora.FLoRAConfig(ranks=8))
+    model = flora.inject(
+        nn.Sequential(nn.Linear(256, 2)), flora.FLoRAConfig(ranks=8, target_modules="all-linear")
+    )
     flora.save_adapter(model, tmp_path / "saved")
     document = json.loads((tmp_path / "saved" / flora.io.CONFIG_NAME).read_text())
     assert document["layers"]["0"]["ranks"] == [2, 2]
@@ -257,13 +266,17 @@ def test_bug6_rank_pattern_suffixes_and_unmatched_keys() -> None:
         module.block.key = nn.Linear(16, 16)
         return module
 
-    model = flora.inject(block(), flora.FLoRAConfig(ranks=2, rank_pattern={"query": 4}))
+    model = flora.inject(
+        block(), flora.FLoRAConfig(ranks=2, rank_pattern={"query": 4}, target_modules="all-linear")
+    )
     assert model.block.query.ranks == (4, 4)
     assert model.block.key.ranks == (2, 2)
     fresh = block()
     before = _snapshot(fresh)
     with pytest.raises(ValueError, match="rank_pattern key 'value' matches no adapted layer"):
-        flora.inject(fresh, flora.FLoRAConfig(rank_pattern={"value": 4}))
+        flora.inject(
+            fresh, flora.FLoRAConfig(rank_pattern={"value": 4}, target_modules="all-linear")
+        )
     assert _same(_snapshot(fresh), before)
 
 
@@ -277,7 +290,8 @@ def test_bug7_hosvd_embedding_keeps_the_padding_row(forward: str) -> None:
     idx = torch.tensor([[3, 1, 3, 7]])
     expected = embedding(idx).detach()
     model = flora.inject(
-        nn.Sequential(embedding), flora.FLoRAConfig(ranks=2, init="hosvd", forward=forward)
+        nn.Sequential(embedding),
+        flora.FLoRAConfig(ranks=2, init="hosvd", forward=forward, target_modules=["0"]),
     )
     out = model(idx)
     assert torch.equal(out[0, [0, 2]], expected[0, [0, 2]])
@@ -328,7 +342,7 @@ class _Pretrained(nn.Module):
 
 
 def test_bug9_save_pretrained_refuses_the_adapted_layout() -> None:
-    model = flora.inject(_Pretrained(), flora.FLoRAConfig(ranks=2))
+    model = flora.inject(_Pretrained(), flora.FLoRAConfig(ranks=2, target_modules="all-linear"))
     with pytest.raises(RuntimeError, match=r"state_dict=flora\.merged_state_dict\(model\)"):
         model.save_pretrained("unused")
     model.save_pretrained("unused", state_dict=flora.merged_state_dict(model))

@@ -27,7 +27,7 @@ def _adapted(kind: str, init: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     model = nn.Sequential(_LAYERS[kind]()).double()
     weight = model[0].weight.detach().clone()
-    flora.inject(model, flora.FLoRAConfig(ranks=4, init=init, scale=0.7))
+    flora.inject(model, flora.FLoRAConfig(ranks=4, init=init, scale=0.7, target_modules=["0"]))
     with torch.no_grad():
         for p in (model[0].core, *model[0].factors):
             p.add_(torch.randn_like(p))

@@ -98,7 +98,9 @@ def _hand_delta(layer: flora.AdaptedWeight, name: str = "default") -> torch.Tens
 @pytest.mark.parametrize("forward", ["dense", "factorized"])
 def test_forward_backward_merge_on_cuda(kind: str, forward: str) -> None:
     base, x = _case(kind)
-    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=3, forward=forward))
+    model = flora.inject(
+        nn.Sequential(base), flora.FLoRAConfig(ranks=3, forward=forward, target_modules=["0"])
+    )
     layer = model[0]
     assert layer.core.device.type == CUDA
     _randomize(layer)
@@ -150,7 +152,9 @@ def test_named_adapters_on_cuda(tmp_path: Path) -> None:
 def test_hosvd_init_on_cuda() -> None:
     base, x = _case("Conv2d")
     expected = base(x)
-    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=2, init="hosvd"))
+    model = flora.inject(
+        nn.Sequential(base), flora.FLoRAConfig(ranks=2, init="hosvd", target_modules=["0"])
+    )
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
     flora.unload(model, merge=False)
 
@@ -158,7 +162,7 @@ def test_hosvd_init_on_cuda() -> None:
 @pytest.mark.parametrize("kind", ["Linear", "Conv2d", "Embedding"])
 def test_bfloat16_autocast_on_cuda(kind: str) -> None:
     base, x = _case(kind)
-    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=3))
+    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=3, target_modules=["0"]))
     layer = model[0]
     _randomize(layer)
     reference = model(x).detach()
@@ -175,7 +179,7 @@ def test_bfloat16_autocast_on_cuda(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["Linear", "Conv2d"])
 def test_bfloat16_base_with_float32_adapter_on_cuda(kind: str) -> None:
     base, x = _case(kind, torch.bfloat16)
-    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=3))
+    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=3, target_modules=["0"]))
     layer = model[0]
     assert layer.core.dtype == torch.float32
     _randomize(layer)

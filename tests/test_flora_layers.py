@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 import flora
 import flora._cost
+import flora.layers.base
 import tuckerlib
 from flora.spec import usable_ranks
 
@@ -176,6 +178,9 @@ def test_auto_balance_zero_counts_multiply_adds(monkeypatch: pytest.MonkeyPatch)
     small = flora.Linear(nn.Linear(64, 64), ranks=2)
     for constant in ("MACHINE_BALANCE", "STREAM_BALANCE", "OP_OVERHEAD"):
         monkeypatch.setattr(flora._cost, constant, 0)
+    # Decisions are cached per shape: an empty cache while the constants are 0.
+    fresh = functools.lru_cache(flora.layers.base._auto_choice)
+    monkeypatch.setattr(flora.layers.base, "_cached_choice", fresh)
     # 16x fewer multiply-adds: a flop count alone picks factorized.
     assert small.choose_forward(_meta_input(4096, 64)) == "factorized"
 

@@ -91,7 +91,9 @@ def test_named_adapters_match_hand_merged_weights(case: dict) -> None:
     model = nn.Sequential(base)
     names = [f"a{i}" for i in range(len(case["ranks"]))]
     for i, (name, rank) in enumerate(zip(names, case["ranks"], strict=True)):
-        config = flora.FLoRAConfig(ranks=rank, scale=0.5 + i, forward=case["forward"])
+        config = flora.FLoRAConfig(
+            ranks=rank, scale=0.5 + i, forward=case["forward"], target_modules=["0"]
+        )
         flora.inject(model, config, adapter_name=name)
         _randomize(model[0], name, case["seed"] + i)
     layer = model[0]
@@ -134,7 +136,11 @@ def test_inactive_adapters_get_no_gradient_and_active_ones_do() -> None:
     base, x = _case("Conv2d")
     model = nn.Sequential(base)
     for name in ("a", "b"):
-        flora.inject(model, flora.FLoRAConfig(ranks=2, init="gaussian"), adapter_name=name)
+        flora.inject(
+            model,
+            flora.FLoRAConfig(ranks=2, init="gaussian", target_modules=["0"]),
+            adapter_name=name,
+        )
         _randomize(model[0], name, 0)
     layer = model[0]
     assert flora.active_adapters(model) == ["a"]
@@ -163,7 +169,11 @@ def test_hosvd_adapters_change_nothing_while_inactive() -> None:
     w0 = base.weight.detach().clone()
     model = nn.Sequential(base)
     for name, rank in (("a", 2), ("b", 3)):
-        flora.inject(model, flora.FLoRAConfig(ranks=rank, init="hosvd"), adapter_name=name)
+        flora.inject(
+            model,
+            flora.FLoRAConfig(ranks=rank, init="hosvd", target_modules=["0"]),
+            adapter_name=name,
+        )
     _close(model(x), F.linear(x, w0, base.bias))
     layer = model[0]
     with torch.no_grad():
@@ -186,7 +196,11 @@ def test_weighted_adapter_recompresses_exactly_past_the_mode_size() -> None:
     base = nn.Linear(5, 3, **F64)
     model = nn.Sequential(base)
     for i, name in enumerate(("a", "b")):
-        flora.inject(model, flora.FLoRAConfig(ranks=3, init="gaussian"), adapter_name=name)
+        flora.inject(
+            model,
+            flora.FLoRAConfig(ranks=3, init="gaussian", target_modules=["0"]),
+            adapter_name=name,
+        )
         _randomize(model[0], name, i)
     layer = model[0]
     flora.add_weighted_adapter(model, ["a", "b"], [1.0, -0.5], "mix")
@@ -241,7 +255,7 @@ def test_saved_modules_switch_disable_and_train() -> None:
 
 def test_disable_adapter_restores_state_after_an_error() -> None:
     base, _x = _case("Linear")
-    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=2))
+    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=2, target_modules=["0"]))
     _randomize(model[0], "default", 0)
     flora.merge(model)
     merged_weight = base.weight.detach().clone()
@@ -263,7 +277,9 @@ def test_disable_adapter_restores_state_after_an_error() -> None:
 
 def test_set_delete_and_merge_refuse_bad_names_without_changes() -> None:
     base, _ = _case("Linear")
-    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=2), adapter_name="a")
+    model = flora.inject(
+        nn.Sequential(base), flora.FLoRAConfig(ranks=2, target_modules=["0"]), adapter_name="a"
+    )
     for call in (
         lambda: flora.set_adapter(model, "missing"),
         lambda: flora.set_adapter(model, []),

@@ -80,7 +80,9 @@ def test_target_matching_rules() -> None:
     assert set(flora.adapted_layers(regex)) == {"1.0", "1.1"}
     excluded = flora.inject(copy.deepcopy(model), config)
     assert set(flora.adapted_layers(excluded)) == {"1.0"}
-    pattern = flora.FLoRAConfig(ranks=3, rank_pattern={r"1\.\d": (2, 2), "1.1": 1})
+    pattern = flora.FLoRAConfig(
+        ranks=3, rank_pattern={r"1\.\d": (2, 2), "1.1": 1}, target_modules="all-linear"
+    )
     ranked = flora.inject(copy.deepcopy(model), pattern)
     # The exact name beats the regex; ranks are usable ones (equal for a matrix).
     assert {n: layer.ranks for n, layer in flora.adapted_layers(ranked).items()} == {
@@ -97,7 +99,7 @@ def test_inject_errors_leave_model_alone() -> None:
     with pytest.raises(TypeError, match="ReLU"):
         flora.inject(model, flora.FLoRAConfig(target_modules=["1"]))
     with pytest.raises(ValueError, match="matches no module"):
-        flora.inject(nn.Sequential(nn.ReLU()), flora.FLoRAConfig())
+        flora.inject(nn.Sequential(nn.ReLU()), flora.FLoRAConfig(target_modules="all-linear"))
     assert type(model[0]) is nn.Linear
     assert model[0].weight.requires_grad
     flora.inject(model, flora.FLoRAConfig(target_modules=["0"]))
@@ -113,7 +115,7 @@ def test_training_on_digits_lowers_loss_and_keeps_base() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    flora.inject(model, flora.FLoRAConfig(ranks=4))
+    flora.inject(model, flora.FLoRAConfig(ranks=4, target_modules="all-linear"))
     optimizer = torch.optim.Adam(
         flora_params := [p for p in model.parameters() if p.requires_grad], lr=0.05
     )

@@ -137,7 +137,8 @@ def test_peft_merges_the_exported_bias_into_layers_that_have_one(tmp_path) -> No
         nn.Conv1d(4, 5, 3), nn.ReLU(), nn.Conv1d(5, 3, 1), nn.Flatten(), nn.Linear(15, 2)
     ).eval()
     model = flora.inject(
-        copy.deepcopy(base), flora.FLoRAConfig(ranks=2, bias=True, init="gaussian")
+        copy.deepcopy(base),
+        flora.FLoRAConfig(ranks=2, bias=True, init="gaussian", target_modules=["0", "2", "4"]),
     )
     with torch.no_grad():
         for layer in flora.adapted_layers(model).values():
@@ -167,7 +168,7 @@ class _Weighted(nn.Module):
     [
         (
             lambda: nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 5)),
-            {},
+            {"target_modules": ["0", "1"]},
             "0",
             "1",
             "Embedding layers",
@@ -474,7 +475,7 @@ def test_add_weighted_adapter_combines_bias_updates_of_some_adapters() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5))
     for name, bias in (("a", True), ("b", False)):
-        config = flora.FLoRAConfig(ranks=2, init="gaussian", bias=bias)
+        config = flora.FLoRAConfig(ranks=2, init="gaussian", bias=bias, target_modules=["0"])
         flora.inject(model, config, adapter_name=name)
         with torch.no_grad():
             model[0].adapters[name].core.normal_()
@@ -528,7 +529,9 @@ def test_analyze_adapter_names_bias_updates_and_leaves_them_out(tmp_path, capsys
 
 
 def test_analyze_adapter_says_when_only_a_bias_update_changed(tmp_path) -> None:
-    model = flora.inject(nn.Sequential(nn.Linear(6, 5)), flora.FLoRAConfig(bias=True))
+    model = flora.inject(
+        nn.Sequential(nn.Linear(6, 5)), flora.FLoRAConfig(bias=True, target_modules=["0"])
+    )
     with torch.no_grad():
         model[0].adapters["default"].bias.fill_(1.0)  # trained Δb, untouched zero core
     flora.save_adapter(model, tmp_path / "flora")

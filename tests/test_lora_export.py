@@ -116,7 +116,9 @@ def test_rank_patterns_hold_per_layer_ranks(tmp_path) -> None:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4), nn.Sequential(nn.Linear(4, 4)))
     model = copy.deepcopy(base)
-    config = flora.FLoRAConfig(ranks=3, init="gaussian", rank_pattern={"1": (2, 2)})
+    config = flora.FLoRAConfig(
+        ranks=3, init="gaussian", rank_pattern={"1": (2, 2)}, target_modules="all-linear"
+    )
     flora.inject(model, config)
     with torch.no_grad():
         for layer in flora.adapted_layers(model).values():
@@ -146,7 +148,7 @@ def test_a_meta_device_base_model_is_enough(tmp_path) -> None:
 
 def _refusal(tmp_path: Path, layer: nn.Module, source: str) -> str:
     base = nn.Sequential(layer)
-    model = flora.inject(copy.deepcopy(base), flora.FLoRAConfig(ranks=2))
+    model = flora.inject(copy.deepcopy(base), flora.FLoRAConfig(ranks=2, target_modules=["0"]))
     flora.save_adapter(model, tmp_path / "flora")
     if source == "legacy directory":
         _strip_geometry(tmp_path / "flora")
@@ -176,7 +178,9 @@ def test_layers_peft_cannot_reproduce_are_refused_by_name(tmp_path, layer, reaso
 def test_a_dilated_pointwise_conv_is_exact(tmp_path) -> None:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 1, dilation=2))
-    model = flora.inject(copy.deepcopy(base), flora.FLoRAConfig(ranks=2, init="gaussian"))
+    model = flora.inject(
+        copy.deepcopy(base), flora.FLoRAConfig(ranks=2, init="gaussian", target_modules=["0"])
+    )
     with torch.no_grad():
         model[0].core.normal_()
     flora.save_adapter(model, tmp_path / "flora")

@@ -145,7 +145,9 @@ def test_padding_rows_and_grouped_convs_import_where_exact(tmp_path) -> None:
     base = nn.Sequential(nn.Embedding(10, 6, padding_idx=2), nn.Conv1d(6, 6, 3, groups=3))
     with torch.no_grad():
         base[0].weight[2].normal_()  # a pretrained padding row is rarely zero
-    flora_model_ = flora.inject(copy.deepcopy(base), flora.FLoRAConfig(ranks=3, init="gaussian"))
+    flora_model_ = flora.inject(
+        copy.deepcopy(base), flora.FLoRAConfig(ranks=3, init="gaussian", target_modules=["0", "1"])
+    )
     with torch.no_grad():
         for layer in flora.adapted_layers(flora_model_).values():
             layer.core.normal_()

@@ -25,11 +25,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import compress, reconstruct
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.init import hosvd_init, init_factors
+from flora.layers._route import BASE, Route, routed
 from flora.spec import LayerSpec, RankTemplate
 
 __all__ = [
@@ -38,7 +40,9 @@ __all__ = [
     "FLoRALayer",
     "TuckerDelta",
     "adapter_dtype",
+    "cast",
     "check_adapter_name",
+    "scaled_core",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -94,6 +98,17 @@ def check_adapter_name(name: object, what: str = "adapter_name") -> str:
             f"of torch.nn.ModuleDict, got {name!r}"
         )
     return name
+
+
+def scaled_core(adapter: TuckerDelta) -> torch.Tensor:
+    """``s · core`` of ``adapter`` (the core itself for ``s = 1``: one op less to compile)."""
+    scale = adapter.spec.scale
+    return adapter.core if scale == 1.0 else adapter.core * scale
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``: itself when it has it (no op to compile)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _check_weight(weight: torch.Tensor) -> None:
@@ -515,13 +530,19 @@ class AdaptedWeight(nn.Module):
         delta = self.adapter(adapter_name).initial_delta()
         return None if delta is None else self._mask(delta)
 
-    def _terms(self) -> tuple[list[TuckerDelta], list[TuckerDelta]]:
-        """(adapters that run, adapters whose initial update is given back)."""
+    def _terms(
+        self, active: tuple[str, ...] | None = None
+    ) -> tuple[list[TuckerDelta], list[TuckerDelta]]:
+        """(adapters that run, adapters whose initial update is given back).
+
+        For the active adapters, or those of ``active`` (a routed group).
+        """
         running, idle = [], []
+        runs = self.active_adapters if active is None else active
         for name, adapter in self.adapters.items():
             if adapter.merged:
                 continue
-            if not self.disabled and name in self.active_adapters:
+            if (active is not None or not self.disabled) and name in runs:
                 running.append(adapter)
             elif adapter.spec.init == "hosvd":
                 idle.append(adapter)
@@ -858,6 +879,8 @@ class FLoRALayer(AdaptedWeight):
             adapter = TuckerDelta.create(spec, base_layer.weight)
         super().__init__()
         self.base_layer = base_layer
+        # Per-sample routes of the forwards running now, by thread (flora._routing).
+        self._routes: dict[int, tuple[Route, str]] = {}
         if adapter is not None:
             base_layer.requires_grad_(False)
             self.add_adapter(adapter_name, adapter)
@@ -922,29 +945,57 @@ class FLoRALayer(AdaptedWeight):
             return "dense"
         if spec.forward == "factorized":
             return "factorized"
-        factorized, dense_op, in_elements, out_elements = self._ops(x, spec.ranks)
         training = torch.is_grad_enabled() and adapter.core.requires_grad
-        return choose(
-            factorized,
-            dense_op,
-            reconstruction_ops(spec.shape, spec.ranks),
-            weight_elements=math.prod(spec.shape),
-            in_elements=in_elements,
-            out_elements=out_elements,
-            fused=self._fusable(adapter, adapter.core),
-            training=training,
-            input_grad=training and x.requires_grad,
+        # A dynamic-shape compile sees symbolic sizes: the choice is for their
+        # example values. It is a speed heuristic (both paths compute ΔW x),
+        # so it needs no guard of its own.
+        shape = tuple([optimization_hint(size) for size in x.shape])
+        return _static_choice(
+            type(self),
+            self._geometry(),
+            spec.shape,
+            spec.ranks,
+            shape,
+            self._fusable(adapter, adapter.core),
+            training,
+            training and x.requires_grad,
         )
 
+    def _geometry(self) -> tuple:
+        """The base layer's settings besides its weight shape that the op costs depend on."""
+        return ()
+
     def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return x.to(dtype)
+        return cast(x, dtype)
 
     def _branch_input(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
-        return self._cast_input(adapter.dropout(x), adapter.core.dtype)
+        if not isinstance(adapter.dropout, nn.Identity):
+            x = adapter.dropout(x)
+        return self._cast_input(x, adapter.core.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` plus the branches (and ``Δb``) of the active, unmerged adapters."""
-        running, idle = self._terms()
+        """``base_layer(x)`` plus the branches (and ``Δb``) of the active, unmerged adapters.
+
+        In a forward routed per sample (``model(..., adapter_names=[...])``)
+        each sample runs as if its adapter alone were active.
+        """
+        route = routed(self._routes)
+        if route is not None:
+            return self._forward_routed(x, *route)
+        return self._forward_terms(x, *self._terms())
+
+    def _forward_routed(self, x: torch.Tensor, route: Route, where: str) -> torch.Tensor:
+        groups = {}
+        for name, _ in route.groups:
+            running, idle = self._terms(() if name == BASE else (name,))
+            groups[name] = (tuple(id(a) for a in running), running, idle)
+        keys = [groups[name][0] for name, _ in route.groups]
+        terms = {key: (running, idle) for key, running, idle in groups.values()}
+        return route.run(where, x, keys, lambda key, xs: self._forward_terms(xs, *terms[key]))
+
+    def _forward_terms(
+        self, x: torch.Tensor, running: list[TuckerDelta], idle: list[TuckerDelta]
+    ) -> torch.Tensor:
         if not idle and not running:
             return self.base_layer(x)
         if not idle and len(running) == 1:
@@ -952,7 +1003,7 @@ class FLoRALayer(AdaptedWeight):
         else:
             out = self._forward_many(x, running, idle)
         bias = self._bias_sum(running)
-        return out if bias is None else out + self._bias_view(bias).to(out.dtype)
+        return out if bias is None else out + cast(self._bias_view(bias), out.dtype)
 
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
         """``Δb`` shaped to broadcast over the output (its last axis, by default)."""
@@ -961,12 +1012,12 @@ class FLoRALayer(AdaptedWeight):
     def _forward_one(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
         if self._choose(adapter, x) == "factorized":
             out = self.base_layer(x)
-            return out + self._factorized(self._branch_input(x, adapter), adapter).to(out.dtype)
+            return out + cast(self._factorized(self._branch_input(x, adapter), adapter), out.dtype)
         delta = self._mask(adapter.delta_weight())
         if self._fusable(adapter, delta):
             return self._fused(x, delta)
         out = self.base_layer(x)
-        return out + self._dense(self._branch_input(x, adapter), delta).to(out.dtype)
+        return out + cast(self._dense(self._branch_input(x, adapter), delta), out.dtype)
 
     def _forward_many(
         self, x: torch.Tensor, running: list[TuckerDelta], idle: list[TuckerDelta]
@@ -987,14 +1038,14 @@ class FLoRALayer(AdaptedWeight):
         else:
             out = self.base_layer(x)
             if delta is not None:
-                out = out + self._dense(self._cast_input(x, delta.dtype), delta).to(out.dtype)
+                out = out + cast(self._dense(self._cast_input(x, delta.dtype), delta), out.dtype)
         for adapter, mode in separate:
             branch_input = self._branch_input(x, adapter)
             if mode == "factorized":
                 branch = self._factorized(branch_input, adapter)
             else:
                 branch = self._dense(branch_input, self._mask(adapter.delta_weight()))
-            out = out + branch.to(out.dtype)
+            out = out + cast(branch, out.dtype)
         return out
 
     def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
@@ -1006,6 +1057,53 @@ class FLoRALayer(AdaptedWeight):
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
-        """(factorized branch ops, the dense op on ``ΔW``, input and output elements)."""
+    @classmethod
+    def _ops(
+        cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
+    ) -> tuple[list[Op], Op, int, int]:
+        """(factorized branch ops, the dense op on ``ΔW``, input and output elements).
+
+        For a weight of ``shape``, an input of ``x_shape`` and the base
+        layer's :meth:`_geometry`.
+        """
         raise NotImplementedError
+
+
+def _auto_choice(
+    layer: type[FLoRALayer],
+    geometry: tuple,
+    shape: tuple[int, ...],
+    ranks: tuple[int, ...],
+    x_shape: tuple[int, ...],
+    fused: bool,
+    training: bool,
+    input_grad: bool,
+) -> str:
+    """The cost model's choice (``forward="auto"``) for one layer type, shape and mode."""
+    factorized, dense_op, in_elements, out_elements = layer._ops(geometry, shape, x_shape, ranks)
+    return choose(
+        factorized,
+        dense_op,
+        reconstruction_ops(shape, ranks),
+        weight_elements=math.prod(shape),
+        in_elements=in_elements,
+        out_elements=out_elements,
+        fused=fused,
+        training=training,
+        input_grad=input_grad,
+    )
+
+
+_cached_choice = functools.lru_cache(maxsize=4096)(_auto_choice)
+
+
+@torch.compiler.assume_constant_result
+def _static_choice(*decision: object) -> str:
+    """:func:`_auto_choice`, cached: a constant for ``torch.compile``.
+
+    The arguments are plain constants (sizes, flags, the spec's tuples) that
+    the compiler guards on where the forward reads them (input shapes, grad
+    mode, ``requires_grad``, the adapter's spec), so it takes the result as
+    a constant instead of tracing the rule.
+    """
+    return _cached_choice(*decision)

@@ -26,13 +26,30 @@ from torch import nn
 from flora._cost import Op, reconstruction_ops
 from flora._tucker import reconstruct
 from flora.layers._grouped import grouped_conv
-from flora.layers.base import FLoRALayer, TuckerDelta
+from flora.layers.base import FLoRALayer, TuckerDelta, scaled_core
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _output_pixels(
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: str | Sequence[int],
+    dilation: Sequence[int],
+) -> int:
+    if padding == "same":
+        return math.prod(spatial)
+    padding = (0,) * len(spatial) if padding == "valid" else padding
+    # A list, not a generator: torch.compile traces list arguments of math.prod.
+    sizes = [
+        _output_size(*args) for args in zip(spatial, kernel, stride, padding, dilation, strict=True)
+    ]
+    return math.prod(sizes)
 
 
 class _ConvNd(FLoRALayer):
@@ -57,7 +74,7 @@ class _ConvNd(FLoRALayer):
         pointwise = (1,) * (len(shape) - 2)
         conv = type(self)._conv
         h = conv(x, factors[1].T.reshape(ranks[1], shape[1], *pointwise))
-        kernel_core = reconstruct(adapter.core * adapter.spec.scale, factors, range(2, len(shape)))
+        kernel_core = reconstruct(scaled_core(adapter), factors, range(2, len(shape)))
         h = self._spatial_conv(h, kernel_core)
         return conv(h, factors[0].reshape(shape[0], ranks[0], *pointwise))
 
@@ -94,28 +111,23 @@ class _ConvNd(FLoRALayer):
             return self._grouped(x, base.weight + delta, base.bias)
         return base._conv_forward(x, base.weight + delta, base.bias)
 
-    def _output_pixels(self, spatial: tuple[int, ...]) -> int:
+    def _geometry(self) -> tuple:
         base = self.base_layer
-        kernel = base.weight.shape[2:]
-        if base.padding == "same":
-            return math.prod(spatial)
-        padding = (0,) * len(spatial) if base.padding == "valid" else base.padding
-        # A list, not a generator: torch.compile traces list arguments of math.prod.
-        sizes = [
-            _output_size(*args)
-            for args in zip(spatial, kernel, base.stride, padding, base.dilation, strict=True)
-        ]
-        return math.prod(sizes)
+        return (base.stride, base.padding, base.dilation, base.groups)
 
-    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
-        shape = tuple(self.base_layer.weight.shape)
+    @classmethod
+    def _ops(
+        cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
+    ) -> tuple[list[Op], Op, int, int]:
+        stride, padding, dilation, groups = geometry
         out_channels, in_per_group, *kernel = shape
         out_rank, in_rank = ranks[:2]
-        spatial = tuple(x.shape[-len(kernel) :])
-        in_channels = in_per_group * self.base_layer.groups
-        batch = x.numel() // (in_channels * math.prod(spatial))
+        spatial = tuple(x_shape[-len(kernel) :])
+        in_channels = in_per_group * groups
+        elements = math.prod(x_shape)
+        batch = elements // (in_channels * math.prod(spatial))
         in_pixels = batch * math.prod(spatial)
-        out_pixels = batch * self._output_pixels(spatial)
+        out_pixels = batch * _output_pixels(spatial, kernel, stride, padding, dilation)
         taps = math.prod(kernel)
         modes = range(2, len(shape))
         factorized = [
@@ -137,7 +149,7 @@ class _ConvNd(FLoRALayer):
             out_pixels * out_channels * in_per_group * taps,
             in_pixels * in_channels + math.prod(shape) + out_pixels * out_channels,
         )
-        return factorized, dense, x.numel(), out_pixels * out_channels
+        return factorized, dense, elements, out_pixels * out_channels
 
 
 class Conv1d(_ConvNd):

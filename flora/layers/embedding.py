@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from flora._cost import Op, product
 from flora.layers._thin import thin_matmul_t
-from flora.layers.base import FLoRALayer, TuckerDelta
+from flora.layers.base import FLoRALayer, TuckerDelta, scaled_core
 
 __all__ = ["Embedding"]
 
@@ -86,15 +87,18 @@ class Embedding(FLoRALayer):
         padding_idx = self.base_layer.padding_idx
         if padding_idx is not None:
             rows = rows * (x != padding_idx).unsqueeze(-1).to(rows.dtype)
-        return thin_matmul_t(rows @ (adapter.core * adapter.spec.scale), dim_factor)
+        return thin_matmul_t(rows @ scaled_core(adapter), dim_factor)
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, delta)
 
-    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
-        rows, dim = self.base_layer.weight.shape
+    @classmethod
+    def _ops(
+        cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
+    ) -> tuple[list[Op], Op, int, int]:
+        rows, dim = shape
         rank0, rank1 = ranks
-        tokens = x.numel()
+        tokens = math.prod(x_shape)
         # A gather reads and writes `tokens` rows; its backward also zero-fills
         # a gradient of the whole table, counted once for both passes.
         factorized = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from flora._cost import Op, product
 from flora.layers._thin import thin_matmul, thin_matmul_t
-from flora.layers.base import FLoRALayer, TuckerDelta
+from flora.layers.base import FLoRALayer, TuckerDelta, scaled_core
 
 __all__ = ["Linear"]
 
@@ -66,8 +67,7 @@ class Linear(FLoRALayer):
 
     def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
         out_factor, in_factor = adapter.factors
-        core = adapter.core * adapter.spec.scale
-        return thin_matmul_t(thin_matmul(x, in_factor) @ core.T, out_factor)
+        return thin_matmul_t(F.linear(thin_matmul(x, in_factor), scaled_core(adapter)), out_factor)
 
     def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, delta)
@@ -75,13 +75,17 @@ class Linear(FLoRALayer):
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base_layer.weight + delta, self.base_layer.bias)
 
-    def _ops(self, x: torch.Tensor, ranks: Sequence[int]) -> tuple[list[Op], Op, int, int]:
-        out_size, in_size = self.base_layer.weight.shape
+    @classmethod
+    def _ops(
+        cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
+    ) -> tuple[list[Op], Op, int, int]:
+        out_size, in_size = shape
         out_rank, in_rank = ranks
-        tokens = x.numel() // in_size
+        elements = math.prod(x_shape)
+        tokens = elements // in_size
         factorized = [
             product(tokens, in_size, in_rank),
             product(tokens, in_rank, out_rank),
             product(tokens, out_rank, out_size),
         ]
-        return factorized, product(tokens, in_size, out_size), x.numel(), tokens * out_size
+        return factorized, product(tokens, in_size, out_size), elements, tokens * out_size

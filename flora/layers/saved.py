@@ -13,8 +13,10 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from flora.layers._route import Route, routed
 from flora.layers.base import check_adapter_name
 
 __all__ = ["ModulesToSave"]
@@ -62,6 +64,8 @@ class ModulesToSave(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.disabled = False
         self.trainable: dict[str, bool] = {}
+        # Per-sample routes of the forwards running now, by thread (flora._routing).
+        self._routes: dict[int, tuple[Route, str]] = {}
 
     def add_copy(
         self, name: str, module: nn.Module | None = None, *, trainable: bool = True
@@ -118,8 +122,27 @@ class ModulesToSave(nn.Module):
         return self.original_module if name is None else self.copies[name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call :meth:`running_module` with the arguments."""
-        return self.running_module()(*args, **kwargs)
+        """Call :meth:`running_module` with the arguments.
+
+        In a forward routed per sample (``model(..., adapter_names=[...])``)
+        each sample's adapter copy (the original for adapters without one
+        and ``"__base__"``) runs on its samples of the first argument.
+        """
+        route = routed(self._routes)
+        if route is None:
+            return self.running_module()(*args, **kwargs)
+        route, where = route
+        copies = dict(self.copies.items())
+        keys = [copies.get(n, self.original_module) for n, _ in route.groups]
+        if len(set(map(id, keys))) == 1:
+            return keys[0](*args, **kwargs)
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ValueError(
+                f"module {where!r} is called without a tensor as its first argument; "
+                "per-sample routing splits the first argument by sample"
+            )
+        rest = args[1:]
+        return route.run(where, args[0], keys, lambda module, xs: module(xs, *rest, **kwargs))
 
     def __getattr__(self, name: str) -> Any:
         try:
