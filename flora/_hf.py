@@ -125,8 +125,16 @@ class _SavePretrainedGuard:
 
 def save_adapter_folder(model: nn.Module, directory: Path) -> None:
     """Write the active adapter and the training state into ``directory`` (other files stay)."""
+    from flora._plan import current_active
     from flora.io import save_adapter
 
+    active = list(current_active(model))
+    if len(active) != 1:
+        raise ValueError(
+            f"save_pretrained writes the active adapter, and adapters {active} are active; "
+            "activate one with flora.set_adapter(model, name), or save each with "
+            "flora.save_adapter(model, directory, adapter_name=name)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".flora-save-", dir=directory))
     try:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import flora
@@ -211,6 +212,12 @@ def test_save_pretrained_writes_the_adapter_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "other").exists()
     with pytest.raises(TypeError, match=r"takes no \['push_to_hub'\]"):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    model = flora.inject(_bert(), flora.FLoRAConfig(ranks=2, target_modules=["query"]))
+    flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules=["query"]), adapter_name="second")
+    flora.set_adapter(model, ["default", "second"])
+    with pytest.raises(ValueError, match=r"adapters \['default', 'second'\] are active"):
+        model.save_pretrained(tmp_path / "two")
+    assert not (tmp_path / "two").exists()
 
 
 def test_a_full_save_needs_the_plain_layout(tmp_path: Path) -> None:
@@ -237,3 +244,34 @@ def test_from_pretrained_on_the_adapter_folder_names_flora(tmp_path: Path) -> No
     # transformers finds the recorded base model, then PEFT refuses the adapter by name.
     with pytest.raises(KeyError, match="FLORA: a flora adapter"):
         transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out")
+
+
+def test_only_a_whole_training_state_hides_the_missing_base(tmp_path: Path) -> None:
+    model = _adapted()
+    model.save_pretrained(tmp_path / "out")
+    state = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert not any("base_layer" in key or "original_module" in key for key in state)
+    assert model.load_state_dict(state, strict=True).missing_keys == []
+    partial = dict(list(state.items())[1:])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(partial, strict=True)
+    assert "bert.pooler.dense.weight" in model.load_state_dict(partial, strict=False).missing_keys
+    flora.unload(model)
+    assert not model._load_state_dict_pre_hooks  # the hooks leave with the adapters
+
+
+def test_a_failed_save_pretrained_leaves_the_folder_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _adapted()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("flora._hf.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
