@@ -407,6 +407,6 @@ class FLoRAConfig:
         ...     flora.FLoRAConfig.from_pretrained(tmp) == config
         True
         """
-        from flora.io import read_document
+        from flora.io import _read_document
 
-        return read_document(directory)[4]
+        return _read_document(directory)[4]

@@ -114,6 +114,7 @@ from tuckerlib.io import CheckpointError
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
+    "PEFT_TYPE",
     "SAVED_PREFIX",
     "WEIGHTS_NAME",
     "SavedAdapter",
@@ -522,11 +523,11 @@ def save_adapter(
         state_dict,
         adapter_name=name,
         modules_to_save=saved,
-        base_model_name_or_path=base_model_name(model),
+        base_model_name_or_path=_base_model_name(model),
     )
 
 
-def base_model_name(model: nn.Module) -> str | None:
+def _base_model_name(model: nn.Module) -> str | None:
     """The Hugging Face name or path of ``model`` (its ``config.name_or_path``), if it has one."""
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     return name if isinstance(name, str) and name else None
@@ -681,7 +682,7 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     >>> saved.name, saved.layers["0"].ranks
     ('default', (2, 2))
     """
-    directory, path, document, version, config = read_document(directory)
+    directory, path, document, version, config = _read_document(directory)
     try:
         name = check_adapter_name(document["adapter_name"])
         modules = _check_modules(document.get("modules_to_save", []))
@@ -718,7 +719,7 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     )
 
 
-def read_document(
+def _read_document(
     directory: str | PathLike[str],
 ) -> tuple[Path, Path, dict[str, Any], int, FLoRAConfig]:
     """An adapter folder (or hub id), its config file, checked document, version and config."""
