@@ -272,12 +272,22 @@ def _parameter_clashes(layers: Sequence[ExportLayer]) -> list[tuple[str, str]]:
 
 
 def _saved_refusal(module: str, source: Source, targets: Sequence[str]) -> str | None:
-    """Why PEFT would not load saved module ``module`` exactly, if it would not."""
+    """Why PEFT would not load saved module ``module`` exactly, if it would not.
+
+    Without the base model's module names (a directory exported alone) the
+    adapter's own layers are what can be checked: PEFT would wrap an adapted
+    layer inside the saved module twice. A module elsewhere whose name ends
+    with the entry would get a wrapper of its own, a copy of itself that
+    changes no output; the check for it needs the names (``base_model``).
+    """
     if source.names is None:
-        return (
-            "modules_to_save: PEFT wraps every module whose name ends with the entry; pass "
-            "base_model to flora.export_lora so that the match can be checked"
-        )
+        inside = [t for t in targets if t.startswith(module + ".")]
+        if inside:
+            return (
+                f"modules_to_save: the adapter's LoRA targets {inside[:3]} lie inside it, "
+                "which PEFT would wrap in both"
+            )
+        return None
     if module not in source.names:
         return f"modules_to_save: the model has no module {module!r}"
     others = [k for k in source.names if k != module and k.endswith(module)]

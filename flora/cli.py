@@ -169,13 +169,15 @@ EXPORT_DESCRIPTION = """\
 Write a flora adapter directory as a PEFT LoRA adapter directory with the
 same update, exactly: each layer's Tucker update becomes a LoRA pair of rank
 R_0 (the rank of its output mode), which peft.PeftModel.from_pretrained loads;
-bias updates become PEFT's lora_bias. The directory alone is enough where it
+bias updates become PEFT's lora_bias; modules saved whole (modules_to_save)
+are carried from the directory. The directory alone is enough where it
 records its layers' geometry (as flora.save_adapter writes it); Conv and
 Embedding layers of directories that do not (written by flora extract or
-earlier releases) need the base model's layer properties, so export those
-from Python with flora.export_lora(FLORA_DIR, OUT_DIR, base_model=model). A
-layer with no exact LoRA form is refused by name. Exit status: 0 ok, 2 usage
-or input error."""
+earlier releases) need the base model's layer properties: --base names a
+Hugging Face model folder (its config.json; no weights are read), which also
+checks that PEFT's name matching loads each saved module alone. A layer with
+no exact LoRA form is refused by name. Exit status: 0 ok, 2 usage or input
+error."""
 
 
 def _add_export(commands: Any) -> None:
@@ -187,7 +189,42 @@ def _add_export(commands: Any) -> None:
     )
     parser.add_argument("source", type=Path, metavar="FLORA_DIR", help="flora adapter directory")
     parser.add_argument("out", type=Path, metavar="OUT_DIR", help="PEFT LoRA directory to write")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        metavar="PATH",
+        help="the base model's Hugging Face folder (config.json), for layer properties and names",
+    )
     parser.set_defaults(func=_run_export)
+
+
+def _base_skeleton(path: Path) -> Any:
+    """The model a Hugging Face folder's ``config.json`` describes, on the meta device.
+
+    Its module names and layer properties are what an export checks; no
+    weight is read or allocated. The class is the config's first
+    ``architectures`` entry.
+    """
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise UsageError("--base needs transformers installed") from None
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--base {path}: no config.json (a Hugging Face model folder)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--base {path}: {str(exc).splitlines()[0]}") from None
+    names = config.architectures or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        raise UsageError(
+            f"--base {path}: config.json names no transformers model class in "
+            f"architectures (found {names})"
+        )
+    with torch.device("meta"):
+        return model_class(config)
 
 
 def _export_summary(source: Path, out: Path) -> str:
@@ -226,7 +263,8 @@ def _export_summary(source: Path, out: Path) -> str:
 
 def _run_export(args: argparse.Namespace) -> int:
     try:
-        export_lora(args.source, args.out)
+        base = None if args.base is None else _base_skeleton(args.base)
+        export_lora(args.source, args.out, base_model=base)
     except LoraConversionError as exc:
         # Input the parser could not check: layers without a LoRA form (each
         # named), the wrong kind of directory, an --out that cannot take the

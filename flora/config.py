@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from os import PathLike
 from typing import Any, Literal
 
 from flora.spec import (
@@ -430,3 +431,41 @@ class FLoRAConfig:
                 f"config has unknown fields {sorted(unknown)}; expected {sorted(names)}"
             )
         return cls(**dict(data))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | PathLike[str]) -> FLoRAConfig:
+        """The config an adapter folder records, as PEFT's ``PeftConfig.from_pretrained``.
+
+        Parameters
+        ----------
+        directory : str or path-like
+            A flora adapter folder, or a Hugging Face Hub id (``"org/name"``,
+            with ``huggingface_hub`` installed; a local path always wins).
+
+        Returns
+        -------
+        FLoRAConfig
+            How the adapter was made. The folder's base model is
+            ``flora.read_adapter(directory).base_model_name_or_path``.
+
+        Raises
+        ------
+        tuckerlib.io.CheckpointError
+            A ``ValueError`` naming the file, if the folder is missing, not
+            a flora adapter folder, or its config is invalid.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import torch
+        >>> import flora
+        >>> config = flora.FLoRAConfig(ranks=2, scale=0.5)
+        >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), config)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = flora.save_adapter(model, tmp)
+        ...     flora.FLoRAConfig.from_pretrained(tmp) == config
+        True
+        """
+        from flora.io import _read_document
+
+        return _read_document(directory)[4]

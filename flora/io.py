@@ -10,7 +10,9 @@ An adapter directory holds one named adapter in two files (format version 2):
          "layers": {NAME: {"kind": KIND, "shape": [I_0, ...], "ranks": [R_0, ...],
                            "scale": s, "init": INIT, "forward": MODE, "dropout": p,
                            "bias": true, "geometry": {...}}},
-         "modules_to_save": [MODULE, ...]}
+         "modules_to_save": [MODULE, ...],
+         "base_model_name_or_path": "org/model" | null, "library_version": "0.1.0",
+         "peft_type": "FLORA (...)"}
 
     ``adapter_name`` is the adapter's name in the model it was saved from.
     ``NAME`` is the adapted module's name in the model (``"blocks.0.fc1"``)
@@ -24,9 +26,17 @@ An adapter directory holds one named adapter in two files (format version 2):
     R_m``). The per-layer entries are authoritative; ``config`` records how
     the adapter was made. ``"bias": true`` (optional, only written when
     true) marks an adapter that carries a bias update. ``modules_to_save``
-    (optional) lists the modules saved whole with the adapter. Every other
-    top-level key is refused when read, as a newer format's field that this
-    reader would otherwise drop.
+    (optional) lists the modules saved whole with the adapter.
+    ``base_model_name_or_path`` (optional) is the base model's Hugging Face
+    name or path when the model's config has one (where PEFT records it, so
+    ``transformers`` finds the base model), ``library_version`` (optional)
+    the version of the library that wrote the folder, and ``peft_type``
+    (optional) a fixed text that names flora and the ``flora export-lora``
+    command: PEFT, which knows no ``FLORA`` method and has no way to
+    register one from outside, raises it as its error when asked to load a
+    flora folder. Folders written before these keys existed load as before.
+    Every other top-level key is refused when read, as a newer format's
+    field that this reader would otherwise drop.
 
     ``geometry`` (optional, Conv and Embedding layers only) records what the
     update a layer applies depends on beyond the weight's shape. A
@@ -85,6 +95,7 @@ from flora._args import check_flag, check_model
 from flora._atomic import replace_directory
 from flora._files import check_tensor_values, read_json, read_tensors, writing
 from flora._geometry import check_geometry, geometry_mismatch, module_geometry
+from flora._hub import resolve_hub_id
 from flora._plan import (
     current_active,
     find_adapted,
@@ -97,11 +108,13 @@ from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.layers.base import check_adapter_name
 from flora.model import attach_adapter
 from flora.spec import LayerSpec, usable_ranks
+from tuckerlib import __version__
 from tuckerlib.io import CheckpointError
 
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
+    "PEFT_TYPE",
     "SAVED_PREFIX",
     "WEIGHTS_NAME",
     "SavedAdapter",
@@ -115,6 +128,11 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 2
+#: ``peft_type`` of a flora folder: PEFT shows it when it fails to load one.
+PEFT_TYPE = (
+    "FLORA: a flora adapter, not a PEFT one; load it with flora.load_adapter, or write a "
+    "PEFT LoRA adapter with `flora export-lora DIR OUT`"
+)
 #: Key prefix of the tensors of modules saved whole (``modules_to_save``).
 SAVED_PREFIX = "modules_to_save."
 
@@ -291,6 +309,7 @@ def write_adapter(
     *,
     adapter_name: str = "default",
     modules_to_save: Sequence[str] = (),
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write an adapter directory from a config, layer specs and tensors.
 
@@ -313,6 +332,9 @@ def write_adapter(
         Recorded as ``"adapter_name"``.
     modules_to_save : sequence of str, optional
         Modules saved whole; their tensors are under ``modules_to_save.MODULE.``.
+    base_model_name_or_path : str, optional
+        The base model's Hugging Face name or path, recorded as
+        ``"base_model_name_or_path"``.
 
     Returns
     -------
@@ -355,6 +377,7 @@ def write_adapter(
     if not isinstance(config, FLoRAConfig):
         raise TypeError(f"config must be a FLoRAConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
+    _check_base_name(base_model_name_or_path)
     for name, value in (("layers", layers), ("tensors", tensors)):
         if not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict keyed by name, got {type(value).__name__}")
@@ -377,6 +400,9 @@ def write_adapter(
     }
     if modules:
         document["modules_to_save"] = modules
+    document["base_model_name_or_path"] = base_model_name_or_path
+    document["library_version"] = __version__
+    document["peft_type"] = PEFT_TYPE
     # safetensors refuses tensors that share storage; a clone owns its memory.
     files = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
@@ -492,8 +518,28 @@ def save_adapter(
         for layer_name, spec in specs.items()
     }
     return write_adapter(
-        directory, config, records, state_dict, adapter_name=name, modules_to_save=saved
+        directory,
+        config,
+        records,
+        state_dict,
+        adapter_name=name,
+        modules_to_save=saved,
+        base_model_name_or_path=_base_model_name(model),
     )
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    """The Hugging Face name or path of ``model`` (its ``config.name_or_path``), if it has one."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _check_base_name(value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TypeError(
+            f"base_model_name_or_path must be None or a non-empty string, got {value!r}"
+        )
+    return value
 
 
 def _host_geometry(host: AdaptedWeight) -> dict[str, Any] | None:
@@ -520,6 +566,10 @@ class SavedAdapter:
     geometry : dict of str to dict, optional
         Layer name to its recorded geometry (Conv and Embedding layers of
         directories that record it; see :mod:`flora.io`).
+    base_model_name_or_path : str, optional
+        The base model's Hugging Face name or path, if recorded.
+    library_version : str, optional
+        The version of the library that wrote the folder, if recorded.
 
     Examples
     --------
@@ -548,6 +598,10 @@ class SavedAdapter:
     modules_to_save: list[str]
     #: Layer name to its recorded geometry.
     geometry: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The base model's Hugging Face name or path, if recorded.
+    base_model_name_or_path: str | None = None
+    #: The version of the library that wrote the folder, if recorded.
+    library_version: str | None = None
 
     def tucker(
         self, layer: str, *, initial: bool = False
@@ -630,13 +684,9 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     >>> saved.name, saved.layers["0"].ranks
     ('default', (2, 2))
     """
-    directory = _directory(directory)
-    path = directory / CONFIG_NAME
-    document = read_json(path)
+    directory, path, document, version, config = _read_document(directory)
     try:
-        version = _check_document(document)
         name = check_adapter_name(document["adapter_name"])
-        config = _recorded_config(document["config"])
         modules = _check_modules(document.get("modules_to_save", []))
         records = document["layers"]
         geometry: dict[str, dict[str, Any]] = {}
@@ -659,13 +709,37 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
         if list(spec.ranks) != ranks:
             _compress_layer(tensors, layer, spec)
     layers = {n: spec for n, (spec, _) in stored.items()}
-    return SavedAdapter(name, config, layers, tensors, modules, geometry)
+    return SavedAdapter(
+        name,
+        config,
+        layers,
+        tensors,
+        modules,
+        geometry,
+        document.get("base_model_name_or_path"),
+        document.get("library_version"),
+    )
+
+
+def _read_document(
+    directory: str | PathLike[str],
+) -> tuple[Path, Path, dict[str, Any], int, FLoRAConfig]:
+    """An adapter folder (or hub id), its config file, checked document, version and config."""
+    directory = _directory(directory)
+    path = directory / CONFIG_NAME
+    document = read_json(path)
+    try:
+        version = _check_document(document)
+        config = _recorded_config(document["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return directory, path, document, version, config
 
 
 def _directory(directory: object) -> Path:
     if not isinstance(directory, str | PathLike):
         raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
-    path = Path(directory)
+    path = resolve_hub_id(directory)
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise CheckpointError(
@@ -682,6 +756,19 @@ def _recorded_config(data: object) -> FLoRAConfig:
 
 
 _DOCUMENT_KEYS = {"format", "format_version", "adapter_name", "config", "layers"}
+#: Optional top-level keys of version 2 documents, each with its check.
+_OPTIONAL_KEYS = {
+    "modules_to_save": _check_modules,
+    "base_model_name_or_path": _check_base_name,
+    "library_version": lambda value: _check_text(value, "library_version"),
+    "peft_type": lambda value: _check_text(value, "peft_type"),
+}
+
+
+def _check_text(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string, got {value!r}")
+    return value
 
 
 def _check_document(document: object) -> int:
@@ -693,14 +780,18 @@ def _check_document(document: object) -> int:
         raise ValueError(
             f"unsupported format_version {version!r}; this flora reads 1 and {FORMAT_VERSION}"
         )
-    known = _DOCUMENT_KEYS | ({"modules_to_save"} if version > 1 else set())
-    missing, unknown = sorted(_DOCUMENT_KEYS - set(document)), sorted(set(document) - known)
+    optional = sorted(_OPTIONAL_KEYS) if version > 1 else []
+    missing = sorted(_DOCUMENT_KEYS - set(document))
+    unknown = sorted(set(document) - _DOCUMENT_KEYS - set(optional))
     if missing or unknown:
         raise ValueError(
             f"the config must have keys {sorted(_DOCUMENT_KEYS)}"
-            f"{' (optional modules_to_save)' if version > 1 else ''}; missing {missing}, "
+            f"{f' (optional {optional})' if optional else ''}; missing {missing}, "
             f"unknown {unknown}"
         )
+    for key in optional:
+        if key in document and key != "modules_to_save":
+            _OPTIONAL_KEYS[key](document[key])
     if not isinstance(document["layers"], dict) or not document["layers"]:
         raise ValueError("layers must be a non-empty JSON object of layer records")
     return version

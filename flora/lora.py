@@ -96,9 +96,14 @@ def export_lora(
         (written by :func:`flora.extract` or by an earlier release): the
         base model (before adaptation), for the layer properties PEFT's
         layout depends on (a convolution's ``groups``, ``dilation`` and
-        ``padding_mode``, an embedding's ``padding_idx`` and ``max_norm``)
-        and, for ``modules_to_save``, the module names PEFT will match. Its
-        weights are not read (a model on the ``meta`` device will do).
+        ``padding_mode``, an embedding's ``padding_idx`` and ``max_norm``).
+        Any directory: given, it also checks that PEFT's name matching
+        loads each saved module (``modules_to_save``) alone; without it the
+        saved modules are exported from the directory, and a name that
+        ends another module's name (``"head"`` and ``"lm_head"``) makes
+        PEFT refuse the adapter when it loads it, by that key. Its weights
+        are not read (a model on the ``meta`` device will do; the command
+        line's ``--base`` builds one from a Hugging Face ``config.json``).
         Checked against every layer's kind, shape and recorded geometry
         when given.
 
@@ -120,7 +125,8 @@ def export_lora(
         updates (PEFT's ``lora_bias`` is one setting for all layers and
         PEFT refuses it for those), a Conv or Embedding layer whose geometry
         is neither recorded nor given by ``base_model``, a saved module
-        PEFT's name matching would not load alone, layers with different
+        PEFT's name matching would not load alone (checked with
+        ``base_model``; without it, one that holds an adapted layer), layers with different
         dropouts. Also if a directory source holds a PEFT adapter or
         another adapter than ``adapter_name``, ``base_model`` comes with a
         model source, or ``directory`` is the source or holds other files.

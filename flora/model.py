@@ -288,10 +288,14 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
 
     Notes
     -----
-    A Hugging Face model (one with ``save_pretrained``) gets a guard: while
-    it holds adapters, ``model.save_pretrained(directory)`` raises instead
-    of writing a checkpoint that ``from_pretrained`` would misread; pass
-    ``state_dict=flora.merged_state_dict(model)``.
+    A Hugging Face model (one with ``save_pretrained``) saves as a PEFT
+    model does while it holds adapters: ``model.save_pretrained(directory)``
+    writes the active adapter (what :func:`flora.load_adapter` reads) and
+    the training state ``transformers.Trainer`` resumes from, not the base
+    weights; a full checkpoint takes
+    ``state_dict=flora.merged_state_dict(model)``, and a state dict in the
+    adapted layout, which ``from_pretrained`` would misread, is refused.
+    See :doc:`/training_with_trainer`.
 
     Examples
     --------

@@ -39,6 +39,16 @@ def test_quickstart_trains_saves_reloads_and_unloads(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_trainer_example_resumes_exactly_and_saves_what_load_adapter_reads(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="the example trains with transformers.Trainer")
+    out = _run([str(EXAMPLES / "train_with_trainer.py"), "--out", str(tmp_path)], tmp_path).stdout
+    assert "'adapter_model.safetensors', 'model.safetensors'" in out
+    assert "largest parameter difference: 0.0" in out
+    assert "loaded adapter reproduces the trained model: True" in out
+    assert flora.read_adapter(tmp_path / "final").modules_to_save == ["classifier"]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available in this build",

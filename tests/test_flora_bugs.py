@@ -341,15 +341,16 @@ class _Pretrained(nn.Module):
         self.saved = self.state_dict() if state_dict is None else state_dict
 
 
-def test_bug9_save_pretrained_refuses_the_adapted_layout() -> None:
+def test_bug9_save_pretrained_refuses_the_adapted_layout(tmp_path) -> None:
     model = flora.inject(_Pretrained(), flora.FLoRAConfig(ranks=2, target_modules="all-linear"))
-    with pytest.raises(RuntimeError, match=r"state_dict=flora\.merged_state_dict\(model\)"):
-        model.save_pretrained("unused")
+    with pytest.raises(ValueError, match=r"state_dict=flora\.merged_state_dict\(model\)"):
+        model.save_pretrained("unused", state_dict=model.state_dict())
     model.save_pretrained("unused", state_dict=flora.merged_state_dict(model))
     assert set(model.saved) == {"fc.weight", "fc.bias"}
+    # Without a state dict: the adapter folder, as PEFT's save_pretrained writes.
     twin = copy.deepcopy(model)
-    with pytest.raises(RuntimeError, match="FLoRA adapters"):
-        twin.save_pretrained("unused")
+    twin.save_pretrained(tmp_path / "adapter")
+    assert flora.read_adapter(tmp_path / "adapter").layers["fc"].shape == (4, 4)
     pickle.loads(pickle.dumps(model))
     flora.unload(model)
     model.save_pretrained("unused")

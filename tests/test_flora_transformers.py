@@ -103,15 +103,15 @@ def test_two_named_adapters_with_a_saved_head(tmp_path: Path) -> None:
         torch.testing.assert_close(_logits(frozen, ids), outputs[name], rtol=1e-6, atol=1e-6)
 
 
-def test_save_pretrained_needs_the_merged_state_dict(tmp_path: Path) -> None:
+def test_a_full_save_pretrained_needs_the_merged_state_dict(tmp_path: Path) -> None:
     model = _bert()
     config = flora.FLoRAConfig(ranks=2, target_modules=TARGETS, modules_to_save=["classifier"])
     flora.inject(model, config)
     _train(model, 0)
     ids, _ = _data(5)
     expected = _logits(model, ids)
-    with pytest.raises(RuntimeError, match="merged_state_dict"):
-        model.save_pretrained(tmp_path / "wrong")
+    with pytest.raises(ValueError, match="merged_state_dict"):
+        model.save_pretrained(tmp_path / "wrong", state_dict=model.state_dict())
     model.save_pretrained(tmp_path / "merged", state_dict=flora.merged_state_dict(model))
     loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(_logits(loaded, ids), expected, rtol=1e-5, atol=1e-5)

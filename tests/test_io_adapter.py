@@ -116,10 +116,15 @@ def _flora_dir(tmp_path: Path) -> Path:
     return flora.save_adapter(model, tmp_path / "flora")
 
 
+#: An ``_edit`` value that removes the key.
+_DROP = object()
+
+
 def _edit(directory: Path, **changes: object) -> None:
     path = directory / "adapter_config.json"
     document = json.loads(path.read_text())
     document.update(changes)
+    document = {k: v for k, v in document.items() if v is not _DROP}
     path.write_text(json.dumps(document))
 
 
@@ -141,7 +146,9 @@ def test_flora_format_2_lists_modules_to_save_as_skipped(tmp_path) -> None:
         ({"format_version": 3}, "unsupported flora format_version 3"),
         ({"layers": {}}, "lists no layers"),
         ({"layers": {"0": {"kind": "Linear"}}}, "layer '0' must be an object with keys"),
-        ({"format": "other"}, "neither a flora adapter config"),
+        ({"format": "other", "peft_type": _DROP}, "neither a flora adapter config"),
+        # A flora folder's peft_type names flora, for PEFT's reader and this one.
+        ({"format": "other"}, "peft_type='FLORA: a flora adapter, not a PEFT one"),
     ],
 )
 def test_malformed_flora_configs_are_named(tmp_path, change, message) -> None:

@@ -290,14 +290,15 @@ def _with_saved_head(second: str = "aux") -> tuple[nn.Module, nn.Module]:
     return base, model.eval()
 
 
-@pytest.mark.parametrize("source", ["model", "directory"])
+@pytest.mark.parametrize("source", ["model", "directory", "directory alone"])
 def test_saved_modules_export_as_peft_modules_to_save(tmp_path, source) -> None:
     base, model = _with_saved_head()
     if source == "model":
         flora.export_lora(model, tmp_path / "lora")
     else:
         flora.save_adapter(model, tmp_path / "flora")
-        flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=base)
+        given = base if source == "directory" else None
+        flora.export_lora(tmp_path / "flora", tmp_path / "lora", base_model=given)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["head"]
     peft_model = _peft_model(base, tmp_path / "lora")
@@ -316,10 +317,36 @@ def test_saved_modules_peft_would_not_load_alone_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=message) as info:
         flora.export_lora(model, tmp_path / "lora")
     assert "['lm_head']" in str(info.value)
-    flora.save_adapter(model, tmp_path / "flora")
-    with pytest.raises(ValueError, match=r"'head' \(modules_to_save: .*pass base_model"):
-        flora.export_lora(tmp_path / "flora", tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_a_name_clash_unseen_without_the_base_fails_loudly_in_peft(tmp_path) -> None:
+    # Without the base's names the "head"/"lm_head" clash is not seen at
+    # export; PEFT then wraps lm_head too and refuses to load, by key name.
+    base, model = _with_saved_head("lm_head")
+    flora.save_adapter(model, tmp_path / "flora")
+    flora.export_lora(tmp_path / "flora", tmp_path / "lora")
+    with pytest.raises(KeyError, match="lm_head"):
+        _peft_model(base, tmp_path / "lora")
+    with pytest.raises(ValueError, match=r"PEFT wraps every module whose name ends with 'head'"):
+        flora.export_lora(tmp_path / "flora", tmp_path / "again", base_model=base)
+
+
+def test_a_saved_module_holding_an_adapted_layer_is_refused_from_a_directory(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 2)))
+    config = flora.FLoRAConfig(ranks=2, target_modules=["1.0"])
+    flora.inject(model, config)
+    flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules=["0"]), adapter_name="b")
+    record = flora.read_adapter(flora.save_adapter(model, tmp_path / "a"))
+    tensors = dict(record.tensors)
+    tensors.update({f"modules_to_save.1.0.{k}": torch.ones(2, 4) for k in ["weight"]})
+    tensors["modules_to_save.1.0.bias"] = torch.ones(2)
+    flora.write_adapter(
+        tmp_path / "flora", record.config, record.layers, tensors, modules_to_save=["1"]
+    )
+    with pytest.raises(ValueError, match=r"'1' \(modules_to_save: the adapter's LoRA targets"):
+        flora.export_lora(tmp_path / "flora", tmp_path / "lora")
 
 
 def test_a_failed_write_keeps_the_previous_export(tmp_path, monkeypatch) -> None:
