@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from tuckerlib.io import CheckpointError, open_checkpoint
 
@@ -42,8 +42,16 @@ def _require_file(path: Path) -> None:
         raise CheckpointError(f"{path}: no such file")
 
 
-def read_json(path: Path) -> Any:
-    """The JSON document in ``path``.
+def _read_bytes(path: Path) -> bytes:
+    _require_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_json(path: Path) -> tuple[Any, bytes]:
+    """The JSON document in ``path``, and the bytes it was read from (one read).
 
     Raises
     ------
@@ -51,23 +59,22 @@ def read_json(path: Path) -> Any:
         If the file is missing, a directory, unreadable, not UTF-8 or not
         valid JSON (a key given twice included).
     """
-    _require_file(path)
+    data = _read_bytes(path)
     try:
-        text = path.read_bytes().decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys), data
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
     except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors file ``path``, in its stored dtype.
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the safetensors file ``path``, in its stored dtype, and its metadata.
 
     The header is checked by :func:`tuckerlib.io.open_checkpoint` first, whose
     errors say what is wrong (truncated, not a safetensors file, a bad
-    entry); the tensors are then loaded with ``safetensors``, never
-    unpickled.
+    entry); the file is then read once and its tensors and metadata taken
+    from those bytes with ``safetensors`` (one snapshot, never unpickled).
 
     Raises
     ------
@@ -77,12 +84,14 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     _require_file(path)
     with open_checkpoint(path):
         pass
+    data = _read_bytes(path)
     try:
-        return load_file(str(path))
-    except SafetensorError as exc:
+        tensors = load(data)
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return tensors, metadata
 
 
 def check_tensor_values(tensors: Mapping[str, object]) -> None:

@@ -70,6 +70,7 @@ reads and validates one without a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flora._args import check_flag, check_model
-from flora._atomic import replace_directory
+from flora._atomic import recover, replace_directory
 from flora._files import check_tensor_values, read_json, read_tensors, writing
 from flora._geometry import check_geometry, geometry_mismatch, module_geometry
 from flora._plan import (
@@ -115,6 +116,10 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 2
+#: Metadata key of the weights file: the sha256 of the config written with it.
+DIGEST_KEY = "flora_config_sha256"
+#: How often a reader reads a directory whose files another save replaced meanwhile.
+_READ_ATTEMPTS = 5
 #: Key prefix of the tensors of modules saved whole (``modules_to_save``).
 SAVED_PREFIX = "modules_to_save."
 
@@ -379,11 +384,15 @@ def write_adapter(
     # safetensors refuses tensors that share storage; a clone owns its memory.
     files = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
+    text = json.dumps(document, indent=2) + "\n"
+    # One metadata key: safetensors writes several in a random order, and a save is reproducible.
+    metadata = {DIGEST_KEY: hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
     def fill(path: Path) -> None:
         with writing(path / WEIGHTS_NAME) as weights:
-            save_file(files, str(weights), metadata={"format": "pt"})
+            save_file(files, str(weights), metadata=metadata)
         with writing(path / CONFIG_NAME) as config_file:
-            config_file.write_text(json.dumps(document, indent=2) + "\n")
+            config_file.write_text(text, encoding="utf-8")
 
     return replace_directory(Path(directory), fill, allowed=(CONFIG_NAME, WEIGHTS_NAME))
 
@@ -629,8 +638,36 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     ('default', (2, 2))
     """
     directory = _directory(directory)
+    return _validated(directory, *_snapshot(directory))
+
+
+def _snapshot(directory: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """The config and the tensors of one save, even while other saves replace ``directory``.
+
+    The weights file records the sha256 of the config written with it. A
+    read that pairs them otherwise is repeated; the same mismatch twice in a
+    row is a stable directory whose config was edited by hand (accepted:
+    the records are checked against the tensors next).
+    """
+    previous = None
+    for _ in range(_READ_ATTEMPTS):
+        document, config_bytes = read_json(directory / CONFIG_NAME)
+        tensors, metadata = read_tensors(directory / WEIGHTS_NAME)
+        recorded = metadata.get(DIGEST_KEY)
+        if recorded is None or recorded == hashlib.sha256(config_bytes).hexdigest():
+            return document, tensors
+        if previous == (config_bytes, recorded):
+            return document, tensors
+        previous = (config_bytes, recorded)
+    raise CheckpointError(
+        f"{directory / WEIGHTS_NAME}: written with another {CONFIG_NAME} than the one beside "
+        f"it in {_READ_ATTEMPTS} reads (its {DIGEST_KEY!r} differs): other saves keep "
+        "replacing the directory; read it when they are done"
+    )
+
+
+def _validated(directory: Path, document: object, tensors: dict[str, torch.Tensor]) -> SavedAdapter:
     path = directory / CONFIG_NAME
-    document = read_json(path)
     try:
         version = _check_document(document)
         name = check_adapter_name(document["adapter_name"])
@@ -647,7 +684,6 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     weights = directory / WEIGHTS_NAME
-    tensors = read_tensors(weights)
     try:
         _check_tensors(stored, modules, tensors)
         check_tensor_values(tensors)
@@ -664,6 +700,7 @@ def _directory(directory: object) -> Path:
     if not isinstance(directory, str | PathLike):
         raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     path = Path(directory)
+    recover(path)
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise CheckpointError(

@@ -1234,9 +1234,14 @@ def test_bad_command_line_exits_2_with_one_line_and_writes_nothing(
             id="disk-full",
         ),
         pytest.param(
-            ("os.replace", OSError(errno.EXDEV, "Invalid cross-device link")),
+            ("flora._atomic.exchange", OSError(errno.EXDEV, "Invalid cross-device link")),
             r"^flora extract: error: old: cannot write \(Invalid cross-device link\)",
-            id="rename-fails",
+            id="exchange-fails",
+        ),
+        pytest.param(
+            ("flora._atomic._rename", OSError(errno.EXDEV, "Invalid cross-device link")),
+            r"^flora extract: error: old: cannot write \(Invalid cross-device link\)",
+            id="rename-fails-without-exchange",
         ),
     ],
 )
@@ -1249,6 +1254,8 @@ def test_write_failures_exit_2_naming_the_file_and_keep_the_old_adapter(
         raise error
 
     before = _files(workdir)
+    if name == "flora._atomic._rename":
+        monkeypatch.setattr("flora._atomic.exchange", lambda a, b: False)
     monkeypatch.setattr(name, fail)
     assert _exit_status([*BT, "--out", "old", "--ranks", "1"]) == 2
     err = capsys.readouterr().err
