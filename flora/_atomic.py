@@ -285,18 +285,25 @@ def check_not_input(target: Path, inputs: Iterable[object], what: str) -> None:
     """
     target = Path(target)
     real = Path(os.path.realpath(target))
-    held = [p for p in real.rglob("*") if p.is_file()] if real.is_dir() else []
+    held = _files_under(real)
     for item in inputs:
         if not isinstance(item, str | os.PathLike):
             continue
         path = Path(os.fspath(item))
         resolved = Path(os.path.realpath(path))
         inside = resolved == real or real in resolved.parents
-        if inside or _same(path, target) or any(_same(path, h) for h in held):
+        linked = any(_same(f, h) for f in [path, *_files_under(resolved)] for h in held)
+        if resolved == real or _same(path, target):
+            raise ValueError(f"{target} is the {what}; write the output elsewhere")
+        if inside or linked:
             raise ValueError(
                 f"{target} holds the {what} {path}; writing it would overwrite the {what}, so "
                 "write the output elsewhere"
             )
+
+
+def _files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
 
 
 def _named(exc: OSError, fresh: Path, target: Path) -> OSError:

@@ -87,6 +87,7 @@ from flora._atomic import recover, replace_directory
 from flora._files import check_tensor_values, read_json, read_tensors, writing
 from flora._geometry import check_geometry, geometry_mismatch, module_geometry
 from flora._plan import (
+    check_layer_name,
     current_active,
     find_adapted,
     find_saved,
@@ -269,6 +270,7 @@ def _spec_and_geometry(
     name: str, layer: LayerSpec | Mapping[str, Any]
 ) -> tuple[LayerSpec, dict[str, Any] | None]:
     """A layer's spec and its optional geometry, from a spec or a record."""
+    check_layer_name(name)
     if isinstance(layer, LayerSpec):
         return layer, None
     if not isinstance(layer, Mapping) or "geometry" not in layer:
@@ -595,6 +597,7 @@ def _version1_spec(name: str, record: object) -> tuple[LayerSpec, list[int]]:
 
 
 def _spec(name: str, record: object) -> LayerSpec:
+    check_layer_name(name)
     try:
         return LayerSpec.from_record(record)
     except ValueError as exc:
