@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ from safetensors.torch import load
 
 from tuckerlib.io import CheckpointError, open_checkpoint
 
-__all__ = ["check_tensor_values", "read_json", "read_tensors", "writing"]
+__all__ = [
+    "check_tensor_values",
+    "read_json",
+    "read_tensors",
+    "read_together",
+    "writing",
+]
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -50,8 +57,34 @@ def _read_bytes(path: Path) -> bytes:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def read_json(path: Path) -> tuple[Any, bytes]:
-    """The JSON document in ``path``, and the bytes it was read from (one read).
+def read_together(directory: Path, names: Sequence[str]) -> dict[str, bytes] | None:
+    """The bytes of the files ``names`` in one directory, all from the same directory.
+
+    The directory is opened once and the files are read through it, so a
+    directory renamed or exchanged meanwhile (another save) cannot mix its
+    files with the new ones. None if a file cannot be read this way (it is
+    missing, or was removed with a replaced directory): read by path then,
+    for an error that names it, or try again.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        result = {}
+        for name in names:
+            file = os.open(name, os.O_RDONLY, dir_fd=fd)
+            with os.fdopen(file, "rb") as handle:
+                result[name] = handle.read()
+        return result
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, data: bytes | None = None) -> tuple[Any, bytes]:
+    """The JSON document in ``path`` (or in ``data``, read from it), and its bytes.
 
     Raises
     ------
@@ -59,7 +92,7 @@ def read_json(path: Path) -> tuple[Any, bytes]:
         If the file is missing, a directory, unreadable, not UTF-8 or not
         valid JSON (a key given twice included).
     """
-    data = _read_bytes(path)
+    data = _read_bytes(path) if data is None else data
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys), data
     except RecursionError:
@@ -68,13 +101,15 @@ def read_json(path: Path) -> tuple[Any, bytes]:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(
+    path: Path, data: bytes | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of the safetensors file ``path``, in its stored dtype, and its metadata.
 
     The header is checked by :func:`tuckerlib.io.open_checkpoint` first, whose
     errors say what is wrong (truncated, not a safetensors file, a bad
-    entry); the file is then read once and its tensors and metadata taken
-    from those bytes with ``safetensors`` (one snapshot, never unpickled).
+    entry); the tensors and metadata are then taken from the file's bytes
+    (``data`` if given, read from it) with ``safetensors``, never unpickled.
 
     Raises
     ------
@@ -84,7 +119,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     _require_file(path)
     with open_checkpoint(path):
         pass
-    data = _read_bytes(path)
+    data = _read_bytes(path) if data is None else data
     try:
         tensors = load(data)
         size = int.from_bytes(data[:8], "little")

@@ -84,7 +84,7 @@ from torch import nn
 
 from flora._args import check_flag, check_model
 from flora._atomic import recover, replace_directory
-from flora._files import check_tensor_values, read_json, read_tensors, writing
+from flora._files import check_tensor_values, read_json, read_tensors, read_together, writing
 from flora._geometry import check_geometry, geometry_mismatch, module_geometry
 from flora._plan import (
     check_layer_name,
@@ -647,25 +647,35 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
 def _snapshot(directory: Path) -> tuple[object, dict[str, torch.Tensor]]:
     """The config and the tensors of one save, even while other saves replace ``directory``.
 
-    The weights file records the sha256 of the config written with it. A
-    read that pairs them otherwise is repeated; the same mismatch twice in a
-    row is a stable directory whose config was edited by hand (accepted:
-    the records are checked against the tensors next).
+    Both files are read through one open handle of the directory (saves
+    swap whole directories, never change files in place). The weights file
+    records the sha256 of the config written with it: files paired
+    otherwise (copied in by hand while reading) are read again; the same
+    pair twice is a config edited by hand and accepted (its records are
+    checked against the tensors next). Files without a digest (earlier
+    releases) are not checked.
     """
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     previous = None
     for _ in range(_READ_ATTEMPTS):
-        document, config_bytes = read_json(directory / CONFIG_NAME)
-        tensors, metadata = read_tensors(directory / WEIGHTS_NAME)
+        files = read_together(directory, (CONFIG_NAME, WEIGHTS_NAME))
+        if files is None:  # a missing file, or a replaced directory's removed copy
+            continue
+        document, config_bytes = read_json(config, files[CONFIG_NAME])
+        tensors, metadata = read_tensors(weights, files[WEIGHTS_NAME])
         recorded = metadata.get(DIGEST_KEY)
         if recorded is None or recorded == hashlib.sha256(config_bytes).hexdigest():
             return document, tensors
         if previous == (config_bytes, recorded):
             return document, tensors
         previous = (config_bytes, recorded)
+    if previous is None:  # read by path: the error names the file at fault
+        document, _ = read_json(config)
+        return document, read_tensors(weights)[0]
     raise CheckpointError(
-        f"{directory / WEIGHTS_NAME}: written with another {CONFIG_NAME} than the one beside "
-        f"it in {_READ_ATTEMPTS} reads (its {DIGEST_KEY!r} differs): other saves keep "
-        "replacing the directory; read it when they are done"
+        f"{weights}: written with another {CONFIG_NAME} than the one beside it in "
+        f"{_READ_ATTEMPTS} reads (its {DIGEST_KEY!r} differs): the files keep changing; read "
+        "the directory when its writers are done"
     )
 
 

@@ -1502,9 +1502,7 @@ INPUTS = [
 
 
 @pytest.mark.parametrize(("args", "match"), INPUTS)
-def test_an_output_holding_an_input_exits_2_and_changes_nothing(
-    links, capsys, args, match
-) -> None:
+def test_an_output_holding_an_input_exits_2_and_changes_nothing(links, capsys, args, match) -> None:
     before = _files(links)
     assert _exit_status(args) == 2
     err = capsys.readouterr().err
@@ -1551,9 +1549,7 @@ def _export_status(args: list[str]) -> int:
 
 
 @pytest.mark.parametrize(("args", "match"), EXPORT_CLI)
-def test_bad_export_exits_2_with_one_line_and_writes_nothing(
-    exported, capsys, args, match
-) -> None:
+def test_bad_export_exits_2_with_one_line_and_writes_nothing(exported, capsys, args, match) -> None:
     before = _files(exported)
     assert _export_status(args) == 2
     err = capsys.readouterr().err
