@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import os
 import platform
 import re
@@ -34,6 +33,11 @@ import shutil
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; writers and cleaners proceed unlocked
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "check_not_input",
@@ -125,12 +129,18 @@ def _locked(path: Path, *, create: bool, wait: bool) -> Iterator[bool]:
     """Hold an exclusive lock on ``path``; yields False if another process holds it.
 
     A missing lock file (``create=False``) counts as free: its writer is gone.
-    A file system without locks counts as locked by us.
+    Without locks (Windows, some network file systems) a writer proceeds and
+    a cleaner (``create=False``) is told the lock is held, so it removes
+    nothing it cannot prove stale.
     """
     try:
         fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o644)
     except FileNotFoundError:
         yield True
+        return
+    if fcntl is None:
+        os.close(fd)
+        yield create  # without locks, only a missing lock file proves its writer gone
         return
     try:
         try:
@@ -138,8 +148,9 @@ def _locked(path: Path, *, create: bool, wait: bool) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        except OSError:
-            pass  # no locks here (some network file systems): proceed unlocked
+        except OSError:  # no locks here (some network file systems)
+            yield create  # a writer proceeds; a cleaner cannot prove the writer gone
+            return
         yield True
     finally:
         os.close(fd)
@@ -151,6 +162,10 @@ def _parent_lock(parent: Path) -> Iterator[None]:
     try:
         fd = os.open(parent, os.O_RDONLY)
     except OSError:
+        yield
+        return
+    if fcntl is None:
+        os.close(fd)
         yield
         return
     try:

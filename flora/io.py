@@ -58,9 +58,35 @@ Version 1 directories (written by earlier releases) have no
 (``"auto"``, ``0.0``); ranks above the usable ones are compressed exactly
 when they are loaded.
 
-Saving writes a new directory beside the target and renames it into place,
+Saving writes a new directory beside the target and swaps it into place,
 so a failed save leaves the previous adapter complete, never a mix of old
-and new files; a failed write is an :class:`OSError` naming the file.
+and new files; a failed write is an :class:`OSError` naming the file. What
+holds when a save is interrupted or runs alongside others:
+
+* **Atomic replace.** On Linux the swap is one ``renameat2(RENAME_EXCHANGE)``:
+  at every instant the directory is the complete old or the complete new
+  adapter, whenever the process is killed or the power fails (after the
+  file system's own journal replay). Where the system or file system has no
+  exchange, the swap is two renames, and a writer killed between them
+  leaves the old adapter under a hidden name ``.NAME.<id>.old``.
+* **Recovery.** The next :func:`read_adapter`, :func:`load_adapter` or save
+  of that directory renames such a left-over old copy back, and a save
+  removes the hidden ``.NAME.<id>.tmp``/``.old`` directories of writers that
+  died. Each writer holds a lock on ``.NAME.<id>.lock`` while its hidden
+  directory exists, so a live writer's files are never touched.
+* **Concurrent saves** into one directory all succeed, one after the other;
+  the last to swap wins.
+* **Consistent reads.** A reader opens the directory once and reads both
+  files through that handle, so a save that swaps the directory meanwhile
+  cannot give it one adapter's config with another's weights. The weights
+  file also records the sha256 of the config written with it (metadata key
+  ``flora_config_sha256``); files paired otherwise are read again (a config
+  edited by hand is accepted; files of earlier releases carry no digest
+  and load as before).
+* **Targets.** A target that is a symbolic link to a directory is followed
+  (the directory it points to is replaced, the link stays); ``.``, the
+  current directory, a dangling link, and a read-only target or parent are
+  refused with an error naming the full path before anything is written.
 Reading refuses anything that does not match this description with a
 :class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
 starts with the file at fault. :func:`write_adapter` writes such a directory from plain
