@@ -230,7 +230,10 @@ def _resolve(target: Path) -> Path:
         if not target.exists():
             raise FileExistsError(f"{target} is a symbolic link to a missing path; remove it")
         target = Path(os.path.realpath(target))
-    if target.name in ("", ".", "..") or target.resolve() == Path.cwd().resolve():
+    if target.name in ("", ".", ".."):  # fl/sub/.. is fl: name the directory itself
+        target = Path(os.path.realpath(target))
+    cwd = Path.cwd().resolve()
+    if target.resolve() in (cwd, *cwd.parents):
         raise ValueError(
             f"{target.resolve()} is the current directory (or its parent), which cannot be "
             "replaced; name the directory to write, e.g. ./adapter"

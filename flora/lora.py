@@ -208,11 +208,11 @@ def export_lora(
     ['adapter_config.json', 'adapter_model.safetensors']
     """
     target = Path(directory)
+    _check_output(target)  # first: it refuses directories holding more than an adapter
     try:
         check_not_input(target, [source], "source adapter")
     except ValueError as exc:
         raise LoraConversionError(str(exc)) from None
-    _check_output(target)
     found, where = _source(source, adapter_name, base_model)
     _check_finite(found, where)
     keys, ranks, refused = peft_tensors(found, base_model)
