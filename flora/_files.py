@@ -12,17 +12,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from tuckerlib.io import CheckpointError, open_checkpoint
 
-__all__ = ["check_tensor_values", "read_json", "read_tensors", "writing"]
+__all__ = [
+    "check_tensor_values",
+    "read_json",
+    "read_tensors",
+    "read_together",
+    "writing",
+]
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -42,8 +49,42 @@ def _require_file(path: Path) -> None:
         raise CheckpointError(f"{path}: no such file")
 
 
-def read_json(path: Path) -> Any:
-    """The JSON document in ``path``.
+def _read_bytes(path: Path) -> bytes:
+    _require_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_together(directory: Path, names: Sequence[str]) -> dict[str, bytes] | None:
+    """The bytes of the files ``names`` in one directory, all from the same directory.
+
+    The directory is opened once and the files are read through it, so a
+    directory renamed or exchanged meanwhile (another save) cannot mix its
+    files with the new ones. None if a file cannot be read this way (it is
+    missing, or was removed with a replaced directory): read by path then,
+    for an error that names it, or try again.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        result = {}
+        for name in names:
+            file = os.open(name, os.O_RDONLY, dir_fd=fd)
+            with os.fdopen(file, "rb") as handle:
+                result[name] = handle.read()
+        return result
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, data: bytes | None = None) -> tuple[Any, bytes]:
+    """The JSON document in ``path`` (or in ``data``, read from it), and its bytes.
 
     Raises
     ------
@@ -51,23 +92,24 @@ def read_json(path: Path) -> Any:
         If the file is missing, a directory, unreadable, not UTF-8 or not
         valid JSON (a key given twice included).
     """
-    _require_file(path)
+    data = _read_bytes(path) if data is None else data
     try:
-        text = path.read_bytes().decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a repeated key, deep nesting
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys), data
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors file ``path``, in its stored dtype.
+def read_tensors(
+    path: Path, data: bytes | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the safetensors file ``path``, in its stored dtype, and its metadata.
 
     The header is checked by :func:`tuckerlib.io.open_checkpoint` first, whose
     errors say what is wrong (truncated, not a safetensors file, a bad
-    entry); the tensors are then loaded with ``safetensors``, never
-    unpickled.
+    entry); the tensors and metadata are then taken from the file's bytes
+    (``data`` if given, read from it) with ``safetensors``, never unpickled.
 
     Raises
     ------
@@ -77,12 +119,14 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     _require_file(path)
     with open_checkpoint(path):
         pass
+    data = _read_bytes(path) if data is None else data
     try:
-        return load_file(str(path))
-    except SafetensorError as exc:
+        tensors = load(data)
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return tensors, metadata
 
 
 def check_tensor_values(tensors: Mapping[str, object]) -> None:

@@ -133,6 +133,12 @@ def model_source(model: nn.Module, adapter_name: str | None) -> Source:
     """One adapter of an adapted model as a :class:`Source`; geometry from its layers."""
     name = _resolve_name(model, adapter_name)
     state = adapter_state_dict(model, adapter_name=name)
+    meta = sorted(key for key, value in state.items() if value.is_meta)
+    if meta:
+        raise LoraConversionError(
+            f"the model: adapter tensors {meta} are meta tensors (a shape without values); "
+            "load the weights (to_empty and load_state_dict) before exporting"
+        )
     layers = [
         _model_layer(layer_name, host, host.adapters[name], state)
         for layer_name, host in find_adapted(model).items()

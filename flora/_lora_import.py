@@ -20,6 +20,7 @@ accepted (and left out).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,29 @@ def _dropout(target: _Target, layer: AdapterLayer, trainable: bool) -> float | s
     return 0.0
 
 
+#: The largest ``|ΔW|`` an imported layer may reach: float32's, the dtype layers compute in.
+_LARGEST = float(torch.finfo(torch.float32).max)
+
+
+def _value_problem(target: _Target, scale: float) -> str | None:
+    """Why ``scale`` and the LoRA tensors give no usable update (NaN, inf, overflow), or None."""
+    tensors = [target.core, *target.factors]
+    if target.bias is not None:
+        tensors.append(target.bias)
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return "lora_A, lora_B or the bias holds NaN or infinite values"
+    # |ΔW| <= |scale| · ‖core‖ · Π ‖U_n‖ (Frobenius norms, in float64).
+    # and the scaled core is computed first: scale · max |core| must fit too.
+    norms = [float(t.norm()) for t in (target.core, *target.factors)]
+    bound = max(abs(scale) * math.prod(norms), abs(scale) * float(target.core.abs().max()))
+    if not math.isfinite(bound) or bound > _LARGEST:
+        return (
+            f"scaling {scale:.3g} (lora_alpha / r) times lora_B @ lora_A can reach {bound:.3g}, "
+            "beyond float32's range"
+        )
+    return None
+
+
 def _adapter(
     layer: AdapterLayer, modules: Mapping[str, nn.Module], fan_in_fan_out: bool, trainable: bool
 ) -> tuple[str, TuckerDelta | str]:
@@ -239,6 +263,9 @@ def _adapter(
     dropout = _dropout(target, layer, trainable)
     if isinstance(dropout, str):
         return target.name, dropout
+    problem = _value_problem(target, layer.scale)
+    if problem is not None:
+        return target.name, problem
     delta = TuckerDelta.from_tucker(
         target.kind,
         target.core,

@@ -43,6 +43,7 @@ __all__ = [
     "adapter_names",
     "apply",
     "check_enabled",
+    "check_layer_name",
     "check_sites",
     "current_active",
     "drop_host",
@@ -156,6 +157,22 @@ class Site:
         return (self.name, _join(owner, f"parametrizations.{self.parameter}.original"))
 
 
+def check_layer_name(name: object, what: str = "layer") -> str:
+    """A dotted module or parameter name: non-empty parts (``""`` is the model itself).
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` and the name.
+    """
+    if not isinstance(name, str) or not all(name.split(".")):
+        raise ValueError(
+            f"{what} name {name!r} must be a dotted module name with non-empty parts "
+            "(not '', which is the model itself: an adapter cannot wrap the model it is in)"
+        )
+    return name
+
+
 def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
     """The :class:`Site` of layer ``name`` of ``kind`` in a model whose :func:`walk` is ``modules``.
 
@@ -165,6 +182,7 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
         If the model has no such module or parameter, or it is of another
         kind, or it is parametrized by something else.
     """
+    check_layer_name(name)
     if kind != "Parameter":
         module = modules.get(name)
         if module is None:
@@ -255,6 +273,7 @@ def saved_copy(
     modules: dict[str, nn.Module], name: str, state: Mapping[str, torch.Tensor]
 ) -> SavedCopy:
     """A copy of saved module ``name`` holding ``state``, checked against the model's module."""
+    check_layer_name(name, "saved module")
     module = modules.get(name)
     if module is None or isinstance(module, AdaptedWeight):
         raise ValueError(f"saved module {name!r}: the model has no plain module {name!r}")

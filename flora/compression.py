@@ -108,6 +108,11 @@ def _update(host: AdaptedWeight, adapter: TuckerDelta) -> tuple[torch.Tensor, li
 def _plan(name: str, host: AdaptedWeight, adapter_name: str, rule: RankRule) -> _Plan:
     adapter = host.adapters[adapter_name]
     core, factors = _update(host, adapter)
+    if not all(bool(torch.isfinite(t).all()) for t in (core, *factors)):
+        raise ValueError(
+            f"layer {name!r}: adapter {adapter_name!r} holds NaN or infinite values in its "
+            "core or factors; nothing was compressed"
+        )
     result: Compressed = compress_tucker(core, factors, rule)
     dtype = adapter.core.dtype
     spec = dataclasses.replace(
@@ -180,7 +185,8 @@ def compress(
     ValueError
         If both ``ranks`` and ``energy`` are given, either is invalid (a
         rank template that does not fit a layer names it), the model has no
-        such adapter, or none is named with several active.
+        such adapter, none is named with several active, or a layer's core
+        or factors hold NaN or infinite values (named; nothing changes).
     TypeError
         If ``energy`` is not a number or ``ranks`` no rank template.
     RuntimeError

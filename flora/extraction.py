@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flora._args import check_flag, check_fraction, check_positive_int
-from flora._atomic import check_target
+from flora._atomic import check_not_input, check_target
 from flora._carry import Carried, carry
 from flora.config import FLoRAConfig
 from flora.io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, write_adapter
@@ -260,6 +260,15 @@ def _output(directory: object) -> Path:
     return path
 
 
+def _check_inputs(target: Path, base: list[object], tuned: list[object]) -> None:
+    """Refuse an output directory that is, or holds, a file of either checkpoint."""
+    try:
+        check_not_input(target, base, "base checkpoint")
+        check_not_input(target, tuned, "tuned checkpoint")
+    except ValueError as exc:
+        raise ExtractionError(str(exc)) from None
+
+
 def extract(
     base: Checkpoint | str | os.PathLike[str],
     tuned: Checkpoint | str | os.PathLike[str],
@@ -344,7 +353,9 @@ def extract(
         one rank rule, per-mode ranks with ``fixed_kernel_rank`` or with
         tensors of another number of modes, two tensors that would be the
         same layer (``blk.proj`` and ``blk.proj.weight``), no tensor to
-        extract, or a ``directory`` that is a file or holds other files.
+        extract, or a ``directory`` that is a file, holds other files, or
+        is or holds a file of either checkpoint (compared resolved and by
+        inode: symlinks and hard links count).
         Nothing is written then; all but the last but one are found before
         any decomposition runs.
     tuckerlib.io.CheckpointError
@@ -407,6 +418,7 @@ def extract(
     target = _output(directory)
     with ExitStack() as stack:
         base_ckpt, tuned_ckpt = _open(stack, base, "base"), _open(stack, tuned, "tuned")
+        _check_inputs(target, [base, *base_ckpt.files], [tuned, *tuned_ckpt.files])
         pairing = pair_checkpoints(base_ckpt, tuned_ckpt, include=include, exclude=exclude)
         plan = _plan(tuned_ckpt, pairing.names, rules, as_parameters)
         layers, tensors, skipped = _decompose(

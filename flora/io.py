@@ -68,9 +68,35 @@ Version 1 directories (written by earlier releases) have no
 (``"auto"``, ``0.0``); ranks above the usable ones are compressed exactly
 when they are loaded.
 
-Saving writes a new directory beside the target and renames it into place,
+Saving writes a new directory beside the target and swaps it into place,
 so a failed save leaves the previous adapter complete, never a mix of old
-and new files; a failed write is an :class:`OSError` naming the file.
+and new files; a failed write is an :class:`OSError` naming the file. What
+holds when a save is interrupted or runs alongside others:
+
+* **Atomic replace.** On Linux the swap is one ``renameat2(RENAME_EXCHANGE)``:
+  at every instant the directory is the complete old or the complete new
+  adapter, whenever the process is killed or the power fails (after the
+  file system's own journal replay). Where the system or file system has no
+  exchange, the swap is two renames, and a writer killed between them
+  leaves the old adapter under a hidden name ``.NAME.<id>.old``.
+* **Recovery.** The next :func:`read_adapter`, :func:`load_adapter` or save
+  of that directory renames such a left-over old copy back, and a save
+  removes the hidden ``.NAME.<id>.tmp``/``.old`` directories of writers that
+  died. Each writer holds a lock on ``.NAME.<id>.lock`` while its hidden
+  directory exists, so a live writer's files are never touched.
+* **Concurrent saves** into one directory all succeed, one after the other;
+  the last to swap wins.
+* **Consistent reads.** A reader opens the directory once and reads both
+  files through that handle, so a save that swaps the directory meanwhile
+  cannot give it one adapter's config with another's weights. The weights
+  file also records the sha256 of the config written with it (metadata key
+  ``flora_config_sha256``); files paired otherwise are read again (a config
+  edited by hand is accepted; files of earlier releases carry no digest
+  and load as before).
+* **Targets.** A target that is a symbolic link to a directory is followed
+  (the directory it points to is replaced, the link stays); ``.``, the
+  current directory, a dangling link, and a read-only target or parent are
+  refused with an error naming the full path before anything is written.
 Reading refuses anything that does not match this description with a
 :class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
 starts with the file at fault. :func:`write_adapter` writes such a directory from plain
@@ -80,6 +106,7 @@ reads and validates one without a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,11 +119,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flora._args import check_flag, check_model
-from flora._atomic import replace_directory
-from flora._files import check_tensor_values, read_json, read_tensors, writing
+from flora._atomic import recover, replace_directory
+from flora._files import check_tensor_values, read_json, read_tensors, read_together, writing
 from flora._geometry import check_geometry, geometry_mismatch, module_geometry
 from flora._hub import resolve_hub_id
 from flora._plan import (
+    check_layer_name,
     current_active,
     find_adapted,
     find_saved,
@@ -133,6 +161,10 @@ PEFT_TYPE = (
     "FLORA: a flora adapter, not a PEFT one; load it with flora.load_adapter, or write a "
     "PEFT LoRA adapter with `flora export-lora DIR OUT`"
 )
+#: Metadata key of the weights file: the sha256 of the config written with it.
+DIGEST_KEY = "flora_config_sha256"
+#: How often a reader reads a directory whose files another save replaced meanwhile.
+_READ_ATTEMPTS = 5
 #: Key prefix of the tensors of modules saved whole (``modules_to_save``).
 SAVED_PREFIX = "modules_to_save."
 
@@ -283,6 +315,7 @@ def _spec_and_geometry(
     name: str, layer: LayerSpec | Mapping[str, Any]
 ) -> tuple[LayerSpec, dict[str, Any] | None]:
     """A layer's spec and its optional geometry, from a spec or a record."""
+    check_layer_name(name)
     if isinstance(layer, LayerSpec):
         return layer, None
     if not isinstance(layer, Mapping) or "geometry" not in layer:
@@ -406,11 +439,15 @@ def write_adapter(
     # safetensors refuses tensors that share storage; a clone owns its memory.
     files = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
+    text = json.dumps(document, indent=2) + "\n"
+    # One metadata key: safetensors writes several in a random order, and a save is reproducible.
+    metadata = {DIGEST_KEY: hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
     def fill(path: Path) -> None:
         with writing(path / WEIGHTS_NAME) as weights:
-            save_file(files, str(weights), metadata={"format": "pt"})
+            save_file(files, str(weights), metadata=metadata)
         with writing(path / CONFIG_NAME) as config_file:
-            config_file.write_text(json.dumps(document, indent=2) + "\n")
+            config_file.write_text(text, encoding="utf-8")
 
     return replace_directory(Path(directory), fill, allowed=(CONFIG_NAME, WEIGHTS_NAME))
 
@@ -641,6 +678,7 @@ def _version1_spec(name: str, record: object) -> tuple[LayerSpec, list[int]]:
 
 
 def _spec(name: str, record: object) -> LayerSpec:
+    check_layer_name(name)
     try:
         return LayerSpec.from_record(record)
     except ValueError as exc:
@@ -684,7 +722,48 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     >>> saved.name, saved.layers["0"].ranks
     ('default', (2, 2))
     """
-    directory, path, document, version, config = _read_document(directory)
+    directory = _directory(directory)
+    return _validated(directory, *_snapshot(directory))
+
+
+def _snapshot(directory: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """The config and the tensors of one save, even while other saves replace ``directory``.
+
+    Both files are read through one open handle of the directory (saves
+    swap whole directories, never change files in place). The weights file
+    records the sha256 of the config written with it: files paired
+    otherwise (copied in by hand while reading) are read again; the same
+    pair twice is a config edited by hand and accepted (its records are
+    checked against the tensors next). Files without a digest (earlier
+    releases) are not checked.
+    """
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    previous = None
+    for _ in range(_READ_ATTEMPTS):
+        files = read_together(directory, (CONFIG_NAME, WEIGHTS_NAME))
+        if files is None:  # a missing file, or a replaced directory's removed copy
+            continue
+        document, config_bytes = read_json(config, files[CONFIG_NAME])
+        tensors, metadata = read_tensors(weights, files[WEIGHTS_NAME])
+        recorded = metadata.get(DIGEST_KEY)
+        if recorded is None or recorded == hashlib.sha256(config_bytes).hexdigest():
+            return document, tensors
+        if previous == (config_bytes, recorded):
+            return document, tensors
+        previous = (config_bytes, recorded)
+    if previous is None:  # read by path: the error names the file at fault
+        document, _ = read_json(config)
+        return document, read_tensors(weights)[0]
+    raise CheckpointError(
+        f"{weights}: written with another {CONFIG_NAME} than the one beside it in "
+        f"{_READ_ATTEMPTS} reads (its {DIGEST_KEY!r} differs): the files keep changing; read "
+        "the directory when its writers are done"
+    )
+
+
+def _validated(directory: Path, document: object, tensors: dict[str, torch.Tensor]) -> SavedAdapter:
+    path = directory / CONFIG_NAME
+    version, config = _checked_document(path, document)
     try:
         name = check_adapter_name(document["adapter_name"])
         modules = _check_modules(document.get("modules_to_save", []))
@@ -699,7 +778,6 @@ def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     weights = directory / WEIGHTS_NAME
-    tensors = read_tensors(weights)
     try:
         _check_tensors(stored, modules, tensors)
         check_tensor_values(tensors)
@@ -727,19 +805,23 @@ def _read_document(
     """An adapter folder (or hub id), its config file, checked document, version and config."""
     directory = _directory(directory)
     path = directory / CONFIG_NAME
-    document = read_json(path)
+    document, _ = read_json(path)
+    return directory, path, document, *_checked_document(path, document)
+
+
+def _checked_document(path: Path, document: object) -> tuple[int, FLoRAConfig]:
+    """The format version and the recorded config of the document read from ``path``."""
     try:
-        version = _check_document(document)
-        config = _recorded_config(document["config"])
+        return _check_document(document), _recorded_config(document["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    return directory, path, document, version, config
 
 
 def _directory(directory: object) -> Path:
     if not isinstance(directory, str | PathLike):
         raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     path = resolve_hub_id(directory)
+    recover(path)
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise CheckpointError(

@@ -303,7 +303,7 @@ def _check_weights(weights: Iterable[float], count: int) -> list[float]:
 
 
 def _combined(
-    layer: AdaptedWeight, names: Sequence[str], weights: Sequence[float]
+    name: str, layer: AdaptedWeight, names: Sequence[str], weights: Sequence[float]
 ) -> TuckerDelta | None:
     """``Σ w_i ΔW_i`` over the named adapters this layer has, as one exact adapter."""
     present = [
@@ -339,7 +339,15 @@ def _combined(
         dropout=first.dropout,
         bias=bias is not None,
     )
-    return TuckerDelta(spec, core, factors, initial=initial, bias=bias)
+    combined = TuckerDelta(spec, core, factors, initial=initial, bias=bias)
+    with torch.no_grad():
+        parts = [combined.delta_weight(), combined.initial_delta(), bias]
+        if not all(bool(torch.isfinite(t).all()) for t in parts if t is not None):
+            raise ValueError(
+                f"layer {name!r}: weights {list(weights)} make the combined update overflow to "
+                f"NaN or infinite values in {core.dtype}; nothing was added"
+            )
+    return combined
 
 
 def add_weighted_adapter(
@@ -382,8 +390,10 @@ def add_weighted_adapter(
     Raises
     ------
     ValueError
-        If a name is unknown or repeated, ``new_name`` is taken, or the
-        weights are not one finite number per adapter (nothing changes then).
+        If a name is unknown or repeated, ``new_name`` is taken, the
+        weights are not one finite number per adapter, or they make a
+        layer's combined update overflow (``[1e39, 1e39]`` in float32; the
+        message names the layer). Nothing changes then.
     TypeError
         If ``weights`` is not a sequence of real numbers, or a name is not
         a string.
@@ -416,7 +426,7 @@ def add_weighted_adapter(
     modules = dict(walk(model))
     additions = []
     for name, layer in find_adapted(model).items():
-        adapter = _combined(layer, names, weights)
+        adapter = _combined(name, layer, names, weights)
         if adapter is not None:
             additions.append(Addition(resolve(modules, name, layer.kind), adapter))
     config = FLoRAConfig.for_layers({a.site.name: a.adapter.spec for a in additions})

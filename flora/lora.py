@@ -14,13 +14,16 @@ directory into FLoRA adapters. Input they refuse raises
 from __future__ import annotations
 
 import json
+import math
 from os import PathLike, fspath
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flora._atomic import check_target, replace_directory
+from flora._atomic import check_not_input, check_target, replace_directory
+from flora._files import writing
 from flora._lora_errors import LoraConversionError
 from flora._lora_export import Source, model_source, peft_config, peft_tensors, read_source
 from flora._lora_import import grouped, lora_adapters
@@ -52,6 +55,32 @@ def _source(
         "source must be an adapted model or a flora adapter directory (str or path), got "
         f"{type(source).__name__}"
     )
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def _check_finite(source: Source, where: str) -> None:
+    """Refuse layers whose update (core, factors, scale, bias) holds NaN or infinite values."""
+    bad = [
+        layer.name
+        for layer in source.layers
+        if not math.isfinite(layer.scale)
+        or not all(_finite(t) for t in (layer.core, *layer.factors))
+        or (layer.bias is not None and not _finite(layer.bias))
+    ]
+    bad += [
+        f"{module}.{key}"
+        for module, state in source.saved.items()
+        for key, value in state.items()
+        if value.is_floating_point() and not _finite(value)
+    ]
+    if bad:
+        raise LoraConversionError(
+            f"{where}: {bad} hold NaN or infinite values; a LoRA adapter of them would too, "
+            "so nothing was written"
+        )
 
 
 def _check_output(target: Path) -> None:
@@ -129,8 +158,12 @@ def export_lora(
         ``base_model``; without it, one that holds an adapted layer), layers with different
         dropouts. Also if a directory source holds a PEFT adapter or
         another adapter than ``adapter_name``, ``base_model`` comes with a
-        model source, or ``directory`` is the source or holds other files.
-        Nothing is written then.
+        model source, or ``directory`` is the source, holds it or a file of
+        it (compared resolved and by inode: symlinks and hard links count),
+        or holds other files. Also if a layer's core, factors, scale or bias
+        update, a saved tensor, or an exported LoRA tensor holds NaN or
+        infinite values, or a model source's adapter tensors are meta
+        tensors. Nothing is written then.
     ValueError
         If a model source has no such adapter, or several are active and
         none is named.
@@ -182,21 +215,29 @@ def export_lora(
     ['adapter_config.json', 'adapter_model.safetensors']
     """
     target = Path(directory)
-    same = isinstance(source, (str, PathLike)) and target.exists()
-    if same and target.resolve() == Path(fspath(source)).resolve():
-        raise LoraConversionError(
-            f"directory {target} is the source; write the LoRA adapter elsewhere"
-        )
-    _check_output(target)
+    _check_output(target)  # first: it refuses directories holding more than an adapter
+    try:
+        check_not_input(target, [source], "source adapter")
+    except ValueError as exc:
+        raise LoraConversionError(str(exc)) from None
     found, where = _source(source, adapter_name, base_model)
+    _check_finite(found, where)
     keys, ranks, refused = peft_tensors(found, base_model)
     if refused:
         raise LoraConversionError(f"{where}: no exact LoRA form for {grouped(refused)}")
+    overflow = sorted(k for k, v in keys.items() if v.is_floating_point() and not _finite(v))
+    if overflow:
+        raise LoraConversionError(
+            f"{where}: the LoRA tensors {overflow} overflow to infinite values in "
+            f"{keys[overflow[0]].dtype}; nothing was written"
+        )
     config = peft_config(found, ranks)
 
     def fill(staging: Path) -> None:
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(keys, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        with writing(staging / CONFIG_NAME) as config_file:
+            config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        with writing(staging / WEIGHTS_NAME) as weights:
+            save_file(keys, str(weights), metadata={"format": "pt"})
 
     return replace_directory(target, fill, allowed=_REPLACEABLE)
 

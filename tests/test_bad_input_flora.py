@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -579,6 +580,46 @@ CALLS = [
         r"the model has no parameter 'norm\.weight' to adapt",
         id="load-parameter-inside-saved-module",
     ),
+    # layer names that are the model itself, or have an empty part
+    pytest.param(
+        lambda m, t: flora.attach_adapter(m, "c", {"": _delta((4, 6))}),
+        ValueError,
+        r"layer name '' must be a dotted module name with non-empty parts",
+        id="attach-layer-name-empty",
+    ),
+    pytest.param(
+        lambda m, t: flora.attach_adapter(m, "c", {"fc.": _delta((4, 6))}),
+        ValueError,
+        r"layer name 'fc\.' must be a dotted module name",
+        id="attach-layer-name-trailing-dot",
+    ),
+    pytest.param(
+        lambda m, t: flora.attach_adapter(m, "c", {"..fc": _delta((4, 6))}),
+        ValueError,
+        r"layer name '\.\.fc' must be a dotted module name",
+        id="attach-layer-name-empty-parts",
+    ),
+    pytest.param(
+        lambda m, t: flora.attach_adapter(
+            m, "c", {"fc": _delta((4, 6))}, modules_to_save={"": m.state_dict()}
+        ),
+        ValueError,
+        r"saved module name '' must be a dotted module name",
+        id="attach-saved-module-name-empty",
+    ),
+    # weights whose combination overflows
+    pytest.param(
+        lambda m, t: flora.add_weighted_adapter(m, ["a", "b"], [1e39, 1e39], "mix"),
+        ValueError,
+        r"layer '\w+': weights \[1e\+39, 1e\+39\] make the combined update overflow",
+        id="weighted-overflow",
+    ),
+    pytest.param(
+        lambda m, t: flora.add_weighted_adapter(m, ["a", "b"], [3e38, 3e38], "mix"),
+        ValueError,
+        r"make the combined update overflow to NaN or infinite values in torch\.float32",
+        id="weighted-sum-overflows",
+    ),
 ]
 
 
@@ -735,6 +776,23 @@ VALUES = [
     pytest.param(
         lambda: flora.read_adapter(None), TypeError, r"directory must be a str or os\.PathLike",
         id="read-directory-none"),
+    pytest.param(
+        lambda: flora.write_adapter("x", flora.FLoRAConfig(),
+                                    {"": flora.LayerSpec("Linear", (3, 4), (1, 1))},
+                                    {".core": torch.ones(1, 1), ".factors.0": torch.ones(3, 1),
+                                     ".factors.1": torch.ones(4, 1)}),
+        ValueError, r"layer name '' must be a dotted module name", id="write-layer-name-empty"),
+    pytest.param(
+        lambda: flora.write_adapter("x", flora.FLoRAConfig(),
+                                    {"a..b": flora.LayerSpec("Linear", (3, 4), (1, 1))}, {}),
+        ValueError, r"layer name 'a\.\.b' must be", id="write-layer-name-empty-part"),
+    pytest.param(lambda: flora.save_adapter(_adapted(), ".", adapter_name="a"), ValueError,
+                 r"is the current directory \(or its parent\), which cannot be replaced",
+                 id="save-into-dot"),
+    pytest.param(lambda: flora.save_adapter(_adapted(), "sub/..", adapter_name="a"), ValueError,
+                 r"which cannot be replaced", id="save-into-dot-dot"),
+    pytest.param(lambda: flora.export_lora(_adapted(), ".", adapter_name="a"),
+                 flora.LoraConversionError, r"is the current directory", id="export-into-dot"),
 ]  # fmt: skip
 
 
@@ -881,6 +939,12 @@ FILES = [
     pytest.param(_swap_for_directory(CONFIG_NAME), C + r"is a directory, not a file",
                  id="config-directory"),
     pytest.param(_remove(CONFIG_NAME), C + r"no such file", id="config-missing"),
+    pytest.param(_replace(CONFIG_NAME, lambda raw: b"[" * 100_000 + b"]" * 100_000),
+                 C + r"not valid JSON \(nested too deeply\)", id="config-nested-deeply"),
+    pytest.param(_config(lambda d: d["layers"].update({"": d["layers"].pop("fc")})),
+                 C + r"layer name '' must be a dotted module name", id="config-layer-name-empty"),
+    pytest.param(_config(lambda d: d["layers"].update({"fc.": d["layers"].pop("fc")})),
+                 C + r"layer name 'fc\.' must be", id="config-layer-name-trailing-dot"),
     pytest.param(_replace(CONFIG_NAME, lambda raw: b"[" + raw + b"]"),
                  C + r'not a flora adapter config \(no "format": "flora"\)', id="config-list"),
     pytest.param(_config(lambda d: d.update(format="peft")), C + r"not a flora adapter config",
@@ -1234,9 +1298,14 @@ def test_bad_command_line_exits_2_with_one_line_and_writes_nothing(
             id="disk-full",
         ),
         pytest.param(
-            ("os.replace", OSError(errno.EXDEV, "Invalid cross-device link")),
+            ("flora._atomic.exchange", OSError(errno.EXDEV, "Invalid cross-device link")),
             r"^flora extract: error: old: cannot write \(Invalid cross-device link\)",
-            id="rename-fails",
+            id="exchange-fails",
+        ),
+        pytest.param(
+            ("flora._atomic._rename", OSError(errno.EXDEV, "Invalid cross-device link")),
+            r"^flora extract: error: old: cannot write \(Invalid cross-device link\)",
+            id="rename-fails-without-exchange",
         ),
     ],
 )
@@ -1249,6 +1318,8 @@ def test_write_failures_exit_2_naming_the_file_and_keep_the_old_adapter(
         raise error
 
     before = _files(workdir)
+    if name == "flora._atomic._rename":
+        monkeypatch.setattr("flora._atomic.exchange", lambda a, b: False)
     monkeypatch.setattr(name, fail)
     assert _exit_status([*BT, "--out", "old", "--ranks", "1"]) == 2
     err = capsys.readouterr().err
@@ -1264,3 +1335,253 @@ def test_a_bug_inside_extract_keeps_its_traceback(workdir, monkeypatch) -> None:
     monkeypatch.setattr("flora.extraction.sthosvd", broken)
     with pytest.raises(ValueError, match="a bug, not an input error"):
         main(["extract", *BT, "--out", "new", "--quiet"])
+
+
+# Non-finite and absurd values at the export, import and compression boundaries: each
+# row builds its input under ``tmp/in`` and must raise before ``tmp/out`` exists.
+def _linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    flora.inject(model, flora.FLoRAConfig(ranks=2, init="gaussian", target_modules=["0", "1"]))
+    with torch.no_grad():
+        for layer in flora.adapted_layers(model).values():
+            layer.core.normal_()
+    return model
+
+
+def _with_nan_core(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        model[1].core[0, 0] = NAN
+    return model
+
+
+def _flora_dir_with_nan(tmp: Path) -> Path:
+    directory = flora.save_adapter(_linear_model(), tmp / "in")
+    tensors = flora.read_adapter(directory).tensors
+    tensors["1.core"][0, 0] = NAN
+    save_file(tensors, str(directory / WEIGHTS_NAME))
+    return directory
+
+
+def _peft_dir(tmp: Path, tensors=None, config=None) -> Path:
+    directory = flora.export_lora(_linear_model(), tmp / "in")
+    path = directory / WEIGHTS_NAME
+    state = flora._files.read_tensors(path)[0]
+    (tensors or (lambda t: None))(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+    document = json.loads((directory / CONFIG_NAME).read_text())
+    document.update(config or {})
+    (directory / CONFIG_NAME).write_text(json.dumps(document))
+    return directory
+
+
+def _set(key: str, value: float) -> Callable[[dict], None]:
+    def change(state: dict) -> None:
+        name = next(k for k in state if k.endswith(key))
+        state[name][0, 0] = value
+
+    return change
+
+
+def _import(tmp: Path, **changes: object) -> nn.Module:
+    directory = _peft_dir(tmp, **changes)
+    torch.manual_seed(0)
+    return flora.import_lora(nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3)), directory)
+
+
+def _meta_model() -> nn.Module:
+    model = nn.Sequential(nn.Linear(6, 4, device="meta"))
+    return flora.inject(model, flora.FLoRAConfig(ranks=2, target_modules=["0"]))
+
+
+BOUNDARIES = [
+    pytest.param(lambda t: flora.export_lora(_flora_dir_with_nan(t), t / "out"),
+                 flora.LoraConversionError, r"in: \['1'\] hold NaN or infinite values",
+                 id="export-directory-nan-core"),
+    pytest.param(lambda t: flora.export_lora(_with_nan_core(_linear_model()), t / "out"),
+                 flora.LoraConversionError, r"the model: \['1'\] hold NaN or infinite values",
+                 id="export-model-nan-core"),
+    pytest.param(lambda t: flora.export_lora(_meta_model(), t / "out"),
+                 flora.LoraConversionError,
+                 r"the model: adapter tensors \['0\.core', .*\] are meta tensors",
+                 id="export-meta-model"),
+    pytest.param(lambda t: _import(t, tensors=_set("lora_A.weight", NAN)),
+                 flora.LoraConversionError,
+                 r"no exact FLoRA form for .*lora_A, lora_B or the bias holds NaN or infinite",
+                 id="import-nan-lora-a"),
+    pytest.param(lambda t: _import(t, tensors=_set("lora_B.weight", math.inf)),
+                 flora.LoraConversionError, r"lora_A, lora_B or the bias holds NaN or infinite",
+                 id="import-inf-lora-b"),
+    pytest.param(lambda t: _import(t, config={"lora_alpha": 1e308}), flora.LoraConversionError,
+                 r"scaling .* \(lora_alpha / r\) times lora_B @ lora_A can reach .* beyond "
+                 r"float32's range", id="import-alpha-1e308"),
+    pytest.param(lambda t: _import(t, config={"alpha_pattern": {"1": 1e308}}),
+                 flora.LoraConversionError, r"no exact FLoRA form for layer '1' \(scaling 5e\+307",
+                 id="import-alpha-pattern-1e308"),
+    pytest.param(lambda t: flora.compress(_with_nan_core(_linear_model()), ranks=1), ValueError,
+                 r"layer '1': adapter 'default' holds NaN or infinite values",
+                 id="compress-nan-core"),
+    pytest.param(lambda t: flora.compress(_with_nan_core(_linear_model()), energy=0.9),
+                 ValueError, r"layer '1': adapter 'default' holds NaN", id="compress-nan-energy"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BOUNDARIES)
+def test_non_finite_values_are_refused_at_every_boundary(tmp_path, call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call(tmp_path)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("changed", ["in place", "load_state_dict"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_unmerge_after_the_adapter_changed_restores_the_base(changed, dtype) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6)).to(dtype)
+        config = flora.FLoRAConfig(ranks=2, init="gaussian", bias=True, target_modules=["0"])
+        flora.inject(model, config)
+        with torch.no_grad():
+            model[0].core.normal_()
+            model[0].adapters["default"].bias.normal_()
+        return model
+
+    model, reference = build(), build()
+    base = model[0].base_layer
+    weight, bias = base.weight.clone(), base.bias.clone()
+    flora.unmerge(flora.merge(reference))
+    flora.merge(model)
+    if changed == "in place":
+        with torch.no_grad():
+            model[0].core.add_(1.0)
+            model[0].adapters["default"].bias.add_(1.0)
+    else:
+        state = {k: v + 1 if k.endswith(("core", ".bias")) and "adapters" in k else v
+                 for k, v in model.state_dict().items()}  # fmt: skip
+        model.load_state_dict(state)
+    flora.unmerge(model)
+    # Bitwise what unmerging the unchanged adapter gives; the base to the dtype's rounding.
+    assert torch.equal(base.weight, reference[0].base_layer.weight)
+    assert torch.equal(base.bias, reference[0].base_layer.bias)
+    tolerance = 0 if dtype == torch.float32 else 8 * torch.finfo(dtype).eps
+    assert torch.allclose(base.weight.float(), weight.float(), atol=tolerance + 1e-6)
+    assert torch.allclose(base.bias.float(), bias.float(), atol=tolerance + 1e-6)
+
+
+# Outputs that are, or hold, an input: refused before anything is written.
+@pytest.fixture
+def links(workdir: Path) -> Path:
+    """Adapter-named links to the checkpoints inside directories an output could be."""
+    (workdir / "hard").mkdir()
+    os.link(workdir / "tuned.safetensors", workdir / "hard" / WEIGHTS_NAME)
+    (workdir / "soft").mkdir()
+    os.symlink(workdir / "base.safetensors", workdir / "soft" / WEIGHTS_NAME)
+    os.symlink(workdir / "old" / WEIGHTS_NAME, workdir / "into-old.safetensors")
+    return workdir
+
+
+INPUTS = [
+    pytest.param(["base.safetensors", "old/adapter_model.safetensors", "--out", "old"],
+                 r"old holds the tuned checkpoint old/adapter_model\.safetensors",
+                 id="tuned-inside-out"),
+    pytest.param(["old/adapter_model.safetensors", "tuned.safetensors", "--out", "old"],
+                 r"old holds the base checkpoint old/adapter_model\.safetensors",
+                 id="base-inside-out"),
+    pytest.param(["base.safetensors", "./old/../old/adapter_model.safetensors", "--out", "old/"],
+                 r"holds the tuned checkpoint", id="tuned-inside-out-unnormalized"),
+    pytest.param(["base.safetensors", "tuned.safetensors", "--out", "hard"],
+                 r"hard holds the tuned checkpoint tuned\.safetensors", id="hard-link-in-out"),
+    pytest.param(["base.safetensors", "tuned.safetensors", "--out", "soft"],
+                 r"soft holds the base checkpoint base\.safetensors", id="symlink-in-out"),
+    pytest.param(["base.safetensors", "into-old.safetensors", "--out", "old"],
+                 r"old holds the tuned checkpoint into-old\.safetensors",
+                 id="input-symlink-into-out"),
+    pytest.param(["base.safetensors", "tuned.safetensors", "--out", "."],
+                 r"is the current directory", id="out-is-the-current-directory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "match"), INPUTS)
+def test_an_output_holding_an_input_exits_2_and_changes_nothing(links, capsys, args, match) -> None:
+    before = _files(links)
+    assert _exit_status(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+    assert _files(links) == before
+
+
+def test_extract_from_python_refuses_an_output_holding_an_input(links) -> None:
+    before = _files(links)
+    with pytest.raises(flora.ExtractionError, match=r"old holds the tuned checkpoint"):
+        flora.extract("base.safetensors", Path("old") / WEIGHTS_NAME, "old")
+    assert _files(links) == before
+
+
+# flora export-lora
+@pytest.fixture
+def exported(tmp_path: Path, monkeypatch) -> Path:
+    """A flora adapter ``fl``, a NaN one ``nan``, a previous export ``lora``; in the cwd."""
+    monkeypatch.chdir(tmp_path)
+    flora.save_adapter(_linear_model(), tmp_path / "fl")
+    _flora_dir_with_nan(tmp_path).rename(tmp_path / "nan")
+    flora.export_lora(tmp_path / "fl", tmp_path / "lora")
+    os.symlink("fl", tmp_path / "fl-link")
+    return tmp_path
+
+
+EXPORT_CLI = [
+    pytest.param(["fl", "fl"], r"fl is the source adapter", id="out-is-the-source"),
+    pytest.param(["fl", "fl-link"], r"fl-link is the source adapter", id="out-links-to-source"),
+    pytest.param(["fl-link", "fl"], r"fl is the source adapter", id="source-links-to-out"),
+    pytest.param(["nan", "out"], r"nan: \['1'\] hold NaN or infinite values", id="nan-core"),
+    pytest.param(["fl", "."], r"^flora export-lora: error: .* is the current directory",
+                 id="out-is-the-current-directory"),
+    pytest.param(["fl", "lora/.."], r"is the current directory \(or its parent\)",
+                 id="out-is-the-parent"),
+    pytest.param(["fl", "fl/sub/.."], r"fl/sub/\.\. is the source adapter",
+                 id="out-is-the-source-unnormalized"),
+]  # fmt: skip
+
+
+def _export_status(args: list[str]) -> int:
+    try:
+        return main(["export-lora", *args])
+    except SystemExit as exit_info:
+        return int(exit_info.code)
+
+
+@pytest.mark.parametrize(("args", "match"), EXPORT_CLI)
+def test_bad_export_exits_2_with_one_line_and_writes_nothing(exported, capsys, args, match) -> None:
+    before = _files(exported)
+    assert _export_status(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("flora export-lora: error: "), err
+    assert re.search(match, err), err
+    assert _files(exported) == before
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(SafetensorError("No space left on device (os error 28)"), id="safetensors"),
+        pytest.param(OSError(errno.ENOSPC, "No space left on device"), id="oserror"),
+    ],
+)
+def test_export_on_a_full_disk_exits_2_naming_the_file(exported, capsys, monkeypatch, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    before = _files(exported)
+    monkeypatch.setattr("flora.lora.save_file", fail)
+    with pytest.raises(OSError, match=r"No space left on device") as info:
+        flora.export_lora("fl", "lora")
+    assert info.value.filename == str(Path("lora") / WEIGHTS_NAME)
+    assert _export_status(["fl", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(r"^flora export-lora: error: lora/adapter_model\.safetensors: ", err), err
+    assert "No space left on device" in err
+    assert _files(exported) == before

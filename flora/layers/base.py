@@ -347,6 +347,35 @@ class TuckerDelta(nn.Module):
         """
         return reconstruct(self.core * self.spec.scale, list(self.factors))
 
+    @property
+    def merged(self) -> bool:
+        """Whether this adapter is merged into its layer's base weight.
+
+        Setting it True keeps a copy of the core, factors and bias update as
+        they are (non-persistent buffers, which follow ``.to()``), so that
+        unmerging subtracts the update that was merged even if the adapter
+        changed since (an optimizer step, ``load_state_dict``).
+        """
+        return self._buffers.get("at_merge_core") is not None
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        parts: list[tuple[str, torch.Tensor | None]] = [("at_merge_core", self.core)]
+        parts += [(f"at_merge_factor_{n}", f) for n, f in enumerate(self.factors)]
+        parts.append(("at_merge_bias", self.bias))
+        for name, tensor in parts:
+            kept = tensor.detach().clone() if value and tensor is not None else None
+            self.register_buffer(name, kept, persistent=False)
+
+    def merged_delta(self) -> torch.Tensor:
+        """``ΔW`` as it was merged (see :attr:`merged`), in the adapter's dtype."""
+        factors = [self._buffers[f"at_merge_factor_{n}"] for n in range(len(self.spec.shape))]
+        return reconstruct(self._buffers["at_merge_core"] * self.spec.scale, factors)
+
+    def merged_bias(self) -> torch.Tensor | None:
+        """``Δb`` as it was merged, or None."""
+        return self._buffers.get("at_merge_bias")
+
     def initial_delta(self) -> torch.Tensor | None:
         """``ΔW`` at initialization for ``init="hosvd"`` (what the base gave up), else None."""
         initial = self.initial
@@ -637,12 +666,12 @@ class AdaptedWeight(nn.Module):
         adapter = self.adapter(name)
         with torch.no_grad():
             back = self._sum(
-                [adapter.initial_delta(), -adapter.delta_weight() if adapter.merged else None]
+                [adapter.initial_delta(), -adapter.merged_delta() if adapter.merged else None]
             )
             if back is not None:
                 self._add_to_base(back, 1.0)
             if adapter.merged:
-                self._add_to_base_bias(adapter.bias, -1.0)
+                self._add_to_base_bias(adapter.merged_bias(), -1.0)
         adapter.merged = False
         del self.adapters[name]
         return adapter
@@ -744,8 +773,18 @@ class AdaptedWeight(nn.Module):
         for name in names:
             self.adapters[name].merged = True
 
+    @staticmethod
+    def _merged_bias_sum(adapters: Iterable[TuckerDelta]) -> torch.Tensor | None:
+        """``Σ Δb`` as merged, of the merged adapters that carry a bias update."""
+        present = [b for a in adapters if (b := a.merged_bias()) is not None]
+        return functools.reduce(operator.add, present) if present else None
+
     def unmerge(self) -> None:
         """Subtract ``ΔW`` (and ``Δb``) of every merged adapter from the base weight again.
+
+        What is subtracted is the update as it was merged, even if the
+        adapter changed since (an optimizer step, ``load_state_dict``): the
+        base weight is then what unmerging an unchanged adapter gives.
 
         Raises
         ------
@@ -756,8 +795,8 @@ class AdaptedWeight(nn.Module):
         if not names:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
         with torch.no_grad():
-            self._add_to_base(self._sum(self.adapters[n].delta_weight() for n in names), -1.0)
-            self._add_to_base_bias(self._bias_sum(self.adapters[n] for n in names), -1.0)
+            self._add_to_base(self._sum(self.adapters[n].merged_delta() for n in names), -1.0)
+            self._add_to_base_bias(self._merged_bias_sum(self.adapters[n] for n in names), -1.0)
         for name in names:
             self.adapters[name].merged = False
 
@@ -771,12 +810,12 @@ class AdaptedWeight(nn.Module):
         with torch.no_grad():
             back = self._sum(
                 [a.initial_delta() for a in self.adapters.values()]
-                + [-a.delta_weight() for a in self.adapters.values() if a.merged]
+                + [-a.merged_delta() for a in self.adapters.values() if a.merged]
             )
             if back is not None:
                 self._add_to_base(back, 1.0)
             merged = [a for a in self.adapters.values() if a.merged]
-            self._add_to_base_bias(self._bias_sum(merged), -1.0)
+            self._add_to_base_bias(self._merged_bias_sum(merged), -1.0)
         for adapter in self.adapters.values():
             adapter.merged = False
 
