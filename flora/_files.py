@@ -57,7 +57,7 @@ def read_json(path: Path) -> Any:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a repeated key, deep nesting
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 

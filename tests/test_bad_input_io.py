@@ -98,6 +98,23 @@ def _sharded(index: object, shards: dict[str, bytes] | None = None) -> Callable[
     return build
 
 
+def _outside_shard(name: str | None) -> Callable[[Path], Path]:
+    """An index naming a valid safetensors file outside its directory (absolute if None)."""
+
+    def build(directory: Path) -> Path:
+        outside = directory / "outside.safetensors"
+        outside.write_bytes(_entry())
+        filename = str(outside) if name is None else name
+        return _sharded({"weight_map": {"w": filename}})(directory)
+
+    return build
+
+
+def _deep_header() -> bytes:
+    raw = b"[" * 100_000
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def _index_directory(directory: Path) -> Path:
     root = directory / "model"
     (root / "model.safetensors.index.json").mkdir(parents=True)
@@ -222,9 +239,45 @@ FILES = [
         id="header-names-a-tensor-twice",
     ),
     pytest.param(
-        _bytes("f8.safetensors", lambda: _entry(dtype="F8_E4M3", data_offsets=[0, 12])),
+        _bytes(
+            "f8.safetensors",
+            lambda: _header(
+                {"w": {"dtype": "F8_E4M3", "shape": [3, 4], "data_offsets": [0, 12]}}, b"\0" * 12
+            ),
+        ),
         r"f8\.safetensors: tensor 'w' has unsupported dtype F8_E4M3",
         id="unsupported-dtype-read",
+    ),
+    pytest.param(
+        _bytes(
+            "overlap.safetensors",
+            lambda: _header(
+                {
+                    "a": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
+                    "b": {"dtype": "F32", "shape": [2, 4], "data_offsets": [16, 48]},
+                }
+            ),
+        ),
+        r"overlap\.safetensors: tensor 'b' \(bytes 16-48\) overlaps the tensor before it",
+        id="offsets-overlap",
+    ),
+    pytest.param(
+        _bytes(
+            "gap.safetensors",
+            lambda: _header(
+                {
+                    "a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+                    "b": {"dtype": "F32", "shape": [6], "data_offsets": [24, 48]},
+                }
+            ),
+        ),
+        r"gap\.safetensors: tensor 'b' \(bytes 24-48\) leaves a gap",
+        id="offsets-leave-a-gap",
+    ),
+    pytest.param(
+        _bytes("tail.safetensors", lambda: _entry(shape=[3], data_offsets=[0, 12])),
+        r"tail\.safetensors: the tensors cover 12 of the 48 data bytes",
+        id="offsets-leave-bytes-over",
     ),
     # PyTorch files
     pytest.param(
@@ -303,6 +356,41 @@ FILES = [
         _sharded(WEIGHT_MAP),
         r"index\.json: shard 'shard\.safetensors' is missing",
         id="index-missing-shard",
+    ),
+    pytest.param(
+        _outside_shard("../outside.safetensors"),
+        r"index\.json: shard '\.\./outside\.safetensors' is not a file name inside .*model",
+        id="index-names-a-shard-above-its-directory",
+    ),
+    pytest.param(
+        _outside_shard("sub/../../outside.safetensors"),
+        r"index\.json: shard 'sub/\.\./\.\./outside\.safetensors' is not a file name inside",
+        id="index-climbs-out-through-a-subdirectory",
+    ),
+    pytest.param(
+        _outside_shard(None),
+        r"index\.json: shard '/.*outside\.safetensors' is not a file name inside",
+        id="index-names-an-absolute-path",
+    ),
+    pytest.param(
+        _sharded({"weight_map": {"w": "../../../../etc/passwd"}}),
+        r"index\.json: shard '\.\./\.\./\.\./\.\./etc/passwd' is not a file name inside",
+        id="index-names-a-system-file",
+    ),
+    pytest.param(
+        _sharded({"weight_map": {"w": "C:\\shards\\w.safetensors"}}),
+        r"index\.json: shard 'C:.*' is not a file name inside",
+        id="index-names-a-drive-path",
+    ),
+    pytest.param(
+        _sharded(b"[" * 100_000),
+        r"index\.json: not a checkpoint index \(bad JSON: maximum recursion depth",
+        id="index-nested-too-deeply",
+    ),
+    pytest.param(
+        _bytes("deep.safetensors", _deep_header),
+        r"deep\.safetensors: not a safetensors file \(bad JSON header: maximum recursion",
+        id="header-nested-too-deeply",
     ),
     pytest.param(
         _sharded(WEIGHT_MAP, {"shard.safetensors": b"xx"}),

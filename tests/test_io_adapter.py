@@ -222,3 +222,45 @@ def test_malformed_flora_geometry_is_named(tmp_path, case, geometry, message) ->
     path.write_text(json.dumps(document))
     with pytest.raises(AdapterError, match=f"layer '0': {message}"):
         open_adapter(directory)
+
+
+def _crafted_lora(tmp_path: Path, rank_pattern: dict[str, int]) -> Path:
+    """A PEFT LoRA directory for one Linear named 34 'a's and a '!', with ``rank_pattern``."""
+    directory = tmp_path / "crafted"
+    directory.mkdir()
+    name = "a" * 34 + "!"
+    save_file(
+        {
+            f"base_model.model.{name}.lora_A.weight": torch.ones(2, 3),
+            f"base_model.model.{name}.lora_B.weight": torch.ones(4, 2),
+        },
+        str(directory / "adapter_model.safetensors"),
+    )
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "rank_pattern": rank_pattern}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_crafted_rank_pattern_cannot_hang_the_reader(tmp_path) -> None:
+    directory = _crafted_lora(tmp_path, {"(a+)+": 5})
+    # The catastrophic key does not match (the name ends in "!"), so r = 2 and
+    # scale 1 apply; Python's re takes over a minute to find that out.
+    with open_adapter(directory) as adapter:
+        (name,) = adapter
+        assert adapter[name].stored_ranks == (2,)
+        np.testing.assert_allclose(adapter[name].to_tensor(), 2 * np.ones((4, 3)))
+
+
+def test_a_pattern_re2_cannot_run_is_named(tmp_path) -> None:
+    directory = _crafted_lora(tmp_path, {r"(a)\1": 2})
+    with pytest.raises(AdapterError, match=r"rank_pattern: pattern '\(a\)\\\\1' is not a regular"):
+        open_adapter(directory)
+
+
+def test_without_re2_only_patterns_that_cannot_backtrack_are_read(tmp_path, monkeypatch) -> None:
+    import tuckerlib.io._patterns as patterns
+
+    monkeypatch.setattr(patterns, "_re2", lambda: None)
+    assert patterns.suffix_matcher(r"layers\.0\.q_proj")("model.layers.0.q_proj")
+    with pytest.raises(AdapterError, match=r"repeats or alternates.*install google-re2"):
+        open_adapter(_crafted_lora(tmp_path, {"(a+)+": 5}))

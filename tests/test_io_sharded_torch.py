@@ -179,3 +179,42 @@ def test_missing_torch_gives_an_actionable_message(tmp_path: Path, monkeypatch) 
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(CheckpointError, match=r"needs PyTorch \(pip install torch\)"):
         open_checkpoint(path)
+
+
+def test_shard_outside_the_directory_is_refused_before_it_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tuckerlib.io._sharded as sharded
+
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(outside))
+    model = tmp_path / "model"
+    model.mkdir()
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
+    opened = []
+    monkeypatch.setattr(sharded, "open_file", lambda path: opened.append(path))
+    with pytest.raises(CheckpointError, match="not a file name inside"):
+        open_checkpoint(model)
+    assert opened == []
+
+
+def test_hugging_face_cache_layout_with_linked_shards_loads(tmp_path: Path) -> None:
+    # snapshots/<revision>/ holds links into ../../blobs/, as huggingface_hub writes them.
+    repo = tmp_path / "models--org--name"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    tensors = {"a.weight": np.ones((2, 3), np.float32), "b.weight": np.zeros(4, np.float32)}
+    weight_map = {}
+    for i, (name, tensor) in enumerate(tensors.items()):
+        blob = blobs / f"blob{i}"
+        save_file({name: tensor}, str(blob))
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        (snapshot / shard).symlink_to(Path("..", "..", "blobs", blob.name))
+        weight_map[name] = shard
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    with open_checkpoint(snapshot) as checkpoint:
+        assert sorted(checkpoint) == sorted(tensors)
+        np.testing.assert_array_equal(checkpoint["a.weight"], np.ones((2, 3), np.float32))

@@ -210,7 +210,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise AdapterError(f"{directory}: not an adapter directory (no {CONFIG_NAME})")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, deep nesting
         raise AdapterError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(document, dict):
         raise AdapterError(f"{path}: must hold a JSON object")

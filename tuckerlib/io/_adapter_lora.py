@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tuckerlib.io._adapter import (
     open_weights,
 )
 from tuckerlib.io._base import Checkpoint
+from tuckerlib.io._patterns import PatternError, suffix_matcher
 
 __all__ = ["open_lora"]
 
@@ -150,17 +151,19 @@ class _Options:
     r: int
     alpha: float
     rslora: bool
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
+    rank_pattern: tuple[tuple[Callable[[str], bool], int], ...]
+    alpha_pattern: tuple[tuple[Callable[[str], bool], float], ...]
     dropout: float
     fan_in_fan_out: bool
     target_parameters: tuple[str, ...]
     lora_bias: bool = False
 
-    def _pattern(self, patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    def _pattern(
+        self, patterns: tuple[tuple[Callable[[str], bool], Any], ...], name: str, default: Any
+    ) -> Any:
         # PEFT's get_pattern_key: the first key matching a dotted suffix of the name.
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", name):
+        for matches, value in patterns:
+            if matches(name):
                 return value
         return default
 
@@ -179,17 +182,22 @@ def _positive_int(where: str, key: str, value: object) -> int:
     return value
 
 
-def _patterns(where: str, key: str, value: object, check: Any) -> dict[str, Any]:
+def _patterns(
+    where: str, key: str, value: object, check: Any
+) -> tuple[tuple[Callable[[str], bool], Any], ...]:
+    """``(matcher, value)`` per key, in the file's order; keys matched in linear time."""
     if value is None:
-        return {}
+        return ()
     if not isinstance(value, dict):
         raise AdapterError(f"{where}: {key} must be an object, got {type(value).__name__}")
-    for pattern in value:
+    matchers = []
+    for pattern, entry in value.items():
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise AdapterError(f"{where}: {key} key {pattern!r} is no regex: {exc}") from None
-    return {pattern: check(where, f"{key}[{pattern!r}]", v) for pattern, v in value.items()}
+            matches = suffix_matcher(pattern)
+        except PatternError as exc:
+            raise AdapterError(f"{where}: {key}: {exc}") from None
+        matchers.append((matches, check(where, f"{key}[{pattern!r}]", entry)))
+    return tuple(matchers)
 
 
 def _alpha(where: str, key: str, value: object) -> float:

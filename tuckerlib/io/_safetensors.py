@@ -48,7 +48,7 @@ def _read_header(path: Path, handle: Any, size: int) -> tuple[dict[str, Any], in
         )
     try:
         header = json.loads(handle.read(length), object_pairs_hook=unique_keys)
-    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a repeated key, deep nesting
         raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
@@ -68,7 +68,7 @@ def _naturals(value: Any, count: int | None = None) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _parse_entry(path: Path, name: str, entry: Any, data_bytes: int) -> tuple[TensorInfo, int]:
+def _parse_entry(path: Path, name: str, entry: Any, data_bytes: int) -> tuple[TensorInfo, int, int]:
     if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
         raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}")
     code = entry["dtype"]
@@ -93,7 +93,29 @@ def _parse_entry(path: Path, name: str, entry: Any, data_bytes: int) -> tuple[Te
             f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(shape)} "
             f"of {code} needs {math.prod(shape) * storage.itemsize}"
         )
-    return TensorInfo(shape, code), begin
+    return TensorInfo(shape, code), begin, end
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """Refuse byte ranges that do not cover the data section once, in order.
+
+    The reference parser requires it: no two tensors share bytes (one would
+    alias the other), and no byte belongs to none.
+    """
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else "leaves a gap"
+            raise CheckpointError(
+                f"{path}: tensor {name!r} (bytes {begin}-{end}) {problem}: data_offsets must "
+                "cover the data section once, without overlaps or gaps"
+            )
+        position = end
+    if position != data_bytes:
+        raise CheckpointError(
+            f"{path}: the tensors cover {position} of the {data_bytes} data bytes: "
+            "data_offsets must cover the data section once, without overlaps or gaps"
+        )
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -129,10 +151,17 @@ class SafetensorsCheckpoint(Checkpoint):
             raise read_error(self.path, exc) from None
         metadata = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = dict(metadata) if isinstance(metadata, dict) else {}
-        parsed = {
-            name: _parse_entry(self.path, name, entry, size - self._data_start)
-            for name, entry in header.items()
-        }
+        data_bytes = size - self._data_start
+        try:
+            parsed = {
+                name: _parse_entry(self.path, name, entry, data_bytes)
+                for name, entry in header.items()
+            }
+            spans = [(begin, end, name) for name, (_, begin, end) in parsed.items()]
+            _check_tiling(self.path, spans, data_bytes)
+        except CheckpointError:
+            self.close()
+            raise
         order = sorted(parsed, key=lambda name: parsed[name][1])
         self._infos = {name: parsed[name][0] for name in order}
         self._offsets = {name: self._data_start + parsed[name][1] for name in order}

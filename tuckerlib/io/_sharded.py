@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from tuckerlib.io._base import (
 )
 from tuckerlib.io._files import open_file
 
-__all__ = ["ShardedCheckpoint"]
+__all__ = ["ShardedCheckpoint", "shard_path"]
 
 
 def _read_weight_map(path: Path) -> dict[str, str]:
@@ -31,7 +31,7 @@ def _read_weight_map(path: Path) -> dict[str, str]:
         index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except OSError as exc:
         raise read_error(path, exc) from None
-    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a repeated key, deep nesting
         raise CheckpointError(f"{path}: not a checkpoint index (bad JSON: {exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -39,6 +39,34 @@ def _read_weight_map(path: Path) -> dict[str, str]:
     ):
         raise CheckpointError(f'{path}: not a checkpoint index (no "weight_map" of names to files)')
     return weight_map
+
+
+def shard_path(index: Path, filename: str) -> Path:
+    """Where the shard ``filename`` named in ``index`` lies: inside the index's directory.
+
+    The name is judged as text, before anything is opened: it must be a
+    relative path (no drive, no root, no NUL) whose ``..`` parts never climb
+    above the directory. Links already on disk are the owner's arrangement
+    and are followed (the Hugging Face cache keeps shards as links into a
+    ``blobs`` folder).
+
+    Raises
+    ------
+    CheckpointError
+        Naming the index and the entry, for a name that leaves the directory.
+    """
+    windows = PureWindowsPath(filename)
+    depth = 0
+    for part in PurePosixPath(filename.replace("\\", "/")).parts:
+        depth += -1 if part == ".." else int(part not in ("/", "."))
+        if depth < 0:
+            break
+    if not filename or "\0" in filename or windows.drive or windows.root or depth < 0:
+        raise CheckpointError(
+            f"{index}: shard {filename!r} is not a file name inside {index.parent}: an index "
+            "may only name files in its own directory"
+        )
+    return index.parent / filename
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -65,11 +93,13 @@ class ShardedCheckpoint(Checkpoint):
         weight_map = _read_weight_map(self.path)
         self._shards: dict[str, Checkpoint] = {}
         try:
-            for filename in dict.fromkeys(weight_map.values()):
-                shard_path = self.path.parent / filename
-                if not shard_path.is_file():
+            paths = {
+                name: shard_path(self.path, name) for name in dict.fromkeys(weight_map.values())
+            }
+            for filename, path in paths.items():
+                if not path.is_file():
                     raise CheckpointError(f"{self.path}: shard {filename!r} is missing")
-                self._shards[filename] = open_file(shard_path)
+                self._shards[filename] = open_file(path)
             self._owner = {name: self._shards[filename] for name, filename in weight_map.items()}
             for name, shard in self._owner.items():
                 if name not in shard:
