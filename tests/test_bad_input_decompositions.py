@@ -35,6 +35,25 @@ def _torch_tucker() -> tl.TuckerTensor:
     return tl.sthosvd(torch.asarray(_x()), 2)
 
 
+UNKNOWN_CHUNKS = (
+    r"Dask array of shape \(nan, 5\) has chunks of unknown size.*compute_chunk_sizes\(\)"
+)
+
+
+def _unknown_chunks() -> Any:
+    """A Dask array whose first mode has unknown size, as ``da.from_delayed`` with NaN makes."""
+    dask = pytest.importorskip("dask")
+    delayed = dask.delayed(np.ones)((6, 5))
+    return dask.array.from_delayed(delayed, shape=(np.nan, 5), dtype=np.float64)
+
+
+def _boolean_indexed() -> Any:
+    """``x[mask]`` of a Dask array: a 2-D result whose first mode has unknown size."""
+    da = pytest.importorskip("dask.array")
+    x = da.from_array(_x((6, 5)), chunks=3)
+    return x[x[:, 0] > 0]
+
+
 def _nan() -> np.ndarray:
     x = _x()
     x[1, 2, 3] = np.nan
@@ -152,6 +171,42 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         lambda: tl.mode_spectra(_x(), method="eig"),
         ValueError,
         r'method must be "gram" or "svd", got \'eig\'',
+    ),
+    (
+        "hosvd-dask-unknown-chunks",
+        lambda: tl.hosvd(_unknown_chunks(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "sthosvd-dask-unknown-chunks",
+        lambda: tl.sthosvd(_unknown_chunks(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "hooi-dask-unknown-chunks",
+        lambda: tl.hooi(_unknown_chunks(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "rhosvd-dask-unknown-chunks",
+        lambda: tl.rhosvd(_unknown_chunks(), 1, seed=0),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "mode_spectra-dask-unknown-chunks",
+        lambda: tl.mode_spectra(_unknown_chunks()),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "sthosvd-boolean-index-dask-unknown-chunks",
+        lambda: tl.sthosvd(_boolean_indexed(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
     ),
 ]
 

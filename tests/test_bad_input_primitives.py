@@ -24,6 +24,21 @@ def _fold(shape, mode=1, rows=5, cols=24):
     return lambda: tl.fold(np.ones((rows, cols)), mode, shape)
 
 
+def _boolean_indexed():
+    """``x[mask]`` of a Dask array: a 2-D result whose first mode has unknown size."""
+    da = pytest.importorskip("dask.array")
+    x = da.from_array(np.arange(1.0, 13.0).reshape(4, 3), chunks=2)
+    return x[x[:, 0] > 3]
+
+
+def _jnp():
+    return pytest.importorskip("jax.numpy")
+
+
+def _jit(f):
+    return pytest.importorskip("jax").jit(f)
+
+
 CASES = [
     # fold: the shape is validated, never truncated, split or wrapped.
     pytest.param(
@@ -390,6 +405,31 @@ CASES = [
         TypeError,
         r"x must be a numeric array .*got str",
         id="relative-error-string",
+    ),
+    pytest.param(
+        lambda: tl.unfold(_boolean_indexed(), 0),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="unfold-dask-unknown-chunks",
+    ),
+    pytest.param(
+        lambda: tl.relative_error(_boolean_indexed(), _boolean_indexed()),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="relative-error-dask-unknown-chunks",
+    ),
+    pytest.param(
+        lambda: _jit(tl.relative_error)(_jnp().ones(3), _jnp().zeros(3)),
+        TypeError,
+        r"relative_error \(a Python float\) needs the values of the tensor, which jax\.jit "
+        r"does not have.*call it outside jax\.jit",
+        id="relative-error-under-jit",
+    ),
+    pytest.param(
+        lambda: _jit(lambda x: tl.relative_error(x, tl.sthosvd(x, 1)))(_jnp().ones((3, 2))),
+        TypeError,
+        r"needs the values of the tensor, which jax\.jit does not have",
+        id="relative-error-of-traced-tucker",
     ),
 ]
 
