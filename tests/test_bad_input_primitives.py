@@ -506,11 +506,26 @@ def test_mixed_dtypes_that_do_not_promote_are_named() -> None:
         tl.mode_product(x, m, 0)
 
 
+LONG = 2 * 10**6
+
+
+def _long_unit_vector() -> np.ndarray:
+    return np.full(LONG, 1 / np.sqrt(LONG), np.float32)
+
+
 def _matrices(shape):
     return [np.arange(2.0 * n).reshape(2, n) + 1 for n in shape]
 
 
 RESULTS = [
+    # A contraction over 2·10⁶ float32 entries keeps float32's accuracy (issue 22).
+    pytest.param(
+        lambda b: tl.mode_product(
+            b.asarray(np.ones((1, LONG), np.float32)), b.asarray(_long_unit_vector()), 1
+        ),
+        lambda b: b.asarray(np.array([np.float32(_long_unit_vector().astype(np.float64).sum())])),
+        id="mode-product-over-a-long-mode",
+    ),
     # A one-shot iterable is read once, not used up finding the array library.
     pytest.param(
         lambda b: tl.multi_mode_product(b.asarray(X), (b.asarray(m) for m in _matrices(X.shape))),

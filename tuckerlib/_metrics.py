@@ -6,6 +6,7 @@ import math
 from types import ModuleType
 from typing import Any
 
+from tuckerlib._accumulate import vector_norm
 from tuckerlib._host import host_float, require_values
 from tuckerlib._namespace import get_namespace
 from tuckerlib._tucker import TuckerTensor
@@ -79,9 +80,9 @@ def frobenius_norm(a: Any, xp: ModuleType) -> float:
     if top == 0.0 or not math.isfinite(top):
         return top
     if not _needs_scaling(top, math.prod(a.shape), a.dtype, xp):
-        return host_float(xp.linalg.vector_norm(a))
+        return host_float(vector_norm(xp, a))
     scaled, exponent = _unit_scaled(a, top)
-    return math.ldexp(host_float(xp.linalg.vector_norm(scaled)), exponent)
+    return math.ldexp(host_float(vector_norm(xp, scaled)), exponent)
 
 
 def relative_error(x: Any, x_hat: Any) -> float:
