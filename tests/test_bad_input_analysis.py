@@ -21,6 +21,13 @@ OTHER = RNG.standard_normal((4, 5, 6))
 SPECTRA = [np.array([3.0, 2.0, 1.0]), np.array([3.0, 2.0, 1.0, 0.0]), np.array([3.0, 2.0, 1.0])]
 
 
+def _unknown_chunks():
+    """A Dask array whose first mode has unknown size (``da.from_delayed`` with NaN)."""
+    dask = pytest.importorskip("dask")
+    delayed = dask.delayed(np.ones)((6, 5))
+    return dask.array.from_delayed(delayed, shape=(np.nan, 5), dtype=np.float64)
+
+
 CASES = [
     # energy_ranks
     pytest.param(
@@ -371,6 +378,30 @@ CASES = [
         TypeError,
         r"shape must be a sequence .*got int",
         id="tensor-kind-shape-int",
+    ),
+    pytest.param(
+        lambda: tl.mode_spectra(_unknown_chunks()),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="mode-spectra-dask-unknown-chunks",
+    ),
+    pytest.param(
+        lambda: tl.energy_ranks(_unknown_chunks()),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="energy-ranks-dask-unknown-chunks",
+    ),
+    pytest.param(
+        lambda: tl.ranks_for_budget(_unknown_chunks(), 20),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="ranks-for-budget-dask-unknown-chunks",
+    ),
+    pytest.param(
+        lambda: tucker_vs_matrix(_unknown_chunks(), 20),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="tucker-vs-matrix-dask-unknown-chunks",
     ),
 ]
 

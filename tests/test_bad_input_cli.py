@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -57,8 +58,49 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
     raw = (tmp_path / "base.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(raw[:-7])
     (tmp_path / "report.txt").write_text("the previous report\n")
+    _crafted_files(tmp_path, tuned)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _header_file(path: Path, header: bytes, data: bytes) -> None:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def _index(directory: Path, weight_map: object) -> None:
+    directory.mkdir()
+    text = weight_map if isinstance(weight_map, str) else json.dumps({"weight_map": weight_map})
+    (directory / "model.safetensors.index.json").write_text(text)
+
+
+def _peft_adapter(directory: Path, shapes: dict[str, tuple[int, ...]], config: str) -> None:
+    directory.mkdir()
+    tensors = {f"base_model.model.{k}": np.ones(v, np.float32) for k, v in shapes.items()}
+    save_file(tensors, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(config)
+
+
+def _crafted_files(root: Path, tuned: dict[str, np.ndarray]) -> None:
+    """Files crafted to escape, alias or overflow the readers (issue 22)."""
+    overlap = {
+        "a.weight": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
+        "b.weight": {"dtype": "F32", "shape": [2, 4], "data_offsets": [16, 48]},
+    }
+    _header_file(root / "overlap.safetensors", json.dumps(overlap).encode(), b"\0" * 48)
+    _header_file(root / "deep.safetensors", b"[" * 100_000, b"")
+    _index(root / "climbing", {"a.weight": "../tuned.safetensors"})
+    _index(root / "absolute", {"a.weight": str(root / "tuned.safetensors")})
+    _index(root / "deepindex", "[" * 100_000)
+    lora = '{"peft_type": "LORA", "r": 2, "lora_alpha": 2}'
+    _peft_adapter(root / "deep_config", {"fc.lora_A.weight": (2, 3)}, "[" * 100_000)
+    embedding = {"emb.lora_embedding_A": (2, 10, 1), "emb.lora_embedding_B": (4, 2)}
+    _peft_adapter(root / "embedding_3d", embedding, lora)
+    conv = {"conv.lora_A.weight": (2, 3, 3, 3), "conv.lora_B.weight": (4, 0, 1, 1)}
+    _peft_adapter(root / "conv_zero", conv, lora)
+    backref = '{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "rank_pattern": {"(a)\\\\1": 2}}'
+    _peft_adapter(
+        root / "backref", {"fc.lora_A.weight": (2, 3), "fc.lora_B.weight": (4, 2)}, backref
+    )
 
 
 def _snapshot(directory: Path) -> dict[str, str]:
@@ -204,6 +246,54 @@ CASES = [
         id="kernel-rank-zero",
     ),
     pytest.param([*BT, "--energy", "nan"], r"energy nan is outside \(0, 1\]", id="energy-nan"),
+    # files crafted to read outside their place, alias bytes or overflow the parser
+    pytest.param(
+        ["base.safetensors", "overlap.safetensors"],
+        r"overlap\.safetensors: tensor 'b\.weight' \(bytes 16-48\) overlaps the tensor before it",
+        id="offsets-overlap",
+    ),
+    pytest.param(
+        ["base.safetensors", "deep.safetensors"],
+        r"deep\.safetensors: not a safetensors file \(bad JSON header: maximum recursion",
+        id="header-nested-too-deeply",
+    ),
+    pytest.param(
+        ["base.safetensors", "climbing"],
+        r"climbing/model\.safetensors\.index\.json: shard '\.\./tuned\.safetensors' is not a "
+        r"file name inside climbing",
+        id="index-climbs-out",
+    ),
+    pytest.param(
+        ["base.safetensors", "absolute"],
+        r"absolute/model\.safetensors\.index\.json: shard '/.*tuned\.safetensors' is not a file",
+        id="index-names-an-absolute-path",
+    ),
+    pytest.param(
+        ["base.safetensors", "deepindex"],
+        r"deepindex/model\.safetensors\.index\.json: not a checkpoint index \(bad JSON: maximum",
+        id="index-nested-too-deeply",
+    ),
+    pytest.param(
+        ["--adapter", "deep_config"],
+        r"deep_config/adapter_config\.json: not valid JSON \(maximum recursion depth",
+        id="adapter-config-nested-too-deeply",
+    ),
+    pytest.param(
+        ["--adapter", "embedding_3d"],
+        r"embedding_3d: layer 'emb': lora_embedding_A \[2, 10, 1\] .*an Embedding pair must be",
+        id="adapter-embedding-3d",
+    ),
+    pytest.param(
+        ["--adapter", "conv_zero"],
+        r"conv_zero: layer 'conv': .*lora_B \[4, 0, 1, 1\]: every dimension must be >= 1",
+        id="adapter-conv-zero-rank",
+    ),
+    pytest.param(
+        ["--adapter", "backref"],
+        r"backref/adapter_config\.json: rank_pattern: pattern '\(a\)\\\\1' is not a regular "
+        r"expression RE2 can match",
+        id="adapter-pattern-re2-refuses",
+    ),
 ]
 
 

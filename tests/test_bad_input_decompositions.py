@@ -35,6 +35,25 @@ def _torch_tucker() -> tl.TuckerTensor:
     return tl.sthosvd(torch.asarray(_x()), 2)
 
 
+UNKNOWN_CHUNKS = (
+    r"Dask array of shape \(nan, 5\) has chunks of unknown size.*compute_chunk_sizes\(\)"
+)
+
+
+def _unknown_chunks() -> Any:
+    """A Dask array whose first mode has unknown size, as ``da.from_delayed`` with NaN makes."""
+    dask = pytest.importorskip("dask")
+    delayed = dask.delayed(np.ones)((6, 5))
+    return dask.array.from_delayed(delayed, shape=(np.nan, 5), dtype=np.float64)
+
+
+def _boolean_indexed() -> Any:
+    """``x[mask]`` of a Dask array: a 2-D result whose first mode has unknown size."""
+    da = pytest.importorskip("dask.array")
+    x = da.from_array(_x((6, 5)), chunks=3)
+    return x[x[:, 0] > 0]
+
+
 def _nan() -> np.ndarray:
     x = _x()
     x[1, 2, 3] = np.nan
@@ -153,6 +172,42 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         ValueError,
         r'method must be "gram" or "svd", got \'eig\'',
     ),
+    (
+        "hosvd-dask-unknown-chunks",
+        lambda: tl.hosvd(_unknown_chunks(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "sthosvd-dask-unknown-chunks",
+        lambda: tl.sthosvd(_unknown_chunks(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "hooi-dask-unknown-chunks",
+        lambda: tl.hooi(_unknown_chunks(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "rhosvd-dask-unknown-chunks",
+        lambda: tl.rhosvd(_unknown_chunks(), 1, seed=0),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "mode_spectra-dask-unknown-chunks",
+        lambda: tl.mode_spectra(_unknown_chunks()),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
+    (
+        "sthosvd-boolean-index-dask-unknown-chunks",
+        lambda: tl.sthosvd(_boolean_indexed(), 1),
+        ValueError,
+        UNKNOWN_CHUNKS,
+    ),
 ]
 
 
@@ -254,3 +309,29 @@ def test_every_finite_magnitude_has_spectra_and_ranks(kind, dtype, factor):
     assert tl.ranks_for_budget(x, 60) == tl.ranks_for_budget(base, 60)
     result, expected = tl.tucker_vs_matrix(x, 60), tl.tucker_vs_matrix(base, 60)
     assert result["tucker_error"] == pytest.approx(expected["tucker_error"], rel=1e-3)
+
+
+# Long contractions: float32 sums over millions of entries keep float32's
+# accuracy (issue 22: a mode of 10⁸ ones gave a core 0.6% off; 2·10⁶, 4e-4).
+
+LONG = 2 * 10**6
+RANK_ONE: dict[str, Callable[..., Any]] = {
+    "hosvd": lambda x: tl.hosvd(x, 1),
+    "sthosvd": lambda x: tl.sthosvd(x, 1),
+    "hooi": lambda x: tl.hooi(x, 1, max_iter=2),
+    "rhosvd": lambda x: tl.rhosvd(x, 1, seed=0),
+    "mode_spectra": tl.mode_spectra,
+}
+
+
+@pytest.mark.parametrize("name", list(RANK_ONE))
+def test_a_long_mode_keeps_float32_accuracy(backend, name):
+    x = backend.asarray(np.ones((1, LONG), np.float32))
+    result = RANK_ONE[name](x)
+    exact = np.sqrt(LONG)
+    if name == "mode_spectra":
+        for s in result:
+            assert float(backend.to_numpy(s)[0]) == pytest.approx(exact, rel=1e-6)
+        return
+    assert float(backend.to_numpy(result.core).ravel()[0]) == pytest.approx(exact, rel=1e-6)
+    assert tl.relative_error(x, result) < 1e-6

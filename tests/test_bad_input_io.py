@@ -572,3 +572,128 @@ def test_files_lists_every_file_a_checkpoint_reads(tmp_path: Path) -> None:
         assert ckpt.files == (index, root / "a.safetensors", root / "b.safetensors")
     with open_checkpoint(root / "a.safetensors") as ckpt:
         assert ckpt.files == (root / "a.safetensors",)
+
+
+def _peft(tensors: dict[str, tuple[int, ...]], config: object = None) -> Callable[[Path], Path]:
+    """A PEFT adapter directory: ``tensors`` (short name: shape) and a LoRA config."""
+
+    def build(directory: Path) -> Path:
+        root = directory / "peft"
+        root.mkdir()
+        save_file(
+            {f"base_model.model.{k}": np.ones(s, np.float32) for k, s in tensors.items()},
+            root / "adapter_model.safetensors",
+        )
+        document = {"peft_type": "LORA", "r": 2, "lora_alpha": 2} if config is None else config
+        text = document if isinstance(document, str) else json.dumps(document)
+        (root / "adapter_config.json").write_text(text)
+        return root
+
+    return build
+
+
+def _flora_deep_config(directory: Path) -> Path:
+    root = _peft({"fc.lora_A.weight": (2, 3), "fc.lora_B.weight": (4, 2)})(directory)
+    (root / "adapter_config.json").write_text('{"format": "flora", "layers": ' + "[" * 100_000)
+    return root
+
+
+#: PEFT and flora adapter directories whose tensors fit no layer kind, or whose
+#: config cannot be parsed: one AdapterError (a ValueError) naming the file and layer.
+ADAPTERS = [
+    pytest.param(
+        _peft({"emb.lora_embedding_A": (2, 10), "emb.lora_embedding_B": (4, 3)}),
+        r"peft: layer 'emb': lora_embedding_A \[2, 10\] and lora_embedding_B \[4, 3\]: an "
+        r"Embedding pair must be \(r, num\) and \(dim, r\)",
+        id="embedding-ranks-differ",
+    ),
+    pytest.param(
+        _peft({"emb.lora_embedding_A": (2, 10, 1), "emb.lora_embedding_B": (4, 2)}),
+        r"peft: layer 'emb': lora_embedding_A \[2, 10, 1\] .*an Embedding pair must be",
+        id="embedding-a-3d",
+    ),
+    pytest.param(
+        _peft({"emb.lora_embedding_A": (2,), "emb.lora_embedding_B": (4, 2)}),
+        r"peft: layer 'emb': lora_embedding_A \[2\] .*an Embedding pair must be",
+        id="embedding-a-1d",
+    ),
+    pytest.param(
+        _peft({"conv.lora_A.weight": (2, 3, 3, 3), "conv.lora_B.weight": (4, 0, 1, 1)}),
+        r"peft: layer 'conv': lora_A \[2, 3, 3, 3\] and lora_B \[4, 0, 1, 1\]: every dimension "
+        r"must be >= 1",
+        id="conv-b-zero-rank",
+    ),
+    pytest.param(
+        _peft({"fc.lora_A.weight": (2, 0), "fc.lora_B.weight": (4, 2)}),
+        r"peft: layer 'fc': lora_A \[2, 0\] .*every dimension must be >= 1",
+        id="linear-a-zero-inputs",
+    ),
+    pytest.param(
+        _peft({"fc.lora_A.weight": (2,), "fc.lora_B.weight": (4, 2)}),
+        r"peft: layer 'fc': lora_A \[2\] and lora_B \[4, 2\]: a Linear pair must be 2-D",
+        id="linear-a-1d",
+    ),
+    pytest.param(
+        _peft({"conv.lora_A.weight": (2, 3, 3, 3), "conv.lora_B.weight": (4, 2)}),
+        r"peft: layer 'conv': lora_A \[2, 3, 3, 3\] and lora_B \[4, 2\]: a Linear pair must be",
+        id="conv-b-2d",
+    ),
+    pytest.param(
+        _peft({"big.lora_A.weight": (2, 1, 1, 1, 1, 1), "big.lora_B.weight": (4, 2, 1, 1, 1, 1)}),
+        r"peft: layer 'big': lora_A \[2, 1, 1, 1, 1, 1\] .*a Linear pair must be 2-D",
+        id="a-6d",
+    ),
+    pytest.param(
+        _peft({"conv.lora_A.weight": (2, 3, 3), "conv.lora_B.weight": (4, 3, 1)}),
+        r"peft: layer 'conv': lora_B \[4, 3, 1\] does not fit lora_A \[2, 3, 3\]",
+        id="conv-b-wider-than-rank",
+    ),
+    pytest.param(
+        _peft({"fc.lora_A.weight": (2, 3), "fc.lora_B.weight": (4, 2)}, "[" * 100_000),
+        r"peft.adapter_config\.json: not valid JSON \(maximum recursion depth",
+        id="peft-config-nested-too-deeply",
+    ),
+    pytest.param(
+        _flora_deep_config,
+        r"peft.adapter_config\.json: not valid JSON",
+        id="flora-config-nested-too-deeply",
+    ),
+    pytest.param(
+        _peft(
+            {"fc.lora_A.weight": (2, 3), "fc.lora_B.weight": (4, 2)},
+            {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "alpha_pattern": {"(?=fc)fc": 1}},
+        ),
+        r"alpha_pattern: pattern '\(\?=fc\)fc' is not a regular expression RE2 can match",
+        id="alpha-pattern-lookahead",
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "match"), ADAPTERS)
+def test_bad_adapter_is_one_adapter_error_naming_the_file(tmp_path: Path, build, match) -> None:
+    from tuckerlib.io import AdapterError, open_adapter
+
+    def read_everything(directory: Path) -> None:
+        with open_adapter(directory) as adapter:
+            for name in adapter:
+                adapter[name].to_tensor()
+
+    with pytest.raises(AdapterError, match=match) as info:
+        read_everything(build(tmp_path))
+    assert isinstance(info.value, ValueError)
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("table", ["rank_pattern", "alpha_pattern"])
+def test_a_catastrophic_pattern_from_a_file_returns_within_a_second(tmp_path, table) -> None:
+    import time
+
+    from tuckerlib.io import open_adapter
+
+    name = "a" * 34 + "!"
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, table: {"(a+)+": 2}}
+    directory = _peft({f"{name}.lora_A.weight": (2, 3), f"{name}.lora_B.weight": (4, 2)}, config)
+    start = time.perf_counter()
+    with open_adapter(directory(tmp_path)) as adapter:
+        assert adapter[name].scale == 1.0
+    assert time.perf_counter() - start < 1.0

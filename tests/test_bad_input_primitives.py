@@ -24,6 +24,21 @@ def _fold(shape, mode=1, rows=5, cols=24):
     return lambda: tl.fold(np.ones((rows, cols)), mode, shape)
 
 
+def _boolean_indexed():
+    """``x[mask]`` of a Dask array: a 2-D result whose first mode has unknown size."""
+    da = pytest.importorskip("dask.array")
+    x = da.from_array(np.arange(1.0, 13.0).reshape(4, 3), chunks=2)
+    return x[x[:, 0] > 3]
+
+
+def _jnp():
+    return pytest.importorskip("jax.numpy")
+
+
+def _jit(f):
+    return pytest.importorskip("jax").jit(f)
+
+
 CASES = [
     # fold: the shape is validated, never truncated, split or wrapped.
     pytest.param(
@@ -391,6 +406,31 @@ CASES = [
         r"x must be a numeric array .*got str",
         id="relative-error-string",
     ),
+    pytest.param(
+        lambda: tl.unfold(_boolean_indexed(), 0),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="unfold-dask-unknown-chunks",
+    ),
+    pytest.param(
+        lambda: tl.relative_error(_boolean_indexed(), _boolean_indexed()),
+        ValueError,
+        r"chunks of unknown size \(NaN\).*call its compute_chunk_sizes\(\) method",
+        id="relative-error-dask-unknown-chunks",
+    ),
+    pytest.param(
+        lambda: _jit(tl.relative_error)(_jnp().ones(3), _jnp().zeros(3)),
+        TypeError,
+        r"relative_error \(a Python float\) needs the values of the tensor, which jax\.jit "
+        r"does not have.*call it outside jax\.jit",
+        id="relative-error-under-jit",
+    ),
+    pytest.param(
+        lambda: _jit(lambda x: tl.relative_error(x, tl.sthosvd(x, 1)))(_jnp().ones((3, 2))),
+        TypeError,
+        r"needs the values of the tensor, which jax\.jit does not have",
+        id="relative-error-of-traced-tucker",
+    ),
 ]
 
 
@@ -466,11 +506,26 @@ def test_mixed_dtypes_that_do_not_promote_are_named() -> None:
         tl.mode_product(x, m, 0)
 
 
+LONG = 2 * 10**6
+
+
+def _long_unit_vector() -> np.ndarray:
+    return np.full(LONG, 1 / np.sqrt(LONG), np.float32)
+
+
 def _matrices(shape):
     return [np.arange(2.0 * n).reshape(2, n) + 1 for n in shape]
 
 
 RESULTS = [
+    # A contraction over 2·10⁶ float32 entries keeps float32's accuracy (issue 22).
+    pytest.param(
+        lambda b: tl.mode_product(
+            b.asarray(np.ones((1, LONG), np.float32)), b.asarray(_long_unit_vector()), 1
+        ),
+        lambda b: b.asarray(np.array([np.float32(_long_unit_vector().astype(np.float64).sum())])),
+        id="mode-product-over-a-long-mode",
+    ),
     # A one-shot iterable is read once, not used up finding the array library.
     pytest.param(
         lambda b: tl.multi_mode_product(b.asarray(X), (b.asarray(m) for m in _matrices(X.shape))),

@@ -28,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "compute",
+    "host_bool",
     "host_float",
     "is_dask",
     "is_traced",
@@ -126,6 +127,13 @@ def host_float(a: Any, purpose: str = "a Python float") -> float:
     if array_api_compat.is_torch_array(a):
         a = a.detach()
     return float(a)
+
+
+def host_bool(a: Any, purpose: str = "a Python bool") -> bool:
+    """A 0-D boolean array as a Python bool: computed if lazy, a clear TypeError if traced."""
+    require_values(a, purpose)
+    (a,) = compute(a)
+    return bool(a)
 
 
 def to_host(a: Any, purpose: str = "a host copy") -> np.ndarray:

@@ -6,7 +6,8 @@ import math
 from types import ModuleType
 from typing import Any
 
-from tuckerlib._host import host_float
+from tuckerlib._accumulate import vector_norm
+from tuckerlib._host import host_float, require_values
 from tuckerlib._namespace import get_namespace
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import as_floating, as_numeric_array, check_finite
@@ -79,9 +80,9 @@ def frobenius_norm(a: Any, xp: ModuleType) -> float:
     if top == 0.0 or not math.isfinite(top):
         return top
     if not _needs_scaling(top, math.prod(a.shape), a.dtype, xp):
-        return host_float(xp.linalg.vector_norm(a))
+        return host_float(vector_norm(xp, a))
     scaled, exponent = _unit_scaled(a, top)
-    return math.ldexp(host_float(xp.linalg.vector_norm(scaled)), exponent)
+    return math.ldexp(host_float(vector_norm(xp, scaled)), exponent)
 
 
 def relative_error(x: Any, x_hat: Any) -> float:
@@ -109,7 +110,9 @@ def relative_error(x: Any, x_hat: Any) -> float:
         If the shapes differ or either input holds NaN or infinity.
     TypeError
         If the inputs come from different array libraries or are not
-        numeric arrays.
+        numeric arrays, or are traced by ``jax.jit`` (the result is a Python
+        float, which a traced function cannot return: call it outside
+        ``jax.jit``).
 
     Notes
     -----
@@ -131,6 +134,8 @@ def relative_error(x: Any, x_hat: Any) -> float:
     if isinstance(x_hat, TuckerTensor):
         x_hat = x_hat.to_tensor()
     xp = get_namespace(x, x_hat)
+    for a in (x, x_hat):
+        require_values(a, "relative_error (a Python float)")
     x = as_numeric_array(x, xp, "x", allow_bool=True)
     x_hat = as_numeric_array(x_hat, xp, "x_hat", allow_bool=True)
     if tuple(x.shape) != tuple(x_hat.shape):

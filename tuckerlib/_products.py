@@ -10,6 +10,7 @@ from typing import Any
 
 import array_api_compat
 
+from tuckerlib._accumulate import matmul, tensordot
 from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import get_namespace, is_numpy, is_torch
 from tuckerlib._validation import as_list, as_numeric_array, check_bool, check_mode, check_ndim
@@ -67,7 +68,7 @@ def _last_mode(xp: ModuleType, x2: Any, op: Any) -> Any:
         # ``.T`` is a free view, and the caller's reshape only splits its
         # leading axis: no copy.
         return (op @ x2.T).T
-    return x2 @ op.T
+    return matmul(xp, x2, op.T)
 
 
 def _apply(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
@@ -79,7 +80,7 @@ def _apply(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
     """
     if array_api_compat.is_dask_array(x):
         # A blocked contraction: reshaping a chunked tensor would rechunk it.
-        return xp.moveaxis(xp.tensordot(op, x, axes=((1,), (mode,))), 0, mode)
+        return xp.moveaxis(tensordot(xp, op, x, ((1,), (mode,))), 0, mode)
     order = memory_order(x)
     if order == tuple(range(x.ndim)):
         return _apply_c_order(xp, x, op, mode)
@@ -96,9 +97,9 @@ def _apply_c_order(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
     if after == 1:
         y = _last_mode(xp, xp.reshape(x, (before, shape[mode])), op)
     elif before == 1:
-        y = op @ xp.reshape(x, (shape[mode], after))
+        y = matmul(xp, op, xp.reshape(x, (shape[mode], after)))
     else:
-        y = xp.matmul(op, xp.reshape(x, (before, shape[mode], after)))
+        y = matmul(xp, op, xp.reshape(x, (before, shape[mode], after)))
     return xp.reshape(y, out_shape)
 
 

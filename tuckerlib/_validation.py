@@ -14,6 +14,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from tuckerlib._host import host_bool
 from tuckerlib._namespace import as_array
 
 __all__ = [
@@ -148,8 +149,8 @@ def check_ndim(x: Any, allowed: tuple[int, ...] | int, name: str) -> None:
 
 
 def check_finite(x: Any, name: str, xp: ModuleType) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinity."""
-    if xp.isdtype(x.dtype, ("real floating", "complex floating")) and not bool(
-        xp.all(xp.isfinite(x))
+    """Raise ``ValueError`` if ``x`` holds NaN or infinity (``TypeError`` under ``jax.jit``)."""
+    if xp.isdtype(x.dtype, ("real floating", "complex floating")) and not host_bool(
+        xp.all(xp.isfinite(x)), f"checking {name} for NaN or infinity"
     ):
         raise ValueError(f"{name} contains NaN or infinity")

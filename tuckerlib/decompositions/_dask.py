@@ -38,6 +38,8 @@ import array_api_compat
 import dask.array as da
 import numpy as np
 
+from tuckerlib._accumulate import gram, matmul
+from tuckerlib._accumulate import tensordot as _tensordot
 from tuckerlib._host import compute, persist
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._factors import (
@@ -96,7 +98,7 @@ def mode_gram(x: da.Array, mode: int) -> da.Array:
     matrix, of shape ``(*others, *others)`` (``tensordot`` over mode ``n``).
     """
     if is_tall(x.shape, mode):
-        return da.tensordot(x, x, axes=((mode,), (mode,)))
+        return accurate_tensordot(x, x, axes=((mode,), (mode,)))
     return row_gram(x, mode)
 
 
@@ -134,8 +136,8 @@ def _block_gram(a: Any, b: Any, mode: int, same: bool) -> Any:
     a = xp.reshape(xp.moveaxis(a, mode, 0), (a.shape[mode], -1))
     if same:
         # ``a @ a.T`` on one buffer is what NumPy runs as a symmetric rank-k update.
-        return a @ a.T
-    return a @ xp.reshape(xp.moveaxis(b, mode, 0), (b.shape[mode], -1)).T
+        return gram(xp, a)
+    return matmul(xp, a, xp.reshape(xp.moveaxis(b, mode, 0), (b.shape[mode], -1)).T)
 
 
 def _tree_sum(delayed: Any, terms: list[Any]) -> Any:
@@ -209,15 +211,20 @@ def measure(
     return measured, list(values[: len(lazy)])
 
 
+def accurate_tensordot(x: Any, y: Any, axes: tuple[Sequence[int], Sequence[int]]) -> da.Array:
+    """``da.tensordot``, each chunk pair's product accurate however long (see ``_accumulate``)."""
+    return _tensordot(np, x, y, (tuple(axes[0]), tuple(axes[1])))
+
+
 def project(x: da.Array, factor: Any, mode: int) -> da.Array:
     """Lazy ``x ×_mode factorᵀ`` for a small (client) factor: one blocked contraction."""
-    return da.moveaxis(da.tensordot(x, factor, axes=((mode,), (0,))), -1, mode)
+    return da.moveaxis(accurate_tensordot(x, factor, axes=((mode,), (0,))), -1, mode)
 
 
 def _times_columns(x: da.Array, mode: int, z: Any) -> da.Array:
     """Lazy ``A Z`` for a column-space array ``z`` of shape ``(*others, k)``."""
     others = _others(x.ndim, mode)
-    return da.tensordot(x, z, axes=(others, tuple(range(len(others)))))
+    return accurate_tensordot(x, z, axes=(others, tuple(range(len(others)))))
 
 
 def _settle(core: da.Array) -> Any:
@@ -288,31 +295,31 @@ def _sketch_step(
     rows, cols = x.shape[mode], _columns(x.shape, mode)
     q = orthonormal(xp, y)
     if sketch.power_iter == 0:
-        b = persist(da.tensordot(x, q, axes=((mode,), (0,))))
+        b = persist(accurate_tensordot(x, q, axes=((mode,), (0,))))
         others = tuple(range(x.ndim - 1))
         if q.shape[1] <= cols:
-            (gram,) = compute(da.tensordot(b, b, axes=(others, others)))
+            (gram,) = compute(accurate_tensordot(b, b, axes=(others, others)))
             _, v = xp.linalg.eigh(gram)
             ub = xp.flip(v, axis=1)
         else:
             (small,) = compute(b)
             ub = xp.linalg.svd(xp.reshape(small, (cols, -1)).T)[0]
         u = sign_fix(xp, q @ ub[:, :rank])
-        projected = da.tensordot(b, (q.T @ u), axes=((x.ndim - 1,), (0,)))
+        projected = accurate_tensordot(b, (q.T @ u), axes=((x.ndim - 1,), (0,)))
         return FactorStep(u, None, da.moveaxis(projected, -1, mode))
     for _ in range(sketch.power_iter - 1):
         # Kept, not left lazy: computing A (Aᵀ Q) in one graph would hold
         # every chunk of x in memory until Aᵀ Q is complete.
-        z = persist(da.tensordot(x, q, axes=((mode,), (0,))))
+        z = persist(accurate_tensordot(x, q, axes=((mode,), (0,))))
         if cols <= rows:
             (value,) = compute(z)
             z = xp.reshape(orthonormal(xp, xp.reshape(value, (cols, -1))), value.shape)
         (product,) = compute(_times_columns(x, mode, z))
         q = orthonormal(xp, product)
-    z = persist(da.tensordot(x, q, axes=((mode,), (0,))))
+    z = persist(accurate_tensordot(x, q, axes=((mode,), (0,))))
     (y,) = compute(_times_columns(x, mode, z))
     u, coefficients = nystrom_coefficients(xp, q, y, rank)
-    projected = da.tensordot(z, coefficients, axes=((x.ndim - 1,), (1,)))
+    projected = accurate_tensordot(z, coefficients, axes=((x.ndim - 1,), (1,)))
     return FactorStep(u, None, da.moveaxis(projected, -1, mode))
 
 
@@ -499,10 +506,10 @@ def spectra(prepared: Prepared, vectors: bool) -> tuple[Prepared, list[tuple[Any
     shape = prepared.x.shape
     prepared, grams = mode_grams(prepared, range(len(shape)))
     out = []
-    for n, gram in enumerate(grams):
+    for n, matrix in enumerate(grams):
         if vectors and not is_tall(shape, n):
-            w, v = xp.linalg.eigh(gram)
+            w, v = xp.linalg.eigh(matrix)
             out.append((descending_sqrt(xp, w), xp.flip(v, axis=1)))
             continue
-        out.append((pad(xp, descending_sqrt(xp, xp.linalg.eigvalsh(gram)), shape[n]), None))
+        out.append((pad(xp, descending_sqrt(xp, xp.linalg.eigvalsh(matrix)), shape[n]), None))
     return prepared, out

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tuckerlib._accumulate import gram, matmul
 from tuckerlib._host import require_values, to_host
 from tuckerlib._layout import inverse, memory_order
 from tuckerlib._namespace import is_numpy
@@ -206,10 +207,10 @@ def mode_factor(
         # A sketch as wide as the matrix saves nothing: decompose it exactly.
         concrete = choose_method("auto", rows, cols, eps, None)
     if concrete == "gram" and rows > cols and (cut.rank is None or cut.rank <= cols):
-        v, spectrum = eigen_factor(xp, a.T @ a, cut, rows)
-        return FactorStep(sign_fix(xp, orthonormal(xp, a @ v)), spectrum)
+        v, spectrum = eigen_factor(xp, gram(xp, a.T), cut, rows)
+        return FactorStep(sign_fix(xp, orthonormal(xp, matmul(xp, a, v))), spectrum)
     if concrete == "gram" and rows <= cols:
-        u, spectrum = eigen_factor(xp, a @ a.T, cut, rows)
+        u, spectrum = eigen_factor(xp, gram(xp, a), cut, rows)
         return FactorStep(sign_fix(xp, u), spectrum)
     u, s = left_singular(xp, a, "svd", cut.rank)
     return FactorStep(sign_fix(xp, u[:, : cut.rank_of(s, rows)]), s)

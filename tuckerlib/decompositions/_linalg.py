@@ -7,6 +7,8 @@ from typing import Any
 
 import array_api_compat
 
+from tuckerlib._accumulate import gram
+
 __all__ = ["left_singular", "orthonormal", "sign_fix"]
 
 
@@ -46,7 +48,7 @@ def left_singular(xp: ModuleType, a: Any, method: str, rank: int | None = None) 
     """
     rows, cols = a.shape
     if method == "gram":
-        w, v = xp.linalg.eigh(a @ a.T)
+        w, v = xp.linalg.eigh(gram(xp, a))
         # eigh sorts ascending; rounding can leave tiny negative eigenvalues.
         s = xp.sqrt(xp.clip(xp.flip(w), min=0.0))
         return xp.flip(v, axis=1), s

@@ -19,6 +19,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from tuckerlib._accumulate import squared_norm
 from tuckerlib._host import host_float, is_dask, is_traced
 from tuckerlib._layout import memory_order
 from tuckerlib._namespace import as_array, get_namespace
@@ -133,7 +134,7 @@ def _squared_norm(xp: ModuleType, x: Any) -> float:
     flat = xp.reshape(xp.permute_dims(x, memory_order(x)), (-1,))
     # Overflow is expected for extreme inputs: it is what decides the scale.
     with np.errstate(over="ignore", invalid="ignore"):
-        return host_float(flat @ flat)
+        return host_float(squared_norm(xp, flat))
 
 
 def _largest(xp: ModuleType, x: Any, name: str) -> float:

@@ -30,6 +30,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from tuckerlib._accumulate import matmul
 from tuckerlib.decompositions._linalg import left_singular, orthonormal, sign_fix
 
 __all__ = [
@@ -104,24 +105,24 @@ def randomized_factor(
     rows, cols = a.shape
     width = min(rank + sketch.oversample, rows, cols)
     omega = gaussian_khatri_rao(xp, sketch.rng, columns, width, a)
-    q = orthonormal(xp, a @ omega)
+    q = orthonormal(xp, matmul(xp, a, omega))
     if sketch.power_iter == 0:
         return _projected_factor(xp, a, q, rank)
     for _ in range(sketch.power_iter - 1):
-        z = (q.T @ a).T
+        z = matmul(xp, q.T, a).T
         # Orthonormalizing the long side (cols x k) costs as much as a pass
         # over ``a``; skipping it loses only directions below sqrt(eps)·σ_1,
         # the floor the Gram route has anyway. The short side is always
         # orthonormalized, so no power of the spectrum beyond σ² builds up.
         if cols <= rows:
             z = orthonormal(xp, z)
-        q = orthonormal(xp, a @ z)
+        q = orthonormal(xp, matmul(xp, a, z))
     return _nystrom_factor(xp, a, q, rank)
 
 
 def _projected_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any]:
     """The factor within ``range(q)`` from ``B = qᵀ a``, and ``uᵀ a`` from ``B``."""
-    b = q.T @ a
+    b = matmul(xp, q.T, a)
     ub, _ = left_singular(xp, b, "gram" if q.shape[1] <= a.shape[1] else "svd")
     u = sign_fix(xp, q @ ub[:, :rank])
     return u, (q.T @ u).T @ b
@@ -129,8 +130,8 @@ def _projected_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, A
 
 def _nystrom_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any]:
     """The factor and projection of ``a P_Z`` for the row sketch ``Z = aᵀ q``."""
-    zt = q.T @ a
-    u, coefficients = nystrom_coefficients(xp, q, a @ zt.T, rank)
+    zt = matmul(xp, q.T, a)
+    u, coefficients = nystrom_coefficients(xp, q, matmul(xp, a, zt.T), rank)
     return u, coefficients @ zt
 
 
@@ -148,7 +149,7 @@ def nystrom_coefficients(xp: ModuleType, q: Any, y: Any, rank: int) -> tuple[Any
     inverted, the floor every Gram route has.
     """
     # ZᵀZ = qᵀ a aᵀ q = qᵀ (a Z): no product with the long Z needed.
-    gram = q.T @ y
+    gram = matmul(xp, q.T, y)
     gram = (gram + gram.T) / 2
     w, v = xp.linalg.eigh(gram)
     eps = float(xp.finfo(y.dtype).eps)

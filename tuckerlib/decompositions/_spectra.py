@@ -14,6 +14,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from tuckerlib._accumulate import gram as gram_of
 from tuckerlib._layout import memory_order
 from tuckerlib._namespace import is_numpy
 from tuckerlib.decompositions._factors import descending_sqrt, fibre_matrix
@@ -64,7 +65,7 @@ def _blocked_fibre_gram(x: np.ndarray, mode: int) -> np.ndarray:
     for start in range(0, stacked.shape[0], step):
         block = np.ascontiguousarray(np.moveaxis(stacked[start : start + step], 1, 0))
         block = block.reshape(rows, -1)
-        gram += block @ block.T
+        gram += gram_of(np, block)
     return gram
 
 
@@ -72,7 +73,7 @@ def matrix_spectrum(xp: ModuleType, x: Any, method: str) -> Any:
     """The singular values of a matrix (both unfoldings share them), unpadded."""
     if method == "svd":
         return xp.linalg.svdvals(x)
-    small = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    small = gram_of(xp, x) if x.shape[0] <= x.shape[1] else gram_of(xp, x.T)
     return descending_sqrt(xp, gram_eigvalsh(xp, small))
 
 
@@ -105,9 +106,9 @@ def unfolding_spectrum(
     if method == "svd":
         return pad(xp, xp.linalg.svdvals(a), rows), None
     if rows <= cols:
-        gram = a @ a.T
+        gram = gram_of(xp, a)
         if vectors:
             w, v = xp.linalg.eigh(gram)
             return descending_sqrt(xp, w), xp.flip(v, axis=1)
         return descending_sqrt(xp, gram_eigvalsh(xp, gram)), None
-    return pad(xp, descending_sqrt(xp, gram_eigvalsh(xp, a.T @ a)), rows), None
+    return pad(xp, descending_sqrt(xp, gram_eigvalsh(xp, gram_of(xp, a.T))), rows), None

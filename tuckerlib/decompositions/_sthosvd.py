@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
+from tuckerlib._accumulate import matmul
 from tuckerlib._layout import memory_order
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
@@ -79,7 +80,7 @@ def sthosvd_steps(
         else:
             columns = fibre_columns(core.shape, n, layout)
             step = mode_factor(xp, a, method, cuts[n], sketch=sketch, columns=columns)
-        projected = step.factor.T @ a if step.projected is None else step.projected
+        projected = matmul(xp, step.factor.T, a) if step.projected is None else step.projected
         factors[n] = step.factor
         steps.append(replace(step, projected=None))
         shape = (*core.shape[:n], step.rank, *core.shape[n + 1 :])

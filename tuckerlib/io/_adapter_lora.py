@@ -467,10 +467,31 @@ def _plan_conv(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) 
     return pair.name, _conv(pair, options.scaling(pair.name), groups, options.dropout)
 
 
+def _check_shapes(path: Path, pair: _Pair) -> None:
+    """Refuse a pair whose dimensions fit no layer kind, before any arithmetic on them.
+
+    Every dimension is a rank or a size, so it is at least 1; an Embedding
+    pair is ``(r, num)`` and ``(dim, r)``; any other ``lora_A`` is 2-D to
+    5-D (Linear, Conv1d-3d) and ``lora_B`` has the same number of dims.
+    """
+    a, b = pair.a_shape, pair.b_shape
+    names = ("lora_embedding_A", "lora_embedding_B") if pair.embedding else ("lora_A", "lora_B")
+    where = f"{path}: layer {pair.name!r}: {names[0]} {list(a)} and {names[1]} {list(b)}"
+    if 0 in a or 0 in b:
+        raise AdapterError(f"{where}: every dimension must be >= 1 (a rank or a size)")
+    if pair.embedding and not (len(a) == len(b) == 2 and b[1] == a[0]):
+        raise AdapterError(f"{where}: an Embedding pair must be (r, num) and (dim, r)")
+    if not pair.embedding and not 2 <= len(a) == len(b) <= 5:
+        raise AdapterError(
+            f"{where}: a Linear pair must be 2-D and a ConvNd pair (N = 1, 2, 3) (N+2)-D each"
+        )
+
+
 def _plan_pair(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) -> _Plan:
     """``(name, reader)`` for a layer with a Tucker form, ``(name, reason)`` otherwise."""
     if "base_layer" in pair.name.split("."):
         return pair.name, _NESTED
+    _check_shapes(path, pair)
     if pair.embedding:
         if options.lora_bias:
             return pair.name, _bias_refused("an Embedding")
