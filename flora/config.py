@@ -459,7 +459,7 @@ class FLoRAConfig:
         >>> import tempfile
         >>> import torch
         >>> import flora
-        >>> config = flora.FLoRAConfig(ranks=2, scale=0.5)
+        >>> config = flora.FLoRAConfig(ranks=2, scale=0.5, target_modules=["0"])
         >>> model = flora.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), config)
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     _ = flora.save_adapter(model, tmp)
