@@ -11,15 +11,18 @@ inference (``torch.no_grad()``, eval mode). Cases: the default targets
 (``query``, ``value``) and ``"all-linear"``, equal groups, unequal groups,
 and a batch with ``"__base__"`` samples.
 
-Timing: ``torch.set_num_threads(2)``; warm-up runs first, then the two
-variants of a case alternate (each repeat runs both, in alternating order,
-so drifting machine load hits both alike); the table shows medians over the
-repeats and the median of the per-repeat ratios. The machine's load average
-is printed with the table: on a shared machine, read the ratio column.
+Timing: one thread (``torch.set_num_threads(1)``), measured as the
+process's CPU time (``time.process_time``), which other processes on a
+shared machine do not inflate as they do wall-clock time (``--wall`` times
+wall-clock instead); warm-up runs first, then the two variants of a case
+alternate (each repeat runs both, in alternating order, so drifting machine
+load hits both alike); the table shows medians over the repeats and the
+median of the per-repeat ratios. The machine's load average is printed with
+the table.
 
 Usage::
 
-    python benchmarks/bench_routing.py            # about two minutes
+    python benchmarks/bench_routing.py            # about five minutes
     python benchmarks/bench_routing.py --quick    # shorter sequences, fewer repeats
 """
 
@@ -63,13 +66,19 @@ def _names(sizes: dict[str, int]) -> list[str]:
     return names
 
 
-def _seconds(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _seconds(run: Callable[[], object], clock: Callable[[], float]) -> float:
+    start = clock()
     run()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def _case(model: torch.nn.Module, sizes: dict[str, int], length: int, repeats: int) -> dict:
+def _case(
+    model: torch.nn.Module,
+    sizes: dict[str, int],
+    length: int,
+    repeats: int,
+    clock: Callable[[], float],
+) -> dict:
     names = _names(sizes)
     ids = torch.randint(1, 30000, (len(names), length), generator=torch.Generator().manual_seed(2))
     rows = {name: [i for i, n in enumerate(names) if n == name] for name in sizes}
@@ -93,7 +102,7 @@ def _case(model: torch.nn.Module, sizes: dict[str, int], length: int, repeats: i
         for repeat in range(repeats):
             order = ("mixed", "groups") if repeat % 2 == 0 else ("groups", "mixed")
             for variant in order:
-                times[variant].append(_seconds(mixed if variant == "mixed" else groups))
+                times[variant].append(_seconds(mixed if variant == "mixed" else groups, clock))
     ratios = [m / g for m, g in zip(times["mixed"], times["groups"], strict=True)]
     return {
         "mixed": statistics.median(times["mixed"]),
@@ -105,8 +114,10 @@ def _case(model: torch.nn.Module, sizes: dict[str, int], length: int, repeats: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="length 32, 5 repeats")
+    parser.add_argument("--wall", action="store_true", help="wall-clock instead of CPU time")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
+    clock = time.perf_counter if args.wall else time.process_time
     length, repeats = (32, 5) if args.quick else (128, 15)
     cases = [
         ("query, value", None, {n: 8 for n in ADAPTERS}),
@@ -115,8 +126,9 @@ def main() -> None:
         ("all-linear", "all-linear", {"a": 8, "b": 8, "c": 8, "__base__": 8}),
     ]
     print(
-        f"bench_routing: MiniLM (6x384), batch 32 x {length} tokens, 2 threads, "
-        f"{repeats} interleaved repeats; {load_text()} at start"
+        f"bench_routing: MiniLM (6x384), batch 32 x {length} tokens, 1 thread, "
+        f"{'wall-clock' if args.wall else 'CPU'} ms, {repeats} interleaved repeats; "
+        f"{load_text()} at start"
     )
     header = f"{'targets':<14} {'groups':<26} {'mixed ms':>9} {'sum ms':>9} {'ratio':>7}"
     print(header)
@@ -125,7 +137,7 @@ def main() -> None:
     worst = 0.0
     for label, targets, sizes in cases:
         model = models.setdefault(targets, _model(targets))
-        result = _case(model, sizes, length, repeats)
+        result = _case(model, sizes, length, repeats, clock)
         worst = max(worst, result["ratio"])
         groups = " ".join(f"{n}:{s}" for n, s in sizes.items())
         print(
