@@ -3,7 +3,10 @@
 A model with four named FLoRA adapters runs one batch in which each sample
 names its adapter (``model(ids, adapter_names=names)``); the reference is
 what a user without routing does: for each adapter, ``set_adapter`` and a
-forward of that adapter's samples. The goal (issue 20) is a mixed batch
+forward of that adapter's samples. A third variant, ``plain``, runs the whole
+batch with one adapter and no routing: ``plain/sum`` is what batching alone
+changes (attention, GELU and layer norms on one large batch instead of
+several small ones), apart from routing. The goal (issue 20) is a mixed batch
 costing at most the sum of those group forwards plus 10%.
 
 Model: all-MiniLM-L6-v2's architecture (``_minilm.py``; random weights),
@@ -86,6 +89,10 @@ def _case(
     def mixed() -> None:
         model(input_ids=ids, adapter_names=names)
 
+    def plain() -> None:
+        flora.set_adapter(model, "a")
+        model(input_ids=ids)
+
     def groups() -> None:
         for name, index in rows.items():
             if name == "__base__":
@@ -96,18 +103,21 @@ def _case(
                 model(input_ids=ids[index])
 
     with torch.no_grad():
+        variants = {"mixed": mixed, "groups": groups, "plain": plain}
         for _ in range(2):
-            mixed(), groups()
-        times: dict[str, list[float]] = {"mixed": [], "groups": []}
+            for run in variants.values():
+                run()
+        times: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(repeats):
-            order = ("mixed", "groups") if repeat % 2 == 0 else ("groups", "mixed")
+            order = list(variants)[repeat % 3 :] + list(variants)[: repeat % 3]
             for variant in order:
-                times[variant].append(_seconds(mixed if variant == "mixed" else groups, clock))
+                times[variant].append(_seconds(variants[variant], clock))
     ratios = [m / g for m, g in zip(times["mixed"], times["groups"], strict=True)]
+    plain_ratios = [p / g for p, g in zip(times["plain"], times["groups"], strict=True)]
     return {
-        "mixed": statistics.median(times["mixed"]),
-        "groups": statistics.median(times["groups"]),
+        **{name: statistics.median(values) for name, values in times.items()},
         "ratio": statistics.median(ratios),
+        "plain ratio": statistics.median(plain_ratios),
     }
 
 
@@ -130,7 +140,10 @@ def main() -> None:
         f"{'wall-clock' if args.wall else 'CPU'} ms, {repeats} interleaved repeats; "
         f"{load_text()} at start"
     )
-    header = f"{'targets':<14} {'groups':<26} {'mixed ms':>9} {'sum ms':>9} {'ratio':>7}"
+    header = (
+        f"{'targets':<14} {'groups':<26} {'mixed ms':>9} {'sum ms':>9} {'ratio':>7} "
+        f"{'plain ms':>9} {'plain/sum':>9}"
+    )
     print(header)
     print("-" * len(header))
     models: dict[str | None, torch.nn.Module] = {}
@@ -142,7 +155,8 @@ def main() -> None:
         groups = " ".join(f"{n}:{s}" for n, s in sizes.items())
         print(
             f"{label:<14} {groups:<26} {1e3 * result['mixed']:9.1f} "
-            f"{1e3 * result['groups']:9.1f} {result['ratio']:7.3f}"
+            f"{1e3 * result['groups']:9.1f} {result['ratio']:7.3f} "
+            f"{1e3 * result['plain']:9.1f} {result['plain ratio']:9.3f}"
         )
     print(f"worst ratio {worst:.3f} (goal <= 1.10); {load_text()} at end")
 
