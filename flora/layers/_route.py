@@ -39,6 +39,7 @@ class Route:
     _indices: dict[tuple, tuple[torch.Tensor, slice | None]] = field(
         default_factory=dict, repr=False
     )
+    _gathered: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_names(cls, names: Sequence[str]) -> Route:
@@ -114,7 +115,7 @@ class Route:
         out = None
         for key, groups in runs.items():
             index, span = self._rows(tuple(groups), x.device)
-            samples = x if lead == 1 else _take(x, index, span)
+            samples = x if lead == 1 else self._take(x, tuple(groups), index, span)
             result = call(key, samples)
             if not isinstance(result, torch.Tensor) or result.ndim == 0:
                 raise ValueError(
@@ -128,10 +129,23 @@ class Route:
             out.index_copy_(0, index, result)
         return out
 
+    def _take(
+        self, x: torch.Tensor, groups: tuple[int, ...], index: torch.Tensor, span: slice | None
+    ) -> torch.Tensor:
+        """Samples ``index`` of ``x``: a view when contiguous, else a gathered copy.
 
-def _take(x: torch.Tensor, index: torch.Tensor, span: slice | None) -> torch.Tensor:
-    """Samples ``index`` of ``x``: a view when they are contiguous, else one gathered copy."""
-    return x[span] if span is not None else x.index_select(0, index)
+        The last gathers are kept for the input they came from: layers that
+        read the same tensor (a block's query, key and value) share them.
+        """
+        if span is not None:
+            return x[span]
+        source, version, gathered = self._gathered.get("last", (None, -1, {}))
+        if source is not x or version != x._version:
+            gathered = {}
+            self._gathered["last"] = (x, x._version, gathered)
+        if groups not in gathered:
+            gathered[groups] = x.index_select(0, index)
+        return gathered[groups]
 
 
 def routed(routes: dict[int, tuple[Route, str]]) -> tuple[Route, str] | None:
