@@ -97,6 +97,7 @@ holds when a save is interrupted or runs alongside others:
   (the directory it points to is replaced, the link stays); ``.``, the
   current directory, a dangling link, and a read-only target or parent are
   refused with an error naming the full path before anything is written.
+
 Reading refuses anything that does not match this description with a
 :class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
 starts with the file at fault. :func:`write_adapter` writes such a directory from plain
@@ -141,6 +142,7 @@ from tuckerlib.io import CheckpointError
 
 __all__ = [
     "CONFIG_NAME",
+    "DIGEST_KEY",
     "FORMAT_VERSION",
     "PEFT_TYPE",
     "SAVED_PREFIX",
