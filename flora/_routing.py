@@ -131,6 +131,24 @@ def _targets(model: nn.Module) -> dict[str, FLoRALayer | ModulesToSave]:
     return targets
 
 
+def _check_not_checkpointing(model: nn.Module) -> None:
+    """Refuse a routed training forward under Hugging Face gradient checkpointing.
+
+    The backward pass recomputes checkpointed activations after the forward
+    has taken its routes back, so they would run the active adapters and
+    give every sample wrong gradients.
+    """
+    if not (torch.is_grad_enabled() and model.training):
+        return
+    if any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
+        raise ValueError(
+            "per-sample routing (adapter_names) cannot train with gradient checkpointing: the "
+            "backward recomputes activations without the routes; call "
+            "model.gradient_checkpointing_disable(), or route in eval mode or under "
+            "torch.no_grad()"
+        )
+
+
 def _route(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -145,6 +163,7 @@ def _route(
     if names is None:
         return args, kwargs
     names = _check_names(model, names, _batch_size(args, kwargs))
+    _check_not_checkpointing(model)
     targets = _targets(model)
     thread = threading.get_ident()
     routed = model.__dict__[_ROUTED]

@@ -358,3 +358,21 @@ def test_copies_route_and_unload_removes_the_keyword() -> None:
     flora.unload(model)
     with pytest.raises(TypeError, match="adapter_names"):
         model(x, adapter_names=NAMES)
+
+
+def test_training_with_gradient_checkpointing_is_refused() -> None:
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+    )
+    model = _three_adapters(transformers.BertModel(config), ["query", "value"])
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(1, 40, (len(NAMES), 7))
+    with pytest.raises(ValueError, match="cannot train with gradient checkpointing"):
+        model.train()(input_ids=ids, adapter_names=NAMES)
+    with torch.no_grad():  # inference recomputes nothing: routing works
+        model.eval()(input_ids=ids, adapter_names=NAMES)
