@@ -335,18 +335,37 @@ def memory_worker(case_name: str, quick: bool) -> None:
     print(json.dumps({name: _peak_step_bytes(m, x, grad_out) for name, m in modules.items()}))
 
 
-def measure_memory(case: Case, quick: bool) -> dict[str, int] | None:
-    """Run :func:`memory_worker` in a fresh process; ``None`` where that cannot work."""
+def measure_memory(script: str, name: str, quick: bool) -> dict[str, int] | None:
+    """Run ``script --memory-worker name`` in a fresh process; ``None`` where that cannot work.
+
+    The script's worker prints ``{variant: peak bytes}`` as JSON (see
+    :func:`memory_worker`).
+    """
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    command = [sys.executable, os.path.abspath(__file__), "--memory-worker", case.name]
+    command = [sys.executable, os.path.abspath(script), "--memory-worker", name]
     if quick:
         command.append("--quick")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=_MMAP_THRESHOLD)
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"memory worker for {case.name} failed:\n{result.stderr}")
+        raise RuntimeError(f"memory worker for {name} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_memory(
+    modules: dict[str, nn.Module],
+    shape: Sequence[int],
+    device: torch.device,
+    *,
+    script: str,
+    name: str,
+    quick: bool,
+) -> dict[str, int]:
+    """Peak step memory per variant: the allocator's counter on CUDA, a fresh process on CPU."""
+    if device.type == "cuda":
+        return cuda_memory(modules, shape, device)
+    return measure_memory(script, name, quick)
 
 
 def _fmt_mib(value: int | None) -> str:
@@ -505,12 +524,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         modules, rank = build_variants(case)
         modules = {name: module.to(device) for name, module in modules.items()}
         samples = time_case(modules, shape, repeats, inner, warmup, device)
-        if args.no_memory:
-            memory = None
-        elif device.type == "cuda":
-            memory = cuda_memory(modules, shape, device)
-        else:
-            memory = measure_memory(case, args.quick)
+        memory = None
+        if not args.no_memory:
+            memory = peak_memory(
+                modules, shape, device, script=__file__, name=case.name, quick=args.quick
+            )
         report_case(case, shape, modules, rank, samples, memory)
         report_floor(case, shape, modules["flora-auto"], _overhead(samples, "flora-auto"), rate)
         verdicts += evaluate_targets(case, samples)

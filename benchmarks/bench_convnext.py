@@ -37,22 +37,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from bench_adapters import (
-    _MMAP_THRESHOLD,
     _THREADS,
     _describe,
     _overhead,
     _peak_step_bytes,
     _trainable,
-    cuda_memory,
+    peak_memory,
     time_case,
 )
 from torch import nn
@@ -196,20 +193,6 @@ def memory_worker(setting: str, quick: bool) -> None:
     print(json.dumps({name: _peak_step_bytes(m, x, grad_out) for name, m in modules.items()}))
 
 
-def measure_memory(setting: str, quick: bool) -> dict[str, int] | None:
-    """Run :func:`memory_worker` in a fresh process; ``None`` where that cannot work."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
-    command = [sys.executable, os.path.abspath(__file__), "--memory-worker", setting]
-    if quick:
-        command.append("--quick")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=_MMAP_THRESHOLD)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"memory worker for {setting} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def report(
     setting: str,
     modules: dict[str, nn.Module],
@@ -269,12 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         modules, ranks = build_variants(setting)
         modules = {name: module.to(device) for name, module in modules.items()}
         samples = time_case(modules, _shape(args.quick), repeats, inner, warmup, device)
-        if args.no_memory:
-            memory = None
-        elif device.type == "cuda":
-            memory = cuda_memory(modules, _shape(args.quick), device)
-        else:
-            memory = measure_memory(setting, args.quick)
+        memory = None
+        if not args.no_memory:
+            memory = peak_memory(
+                modules,
+                _shape(args.quick),
+                device,
+                script=__file__,
+                name=setting,
+                quick=args.quick,
+            )
         verdicts += report(setting, modules, ranks, samples, memory)
     print("\n## targets")
     for label, passed, evidence in verdicts:

@@ -221,7 +221,11 @@ def test_the_exchange_falls_back_where_the_file_system_lacks_it(tmp_path, monkey
     assert _core(tmp_path / "adapter") == 2.0
 
 
-@pytest.mark.skipif(_atomic._renameat2 is None, reason="renameat2 is Linux's")
+@pytest.mark.skipif(
+    _atomic._renameat2 is None,
+    reason="renameat2(RENAME_EXCHANGE) exists on Linux only; elsewhere saves take the "
+    "two-rename path, tested by test_without_an_atomic_exchange_a_save_still_replaces",
+)
 def test_the_exchange_swaps_two_directories(tmp_path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("a")
