@@ -978,7 +978,8 @@ class FLoRALayer(AdaptedWeight):
         """
         return self._choose(self.adapter(adapter_name), x)
 
-    def _choose(self, adapter: TuckerDelta, x: torch.Tensor) -> str:
+    def _choose(self, adapter: TuckerDelta, x: torch.Tensor, fuse: bool = True) -> str:
+        """The branch computation for ``x``; ``fuse=False`` when ``ΔW`` cannot join the base op."""
         spec = adapter.spec
         if not self.factorizable or spec.forward == "dense":
             return "dense"
@@ -995,7 +996,7 @@ class FLoRALayer(AdaptedWeight):
             spec.shape,
             spec.ranks,
             shape,
-            self._fusable(adapter, adapter.core),
+            fuse and self._fusable(adapter, adapter.core),
             training,
             training and x.requires_grad,
         )
@@ -1024,13 +1025,54 @@ class FLoRALayer(AdaptedWeight):
         return self._forward_terms(x, *self._terms())
 
     def _forward_routed(self, x: torch.Tensor, route: Route, where: str) -> torch.Tensor:
+        """Each group of samples as if its adapter alone were active.
+
+        The base layer runs once on the whole batch, and each group's
+        branches are added at its rows; an input broadcast over the batch
+        (leading dimension 1) runs each group whole instead.
+        """
         groups = {}
         for name, _ in route.groups:
             running, idle = self._terms(() if name == BASE else (name,))
-            groups[name] = (tuple(id(a) for a in running), running, idle)
+            groups[name] = ((*map(id, running), None, *map(id, idle)), running, idle)
         keys = [groups[name][0] for name, _ in route.groups]
         terms = {key: (running, idle) for key, running, idle in groups.values()}
-        return route.run(where, x, keys, lambda key, xs: self._forward_terms(xs, *terms[key]))
+        if x.ndim == 0 or x.shape[0] != route.batch or len(terms) == 1:
+            return route.run(where, x, keys, lambda key, xs: self._forward_terms(xs, *terms[key]))
+        out = self.base_layer(x)
+        parts = [
+            (index, self._branches(samples, *terms[key], out.dtype))
+            for key, index, samples in route.split(where, x, keys)
+            if key != (None,)
+        ]
+        return route.add(out, parts)
+
+    def _branches(
+        self,
+        x: torch.Tensor,
+        running: list[TuckerDelta],
+        idle: list[TuckerDelta],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """What ``running``'s branches and ``idle``'s initial updates add to ``base_layer(x)``."""
+        branches = []
+        shared: list[torch.Tensor | None] = [a.initial_delta().detach() for a in idle]
+        for adapter in running:
+            mode = self._choose(adapter, x, fuse=False)
+            if mode == "dense" and self._dropout_off(adapter):
+                shared.append(adapter.delta_weight())
+                continue
+            branch_input = self._branch_input(x, adapter)
+            if mode == "factorized":
+                branches.append(self._factorized(branch_input, adapter))
+            else:
+                branches.append(self._dense(branch_input, self._mask(adapter.delta_weight())))
+        delta = self._sum(shared)
+        if delta is not None:
+            branches.append(self._dense(self._cast_input(x, delta.dtype), delta))
+        out = functools.reduce(operator.add, [cast(b, dtype) for b in branches])
+        bias = self._bias_sum(running)
+        return out if bias is None else out + cast(self._bias_view(bias), dtype)
 
     def _forward_terms(
         self, x: torch.Tensor, running: list[TuckerDelta], idle: list[TuckerDelta]
