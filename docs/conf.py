@@ -55,7 +55,8 @@ def _public_names() -> dict[str, str]:
 
     The module pages (``docs/_templates/autosummary/module.rst``) link such an
     object to its one page, ``flora.save_adapter``, instead of documenting
-    ``flora.io.save_adapter`` a second time.
+    ``flora.io.save_adapter`` a second time. The template asks only about the
+    names a module defines or documents itself.
     """
     found = {}
     for package in (flora, tuckerlib):
@@ -133,9 +134,7 @@ html_theme_options = {
     # tables (no "On this page": five short sections each).
     "secondary_sidebar_items": {
         "**": ["page-toc", "sourcelink"],
-        **dict.fromkeys(
-            [f"flora_vs_lora_{study}" for study in ("digits", "onet", "minilm", "extract")], []
-        ),
+        **{f"flora_vs_lora_{study}": [] for study in ("digits", "onet", "minilm", "extract")},
     },
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
@@ -145,8 +144,12 @@ html_sidebars = {"index": [], "changelog": []}
 
 
 def _skip_type_aliases(app, what, name, obj, skip, options):
-    """Leave class attributes that merely hold a type (``base_type = nn.Conv2d``) undocumented."""
-    if what == "class" and isinstance(obj, type):
+    """Leave class attributes that merely hold a type (``base_type = nn.Conv2d``) undocumented.
+
+    A class under its own name is kept: autosummary asks about a module's
+    classes with ``what="class"`` too.
+    """
+    if what == "class" and isinstance(obj, type) and obj.__name__ != name:
         return True
     return None
 

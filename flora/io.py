@@ -587,7 +587,7 @@ def _host_geometry(host: AdaptedWeight) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class SavedAdapter:
-    """An adapter directory, read and validated (:func:`read_adapter`).
+    """An adapter directory, read and validated (:func:`~flora.read_adapter`).
 
     Parameters
     ----------
