@@ -29,7 +29,9 @@ test: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 	$(MAKE) docs
 
 # Warnings are errors; the build also checks every page it writes
-# (docs/_ext/site_checks.py: no external scripts, no empty sidebars, no leftovers).
+# (docs/_ext/site_checks.py: no external scripts, no empty sidebars, no leftovers,
+# no math in code font, no wide table without widths; the search index: each
+# object documented once, the public name found first).
 docs: $(VENV)/.installed-test,docs
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 

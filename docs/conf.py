@@ -13,6 +13,7 @@ sys.path.insert(0, str(HERE / "_ext"))
 
 from offline_inventories import intersphinx_mapping as _offline_mapping  # noqa: E402
 
+import flora  # noqa: E402
 import tuckerlib  # noqa: E402
 
 project = "tuckerlib"
@@ -34,7 +35,12 @@ extensions = [
     "numpydoc",
     "matplotlib.sphinxext.plot_directive",
     "site_checks",
+    "details",
+    "autolinks",
 ]
+
+# The changelog (Markdown) names functions in code literals: link them.
+autolinks_literal_pages = ["changelog"]
 
 plot_include_source = True
 plot_html_show_formats = False
@@ -42,6 +48,29 @@ plot_html_show_source_link = False
 plot_formats = [("png", 100)]
 
 autosummary_generate = True
+
+
+def _public_names() -> dict[str, str]:
+    """Map ``module.name`` to the public name of each object a package exports.
+
+    The module pages (``docs/_templates/autosummary/module.rst``) link such an
+    object to its one page, ``flora.save_adapter``, instead of documenting
+    ``flora.io.save_adapter`` a second time. The template asks only about the
+    names a module defines or documents itself.
+    """
+    found = {}
+    for package in (flora, tuckerlib):
+        prefix = package.__name__ + "."
+        modules = [(n, m) for n, m in list(sys.modules.items()) if n.startswith(prefix)]
+        for name in package.__all__:
+            public = getattr(package, name)
+            for module_name, module in modules:
+                if getattr(module, name, None) is public:
+                    found[f"{module_name}.{name}"] = prefix + name
+    return found
+
+
+autosummary_context = {"public_names": _public_names()}
 autodoc_typehints = "none"
 autodoc_default_options = {"members": True}
 numpydoc_show_class_members = False
@@ -58,7 +87,18 @@ nitpick_ignore_regex = [
 
 # Text that may stay on a page although a site check flags it, by page
 # (docs/_ext/site_checks.py; an entry whose text has left its page is an error).
-site_checks_allow: dict[str, list[str]] = {}
+site_checks_allow: dict[str, list[str]] = {
+    # CHANGELOG.md is written in Markdown, where math is code; the entries of
+    # earlier releases keep it.
+    "changelog": ["'‖x‖²'", "'R_n <= min(I_n, prod_{m != n} R_m)'"],
+}
+# Searches for the names readers type, and the public name each must rank first.
+site_checks_search = {
+    "merge": "flora.merge",
+    "save adapter": "flora.save_adapter",
+    "inject": "flora.inject",
+    "sthosvd": "tuckerlib.sthosvd",
+}
 
 # The changelog is CHANGELOG.md at the repository root, included by changelog.rst.
 myst_heading_anchors = 2
@@ -68,10 +108,17 @@ copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
 copybutton_only_copy_prompt_lines = True
 
+# Package-level public names rank first in the search (see the file's comment).
+html_search_scorer = str(HERE / "_ext" / "search_scorer.js")
+
 templates_path = ["_templates"]
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 html_theme = "pydata_sphinx_theme"
 html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
+# The theme's colour mode on a first visit (without it the theme script logs
+# "Got invalid theme mode" and falls back to auto).
+html_context = {"default_mode": "auto"}
 html_css_files = ["custom.css"]
 html_title = f"tuckerlib + flora {version}"
 html_short_title = "tuckerlib + flora"
@@ -83,7 +130,12 @@ html_theme_options = {
     # The six sections of the root toctree all fit: nothing hides under "More".
     "header_links_before_dropdown": 7,
     "show_toc_level": 2,
-    "secondary_sidebar_items": ["page-toc", "sourcelink"],
+    # The experiment pages of the evidence give their width to its 10-column
+    # tables (no "On this page": five short sections each).
+    "secondary_sidebar_items": {
+        "**": ["page-toc", "sourcelink"],
+        **{f"flora_vs_lora_{study}": [] for study in ("digits", "onet", "minilm", "extract")},
+    },
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
 }
@@ -92,8 +144,12 @@ html_sidebars = {"index": [], "changelog": []}
 
 
 def _skip_type_aliases(app, what, name, obj, skip, options):
-    """Leave class attributes that merely hold a type (``base_type = nn.Conv2d``) undocumented."""
-    if what == "class" and isinstance(obj, type):
+    """Leave class attributes that merely hold a type (``base_type = nn.Conv2d``) undocumented.
+
+    A class under its own name is kept: autosummary asks about a module's
+    classes with ``what="class"`` too.
+    """
+    if what == "class" and isinstance(obj, type) and obj.__name__ != name:
         return True
     return None
 

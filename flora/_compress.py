@@ -1,9 +1,10 @@
-"""Shrink a Tucker update by a truncated ST-HOSVD of its small core.
+r"""Shrink a Tucker update by a truncated ST-HOSVD of its small core.
 
-With ``U_n = Q_n R_n`` (QR, ``Q_n`` orthonormal), ``ΔW = s · C ×_n Q_n``
-where ``C = G ×_n R_n`` is no larger than ``G``. Orthonormal ``Q_n`` keep
-norms and mode spectra, so the truncated ST-HOSVD ``C ≈ H ×_n V_n`` gives
-``ΔW' = s · H ×_n (Q_n V_n)`` with ``‖ΔW − ΔW'‖ / ‖ΔW‖ = ‖C − C'‖ / ‖C‖``,
+With ``U_n = Q_n R_n`` (QR, ``Q_n`` orthonormal), :math:`\Delta W = s \cdot C \times_n Q_n`
+where :math:`C = G \times_n R_n` is no larger than ``G``. Orthonormal ``Q_n`` keep
+norms and mode spectra, so the truncated ST-HOSVD :math:`C ≈ H \times_n V_n` gives
+:math:`\Delta W' = s \cdot H \times_n (Q_n V_n)` with :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|
+= \|C - C'\| / \|C\|`,
 computed on the small tensors. It is exact when the new ranks hold ``C``'s
 multilinear rank. The mode order is the one ST-HOSVD uses on ``ΔW`` itself
 (largest ``I_n / R_n`` first), so the result is the ST-HOSVD of ``ΔW``.
@@ -28,7 +29,7 @@ RankRule = Callable[[torch.Tensor, tuple[int, ...]], Sequence[int]]
 
 @dataclass(frozen=True)
 class Compressed:
-    """A compressed update ``ΔW' = s · core ×_n factors[n]`` and its relative error."""
+    r"""A compressed update :math:`\Delta W' = s \cdot G \times_n U_n` and its relative error."""
 
     core: torch.Tensor
     factors: list[torch.Tensor]
@@ -71,7 +72,7 @@ def _check_target(target: Sequence[int], shape: tuple[int, ...]) -> tuple[int, .
 def compress_tucker(
     core: torch.Tensor, factors: Sequence[torch.Tensor], ranks: Sequence[int] | RankRule
 ) -> Compressed:
-    """Truncate ``ΔW = s · core ×_n factors[n]`` to ``ranks`` (or the ranks a rule picks).
+    r"""Truncate :math:`\Delta W = s \cdot G \times_n U_n` to ``ranks`` (or the ranks a rule picks).
 
     The layer's scale ``s`` multiplies ``ΔW`` and ``ΔW'`` alike, so it is
     kept as it is and plays no part here.
@@ -89,7 +90,7 @@ def compress_tucker(
     Compressed
         Core and factors in the input's dtype, at ranks no larger than the
         new ranks, ``ΔW``'s own and what a Tucker tensor can use; the
-        relative error ``‖ΔW − ΔW'‖ / ‖ΔW‖`` (``0.0`` for ``ΔW = 0``).
+        relative error :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|` (``0.0`` for ``ΔW = 0``).
     """
     dtype = core.dtype
     shape = tuple(f.shape[0] for f in factors)

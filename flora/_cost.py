@@ -86,7 +86,7 @@ def roofline(op: Op) -> int:
 
 
 def product(rows: int, inner: int, cols: int) -> Op:
-    """The op ``(rows × inner) @ (inner × cols)``.
+    r"""The op :math:`(\text{rows} \times \text{inner}) @ (\text{inner} \times \text{cols})`.
 
     Examples
     --------

@@ -45,7 +45,7 @@ _PEFT_PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class ExportLayer:
-    """One layer's update ``scale · core ×_n factors[n]``, its ``Δb`` (float64), PEFT's needs."""
+    r"""One layer's update :math:`s \cdot G \times_n U_n`, its ``Δb`` (float64), PEFT's needs."""
 
     name: str
     kind: str

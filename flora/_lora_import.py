@@ -1,15 +1,16 @@
-"""A PEFT LoRA adapter directory as FLoRA adapters for a given model, exactly.
+r"""A PEFT LoRA adapter directory as FLoRA adapters for a given model, exactly.
 
 Each LoRA pair is read as a Tucker tensor (:func:`tuckerlib.io.open_adapter`):
-Linear ``scaling · B I_r A`` (core the identity, ``U_0 = B``, ``U_1 = Aᵀ``),
-Embedding ``scaling · Aᵀ I_r Bᵀ``, ConvNd ``scaling · A ×_0 B`` (``lora_A``'s
+Linear ``scaling · B I_r A`` (core the identity, ``U_0 = B``, :math:`U_1 = A^\top`),
+Embedding :math:`\text{scaling} \cdot A^\top I_r B^\top`, ConvNd :math:`\text{scaling} \cdot A
+\times_0 B` (``lora_A``'s
 kernel as the core, identity factors on the other modes);
 :meth:`flora.TuckerDelta.from_tucker` brings it to usable ranks without
 changing it. The model decides what each pair updates, as PEFT's layer
 would: PEFT's LoRA branch of a Linear pair computes ``x ↦ scaling · B A x``
 whatever ``fan_in_fan_out`` says, which is a ``torch.nn.Linear`` update
 ``B A`` or, for a weight stored ``(in, out)`` as transformers' ``Conv1D``
-stores it, the parameter update ``(B A)ᵀ``. What PEFT's layer applies
+stores it, the parameter update :math:`(B A)^\top`. What PEFT's layer applies
 differently from FLoRA's (see :func:`flora._geometry.lora_difference`, and
 an embedding's ``padding_idx`` row, which PEFT updates and FLoRA does not)
 is refused by layer name. PEFT's ``lora_bias`` (``scaling · lora_B.bias``,

@@ -1,13 +1,15 @@
-"""Exact conversion between Tucker updates and PEFT LoRA tensors (PEFT 0.21's layout).
+r"""Exact conversion between Tucker updates and PEFT LoRA tensors (PEFT 0.21's layout).
 
-A Tucker update ``ΔW = s · G ×_0 U_0 ×_1 U_1 … ×_{N-1} U_{N-1}`` has
-``unfold(ΔW, 0) = U_0 · unfold(s · G ×_1 U_1 … ×_{N-1} U_{N-1}, 0)``: a
-product of an ``(I_0, R_0)`` matrix and an ``(R_0, ∏_{n>0} I_n)`` one, which
+A Tucker update :math:`\Delta W = s \cdot G \times_0 U_0 \times_1 U_1 \dots \times_{N-1} U_{N-1}`
+has
+:math:`\text{unfold}(\Delta W, 0) = U_0 \cdot \text{unfold}(s \cdot G \times_1 U_1 \dots
+\times_{N-1} U_{N-1}, 0)`: a
+product of an ``(I_0, R_0)`` matrix and an :math:`(R_0, \prod_{n>0} I_n)` one, which
 is exactly what a LoRA pair stores with ``lora_alpha = r`` (scaling 1):
 
-* Linear ``(out, in)``: ``lora_B = U_0``, ``lora_A = s · G U_1ᵀ``.
+* Linear ``(out, in)``: ``lora_B = U_0``, :math:`\text{lora\_A} = s \cdot G U_1^\top`.
 * ConvNd ``(out, in, *kernel)``: ``lora_A`` is the conv kernel
-  ``s · G ×_1 U_1 … ×_{N-1} U_{N-1}`` of shape ``(R_0, in, *kernel)``
+  :math:`s \cdot G \times_1 U_1 \dots \times_{N-1} U_{N-1}` of shape ``(R_0, in, *kernel)``
   (run with the base's stride and padding) and ``lora_B = U_0`` a 1×1 conv;
   a 1×1 conv after a conv is the conv with the composed kernel.
 * Grouped ConvNd ``(out, in/groups, *kernel)``: PEFT's ``lora_A`` sees all
@@ -15,13 +17,14 @@ is exactly what a LoRA pair stores with ``lora_alpha = r`` (scaling 1):
   group ``g``'s rows of ``U_0`` and a ``lora_A`` that is zero outside group
   ``g``'s input channels, so the composed update is the block-diagonal
   grouped one.
-* Embedding ``(num, dim)``: PEFT's update is ``(B A)ᵀ``, so
-  ``lora_embedding_A = U_0ᵀ`` and ``lora_embedding_B = (s · G U_1ᵀ)ᵀ``; the
+* Embedding ``(num, dim)``: PEFT's update is :math:`(B A)^\top`, so
+  :math:`\text{lora\_embedding\_A} = U_0^\top` and :math:`\text{lora\_embedding\_B} = (s \cdot G
+  U_1^\top)^\top`; the
   ``padding_idx`` column of ``lora_embedding_A`` is zero, as FLoRA gives
   the padding row no update.
 
 :func:`compact` first brings the ranks to what a Tucker tensor can use
-(``R_n ≤ min(I_n, ∏_{m≠n} R_m)``) by QR factorizations that leave ``ΔW``
+(:math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`) by QR factorizations that leave ``ΔW``
 unchanged, so the LoRA rank is ``R_0`` after that clipping.
 """
 
@@ -40,16 +43,16 @@ __all__ = ["LoraTensors", "compact", "lora_split", "to_lora"]
 def compact(
     core: torch.Tensor, factors: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The same Tucker tensor with ranks ``R_n ≤ min(I_n, ∏_{m≠n} R_m)``: :func:`compress`."""
+    r"""Ranks :math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`, the same tensor: :func:`compress`."""
     return compress(core, factors)
 
 
 def lora_split(
     core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(left, right)`` with ``ΔW = right ×_0 left``, ``left`` of shape ``(I_0, r)``.
+    r"""``(left, right)`` with ``ΔW = right ×_0 left``, ``left`` of shape ``(I_0, r)``.
 
-    ``right`` has shape ``(r, I_1, ..., I_{N-1})``; ``r`` is ``R_0`` after
+    ``right`` has shape :math:`(r, I_1, \dots, I_{N-1})`; ``r`` is ``R_0`` after
     :func:`compact`.
     """
     core, factors = compact(core, factors)
@@ -86,7 +89,7 @@ def _grouped_conv(left: torch.Tensor, right: torch.Tensor, groups: int) -> LoraT
 
 
 def _mode0(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``x ×_0 matrix``: the mode-0 unfolding of ``x`` is a reshape."""
+    r""":math:`x \times_0 \text{matrix}`: the mode-0 unfolding of ``x`` is a reshape."""
     return (matrix @ x.reshape(x.shape[0], -1)).reshape(matrix.shape[0], *x.shape[1:])
 
 
@@ -98,7 +101,7 @@ def to_lora(
     groups: int = 1,
     padding_idx: int | None = None,
 ) -> LoraTensors:
-    """PEFT's tensors for ``ΔW = right ×_0 left`` at scaling 1.
+    r"""PEFT's tensors for :math:`\Delta W = \text{right} \times_0 \text{left}` at scaling 1.
 
     Parameters
     ----------

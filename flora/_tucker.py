@@ -40,7 +40,7 @@ def _mode_product(x: torch.Tensor, factor: torch.Tensor, n: int) -> torch.Tensor
 def reconstruct(
     core: torch.Tensor, factors: Sequence[torch.Tensor], modes: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """``core ×_n factors[n]`` for every ``n`` in ``modes`` (default: all); contiguous."""
+    r""":math:`G \times_n U_n` for every ``n`` in ``modes`` (default: all); contiguous."""
     modes = range(core.ndim) if modes is None else modes
     shape = [f.shape[0] for f in factors]
     x = core
@@ -52,9 +52,9 @@ def reconstruct(
 def compress(
     core: torch.Tensor, factors: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The same Tucker tensor at its usable ranks, exactly (up to rounding).
+    r"""The same Tucker tensor at its usable ranks, exactly (up to rounding).
 
-    A mode whose rank exceeds ``min(I_n, prod_{m != n} R_m)`` holds more
+    A mode whose rank exceeds :math:`\min(I_n, \prod_{m \ne n} R_m)` holds more
     columns than the tensor can use: ``U_n @ unfold(core, n)`` has at most
     that rank, so its reduced QR ``Q R`` gives an orthonormal factor ``Q``
     and the core's new unfolding ``R``. Repeated until every mode fits
@@ -78,9 +78,9 @@ def compress(
 def block_sum(
     terms: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``Σ_i core_i ×_n U_n^i`` as one Tucker tensor, exactly, at usable ranks.
+    r""":math:`\sum_i \text{core\_i} \times_n U_n^i` as one Tucker tensor, exactly, at usable ranks.
 
-    The core is block-diagonal (term ``i`` at offset ``Σ_{j<i} R^j`` in every
+    The core is block-diagonal (term ``i`` at offset :math:`\sum_{j<i} R^j` in every
     mode), the factors are the terms' factors side by side; :func:`compress`
     then takes out what the sum cannot use.
     """

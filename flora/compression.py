@@ -1,6 +1,6 @@
-"""Shrink trained FLoRA adapters in place: a truncated HOSVD of each layer's core.
+r"""Shrink trained FLoRA adapters in place: a truncated HOSVD of each layer's core.
 
-A trained update ``ΔW = s · G ×_n U_n`` often needs fewer ranks than it was
+A trained update :math:`\Delta W = s \cdot G \times_n U_n` often needs fewer ranks than it was
 given. :func:`compress` truncates it on its small core (the factors' QR
 factorizations reduce the problem to the core's size, see
 :doc:`/lora_adapters`), so its cost does not depend on the weights' size,
@@ -149,11 +149,11 @@ def compress(
     energy: float | None = None,
     adapter_name: str | None = None,
 ) -> dict[str, float]:
-    """Shrink an adapter's layers in place by a truncated HOSVD of their cores.
+    r"""Shrink an adapter's layers in place by a truncated HOSVD of their cores.
 
-    Each layer's update ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}`` is
+    Each layer's update :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}` is
     replaced by its truncated ST-HOSVD ``ΔW'``, computed on the small core
-    ``G ×_n R_n`` (``U_n = Q_n R_n``, QR) without forming ``ΔW``. It is
+    :math:`G \times_n R_n` (``U_n = Q_n R_n``, QR) without forming ``ΔW``. It is
     exact (to rounding) when the new ranks hold the update's multilinear
     rank. The ranks never grow, and end at what a Tucker tensor can use.
 
@@ -169,7 +169,7 @@ def compress(
         size, to the usable ranks and to the adapter's current ranks.
     energy : float, optional
         Instead of ``ranks``: per mode, the smallest rank keeping this
-        fraction of ``‖ΔW‖²`` (:func:`tuckerlib.energy_ranks`), in ``(0, 1]``.
+        fraction of :math:`\|\Delta W\|^2` (:func:`tuckerlib.energy_ranks`), in ``(0, 1]``.
     adapter_name : str, optional
         The adapter to compress; default the active one (exactly one must
         be active).
@@ -177,7 +177,8 @@ def compress(
     Returns
     -------
     dict of str to float
-        Layer name to ``‖ΔW − ΔW'‖ / ‖ΔW‖`` (``0.0`` where ``ΔW = 0``), the
+        Layer name to :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|` (``0.0`` where ``ΔW = 0``),
+        the
         error of the weight update alone.
 
     Raises
@@ -200,7 +201,7 @@ def compress(
     Notes
     -----
     With neither ``ranks`` nor ``energy``, each layer gets the ranks that
-    keep the most of ``‖ΔW‖²`` within the parameters of a rank-8 LoRA of
+    keep the most of :math:`\|\Delta W\|^2` within the parameters of a rank-8 LoRA of
     the layer (:func:`tuckerlib.analysis.lora_budget_ranks`): the
     ``FLoRA ranks`` column that ``tuckerlib analyze --adapter`` reports for
     the saved adapter, capped at the adapter's current ranks.

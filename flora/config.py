@@ -137,7 +137,7 @@ def _pattern_rank(pattern: str, name: str) -> int | None:
 
 @dataclass
 class FLoRAConfig:
-    """Where to put FLoRA adapters and how to build them.
+    r"""Where to put FLoRA adapters and how to build them.
 
     Parameters
     ----------
@@ -149,7 +149,7 @@ class FLoRAConfig:
         ``"Embedding"``, ``"Parameter"``) to either. Kinds not given (and
         ``None``) use :data:`DEFAULT_RANKS`.
     scale : float, optional
-        The factor ``s`` of ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}``.
+        The factor ``s`` of :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
     dropout : float, optional
         Dropout probability on the adapter branch's input (Linear, ConvNd).
     target_modules : list of str, str or None, optional

@@ -55,7 +55,7 @@ class ExtractionError(ValueError):
 
 @dataclass(frozen=True)
 class ExtractedLayer:
-    """One adapted weight of an extracted adapter.
+    r"""One adapted weight of an extracted adapter.
 
     Parameters
     ----------
@@ -73,7 +73,8 @@ class ExtractedLayer:
     n_params : int
         Adapter parameters: core plus factors.
     relative_error : float
-        ``‖ΔW − ΔŴ‖ / ‖ΔW‖`` of the adapter's update against the fine-tune's.
+        :math:`\|\Delta W - \Delta\hat{W}\| / \|\Delta W\|` of the adapter's update against the
+        fine-tune's.
     """
 
     #: The adapter layer's name (module name, or parameter name for ``Parameter``).
@@ -88,7 +89,7 @@ class ExtractedLayer:
     ranks: tuple[int, ...]
     #: Adapter parameters: core plus factors.
     n_params: int
-    #: ``‖ΔW − ΔŴ‖ / ‖ΔW‖``.
+    #: :math:`\|\Delta W - \Delta\hat{W}\| / \|\Delta W\|`.
     relative_error: float
 
 

@@ -60,7 +60,7 @@ def init_factors(factors: Sequence[torch.Tensor], init: str) -> None:
 def hosvd_init(
     weight: torch.Tensor, ranks: Sequence[int], scale: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Core and factors of the truncated HOSVD of ``weight``, core divided by ``scale``.
+    r"""Core and factors of the truncated HOSVD of ``weight``, core divided by ``scale``.
 
     Parameters
     ----------
@@ -69,7 +69,7 @@ def hosvd_init(
     ranks : sequence of int
         The adapter's ranks, one per mode.
     scale : float
-        The adapter's ``s``: ``s · core ×_n factors[n]`` is the HOSVD
+        The adapter's ``s``: :math:`s \cdot \text{core} \times_n \text{factors}[n]` is the HOSVD
         approximation of ``W0``.
     dtype : torch.dtype
         The adapter's dtype; the decomposition runs in it (at least float32).

@@ -1,4 +1,4 @@
-"""Adapter-only files: ``adapter_model.safetensors`` + ``adapter_config.json``.
+r"""Adapter-only files: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
 An adapter directory holds one named adapter in two files (format version 2):
 
@@ -22,8 +22,8 @@ An adapter directory holds one named adapter in two files (format version 2):
     must be exactly that torch type) or ``"Parameter"`` (any parameter,
     adapted with :class:`flora.TuckerParametrization`). Each layer entry is
     :meth:`flora.LayerSpec.to_record`: ``shape`` is the weight's shape and
-    ``ranks`` the usable ranks (``R_n <= I_n`` and ``R_n <= prod_{m != n}
-    R_m``). The per-layer entries are authoritative; ``config`` records how
+    ``ranks`` the usable ranks (``R_n <= I_n`` and :math:`R_n \le \prod_{m \ne n} R_m`). The
+    per-layer entries are authoritative; ``config`` records how
     the adapter was made. ``"bias": true`` (optional, only written when
     true) marks an adapter that carries a bias update. ``modules_to_save``
     (optional) lists the modules saved whole with the adapter.
@@ -43,8 +43,8 @@ An adapter directory holds one named adapter in two files (format version 2):
     convolution: ``{"groups": g, "stride": [...], "padding": [...] | "same"
     | "valid", "dilation": [...], "padding_mode": MODE}``; an embedding:
     ``{"padding_idx": int | null, "max_norm": float | null}`` (the
-    ``padding_idx`` row gets no update). :func:`save_adapter` writes it from
-    the model's layers and :func:`load_adapter` checks it against the model
+    ``padding_idx`` row gets no update). :func:`~flora.save_adapter` writes it from
+    the model's layers and :func:`~flora.load_adapter` checks it against the model
     it loads into. Directories without it (those of earlier releases, and
     those of :func:`flora.extract`, which sees only checkpoint names and
     shapes) load as before, unchecked.
@@ -79,7 +79,7 @@ holds when a save is interrupted or runs alongside others:
   file system's own journal replay). Where the system or file system has no
   exchange, the swap is two renames, and a writer killed between them
   leaves the old adapter under a hidden name ``.NAME.<id>.old``.
-* **Recovery.** The next :func:`read_adapter`, :func:`load_adapter` or save
+* **Recovery.** The next :func:`~flora.read_adapter`, :func:`~flora.load_adapter` or save
   of that directory renames such a left-over old copy back, and a save
   removes the hidden ``.NAME.<id>.tmp``/``.old`` directories of writers that
   died. Each writer holds a lock on ``.NAME.<id>.lock`` while its hidden
@@ -100,8 +100,8 @@ holds when a save is interrupted or runs alongside others:
 
 Reading refuses anything that does not match this description with a
 :class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
-starts with the file at fault. :func:`write_adapter` writes such a directory from plain
-tensors, e.g. for adapters computed outside a model; :func:`read_adapter`
+starts with the file at fault. :func:`~flora.write_adapter` writes such a directory from plain
+tensors, e.g. for adapters computed outside a model; :func:`~flora.read_adapter`
 reads and validates one without a model.
 """
 
@@ -587,7 +587,7 @@ def _host_geometry(host: AdaptedWeight) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class SavedAdapter:
-    """An adapter directory, read and validated (:func:`read_adapter`).
+    """An adapter directory, read and validated (:func:`~flora.read_adapter`).
 
     Parameters
     ----------

@@ -305,7 +305,7 @@ def _check_weights(weights: Iterable[float], count: int) -> list[float]:
 def _combined(
     name: str, layer: AdaptedWeight, names: Sequence[str], weights: Sequence[float]
 ) -> TuckerDelta | None:
-    """``Σ w_i ΔW_i`` over the named adapters this layer has, as one exact adapter."""
+    r""":math:`\sum w_i \Delta W_i` over the named adapters this layer has, as one exact adapter."""
     present = [
         (layer.adapters[n], w) for n, w in zip(names, weights, strict=True) if n in layer.adapters
     ]
@@ -356,9 +356,9 @@ def add_weighted_adapter(
     weights: Sequence[float],
     new_name: str,
 ) -> nn.Module:
-    """Add adapter ``new_name`` with ``ΔW = Σ_i w_i ΔW_i``, exactly, on every layer concerned.
+    r"""Add adapter ``new_name``: :math:`\Delta W = \sum_i w_i \Delta W_i` exactly, on every layer.
 
-    Bias updates combine the same way: ``Δb = Σ_i w_i Δb_i``.
+    Bias updates combine the same way: :math:`\Delta b = \sum_i w_i \Delta b_i`.
 
     Each layer's combination is one Tucker tensor: a block-diagonal core
     (block ``i`` is ``w_i s_i G_i``) and the factors side by side, with scale
@@ -367,7 +367,7 @@ def add_weighted_adapter(
     reduced QR of ``U_n`` times the core's mode-``n`` unfolding gives the new
     factor and core. Layers hold the combination of the named adapters they
     have. For ``init="hosvd"`` adapters the initial updates are combined
-    the same way, so the new adapter changes the model by ``Σ_i w_i`` times
+    the same way, so the new adapter changes the model by :math:`\sum_i w_i` times
     what each adapter changed.
 
     Parameters

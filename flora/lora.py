@@ -97,9 +97,10 @@ def export_lora(
     adapter_name: str | None = None,
     base_model: nn.Module | None = None,
 ) -> Path:
-    """Write a flora adapter as a PEFT LoRA adapter with the same update, exactly.
+    r"""Write a flora adapter as a PEFT LoRA adapter with the same update, exactly.
 
-    Each layer's update ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}`` becomes a
+    Each layer's update :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}` becomes
+    a
     LoRA pair of rank ``R_0`` (after clipping the ranks to what a Tucker
     tensor can use) with ``lora_alpha = r``, so
     ``peft.PeftModel.from_pretrained(base, directory)`` gives the outputs of
@@ -249,10 +250,11 @@ def import_lora(
     adapter_name: str = "default",
     trainable: bool = False,
 ) -> nn.Module:
-    """Add a PEFT LoRA adapter directory to ``model`` as FLoRA adapters with the same outputs.
+    r"""Add a PEFT LoRA adapter directory to ``model`` as FLoRA adapters with the same outputs.
 
     Every LoRA pair is a Tucker tensor exactly: Linear ``scaling · B A``
-    (core ``I_r``, factors ``B`` and ``Aᵀ``), Embedding ``scaling · Aᵀ Bᵀ``,
+    (core ``I_r``, factors ``B`` and :math:`A^\top`), Embedding :math:`\text{scaling} \cdot A^\top
+    B^\top`,
     ConvNd ``lora_A``'s kernel as the core with ``B`` on the output mode;
     the ranks are brought to what a Tucker tensor can use without changing
     the update. ``scaling`` is PEFT's: ``lora_alpha / r``, or
@@ -321,7 +323,7 @@ def import_lora(
     PEFT's LoRA branch of a Linear pair computes ``x ↦ scaling · B A x``;
     on a ``torch.nn.Linear`` that is the weight update ``B A``, on
     transformers' ``Conv1D`` (weight stored ``(in, out)``, the case of
-    ``fan_in_fan_out``) the update ``(B A)ᵀ`` of its weight, which FLoRA
+    ``fan_in_fan_out``) the update :math:`(B A)^\top` of its weight, which FLoRA
     adapts as a parameter (:class:`flora.TuckerParametrization`, which has
     no input dropout: with ``lora_dropout`` such layers import only with
     ``trainable=False``). PEFT's ``modules_to_save`` copies become the

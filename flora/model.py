@@ -627,11 +627,11 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model that computes what ``model`` computes now.
+    r"""The state dict of the plain model that computes what ``model`` computes now.
 
     Keys are those of the model without adapters (``"encoder.query.weight"``,
     not ``"encoder.query.base_layer.weight"``); adapted weights hold
-    ``W + Σ ΔW`` of the running adapters, saved modules the running copy.
+    :math:`W + \sum \Delta W` of the running adapters, saved modules the running copy.
     ``model`` is not changed. This is what a Hugging Face ``save_pretrained``
     needs: ``model.save_pretrained(directory, state_dict=flora.merged_state_dict(model))``
     writes a checkpoint that ``from_pretrained`` loads as a plain model.

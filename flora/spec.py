@@ -1,14 +1,14 @@
-"""`LayerSpec`: what one FLoRA adapter of one weight is, validated in one place.
+r"""`LayerSpec`: what one FLoRA adapter of one weight is, validated in one place.
 
 A spec names the layer kind, the weight's shape, the Tucker ranks and the
 options (scale, init, forward mode, dropout). :class:`flora.FLoRAConfig`
 builds one per adapted layer, the layers are built from it, saved adapters
-record it (:meth:`LayerSpec.to_record`) and loading reads it back
-(:meth:`LayerSpec.from_record`). Every check and every error message about
+record it (:meth:`~flora.LayerSpec.to_record`) and loading reads it back
+(:meth:`~flora.LayerSpec.from_record`). Every check and every error message about
 these settings lives in this module.
 
 Ranks are clipped to what a Tucker tensor can use: ``R_n <= I_n`` and
-``R_n <= prod_{m != n} R_m`` for every mode (:func:`flora.spec.usable_ranks`). A mode
+:math:`R_n \le \prod_{m \ne n} R_m` for every mode (:func:`flora.spec.usable_ranks`). A mode
 rank above the product of the others adds parameters but no expressible
 update, because the mode-``n`` unfolding of the core has at most that many
 independent columns.
@@ -206,9 +206,9 @@ def _check_shape(value: object) -> tuple[int, ...]:
 
 
 def usable_ranks(ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """The largest ranks ``<= ranks`` that a Tucker tensor of ``shape`` can use.
+    r"""The largest ranks ``<= ranks`` that a Tucker tensor of ``shape`` can use.
 
-    Every mode satisfies ``R_n <= min(I_n, prod_{m != n} R_m)``; clipping one
+    Every mode satisfies :math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`; clipping one
     mode can lower the bound of another, so the clipping repeats until
     nothing changes (the result does not depend on the order of the modes).
 
@@ -246,7 +246,7 @@ def usable_ranks(ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
 def clip_ranks(
     template: RankTemplate, shape: Sequence[int], name: str = "ranks"
 ) -> tuple[int, ...]:
-    """Clip a rank template to a weight's shape and to the usable ranks.
+    r"""Clip a rank template to a weight's shape and to the usable ranks.
 
     Parameters
     ----------
@@ -254,7 +254,7 @@ def clip_ranks(
         An int applies to every mode; a sequence gives one rank per mode
         (``None`` keeps the mode full).
     shape : sequence of int
-        The weight's shape ``(I_0, ..., I_{N-1})``.
+        The weight's shape :math:`(I_0, \dots, I_{N-1})`.
     name : str, optional
         Name used in error messages.
 
@@ -296,7 +296,7 @@ def clip_ranks(
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One adapter of one weight: kind, shape, ranks and options, validated.
+    r"""One adapter of one weight: kind, shape, ranks and options, validated.
 
     Parameters
     ----------
@@ -304,12 +304,13 @@ class LayerSpec:
         ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``, ``"Embedding"`` or
         ``"Parameter"``.
     shape : sequence of int
-        The adapted weight's shape ``(I_0, ..., I_{N-1})``.
+        The adapted weight's shape :math:`(I_0, \dots, I_{N-1})`.
     ranks : sequence of int
         One rank per mode, usable as they are: ``1 <= R_n <= I_n`` and
-        ``R_n <= prod_{m != n} R_m`` (:meth:`flora.LayerSpec.from_template` clips a template).
+        :math:`R_n \le \prod_{m \ne n} R_m` (:meth:`flora.LayerSpec.from_template` clips a
+        template).
     scale : float, optional
-        The factor ``s`` of ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}``.
+        The factor ``s`` of :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
     init : {"zero_core", "hosvd", "gaussian"}, optional
         How the adapter starts; ``"hosvd"`` adapters keep their initial
         tensors (see :mod:`flora.init`).

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -47,15 +49,17 @@ SOURCE_LEFTOVERS = {
 }
 
 
-def _load_site_checks():
-    spec = importlib.util.spec_from_file_location("site_checks", DOCS / "_ext" / "site_checks.py")
+def _load_extension(name: str):
+    spec = importlib.util.spec_from_file_location(name, DOCS / "_ext" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-site_checks = _load_site_checks()
+site_checks = _load_extension("site_checks")
+autolinks = _load_extension("autolinks")
+details = _load_extension("details")
 
 
 def _name(path: Path) -> str:
@@ -194,6 +198,14 @@ def _nav(links: str) -> str:
     )
 
 
+def _boxed(rows: str, colgroup: str = "") -> str:
+    """A table in the theme's sideways-scrolling box."""
+    return (
+        '<div class="pst-scrollable-table-container">'
+        f'<table class="table">{colgroup}{rows}</table></div>'
+    )
+
+
 def test_site_check_accepts_a_clean_page() -> None:
     html = _page(
         "<p>See <a href='https://arxiv.org/abs/2405.14739'>the paper</a>; "
@@ -244,8 +256,8 @@ def test_site_check_finds_empty_sidebars() -> None:
             "<pre><span>tmp</span> = <span>getfixture</span>(<span>'tmp_path'</span>)</pre>",
             "only runs in the test suite",
         ),
-        ("<table><tr><td><ul><li></li></ul></td></tr></table>", "empty bullet"),
-        ("<table><tr><td>0.745 ± 0.000</td></tr></table>", "zero spread"),
+        (_boxed("<tr><td><ul><li></li></ul></td></tr>"), "empty bullet"),
+        (_boxed("<tr><td>0.745 ± 0.000</td></tr>"), "zero spread"),
     ],
 )
 def test_site_check_finds_leftovers_and_broken_cells(body: str, expected: str) -> None:
@@ -270,3 +282,168 @@ def test_site_check_allowances_end_when_the_page_is_fixed(tmp_path: Path) -> Non
     (tmp_path / "_static").mkdir()
     (tmp_path / "_static" / "x.css").write_text("@import url(https://fonts.example.com/f.css);")
     assert any(p.page == "_static/x.css" for p in site_checks.check_site(tmp_path, {}))
+
+
+def _index(objects: dict[str, list[tuple[str, str]]], titles: list[str] | None = None) -> dict:
+    """A search index holding ``objects`` (prefix to (name, type)) on one page each."""
+    types = ["py:module", "py:function", "py:class", "py:method"]
+    docs, entries = [], {}
+    for prefix, names in objects.items():
+        for name, kind in names:
+            docs.append(f"{prefix}.{name}" if prefix else name)
+            entries.setdefault(prefix, []).append([len(docs) - 1, types.index(kind), 1, "", name])
+    names = {str(i): ["py", kind.split(":")[1], f"Python {kind}"] for i, kind in enumerate(types)}
+    alltitles = {title: [[0, None]] for title in titles or []}
+    return {
+        "objects": entries,
+        "objnames": names,
+        "objtypes": {str(i): kind for i, kind in enumerate(types)},
+        "titles": docs,
+        "alltitles": alltitles,
+    }
+
+
+FLORA_INDEX = {
+    "": [("flora", "py:module"), ("flora.io", "py:module")],
+    "flora": [
+        ("merge", "py:function"),
+        ("save_adapter", "py:function"),
+        ("SavedAdapter", "py:class"),
+        ("Linear", "py:class"),
+        ("AdaptedWeight", "py:class"),
+    ],
+    "flora.Linear": [("merge", "py:method")],
+    "flora.AdaptedWeight": [("merge", "py:method")],
+}
+
+
+def test_search_ranks_the_public_name_above_methods_and_partial_matches() -> None:
+    index = _index(FLORA_INDEX, titles=["Merge"])
+    ranking = site_checks.search_ranking(index, "merge")
+    # Without the public-name rule the methods tie with flora.merge and win alphabetically.
+    assert ranking[:3] == ["flora.merge", "flora.AdaptedWeight.merge", "flora.Linear.merge"]
+    assert ranking[-1] == "Merge"
+    assert site_checks.search_ranking(index, "save adapter")[:2] == [
+        "flora.save_adapter",
+        "flora.SavedAdapter",
+    ]
+    assert site_checks.search_ranking(index, "sthosvd") == []
+
+
+def test_search_check_finds_objects_documented_twice_and_misranked_queries() -> None:
+    twice = {**FLORA_INDEX, "flora.io": [("save_adapter", "py:function")]}
+    index = _index(twice)
+    expected = {"merge": "flora.merge", "inject": "flora.inject"}
+    problems = site_checks.search_problems(index, expected)
+    assert problems == [
+        "flora.io.save_adapter is documented twice: also as flora.save_adapter",
+        "a search for 'inject' ranks nothing before flora.inject",
+    ]
+    expected = {"merge": "flora.merge", "save adapter": "flora.save_adapter"}
+    assert site_checks.search_problems(_index(FLORA_INDEX), expected) == []
+    # A method of the same name as a public function is not a second copy of it.
+    methods_only = {**FLORA_INDEX, "flora": [("Linear", "py:class")]}
+    (problem,) = site_checks.search_problems(_index(methods_only), {"merge": "flora.merge"})
+    assert problem.startswith("a search for 'merge' ranks flora.AdaptedWeight.merge")
+
+
+def test_search_index_is_read_from_the_built_script(tmp_path: Path) -> None:
+    data = _index(FLORA_INDEX)
+    (tmp_path / "searchindex.js").write_text(f"Search.setIndex({json.dumps(data)})")
+    assert site_checks.read_search_index(tmp_path / "searchindex.js") == data
+
+
+def _row(cells: int) -> str:
+    return "<tr>" + "<td>1</td>" * cells + "</tr>"
+
+
+def test_site_check_finds_tables_that_can_run_wider_than_the_column() -> None:
+    widths = "<colgroup>" + '<col style="width: 20%" />' * 5 + "</colgroup>"
+    fine = [_boxed(_row(4)), _boxed(_row(5), widths), _boxed('<tr><td colspan="4">a</td></tr>')]
+    assert site_checks.check_page("page.html", _page("".join(fine))) == []
+    loose = "<table><caption>Runs</caption>" + _row(2) + "</table>"
+    (problem,) = site_checks.check_page("page.html", _page(loose))
+    assert "'Runs' is not in a box that scrolls sideways" in problem
+    # Five columns sized by their content: the proxy for wider than the column.
+    wide = _boxed('<tr><td colspan="2">a</td>' + "<td>1</td>" * 3 + "</tr>")
+    (problem,) = site_checks.check_page("page.html", _page(wide))
+    assert "has 5 columns and no widths" in problem
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "σ^{(n)}_i",
+        "(I_n, prod_{k != n} I_k)",
+        "ΔW = s · G ×_0 U_0",
+        "U_1ᵀ",
+        "‖x‖²",
+        "\\sum_i",
+        "A^T",
+    ],
+)
+def test_site_check_finds_math_set_as_code(literal: str) -> None:
+    body = f"<p>with <code class='docutils literal'><span class='pre'>{literal}</span></code></p>"
+    (problem,) = site_checks.check_page("page.html", _page(body))
+    assert problem.startswith("math set as code")
+    assert repr(literal) in problem
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "x[i]",
+        "math.prod(shape)",
+        "--energy E[,E…]",
+        "python -m flora …",
+        "{'a': 1}",
+        "f'{name}_{i}'",
+    ],
+)
+def test_site_check_leaves_real_code_alone(literal: str) -> None:
+    body = f"<p><code class='docutils literal'>{literal}</code></p>"
+    body += "<pre>ΔW = s · G ×_0 U_0  # a comment in a code block</pre>"
+    assert site_checks.check_page("page.html", _page(body)) == []
+
+
+def test_arxiv_ids_in_text_become_links() -> None:
+    from docutils.core import publish_doctree
+
+    doctree = publish_doctree(
+        "FLoRA (arXiv:2405.14739, ICLR 2025); ``arXiv:2405.14739`` stays code."
+    )
+    autolinks._arxiv_links(doctree)
+    (link,) = doctree.findall(autolinks.nodes.reference)
+    assert link["refuri"] == "https://arxiv.org/abs/2405.14739"
+    assert link.astext() == "arXiv:2405.14739"
+    assert doctree.astext().startswith(
+        "FLoRA (arXiv:2405.14739, ICLR 2025); arXiv:2405.14739 stays"
+    )
+
+
+def test_changelog_literals_name_one_documented_object() -> None:
+    objects = dict.fromkeys(["flora.merge", "flora.compress", "tuckerlib.compress", "flora.io"])
+    assert autolinks._object(objects, "merge") == ("flora.merge", None)
+    assert autolinks._object(objects, "merge()") == ("flora.merge", None)
+    assert autolinks._object(objects, "flora.io") == ("flora.io", None)
+    # Two packages document a compress: the literal stays code, as do non-names.
+    for literal in ("compress", "tol", "x = merge(m)", "‖x‖²"):
+        assert autolinks._object(objects, literal) is None
+
+
+def test_details_folds_its_content_under_a_summary() -> None:
+    from docutils.core import publish_doctree
+    from docutils.parsers.rst import directives
+
+    directives.register_directive("details", details.Details)
+    doctree = publish_doctree(".. details:: Every run <all>\n\n   A table.\n")
+    (node,) = doctree.findall(details.details)
+    assert node["summary"] == "Every run <all>"
+    assert node.astext() == "A table."
+    translator = types.SimpleNamespace(body=[])
+    details._visit_html(translator, node)
+    details._depart_html(translator, node)
+    assert translator.body == [
+        '<details class="folded"><summary>Every run &lt;all&gt;</summary>\n',
+        "</details>\n",
+    ]

@@ -72,7 +72,7 @@ def _last_mode(xp: ModuleType, x2: Any, op: Any) -> Any:
 
 
 def _apply(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
-    """``x ×_mode op`` for a 2-D ``op`` of shape ``(J, I_mode)``, in ``x``'s memory layout.
+    r""":math:`x \times_m \text{op}`, 2-D ``op`` of shape ``(J, I_mode)``, in ``x``'s memory layout.
 
     A transposed view (a Fortran-ordered array, the result of a product in
     another orientation) is multiplied along its memory order, where the
@@ -89,7 +89,7 @@ def _apply(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
 
 
 def _apply_c_order(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
-    """``x ×_mode op`` as one (batched) GEMM on reshaped views of a C-ordered ``x``."""
+    r""":math:`x \times_m \text{op}` as one (batched) GEMM on views of a C-ordered ``x``."""
     shape = tuple(x.shape)
     before = math.prod(shape[:mode])
     after = math.prod(shape[mode + 1 :])
@@ -104,7 +104,7 @@ def _apply_c_order(xp: ModuleType, x: Any, op: Any, mode: int) -> Any:
 
 
 def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> Any:
-    """Mode-``n`` product ``x ×_n M`` of a tensor and a matrix (or vector).
+    r"""Mode-``n`` product :math:`x \times_n M` of a tensor and a matrix (or vector).
 
     Parameters
     ----------
@@ -143,8 +143,8 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
 
     Notes
     -----
-    No unfolding is materialized. With ``P = prod(I_0..I_{n-1})`` and
-    ``Q = prod(I_{n+1}..)``, ``x`` is viewed as ``(P, I_n, Q)``: the first
+    No unfolding is materialized. With :math:`P = \prod(I_0..I_{n-1})` and
+    :math:`Q = \prod(I_{n+1}..)`, ``x`` is viewed as ``(P, I_n, Q)``: the first
     and last modes are a single GEMM on a reshaped view, a middle mode a
     batched GEMM (``matmul`` broadcasting ``M`` over ``P``). A strided
     input that is a transposed view of a contiguous buffer (e.g.
@@ -232,9 +232,9 @@ def multi_mode_product(
     skip: int | Sequence[int] | None = None,
     transpose: bool = False,
 ) -> Any:
-    """Products of a tensor with several matrices, one per mode.
+    r"""Products of a tensor with several matrices, one per mode.
 
-    Computes ``x ×_{m_0} M_0 ×_{m_1} M_1 ...``. Products in different modes
+    Computes :math:`x \times_{m_0} M_0 \times_{m_1} M_1 \dots`. Products in different modes
     commute, so they are applied in the order that costs the fewest flops.
 
     Parameters
@@ -251,7 +251,7 @@ def multi_mode_product(
         Modes (not list positions) whose matrix is left out, e.g. to project
         onto all factors but one in HOOI.
     transpose : bool, optional
-        Use every matrix transposed, e.g. ``x ×_n U_nᵀ`` to project onto
+        Use every matrix transposed, e.g. :math:`x \times_n U_n^\top` to project onto
         factors ``U_n`` of shape ``(I_n, R_n)``.
 
     Returns
@@ -276,11 +276,11 @@ def multi_mode_product(
     See Also
     --------
     mode_product : A single mode.
-    tucker_to_tensor : ``core ×_0 U_0 ... ×_{N-1} U_{N-1}``.
+    tucker_to_tensor : :math:`\text{core} \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
 
     Notes
     -----
-    Applying mode ``n`` first costs ``J_n I_n prod_{k != n} I_k``
+    Applying mode ``n`` first costs :math:`J_n I_n \prod_{k \ne n} I_k`
     multiply-adds and shrinks the tensor for the products that follow, so
     the order matters by orders of magnitude when the ``J_n`` differ from
     the ``I_n``. The optimal order is found by a dynamic program over the

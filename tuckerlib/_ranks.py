@@ -14,7 +14,7 @@ Rank = int | Sequence[int | None] | None
 
 
 def resolve_rank(rank: Rank, shape: Sequence[int], name: str = "rank") -> tuple[int, ...]:
-    """Turn a rank specification into one integer rank per mode.
+    r"""Turn a rank specification into one integer rank per mode.
 
     Parameters
     ----------
@@ -24,7 +24,7 @@ def resolve_rank(rank: Rank, shape: Sequence[int], name: str = "rank") -> tuple[
         string or mapping) gives one rank per mode (``None`` entries keep
         that mode full); entries must lie in ``[1, shape[n]]``.
     shape : sequence of int
-        The tensor's shape ``(I_0, ..., I_{N-1})``: non-negative integers.
+        The tensor's shape :math:`(I_0, \dots, I_{N-1})`: non-negative integers.
     name : str, optional
         The argument name used in error messages.
 
@@ -90,12 +90,12 @@ def _is_scalar(rank: object) -> bool:
 
 
 def tucker_params(shape: Sequence[int], rank: Rank) -> int:
-    """Number of parameters of a Tucker tensor: ``prod(rank) + sum(I_n * R_n)``.
+    r"""Number of parameters of a Tucker tensor: ``prod(rank) + sum(I_n * R_n)``.
 
     Parameters
     ----------
     shape : sequence of int
-        The full tensor's shape ``(I_0, ..., I_{N-1})``.
+        The full tensor's shape :math:`(I_0, \dots, I_{N-1})`.
     rank : int, sequence of int or None, or None
         The Tucker ranks, resolved by the rank rules of :func:`resolve_rank`.
 

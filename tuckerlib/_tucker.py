@@ -58,7 +58,7 @@ def _unit_scaled(xp: ModuleType, a: Any) -> tuple[Any, Any]:
 
 
 def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
-    """Full tensor ``core ×_0 U_0 ×_1 U_1 ⋯ ×_{N-1} U_{N-1}``.
+    r"""Full tensor :math:`\text{core} \times_0 U_0 \times_1 U_1 \cdots \times_{N-1} U_{N-1}`.
 
     Parameters
     ----------
@@ -99,7 +99,7 @@ def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
 
 @dataclass(frozen=True, eq=False)
 class TuckerTensor:
-    """A tensor in Tucker form: ``core ×_0 U_0 ×_1 U_1 ⋯ ×_{N-1} U_{N-1}``.
+    r"""A tensor in Tucker form: :math:`G \times_0 U_0 \times_1 U_1 \cdots \times_{N-1} U_{N-1}`.
 
     An immutable value holding arrays of any array API library; it unpacks
     as ``core, factors = tucker``.
@@ -154,12 +154,12 @@ class TuckerTensor:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape ``(I_0, ..., I_{N-1})`` of the full tensor."""
+        r"""Shape :math:`(I_0, \dots, I_{N-1})` of the full tensor."""
         return tuple(int(f.shape[0]) for f in self.factors)
 
     @property
     def rank(self) -> tuple[int, ...]:
-        """Multilinear rank ``(R_0, ..., R_{N-1})``: the core's shape."""
+        r"""Multilinear rank :math:`(R_0, \dots, R_{N-1})`: the core's shape."""
         return tuple(int(s) for s in self.core.shape)
 
     @property
@@ -177,12 +177,12 @@ class TuckerTensor:
         return multi_mode_product(self.core, self.factors)
 
     def norm(self) -> Any:
-        """Frobenius norm of the full tensor, without materializing it.
+        r"""Frobenius norm of the full tensor, without materializing it.
 
         Returns a 0-D array of the core's library (differentiable where the
         core and factors are; integer arrays give the default floating
-        dtype). Uses ``‖x‖² = ⟨G, G ×_0 U_0ᴴU_0 ... ⟩``, which costs
-        ``O(sum I_n R_n² + R^{N+1})``; for orthonormal factors it equals the
+        dtype). Uses :math:`\|x\|^2 = \langle G, G \times_0 U_0^H U_0 \dots \rangle`, which costs
+        :math:`O(\sum I_n R_n^2 + R^{N+1})`; for orthonormal factors it equals the
         core's norm. The core and each factor are divided by their largest
         magnitude first, so the squares neither overflow nor underflow
         where the norm itself is representable.

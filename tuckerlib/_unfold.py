@@ -18,7 +18,7 @@ def _unfolding_order(mode: int, ndim: int) -> tuple[int, ...]:
 
 
 def unfold(x: Any, mode: int) -> Any:
-    """Mode-``n`` unfolding (matricization) of a tensor.
+    r"""Mode-``n`` unfolding (matricization) of a tensor.
 
     Parameters
     ----------
@@ -31,8 +31,8 @@ def unfold(x: Any, mode: int) -> Any:
     Returns
     -------
     array of shape (I_n, prod_{k != n} I_k)
-        Element ``(i_0, ..., i_{N-1})`` sits in row ``i_n`` and column
-        ``sum_{k != n} i_k J_k`` with ``J_k = prod_{m < k, m != n} I_m``:
+        Element :math:`(i_0, \dots, i_{N-1})` sits in row ``i_n`` and column
+        :math:`\sum_{k \ne n} i_k J_k` with :math:`J_k = \prod_{m < k, m \ne n} I_m`:
         earlier modes vary fastest.
 
     Raises
@@ -90,7 +90,7 @@ def unfold(x: Any, mode: int) -> Any:
 
 
 def fold(matrix: Any, mode: int, shape: tuple[int, ...]) -> Any:
-    """Refold a mode-``n`` unfolding into a tensor of ``shape``.
+    r"""Refold a mode-``n`` unfolding into a tensor of ``shape``.
 
     Parameters
     ----------
@@ -99,7 +99,7 @@ def fold(matrix: Any, mode: int, shape: tuple[int, ...]) -> Any:
     mode : int
         The mode ``n`` the rows belong to. Negative values count from the end.
     shape : sequence of int
-        The full tensor shape ``(I_0, ..., I_{N-1})``: non-negative
+        The full tensor shape :math:`(I_0, \dots, I_{N-1})`: non-negative
         integers (NumPy integer scalars included).
 
     Returns

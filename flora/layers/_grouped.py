@@ -1,4 +1,4 @@
-"""Grouped and depthwise convolutions with a fast exact weight gradient.
+r"""Grouped and depthwise convolutions with a fast exact weight gradient.
 
 A grouped convolution's adapter runs dense (its weight ``W + ΔW`` is one
 tensor per group), so a training step computes the weight gradient of a
@@ -20,7 +20,7 @@ the same gradients, with the weight gradient computed one of three ways
     gradient, where oneDNN has a direct kernel for every undilated shape.
 ``"swapped"``
     For depthwise kernels (one input channel a group): the gradient
-    ``Σ_n x[n, c] ⋆ g[n, o]`` is one *forward* depthwise convolution whose
+    :math:`\sum_n x[n, c] \star g[n, o]` is one *forward* depthwise convolution whose
     input is ``x`` with batch and channels merged into ``N·C`` channels and
     whose ``N·C_out`` kernels are the output gradient's planes, stride and
     dilation exchanged; the ``N`` partial kernels are then summed. oneDNN's

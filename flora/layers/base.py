@@ -1,13 +1,14 @@
-"""What every FLoRA layer shares: named Tucker adapters on one weight.
+r"""What every FLoRA layer shares: named Tucker adapters on one weight.
 
 :class:`~flora.TuckerDelta` is one adapter: a trainable ``core`` and ``factors``
-with ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` and its :class:`flora.LayerSpec`.
-:class:`AdaptedWeight` holds the named adapters of one weight (which are
+with :math:`\Delta W = s \cdot \text{core} \times_0 U_0 \dots \times_{N-1} U_{N-1}` and its
+:class:`flora.LayerSpec`.
+:class:`~flora.AdaptedWeight` holds the named adapters of one weight (which are
 active, which are merged) and adds their updates into, or out of, the base
-weight. :class:`FLoRALayer` wraps a module as ``base_layer`` and runs the
+weight. :class:`~flora.FLoRALayer` wraps a module as ``base_layer`` and runs the
 active adapters' branches next to it.
 
-What a weight with adapters computes: ``W + Σ_active ΔW_a`` with ``W`` the
+What a weight with adapters computes: :math:`W + \sum_{\text{active}} \Delta W_a` with ``W`` the
 base weight. An adapter made with ``init="hosvd"`` took its initial update
 ``ΔW_a,init`` out of the base weight when it was added; while it is not
 running (inactive, or inside :func:`flora.disable_adapter`) the layer adds
@@ -117,7 +118,7 @@ def _check_weight(weight: torch.Tensor) -> None:
 
 
 class TuckerDelta(nn.Module):
-    """One adapter: ``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}`` for a weight of ``spec.shape``.
+    r"""One adapter, :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
 
     With ``spec.bias`` it also holds a bias update ``Δb`` (``bias``, shape
     ``(spec.shape[0],)``) that the layer adds to its bias, as PEFT's
@@ -271,7 +272,7 @@ class TuckerDelta(nn.Module):
         bias: torch.Tensor | None = None,
         trainable: bool = True,
     ) -> TuckerDelta:
-        """An adapter holding ``ΔW = scale · core ×_0 factors[0] … ×_{N-1} factors[N-1]``.
+        r"""An adapter holding :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
 
         Modes whose rank exceeds what the tensor can use are compressed
         without loss first (reduced QR of the factor times the core's
@@ -283,7 +284,7 @@ class TuckerDelta(nn.Module):
         kind : str
             The layer kind (``"Linear"``, ``"Conv2d"``, ..., ``"Parameter"``).
         core : torch.Tensor
-            Floating tensor of shape ``(R_0, ..., R_{N-1})``.
+            Floating tensor of shape :math:`(R_0, \dots, R_{N-1})`.
         factors : sequence of torch.Tensor
             ``factors[n]`` of shape ``(I_n, R_n)``, same dtype as ``core``.
         scale, forward, dropout : optional
@@ -341,7 +342,7 @@ class TuckerDelta(nn.Module):
         return self.initial_core, factors
 
     def delta_weight(self) -> torch.Tensor:
-        """``ΔW = s · core ×_0 U_0 … ×_{N-1} U_{N-1}``, in the adapter's dtype.
+        r""":math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`, adapter dtype.
 
         Layers apply their own masks on top (:meth:`flora.AdaptedWeight.delta_weight`).
         """
@@ -600,7 +601,7 @@ class AdaptedWeight(nn.Module):
 
     @staticmethod
     def _bias_sum(adapters: Iterable[TuckerDelta]) -> torch.Tensor | None:
-        """``Σ Δb`` of the adapters that carry a bias update (None if none does)."""
+        r""":math:`\sum \Delta b` of the adapters that carry a bias update (None if none does)."""
         present = [a.bias for a in adapters if a.bias is not None]
         return functools.reduce(operator.add, present) if present else None
 
@@ -775,7 +776,7 @@ class AdaptedWeight(nn.Module):
 
     @staticmethod
     def _merged_bias_sum(adapters: Iterable[TuckerDelta]) -> torch.Tensor | None:
-        """``Σ Δb`` as merged, of the merged adapters that carry a bias update."""
+        r""":math:`\sum \Delta b` as merged, of the merged adapters that carry a bias update."""
         present = [b for a in adapters if (b := a.merged_bias()) is not None]
         return functools.reduce(operator.add, present) if present else None
 

@@ -1,10 +1,10 @@
-"""FLoRA adapters for ``torch.nn.Conv1d``, ``Conv2d`` and ``Conv3d``.
+r"""FLoRA adapters for ``torch.nn.Conv1d``, ``Conv2d`` and ``Conv3d``.
 
 The Tucker modes are the weight's own axes ``(out, in/groups, *kernel)``.
 The factorized forward (groups = 1) is three convolutions:
 
-1. a 1×1 convolution with ``U_1ᵀ`` maps the ``in`` channels to ``R_1``;
-2. a convolution with the kernel core ``s · G ×_2 U_2 … ×_{N-1} U_{N-1}``
+1. a 1×1 convolution with :math:`U_1^\top` maps the ``in`` channels to ``R_1``;
+2. a convolution with the kernel core :math:`s \cdot G \times_2 U_2 \dots \times_{N-1} U_{N-1}`
    of shape ``(R_0, R_1, *kernel)`` and the base's stride, padding,
    dilation and padding mode;
 3. a 1×1 convolution with ``U_0`` maps ``R_0`` channels to ``out``.

@@ -1,4 +1,4 @@
-"""FLoRA adapter for ``torch.nn.Embedding``: ``ΔE = s · U_0 G U_1ᵀ``, (num_embeddings, dim)."""
+r"""FLoRA adapter for ``torch.nn.Embedding``: :math:`\Delta E = s \cdot U_0 G U_1^\top`."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ __all__ = ["Embedding"]
 
 
 class Embedding(FLoRALayer):
-    """A ``torch.nn.Embedding`` with a FLoRA adapter on its table.
+    r"""A ``torch.nn.Embedding`` with a FLoRA adapter on its table.
 
     The factorized lookup gathers rows of ``U_0`` (shape
-    ``(num_embeddings, R_0)``) and multiplies them by ``s · G U_1ᵀ``; it
+    ``(num_embeddings, R_0)``) and multiplies them by :math:`s \cdot G U_1^\top`; it
     never builds ``ΔE``. The row of ``padding_idx`` gets no update, in both
     forwards and in :func:`flora.merge`.
 

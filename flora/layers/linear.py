@@ -1,4 +1,4 @@
-"""FLoRA adapter for ``torch.nn.Linear``: ``ΔW = s · U_0 G U_1ᵀ`` of shape (out, in)."""
+r"""FLoRA adapter for ``torch.nn.Linear``: :math:`\Delta W = s \cdot U_0 G U_1^\top`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["Linear"]
 
 
 class Linear(FLoRALayer):
-    """A ``torch.nn.Linear`` with a FLoRA adapter on its ``(out, in)`` weight.
+    r"""A ``torch.nn.Linear`` with a FLoRA adapter on its ``(out, in)`` weight.
 
     Parameters
     ----------
@@ -33,7 +33,7 @@ class Linear(FLoRALayer):
     init : {"zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
-        ``"factorized"`` runs ``((x U_1) Gᵀ) U_0ᵀ``, three thin matmuls;
+        ``"factorized"`` runs :math:`((x U_1) G^\top) U_0^\top`, three thin matmuls;
         ``"dense"`` builds ``ΔW`` and runs one linear op on ``W + ΔW``.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` wraps the

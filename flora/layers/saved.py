@@ -1,6 +1,6 @@
 """Whole modules trained and saved with an adapter (``FLoRAConfig.modules_to_save``).
 
-:class:`ModulesToSave` takes a module's place in the model and keeps the
+:class:`~flora.ModulesToSave` takes a module's place in the model and keeps the
 original next to one trainable copy per adapter. A call runs the copy of the
 active adapter, or the original when no active adapter has a copy or inside
 :func:`flora.disable_adapter`. At most one active adapter may have a copy in

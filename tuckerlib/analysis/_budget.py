@@ -70,7 +70,7 @@ def _pinned_items(fixed: Mapping[Any, Any], ndim: int) -> list[tuple[int, Any]]:
 
 
 def _kept(s: np.ndarray) -> np.ndarray:
-    """``kept[r] = Σ_{i<r} s_i²`` for ``r = 0..len(s)``."""
+    r""":math:`\text{kept}[r] = \sum_{i<r} s_i^2` for ``r = 0..len(s)``."""
     return np.concatenate([[0.0], np.cumsum(np.square(s))])
 
 
@@ -116,7 +116,7 @@ def _matrix_ranks(
 
 
 class _Problem:
-    """``max Σ_n log f_n(R_n)`` subject to ``tucker_params(shape, R) <= budget``."""
+    r""":math:`\max \sum_n \log f_n(R_n)` subject to ``tucker_params(shape, R) <= budget``."""
 
     def __init__(
         self,
@@ -289,7 +289,8 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
         array is always read as spectra; the lengths give the shape).
     budget : int
         Maximum number of Tucker parameters,
-        ``tucker_params(shape, ranks) = Π_n R_n + Σ_n I_n R_n``. A budget
+        :math:`\text{tucker\_params}(\text{shape}, \text{ranks}) = \prod_n R_n + \sum_n I_n R_n`. A
+        budget
         above that of full ranks, however large, allows full ranks.
     fixed : dict or sequence, optional
         Ranks to pin: a ``dict`` ``{mode: rank}`` (negative modes count from
@@ -330,7 +331,7 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     which is exact when the tensor's energy is spread independently over
     its modes (e.g. a Gaussian core) and equals 1 at any ranks that contain
     a planted multilinear rank. It is maximized as a sum of logs. Unlike the
-    additive surrogate ``Σ_n f_n`` (``N`` minus the relative HOSVD error
+    additive surrogate :math:`\sum_n f_n` (``N`` minus the relative HOSVD error
     bound), it heavily penalizes a mode that keeps little, as it should: the
     error of any Tucker approximation is at least what its worst mode
     discards. On
@@ -343,7 +344,7 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     them (e.g. 2 304 for a 256×256×3×3 convolution), and by a coordinate
     search otherwise. Among equal energies the fewest parameters win.
 
-    Only usable ranks are considered, ``R_n <= Π_{m≠n} R_m``: the core's
+    Only usable ranks are considered, :math:`R_n \le \prod_{m \ne n} R_m`: the core's
     mode-``n`` unfolding has rank at most the product of the other ranks,
     so a larger ``R_n`` pays for factor columns that no core entry reaches,
     while the surrogate, which reads the spectra of ``x``, would count their

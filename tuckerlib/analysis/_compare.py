@@ -32,9 +32,9 @@ def _relative(squared_error: float, total: float) -> float:
 
 
 def _given_spectra(spectra: Any, prepared: Prepared) -> list[np.ndarray]:
-    """Host copies of ``mode_spectra(x)`` given by the caller, checked against ``x``.
+    r"""Host copies of ``mode_spectra(x)`` given by the caller, checked against ``x``.
 
-    They are scaled like the prepared tensor, whose ``‖x‖`` they must match.
+    They are scaled like the prepared tensor, whose :math:`\|x\|` they must match.
     """
     expected = "a list of 1-D arrays (mode_spectra(x))"
     if array_api_compat.is_array_api_obj(spectra):
@@ -53,7 +53,7 @@ def _given_spectra(spectra: Any, prepared: Prepared) -> list[np.ndarray]:
 
 
 def _check_energies(host: list[np.ndarray], prepared: Prepared) -> None:
-    """Every unfolding holds all entries of ``x``: each spectrum's energy must be ``‖x‖²``.
+    r"""Every unfolding holds all entries of ``x``: each spectrum's energy must be :math:`\|x\|^2`.
 
     The tolerance follows ``x``'s dtype: the Gram route of
     :func:`mode_spectra` gets energies right to about ``eps`` times the
@@ -95,8 +95,8 @@ def tucker_vs_matrix(
         The output of ``mode_spectra(x)`` when the caller already has it
         (any library; one descending spectrum of length ``I_n`` per mode):
         the ranks and the matrix error are then taken from it instead of
-        being computed again. Each spectrum's energy ``Σ σ_i²`` must equal
-        ``‖x‖²`` to a tolerance set by ``x``'s dtype (``sqrt(eps)``, or
+        being computed again. Each spectrum's energy :math:`\sum \sigma_i^2` must equal
+        :math:`\|x\|^2` to a tolerance set by ``x``'s dtype (``sqrt(eps)``, or
         ``32 · max(I_n) · eps`` if larger), so the spectra of a tensor of
         another norm are refused rather than trusted. For a matrix nothing
         else is computed; for a tensor the ST-HOSVD for the Tucker error
@@ -110,7 +110,7 @@ def tucker_vs_matrix(
         :func:`ranks_for_budget`; ``"matrix_error"`` (float): relative error
         of the best rank-``"matrix_rank"`` (int) approximation of
         ``unfold(x, 0)``, with ``r`` the largest rank such that
-        ``r · (I_0 + Π_{n>0} I_n) <= budget`` (``0``, with error ``1.0``,
+        :math:`r \cdot (I_0 + \prod_{n>0} I_n) \le \text{budget}` (``0``, with error ``1.0``,
         when even rank 1 does not fit); ``"budget"`` (int). Errors are
         ``0.0`` for an all-zero tensor.
 
@@ -120,7 +120,7 @@ def tucker_vs_matrix(
         If ``x`` has fewer than 2 modes or holds NaN/inf, or ``budget`` is
         too small for rank 1 in every Tucker mode (the message gives the
         minimum), or ``spectra`` does not hold one valid spectrum of
-        length ``I_n`` per mode of ``x`` whose energy is ``‖x‖²``.
+        length ``I_n`` per mode of ``x`` whose energy is :math:`\|x\|^2`.
     TypeError
         If ``x`` is complex, ``budget`` is not an integer, or ``spectra`` is
         not a sequence of real 1-D arrays.
@@ -132,9 +132,9 @@ def tucker_vs_matrix(
     Notes
     -----
     The matrix error follows from the spectrum of ``unfold(x, 0)`` by
-    Eckart-Young: ``‖A - A_r‖² = Σ_{i >= r} σ_i²``. The Tucker error uses
-    the ST-HOSVD identity ``‖x - \hat x‖² = Σ_n (discarded energy at step
-    n)``; the first step reuses the eigendecomposition already computed for
+    Eckart-Young: :math:`\|A - A_r\|^2 = \sum_{i \ge r} \sigma_i^2`. The Tucker error uses
+    the ST-HOSVD identity :math:`\|x - \hat x\|^2 = \sum_n (\text{discarded energy at step} n)`; the
+    first step reuses the eigendecomposition already computed for
     the spectra. For a matrix both errors come from its single spectrum
     (the best ``(R_0, R_1)`` Tucker approximation is the truncated SVD of
     rank ``min(R_0, R_1)``), so only one decomposition is computed; the

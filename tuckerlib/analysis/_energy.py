@@ -23,7 +23,7 @@ def _unit_scaled(values: np.ndarray) -> np.ndarray:
 
 
 def energy_rank(s: np.ndarray, energy: float) -> int:
-    """Smallest ``r >= 1`` with ``Σ_{i<r} s_i² >= energy · Σ_i s_i²``."""
+    r"""Smallest ``r >= 1`` with :math:`\sum_{i<r} s_i^2 \ge \text{energy} \cdot \sum_i s_i^2`."""
     kept = np.cumsum(np.square(s))
     if kept.size == 0 or kept[-1] == 0.0:
         return 1
@@ -42,12 +42,13 @@ def energy_ranks(x_or_spectra: Any, energy: float = 0.99) -> tuple[int, ...]:
         iterable that is not an array (a generator, read once) is always
         read as spectra.
     energy : float, optional
-        Fraction of ``Σ_i σ_i²`` to keep, in (0, 1].
+        Fraction of :math:`\sum_i \sigma_i^2` to keep, in (0, 1].
 
     Returns
     -------
     tuple of int
-        ``R_n = min{r >= 1 : Σ_{i<r} (σ^{(n)}_i)² >= energy · ‖x‖²}`` per mode;
+        :math:`R_n = min{r \ge 1 : \sum_{i<r} (\sigma^{(n)}_i)^2 \ge \text{energy} \cdot \|x\|^2}`
+        per mode;
         ``1`` for a mode with zero energy. Non-decreasing in ``energy``.
 
     Raises
@@ -93,8 +94,8 @@ def effective_rank(s: Any) -> float:
     Returns
     -------
     float
-        ``exp(H(p))`` with ``p_i = σ_i / Σ_j σ_j`` and the Shannon entropy
-        ``H(p) = −Σ_i p_i log p_i`` (``0 log 0 = 0``): between 1 and the
+        ``exp(H(p))`` with :math:`p_i = \sigma_i / \sum_j \sigma_j` and the Shannon entropy
+        :math:`H(p) = -\sum_i p_i \log p_i` (``0 log 0 = 0``): between 1 and the
         number of nonzero values, equal to ``k`` for ``k`` equal nonzero
         values. ``0.0`` for an all-zero (or empty) spectrum.
 
@@ -141,7 +142,7 @@ def effective_rank(s: Any) -> float:
 
 
 def stable_rank(s: Any) -> float:
-    r"""Stable (numerical) rank of a spectrum, ``‖s‖² / σ_max²``.
+    r"""Stable (numerical) rank of a spectrum, :math:`\|s\|^2 / \sigma_{\max}^2`.
 
     Parameters
     ----------
@@ -151,7 +152,7 @@ def stable_rank(s: Any) -> float:
     Returns
     -------
     float
-        ``Σ_i σ_i² / max_i σ_i²``, the squared Frobenius over squared
+        :math:`\sum_i \sigma_i^2 / \max_i \sigma_i^2`, the squared Frobenius over squared
         spectral norm of the matrix: between 1 and the rank, and ``0.0`` for
         an all-zero (or empty) spectrum.
 

@@ -23,11 +23,11 @@ def mode_spectra(x: Any, *, method: str = "gram") -> list[Any]:
         ``"gram"`` (default) takes the eigenvalues of the Gram matrix of the
         smaller side of each unfolding, much faster than an SVD for the
         wide matrices met here; energies (squared values) are accurate to
-        about ``eps · σ_max²``, so singular values below about
-        ``sqrt(eps) · σ_max`` are rounding noise (never negative: tiny
+        about :math:`\epsilon \cdot \sigma_{\max}^2`, so singular values below about
+        :math:`\sqrt{\epsilon} \cdot \sigma_{\max}` are rounding noise (never negative: tiny
         negative eigenvalues are clipped to 0). ``eps`` is that of the
         input's dtype: float32 input is analysed in float32. ``"svd"``
-        computes them with an SVD, accurate to ``eps · σ_max``.
+        computes them with an SVD, accurate to :math:`\epsilon \cdot \sigma_{\max}`.
 
     Returns
     -------

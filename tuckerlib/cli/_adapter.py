@@ -1,15 +1,15 @@
-"""``tuckerlib analyze --adapter``: the rank structure of an adapter's updates, from its factors.
+r"""``tuckerlib analyze --adapter``: the rank structure of an adapter's updates, from its factors.
 
-An adapter stores each update as ``ΔW = C ×_0 F_0 … ×_{N-1} F_{N-1}`` with
+An adapter stores each update as :math:`\Delta W = C \times_0 F_0 \dots \times_{N-1} F_{N-1}` with
 a small core. With ``F_n = Q_n R_n`` (``Q_n`` with orthonormal columns, as
-in a QR factorization) and the core ``C' = C ×_n R_n``, ``ΔW = C' ×_n Q_n``:
+in a QR factorization) and the core :math:`C' = C \times_n R_n`, :math:`\Delta W = C' \times_n Q_n`:
 the unfoldings of ``ΔW`` are those of ``C'`` times matrices with orthonormal
 columns, so ``ΔW`` has ``C'``'s norm and mode spectra (padded with zeros to
 ``I_n``), and a Tucker or low-rank approximation of ``ΔW`` has the error of
 the same approximation of ``C'``. Every number of the report comes from
 ``C'`` exactly, without forming ``ΔW``. Only ``R_n`` is needed: any matrix
-with ``F_nᵀ F_n = R_nᵀ R_n`` serves, here ``Λ^½ Vᵀ`` from the
-eigendecomposition of the small Gram matrix ``F_nᵀ F_n = V Λ Vᵀ`` (in
+with :math:`F_n^\top F_n = R_n^\top R_n` serves, here :math:`\Lambda^½ V^\top` from the
+eigendecomposition of the small Gram matrix :math:`F_n^\top F_n = V \Lambda V^\top` (in
 float64), or ``F_n`` itself when it is no taller than wide.
 """
 
@@ -141,7 +141,7 @@ class AdapterReport(Report):
 
 
 def _root(factor: np.ndarray) -> np.ndarray:
-    """``R`` with ``FᵀF = RᵀR``, at most ``min(I, K)`` rows: ``F = Q R``, ``Q`` orthonormal."""
+    r"""``R`` with ``FᵀF = RᵀR``, at most ``min(I, K)`` rows: ``F = Q R``, ``Q`` orthonormal."""
     factor = np.asarray(factor, dtype=np.float64)
     rows, cols = factor.shape
     if rows <= cols:
@@ -153,7 +153,7 @@ def _root(factor: np.ndarray) -> np.ndarray:
 
 
 def small_core(layer: AdapterLayer) -> np.ndarray:
-    """``C'`` in float64: ``ΔW = C' ×_n Q_n`` with orthonormal ``Q_n`` (see the module)."""
+    r"""``C'`` in float64: ``ΔW = C' ×_n Q_n`` with orthonormal ``Q_n`` (see the module)."""
     core = np.asarray(layer.core, dtype=np.float64) * layer.scale
     for n, factor in enumerate(layer.factors):
         if factor is not None:

@@ -58,11 +58,11 @@ class ModeSpectrum:
 def unfolding_spectra(
     prepared: Prepared, method: str = "gram", *, vectors: bool = False
 ) -> tuple[Prepared, list[ModeSpectrum]]:
-    """Every mode's :class:`ModeSpectrum` of ``prepared.x``.
+    r"""Every mode's :class:`ModeSpectrum` of ``prepared.x``.
 
     ``method`` is ``"gram"`` or ``"svd"`` (Dask input always takes the
     Gram route). Returns ``prepared`` measured (for Dask input, the pass
-    that computed the spectra also measured ``‖x‖²``).
+    that computed the spectra also measured :math:`\|x\|^2`).
     """
     xp, x = prepared.xp, prepared.x
     if prepared.lazy:
@@ -85,7 +85,7 @@ def unfolding_spectra(
 def sthosvd_relative_error(
     prepared: Prepared, ranks: Sequence[int], spectra: Sequence[ModeSpectrum] | None = None
 ) -> float:
-    """``‖x − x̂‖ / ‖x‖`` of the ST-HOSVD of ``prepared.x`` at ``ranks``, in :func:`sthosvd`'s order.
+    r"""``‖x − x̂‖ / ‖x‖``: ST-HOSVD of ``prepared.x`` at ``ranks``, in :func:`sthosvd`'s order.
 
     From the discarded energies ([1]_ of :func:`~tuckerlib.sthosvd`, Thm.
     5.1), so errors below about ``sqrt(eps)`` are at rounding level. The

@@ -1,13 +1,13 @@
-"""The Dask path: decompositions of chunked tensors, in memory or larger than it.
+r"""The Dask path: decompositions of chunked tensors, in memory or larger than it.
 
 Every pass over the tensor is a blocked contraction that Dask runs chunk by
 chunk where the chunks live, followed by a tree reduction of the small
 partial results; the tensor is never reshaped to an unfolding nor rechunked:
 
 * the Gram matrix of mode ``n``: ``tensordot`` of ``x`` with itself over all
-  other modes (``I_n × I_n``; for a mode larger than all the others
+  other modes (:math:`I_n \times I_n`; for a mode larger than all the others
   together, the Gram matrix of the columns instead);
-* a projection ``x ×_n Uᵀ``: ``tensordot`` with the small factor;
+* a projection :math:`x \times_n U^\top`: ``tensordot`` with the small factor;
 * a range sketch ``A Ω``: ``einsum`` with one small Gaussian matrix per
   other mode (the Khatri-Rao test matrix is never formed).
 
@@ -15,7 +15,7 @@ Only small matrices come to the client, in the chunks' own library (NumPy,
 or CuPy for CuPy chunks): Gram matrices, sketches, factors, and a core once
 it fits in :data:`EAGER_BYTES`. The rest of the algorithm then runs on the
 client exactly as for an in-memory tensor, so the results equal the
-in-memory ones to rounding. The first pass also measures ``‖x‖²`` (the
+in-memory ones to rounding. The first pass also measures :math:`\|x\|^2` (the
 first Gram matrix's trace, or a sum beside a sketch): it checks for
 NaN/inf and decides the scaling without a pass of its own.
 
@@ -92,9 +92,9 @@ def is_tall(shape: Sequence[int], mode: int) -> bool:
 
 
 def mode_gram(x: da.Array, mode: int) -> da.Array:
-    """Lazy Gram matrix of the smaller side of the mode-``mode`` unfolding.
+    r"""Lazy Gram matrix of the smaller side of the mode-``mode`` unfolding.
 
-    ``I_n × I_n`` (:func:`row_gram`), or for a tall mode the column Gram
+    :math:`I_n \times I_n` (:func:`row_gram`), or for a tall mode the column Gram
     matrix, of shape ``(*others, *others)`` (``tensordot`` over mode ``n``).
     """
     if is_tall(x.shape, mode):
@@ -103,14 +103,14 @@ def mode_gram(x: da.Array, mode: int) -> da.Array:
 
 
 def row_gram(x: da.Array, mode: int) -> da.Array:
-    """Lazy ``A Aᵀ`` of the mode-``n`` unfolding, block by block, using its symmetry.
+    r"""Lazy :math:`A A^\top` of the mode-``n`` unfolding, block by block, using its symmetry.
 
     With ``c`` chunks along mode ``n``, the block ``(i, j)`` of the Gram
     matrix sums, over the fibre groups (the chunks that share their other
     modes' block indices), the product of chunk ``i`` with chunk ``j``;
     only ``j >= i`` are computed (``c (c + 1) / 2`` of ``c²``: a plain
     ``tensordot`` of ``x`` with itself would compute both halves), the
-    diagonal ones as ``B Bᵀ`` (BLAS ``syrk``, half the flops again). Each
+    diagonal ones as :math:`B B^\top` (BLAS ``syrk``, half the flops again). Each
     block's partial sums are reduced in a tree of fan-in 4, as Dask's own
     reductions are; the blocks meet in one small task.
     """
@@ -191,9 +191,9 @@ def measure(
     build: Callable[[da.Array], Sequence[da.Array]],
     norm2_of: Callable[[Sequence[Any]], float] | None = None,
 ) -> tuple[Prepared, list[Any]]:
-    """Compute ``build(x)`` and ``‖x‖²`` in one pass; rescale and redo if ``‖x‖²`` is out of range.
+    r"""Compute ``build(x)`` and ``‖x‖²`` in one pass; rescale and redo if ``‖x‖²`` is out of range.
 
-    ``norm2_of`` reads ``‖x‖²`` off the computed values (a Gram matrix's
+    ``norm2_of`` reads :math:`\|x\|^2` off the computed values (a Gram matrix's
     trace); without it a sum of squares joins the same pass. The returned
     :class:`Prepared` knows ``norm2`` and ``scale``.
     """
@@ -217,7 +217,7 @@ def accurate_tensordot(x: Any, y: Any, axes: tuple[Sequence[int], Sequence[int]]
 
 
 def project(x: da.Array, factor: Any, mode: int) -> da.Array:
-    """Lazy ``x ×_mode factorᵀ`` for a small (client) factor: one blocked contraction."""
+    r"""Lazy ``x ×_mode factorᵀ`` for a small (client) factor: one blocked contraction."""
     return da.moveaxis(accurate_tensordot(x, factor, axes=((mode,), (0,))), -1, mode)
 
 
@@ -287,9 +287,9 @@ def _range_sketch(x: da.Array, mode: int, draws: dict[int, np.ndarray]) -> da.Ar
 def _sketch_step(
     xp: ModuleType, x: da.Array, mode: int, rank: int, sketch: Sketch, y: Any
 ) -> FactorStep:
-    """The randomized factor step of :func:`~._sketch.randomized_factor`, on Dask.
+    r"""The randomized factor step of :func:`~._sketch.randomized_factor`, on Dask.
 
-    ``y = A Ω`` is already computed. The row sketches ``Z = Aᵀ Q`` stay
+    ``y = A Ω`` is already computed. The row sketches :math:`Z = A^\top Q` stay
     lazy with the shape ``(*others, k)``; each product with ``A`` is one pass.
     """
     rows, cols = x.shape[mode], _columns(x.shape, mode)
@@ -353,7 +353,7 @@ def _first_step(
     method: str,
     sketch: Sketch | None,
 ) -> tuple[Prepared, list[Truncation], FactorStep]:
-    """The first step, whose pass also measures ``‖x‖²`` (and so the cuts of ``tol``)."""
+    r"""The first step, whose pass also measures :math:`\|x\|^2` (and so the cuts of ``tol``)."""
     xp = chunk_namespace(prepared.x)
     rank = None if ranks is None else ranks[mode]
     if _sketched(prepared.x, mode, rank, method, sketch):

@@ -46,11 +46,11 @@ _GRAM_SAFETY = 10.0
 
 @dataclass(frozen=True)
 class Truncation:
-    """How many columns a factor keeps.
+    r"""How many columns a factor keeps.
 
     A fixed ``rank``, or (``rank=None``) the fewest columns whose discarded
     energy is at most ``threshold``. ``fraction`` is that threshold over
-    ``‖x‖²`` (``tol² / N``): how close to rounding level the target is,
+    :math:`\|x\|^2` (``tol² / N``): how close to rounding level the target is,
     which decides the ``"auto"`` method.
     """
 
@@ -69,7 +69,7 @@ class Truncation:
 
 @dataclass(frozen=True)
 class FactorStep:
-    """The result of one factor step.
+    r"""The result of one factor step.
 
     Parameters
     ----------
@@ -80,7 +80,7 @@ class FactorStep:
         sketch computes none). Only the host reads of :meth:`discarded`
         and of a threshold rank move it off the device.
     projected : array or None
-        ``factorᵀ a`` when the step produced it for free (a sketch);
+        :math:`\text{factor}^\top a` when the step produced it for free (a sketch);
         otherwise the caller projects.
     """
 
@@ -103,11 +103,11 @@ class FactorStep:
 def truncations(
     prepared: Prepared, ranks: Sequence[int] | None, tol: float | None
 ) -> list[Truncation]:
-    """One :class:`Truncation` per mode: the fixed ``ranks``, or the per-mode share of ``tol``.
+    r"""One :class:`Truncation` per mode: the fixed ``ranks``, or the per-mode share of ``tol``.
 
-    With ``tol``, each mode may discard ``tol² ‖x‖² / N`` energy, so that
+    With ``tol``, each mode may discard :math:`\text{tol}^2 \|x\|^2 / N` energy, so that
     the total (a sum over the modes for HOSVD and ST-HOSVD) stays within
-    ``tol² ‖x‖²``. Needs ``‖x‖²``, so a tracer under ``jax.jit`` is refused.
+    :math:`\text{tol}^2 \|x\|^2`. Needs :math:`\|x\|^2`, so a tracer under ``jax.jit`` is refused.
     """
     ndim = prepared.x.ndim
     if tol is None:
@@ -135,7 +135,7 @@ def choose_method(method: str, rows: int, cols: int, eps: float, fraction: float
 
 
 def fibre_matrix(xp: ModuleType, x: Any, mode: int, order: Sequence[int] | None = None) -> Any:
-    """A ``(I_n, prod_{k != n} I_k)`` matrix whose columns are the mode-``n`` fibres.
+    r"""A :math:`(I_n, \prod_{k \ne n} I_k)` matrix whose columns are the mode-``n`` fibres.
 
     The columns follow the C order of the other modes taken in ``order``
     (default: :func:`~tuckerlib._layout.memory_order` of ``x``), which
@@ -217,13 +217,13 @@ def mode_factor(
 
 
 def eigen_factor(xp: ModuleType, gram: Any, cut: Truncation, size: int) -> tuple[Any, Any]:
-    """Leading eigenvectors of a symmetric Gram matrix ``a aᵀ`` or ``aᵀ a``, and ``a``'s spectrum.
+    r"""Leading eigenvectors of a symmetric Gram matrix ``a aᵀ`` or ``aᵀ a``, and ``a``'s spectrum.
 
     The vectors come descending and truncated by ``cut`` (a threshold rank
     is clipped to ``size``, the mode's size); the spectrum holds the
     singular values of ``a`` (square roots of the eigenvalues). A tall
-    ``a`` passes ``aᵀ a`` and gets the right singular vectors ``V_R``:
-    ``a V_R = U_R Σ_R`` has orthogonal columns, so its QR gives ``U_R``
+    ``a`` passes :math:`a^\top a` and gets the right singular vectors ``V_R``:
+    :math:`a V_R = U_R \Sigma_R` has orthogonal columns, so its QR gives ``U_R``
     without dividing by small singular values, and a rank-deficient ``a``
     still gets an orthonormal basis.
     """
@@ -254,10 +254,10 @@ def _use_subset(xp: ModuleType, size: int, rank: int) -> bool:
 
 
 def _subset_eigh(gram: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``rank`` eigenvectors of a NumPy Gram matrix (descending) and a spectrum stand-in.
+    r"""Top ``rank`` eigenvectors of a NumPy Gram matrix (descending) and a spectrum stand-in.
 
     The stand-in holds the top ``rank`` singular values followed by one
-    value carrying the rest of the energy (``trace − Σ top``), which is all
+    value carrying the rest of the energy (:math:`\text{trace} - \sum \text{top}`), which is all
     the callers use beyond the top values: the discarded energy.
     """
     import scipy.linalg

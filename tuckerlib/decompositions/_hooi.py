@@ -29,15 +29,15 @@ INITS = ("sthosvd", "hosvd")
 
 @dataclass(frozen=True)
 class HOOIInfo:
-    """Convergence record of :func:`hooi`.
+    r"""Convergence record of :func:`hooi`.
 
     Parameters
     ----------
     errors : tuple of float
-        Relative error ``‖x − x̂‖ / ‖x‖`` of the initialization (``errors[0]``)
+        Relative error :math:`\|x - \hat{x}\| / \|x\|` of the initialization (``errors[0]``)
         and after each sweep over all modes (``errors[k]``). It never
         increases, up to rounding at the level of ``sqrt(eps)``, because
-        it is computed from ``‖x‖² − ‖G‖²``.
+        it is computed from :math:`\|x\|^2 - \|G\|^2`.
     converged : bool
         Whether a sweep changed the error by at most ``tol`` before
         ``max_iter`` sweeps were spent.
@@ -231,7 +231,7 @@ def hooi(
     -------
     TuckerTensor
         The best iterate (lowest error, never worse than ``init``): core of
-        shape ``(R_0, ..., R_{N-1})`` and orthonormal, sign-fixed factors of
+        shape :math:`(R_0, \dots, R_{N-1})` and orthonormal, sign-fixed factors of
         shape ``(I_n, R_n)``, in the library, device and dtype of ``x``.
     HOOIInfo
         Only with ``return_info=True``.
@@ -254,7 +254,8 @@ def hooi(
 
     Notes
     -----
-    HOOI maximizes ``‖G‖² = ‖x ×_0 U_0ᵀ ⋯ ×_{N-1} U_{N-1}ᵀ‖²`` over
+    HOOI maximizes :math:`\|G\|^2 = \|x \times_0 U_0^\top \cdots \times_{N-1} U_{N-1}^\top \|^2`
+    over
     orthonormal factors, since for orthonormal factors and the optimal core
 
     .. math:: \|x - \hat x\|^2 = \|x\|^2 - \|G\|^2

@@ -33,7 +33,7 @@ def hosvd(
 
     Each factor ``U_n`` holds the leading left singular vectors of the
     mode-``n`` unfolding of ``x`` itself, computed independently per mode;
-    the core is ``x ×_0 U_0ᵀ ... ×_{N-1} U_{N-1}ᵀ``.
+    the core is :math:`x \times_0 U_0^\top \dots \times_{N-1} U_{N-1}^\top`.
 
     Parameters
     ----------
@@ -50,7 +50,7 @@ def hosvd(
     tol : float, optional
         Relative error target in (0, 1), instead of ``rank``: each mode
         keeps the fewest singular vectors whose discarded energy is at most
-        ``tol² ‖x‖² / N``, which guarantees a relative error ``<= tol``.
+        :math:`\text{tol}^2 \|x\|^2 / N`, which guarantees a relative error ``<= tol``.
     method : {"auto", "svd", "gram", "randomized"}, optional
         How each factor is computed: ``"svd"`` from the SVD of the
         unfolding, ``"gram"`` from the eigendecomposition of the Gram
@@ -62,7 +62,7 @@ def hosvd(
     Returns
     -------
     TuckerTensor
-        Core of shape ``(R_0, ..., R_{N-1})`` and orthonormal, sign-fixed
+        Core of shape :math:`(R_0, \dots, R_{N-1})` and orthonormal, sign-fixed
         factors of shape ``(I_n, R_n)``, in the library, device and dtype
         of ``x``. Differentiable under torch autograd.
 
@@ -86,16 +86,16 @@ def hosvd(
 
     Notes
     -----
-    With ``σ^{(n)}_i`` the singular values of the mode-``n`` unfolding, the
+    With :math:`\sigma^{(n)}_i` the singular values of the mode-``n`` unfolding, the
     HOSVD error obeys ([1]_, property 10)
 
     .. math:: \|x - \hat x\|^2 \le \sum_n \sum_{i > R_n} (\sigma^{(n)}_i)^2
               \le N \|x - x_{\text{best}}\|^2.
 
     ``method="auto"`` uses the eigendecomposition of the Gram matrix of the
-    smaller side of each unfolding (``A Aᵀ`` if it is wide; ``Aᵀ A`` and a
+    smaller side of each unfolding (:math:`A A^\top` if it is wide; :math:`A^\top A` and a
     QR of ``A V_R`` if it is tall), unless ``tol² / N < 10 min(I_n, J_n) ε``
-    (``J_n = prod_{k≠n} I_k``), where the SVD is used. The larger Gram
+    (:math:`J_n = \prod_{k \ne n} I_k`), where the SVD is used. The larger Gram
     matrix is never formed.
 
     References

@@ -43,12 +43,12 @@ METHODS = ("auto", "svd", "gram", "randomized")
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated tensor, ready for the algorithms.
+    r"""A validated tensor, ready for the algorithms.
 
     ``x`` is the input scaled by ``scale`` (a power of two, exact; ``1.0``
     unless the input's magnitude would overflow or underflow a Gram
     matrix) and, for half-precision input, cast to float32. ``norm2`` is
-    ``‖x‖²`` of the scaled tensor, or ``None`` where it is not known yet:
+    :math:`\|x\|^2` of the scaled tensor, or ``None`` where it is not known yet:
     for a Dask array the first pass over the data measures it (and decides
     the scale), and under ``jax.jit`` it is never known.
     """
@@ -89,13 +89,13 @@ def _check_values_exist(x: Any, name: str) -> None:
 
 
 def prepare_tensor(x: Any, name: str = "x") -> Prepared:
-    """Validate ``x`` once and return it in the form the algorithms assume.
+    r"""Validate ``x`` once and return it in the form the algorithms assume.
 
     Integer and boolean inputs become the namespace's default floating
     dtype; float32 and float64 keep their dtype; half precision (float16,
     bfloat16) is computed in float32 and its results returned in its own
     dtype. Every mode must have size >= 1. An eager tensor is checked for
-    NaN/inf here, in the same pass that measures ``‖x‖²``; a Dask array in
+    NaN/inf here, in the same pass that measures :math:`\|x\|^2`; a Dask array in
     the Dask path's first pass; a ``jax.jit`` tracer cannot be checked.
     """
     xp = get_namespace(x)
@@ -125,7 +125,7 @@ def prepare_tensor(x: Any, name: str = "x") -> Prepared:
 
 
 def _squared_norm(xp: ModuleType, x: Any) -> float:
-    """``‖x‖²`` in the array's own dtype: one dot product, without a temporary.
+    r""":math:`\|x\|^2` in the array's own dtype: one dot product, without a temporary.
 
     The tensor is flattened in its memory order (a view for every axis
     permutation of a contiguous array), so NumPy and PyTorch run one BLAS
@@ -143,10 +143,10 @@ def _largest(xp: ModuleType, x: Any, name: str) -> float:
 
 
 def magnitude_scale(norm2: float, finfo: Any, largest: Any) -> float:
-    """The power of two that keeps a tensor's Gram matrices from overflowing or underflowing.
+    r"""The power of two that keeps a tensor's Gram matrices from overflowing or underflowing.
 
-    ``1.0`` when ``norm2 = ‖x‖²`` lies in ``[tiny / eps, huge · eps]`` of
-    the dtype (every Gram entry is bounded by ``‖x‖²``); otherwise
+    ``1.0`` when :math:`\text{norm}2 = \|x\|^2` lies in ``[tiny / eps, huge · eps]`` of
+    the dtype (every Gram entry is bounded by :math:`\|x\|^2`); otherwise
     ``largest()`` (which raises for NaN/inf) gives ``max |x|`` and the
     scale brings it into ``[0.5, 1)``. Only extreme inputs pay for the
     second look at the data.

@@ -39,8 +39,8 @@ def rhosvd(
     r"""Randomized sequentially truncated HOSVD.
 
     ST-HOSVD in which each factor comes from a randomized range finder
-    ([1]_, [2]_) instead of a full SVD of the unfolding: the unfolding ``A`` (``I_n ×
-    J``) is multiplied by a ``J × (R_n + p)`` Khatri-Rao product of small
+    ([1]_, [2]_) instead of a full SVD of the unfolding: the unfolding ``A`` (:math:`I_n \times J`)
+    is multiplied by a :math:`J \times (R_n + p)` Khatri-Rao product of small
     Gaussian matrices, refined by ``q`` power iterations, and the leading
     ``R_n`` left singular vectors are read off small projected matrices.
     This touches ``A`` only in ``2q + 1`` matrix products (two for
@@ -61,7 +61,7 @@ def rhosvd(
         Extra sketch columns ``p`` beyond the rank (Halko et al. suggest 5
         to 10).
     power_iter : int, optional
-        Power (subspace) iterations ``q``, each a product with ``Aᵀ`` and one
+        Power (subspace) iterations ``q``, each a product with :math:`A^\top` and one
         with ``A``; each sharpens a slowly decaying spectrum at the price of
         two more passes over the unfolding.
     seed : int, numpy.random.Generator or None, optional
@@ -73,7 +73,7 @@ def rhosvd(
     Returns
     -------
     TuckerTensor
-        Core of shape ``(R_0, ..., R_{N-1})`` and orthonormal, sign-fixed
+        Core of shape :math:`(R_0, \dots, R_{N-1})` and orthonormal, sign-fixed
         factors of shape ``(I_n, R_n)``, in the library, device and dtype
         of ``x``. Differentiable under torch autograd.
 
@@ -99,31 +99,31 @@ def rhosvd(
 
     Each mode, with ``k = R_n + p``:
 
-    1. ``Y = AΩ`` with ``Ω`` the Khatri-Rao product of one ``I_m × k``
+    1. :math:`Y = A\Omega` with :math:`\Omega` the Khatri-Rao product of one :math:`I_m \times k`
        standard normal matrix per other mode ``m`` ([3]_): only
-       ``k · Σ_m I_m`` numbers are drawn instead of ``k · J``.
+       :math:`k \cdot \sum_m I_m` numbers are drawn instead of ``k · J``.
        ``Q = orth(Y)``.
-    2. ``q`` power iterations ([1]_, Algorithm 4.4): ``Z = AᵀQ``, then,
+    2. ``q`` power iterations ([1]_, Algorithm 4.4): :math:`Z = A^\top Q`, then,
        except in the last one, ``Q = orth(AZ)``.
-    3. For ``q = 0``, the factor is read off ``QᵀA`` ([1]_, Algorithm 5.1).
+    3. For ``q = 0``, the factor is read off :math:`Q^\top A` ([1]_, Algorithm 5.1).
        For ``q ≥ 1``, the last ``Z`` and ``AZ`` determine ``A P_Z``, the
        projection of the rows of ``A`` onto the range of ``Z``
        (a generalized Nyström approximation, [4]_, [5]_); the factor is the
        leading left singular vectors of ``A P_Z`` and the projected
-       unfolding ``uᵀ A P_Z`` costs no further pass over ``A``.
+       unfolding :math:`u^\top A P_Z` costs no further pass over ``A``.
 
-    The range of ``Z`` is that of ``(AᵀA)^q Ω``, so, for a dense Gaussian
-    ``Ω``, the argument of [1]_ (Corollary 10.10, with ``AᵀA`` in place of
-    ``AAᵀ A``) bounds the expected error of the rank-``k`` approximation by
+    The range of ``Z`` is that of :math:`(A^\top A)^q \Omega`, so, for a dense Gaussian
+    :math:`\Omega`, the argument of [1]_ (Corollary 10.10, with :math:`A^\top A` in place of
+    :math:`A A^\top A`) bounds the expected error of the rank-``k`` approximation by
 
     .. math:: \mathbb{E}\,\|A - A P_Z\| \le
               \Bigl[\Bigl(1 + \sqrt{\tfrac{R_n}{p-1}}\Bigr)\sigma_{R_n+1}^{2q}
               + \tfrac{e\sqrt{k}}{p}\Bigl(\sum_{j>R_n}\sigma_j^{4q}\Bigr)^{1/2}
               \Bigr]^{1/(2q)}, \qquad q \ge 1,
 
-    with ``σ_i`` the singular values of the unfolding: close to the optimal
-    ``σ_{R_n+1}`` for a decaying spectrum. Halko et al.'s own scheme
-    reaches the exponent ``2q + 1`` with one more pass (``QᵀA`` after a
+    with :math:`\sigma_i` the singular values of the unfolding: close to the optimal
+    :math:`\sigma_{R_n+1}` for a decaying spectrum. Halko et al.'s own scheme
+    reaches the exponent ``2q + 1`` with one more pass (:math:`Q^\top A` after a
     last ``Q = orth(AZ)``); on the benchmark tensor of
     ``benchmarks/bench_decompositions.py`` (400³, rank 10) ``q = 1`` gives
     an error 1.006× that of :func:`sthosvd` instead of 1.0003×, in three

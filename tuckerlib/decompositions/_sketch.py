@@ -1,21 +1,22 @@
-"""The factor of one unfolding from a randomized sketch (range finder).
+r"""The factor of one unfolding from a randomized sketch (range finder).
 
-For an unfolding ``A`` (``I_n × J``, ``J`` the product of the other mode
+For an unfolding ``A`` (:math:`I_n \times J`, ``J`` the product of the other mode
 sizes) and sketch width ``k = R_n + p``:
 
-1. ``Y = A Ω`` with a ``J × k`` Khatri-Rao test matrix ``Ω`` (one small
+1. ``Y = A Ω`` with a :math:`J \times k` Khatri-Rao test matrix ``Ω`` (one small
    Gaussian matrix per remaining mode, Sun et al. 2020), ``Q = orth(Y)``.
 2. ``q`` power iterations (Halko, Martinsson & Tropp 2011, Algorithm 4.4):
-   ``Z = Aᵀ Q``, then ``Q = orth(A Z)``, re-orthonormalized on the short
+   :math:`Z = A^\top Q`, then ``Q = orth(A Z)``, re-orthonormalized on the short
    side after every product.
-3. The factor and the projection ``uᵀ A``:
+3. The factor and the projection :math:`u^\top A`:
 
-   * ``q = 0``: from ``B = Qᵀ A`` (Halko et al., Algorithm 5.1), two passes.
-   * ``q ≥ 1``: the last power iteration's row sketch ``Z = Aᵀ Q`` and
+   * ``q = 0``: from :math:`B = Q^\top A` (Halko et al., Algorithm 5.1), two passes.
+   * ``q ≥ 1``: the last power iteration's row sketch :math:`Z = A^\top Q` and
      ``A Z`` already determine ``A P_Z`` (``P_Z`` the orthogonal projector
      onto the columns of ``Z``, the generalized Nyström approximation of
      Nakatsukasa 2020), so the factor and the projection come from
-     ``k × k`` matrices and one ``R_n × k`` by ``k × J`` product, without a
+     :math:`k \times k` matrices and one :math:`R_n \times k` by :math:`k \times J` product, without
+     a
      fourth pass over ``A`` (Bjarkason 2019, "any number of views"):
      ``2q + 1`` passes in all instead of ``2q + 2``.
 """
@@ -73,11 +74,11 @@ def gaussian_khatri_rao(
     width: int,
     like: Any,
 ) -> Any:
-    """A ``J × width`` Khatri-Rao product of Gaussian matrices, ``J = Π sizes``.
+    r"""A :math:`J \times \text{width}` Khatri-Rao product of Gaussian matrices, ``J = Π sizes``.
 
     ``columns`` lists ``(mode, size)`` in the C order of the rows (the
     column order of :func:`~tuckerlib.decompositions._factors.fibre_matrix`):
-    row ``(j_1, ..., j_m)`` of column ``l`` is ``Π_i G_{mode_i}[j_i, l]``
+    row ``(j_1, ..., j_m)`` of column ``l`` is :math:`\prod_i G_{\text{mode\_i}}[j_i, l]`
     with the matrices ``G_mode`` of :func:`gaussian_draws`; the product is
     formed in ``like``'s library, dtype and device.
     """
@@ -96,7 +97,7 @@ def gaussian_khatri_rao(
 def randomized_factor(
     xp: ModuleType, a: Any, rank: int, sketch: Sketch, columns: Sequence[tuple[int, int]]
 ) -> tuple[Any, Any]:
-    """Leading ``rank`` left singular vectors ``u`` of ``a`` and ``uᵀ a``, from a sketch.
+    r"""Leading ``rank`` left singular vectors ``u`` of ``a`` and :math:`u^\top a`, from a sketch.
 
     ``columns`` holds ``(mode, size)`` of the modes that index the columns
     of ``a``, in column order (the sizes multiply to ``a.shape[1]``); see
@@ -121,7 +122,7 @@ def randomized_factor(
 
 
 def _projected_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any]:
-    """The factor within ``range(q)`` from ``B = qᵀ a``, and ``uᵀ a`` from ``B``."""
+    r"""The factor within ``range(q)`` from :math:`B = q^\top a`; :math:`u^\top a` from ``B``."""
     b = matmul(xp, q.T, a)
     ub, _ = left_singular(xp, b, "gram" if q.shape[1] <= a.shape[1] else "svd")
     u = sign_fix(xp, q @ ub[:, :rank])
@@ -129,22 +130,24 @@ def _projected_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, A
 
 
 def _nystrom_factor(xp: ModuleType, a: Any, q: Any, rank: int) -> tuple[Any, Any]:
-    """The factor and projection of ``a P_Z`` for the row sketch ``Z = aᵀ q``."""
+    r"""The factor and projection of ``a P_Z`` for the row sketch :math:`Z = a^\top q`."""
     zt = matmul(xp, q.T, a)
     u, coefficients = nystrom_coefficients(xp, q, matmul(xp, a, zt.T), rank)
     return u, coefficients @ zt
 
 
 def nystrom_coefficients(xp: ModuleType, q: Any, y: Any, rank: int) -> tuple[Any, Any]:
-    """The factor ``u`` and the ``rank × k`` matrix ``C`` with ``uᵀ a P_Z = C Zᵀ``.
+    r"""The factor ``u`` and the ``rank × k`` matrix ``C`` with ``uᵀ a P_Z = C Zᵀ``.
 
-    Only small matrices: ``q`` (``rows × k``, orthonormal) and ``y = a Z``
-    for the row sketch ``Z = aᵀ q`` (``cols × k``), which the caller keeps.
+    Only small matrices: ``q`` (:math:`\text{rows} \times k`, orthonormal) and ``y = a Z``
+    for the row sketch :math:`Z = a^\top q` (:math:`\text{cols} \times k`), which the caller keeps.
 
-    With ``ZᵀZ = V Λ Vᵀ`` and ``W = V Λ^{-1/2}``, ``Z W`` is an orthonormal
+    With :math:`Z^\top Z = V \Lambda V^\top` and :math:`W = V \Lambda^{-1/2}`, ``Z W`` is an
+    orthonormal
     basis of ``range(Z)``, and ``a Z W = Q₁ R₁ W`` (``a Z = Q₁ R₁``). The SVD
-    of the ``k × k`` matrix ``C = R₁ W`` then gives the factor
-    ``u = Q₁ U_C`` and ``uᵀ a P_Z = (U_Cᵀ C) Wᵀ Zᵀ``. Eigenvalues of ``ZᵀZ``
+    of the :math:`k \times k` matrix ``C = R₁ W`` then gives the factor
+    ``u = Q₁ U_C`` and :math:`u^\top a P_Z = (U_C^\top C) W^\top Z^\top`. Eigenvalues of
+    :math:`Z^\top Z`
     below its rounding level (``k · eps · λ_max``) are dropped instead of
     inverted, the floor every Gram route has.
     """

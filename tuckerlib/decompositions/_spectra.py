@@ -56,7 +56,7 @@ def gram_eigvalsh(xp: ModuleType, gram: Any) -> Any:
 
 
 def _blocked_fibre_gram(x: np.ndarray, mode: int) -> np.ndarray:
-    """``A Aᵀ`` for the mode-``mode`` fibre matrix ``A`` of a NumPy tensor, copying blocks."""
+    r"""``A Aᵀ`` for the mode-``mode`` fibre matrix ``A`` of a NumPy tensor, copying blocks."""
     rows = x.shape[mode]
     after = math.prod(x.shape[mode + 1 :])
     stacked = np.reshape(x, (-1, rows, after))

@@ -45,7 +45,7 @@ class Truncated:
     steps: tuple[FactorStep, ...]
 
     def squared_error(self) -> float:
-        """``‖x − x̂‖²``: the sum of the discarded energies ([1]_ of :func:`sthosvd`, Thm. 5.1).
+        r"""``‖x − x̂‖²``: the sum of the discarded energies ([1]_ of :func:`sthosvd`, Thm. 5.1).
 
         ``nan`` when a step used a sketch, which computes no spectrum.
         """
@@ -117,7 +117,7 @@ def sthosvd(
         ``tol`` keeps every mode full (an exact decomposition).
     tol : float, optional
         Relative error target in (0, 1), instead of ``rank``: each step
-        discards at most ``tol² ‖x‖² / N`` energy, so the relative error is
+        discards at most :math:`\text{tol}^2 \|x\|^2 / N` energy, so the relative error is
         guaranteed ``<= tol``.
     order : sequence of int, optional
         The order in which the modes are truncated, a permutation of
@@ -130,7 +130,7 @@ def sthosvd(
     Returns
     -------
     TuckerTensor
-        Core of shape ``(R_0, ..., R_{N-1})`` and orthonormal, sign-fixed
+        Core of shape :math:`(R_0, \dots, R_{N-1})` and orthonormal, sign-fixed
         factors of shape ``(I_n, R_n)``, in the library, device and dtype
         of ``x``. Differentiable under torch autograd.
 
@@ -150,7 +150,7 @@ def sthosvd(
 
     Notes
     -----
-    With ``σ^{(n)}_i`` the singular values of the unfolding met at step
+    With :math:`\sigma^{(n)}_i` the singular values of the unfolding met at step
     ``n`` (of the partially projected tensor), the error is exactly the sum
     of the discarded energies ([1]_, Theorem 5.1),
 

@@ -10,7 +10,7 @@ __all__ = ["default_order", "rank_for_threshold", "tail_energies"]
 
 
 def tail_energies(s: np.ndarray) -> np.ndarray:
-    """``tail[r] = Σ_{i >= r} s_i²`` for ``r = 0..len(s)`` (``tail[len(s)] = 0``)."""
+    r""":math:`\text{tail}[r] = \sum_{i \ge r} s_i^2`, ``r = 0..len(s)`` (``tail[len(s)] = 0``)."""
     squares = np.square(s)
     tail = np.zeros(len(s) + 1)
     tail[:-1] = np.cumsum(squares[::-1])[::-1]
@@ -18,7 +18,7 @@ def tail_energies(s: np.ndarray) -> np.ndarray:
 
 
 def rank_for_threshold(s: np.ndarray, threshold: float, size: int) -> int:
-    """Smallest rank ``r >= 1`` whose discarded energy ``Σ_{i >= r} s_i²`` is <= threshold."""
+    r"""Smallest rank ``r >= 1`` whose discarded energy ``Σ_{i >= r} s_i²`` is <= threshold."""
     tail = tail_energies(s)
     admissible = np.flatnonzero(tail <= threshold)
     rank = int(admissible[0]) if admissible.size else len(s)

@@ -1,9 +1,9 @@
-"""Adapter directories (flora or PEFT LoRA) read as Tucker updates, one layer at a time.
+r"""Adapter directories (flora or PEFT LoRA) read as Tucker updates, one layer at a time.
 
 Both formats store, for every adapted weight ``W0``, factors whose product
 is the update ``ΔW`` the adapter adds to it. :func:`open_adapter` reads
-either format into the same form, ``ΔW = scale · core ×_0 F_0 … ×_{N-1}
-F_{N-1}`` over the weight's own axes, without PyTorch and without forming
+either format into the same form, :math:`\Delta W = \text{scale} \cdot \text{core} \times_0 F_0
+\dots \times_{N-1} F_{N-1}` over the weight's own axes, without PyTorch and without forming
 ``ΔW``.
 """
 
@@ -36,9 +36,10 @@ class AdapterError(CheckpointError):
 
 @dataclass(frozen=True)
 class AdapterLayer:
-    """The update ``ΔW`` one adapter makes to one weight, as a Tucker tensor.
+    r"""The update ``ΔW`` one adapter makes to one weight, as a Tucker tensor.
 
-    ``ΔW = scale · core ×_0 F_0 ×_1 F_1 … ×_{N-1} F_{N-1}`` where ``F_n`` is
+    :math:`\Delta W = \text{scale} \cdot \text{core} \times_0 F_0 \times_1 F_1 \dots \times_{N-1}
+    F_{N-1}` where ``F_n`` is
     ``factors[n]``, or the identity of size ``shape[n]`` where that is
     ``None``. Modes are the weight's own axes: Linear ``(out, in)``, ConvNd
     ``(out, in/groups, *kernel)``, Embedding ``(num_embeddings, dim)``.
@@ -55,7 +56,7 @@ class AdapterLayer:
     shape : tuple of int
         The weight's shape.
     core : numpy.ndarray
-        Shape ``(K_0, ..., K_{N-1})``.
+        Shape :math:`(K_0, \dots, K_{N-1})`.
     factors : tuple of numpy.ndarray or None
         ``factors[n]`` has shape ``(shape[n], K_n)``; ``None`` stands for
         the identity (``K_n == shape[n]``).

@@ -1,4 +1,4 @@
-"""Read a PEFT LoRA adapter directory as Tucker updates (PEFT 0.21's conventions).
+r"""Read a PEFT LoRA adapter directory as Tucker updates (PEFT 0.21's conventions).
 
 PEFT saves, for a module ``NAME`` of the base model, ``lora_A`` and
 ``lora_B`` under ``base_model.model.NAME.lora_A.weight`` and
@@ -6,7 +6,7 @@ PEFT saves, for a module ``NAME`` of the base model, ``lora_A`` and
 ``(r, in, *kernel)`` with the base's stride and padding, and a 1×1 conv
 ``(out, r / groups, 1, …)`` with the base's groups), or
 ``….lora_embedding_A`` ``(r, num)`` and ``….lora_embedding_B`` ``(dim, r)``
-for an Embedding. The update is ``scaling · B A`` (Linear), ``(B A)ᵀ``
+for an Embedding. The update is ``scaling · B A`` (Linear), :math:`(B A)^\top`
 (Embedding, and Linear with ``fan_in_fan_out``) or the composition of the
 two convolutions, with ``scaling = lora_alpha / r`` (``lora_alpha /
 sqrt(r)`` with ``use_rslora``), ``r`` and ``lora_alpha`` per layer from the

@@ -13,13 +13,13 @@ __all__ = ["open_adapter"]
 
 
 def open_adapter(path: str | os.PathLike[str]) -> Adapter:
-    """Open a flora or PEFT LoRA adapter directory as Tucker updates, one per layer.
+    r"""Open a flora or PEFT LoRA adapter directory as Tucker updates, one per layer.
 
     The update each layer adds to its weight ``W0`` is returned as a
     Tucker tensor over the weight's own axes, read from the stored factors
     without forming it:
 
-    * flora: ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}`` as stored; for
+    * flora: :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}` as stored; for
       ``init="hosvd"`` the change to the pretrained weight, ``ΔW − ΔW_init``
       (block-diagonal core, concatenated factors). Where the directory
       records an embedding's ``padding_idx``, that row is zero, as the
@@ -27,9 +27,9 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
     * PEFT LoRA, with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with
       ``use_rslora``; ``r`` and ``lora_alpha`` per layer from
       ``rank_pattern`` and ``alpha_pattern``): Linear ``scaling · B A``
-      (``(B A)ᵀ`` with ``fan_in_fan_out``, read as a ``"Parameter"`` of
-      shape ``(in, out)``); ConvNd ``scaling · A ×_0 B`` with ``lora_A``'s
-      kernel as the core; Embedding ``scaling · Aᵀ Bᵀ``; a grouped conv
+      (:math:`(B A)^\top` with ``fan_in_fan_out``, read as a ``"Parameter"`` of
+      shape ``(in, out)``); ConvNd :math:`\text{scaling} \cdot A \times_0 B` with ``lora_A``'s
+      kernel as the core; Embedding :math:`\text{scaling} \cdot A^\top B^\top`; a grouped conv
       whose ``lora_A`` keeps every group to its own input channels becomes
       a block-diagonal factor over the grouped weight; a 2-D parameter of
       ``target_parameters`` as Linear.
