@@ -33,7 +33,7 @@ from flora.layers import (
     TuckerDelta,
     TuckerParametrization,
 )
-from flora.layers.bnb import quantized_layer
+from flora.layers.bnb import quantized_layer, refuse_initial_update
 
 __all__ = [
     "LAYER_TYPES",
@@ -340,6 +340,9 @@ def apply(
     The first adapter of a model becomes active; later ones are added
     inactive (as PEFT's ``add_adapter`` does).
     """
+    for addition in additions:  # refused before anything changes
+        site, init = addition.site, addition.adapter.spec.init
+        refuse_initial_update(f"layer {site.name!r}", site.module, init)
     active = current_active(model) or (adapter_name,)
     modules = dict(walk(model))
     for addition in additions:

@@ -410,3 +410,26 @@ def test_flora_imports_and_adapts_without_bitsandbytes() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_hosvd_init_is_refused_before_anything_changes(tmp_path) -> None:
+    model = nn.Sequential(_base("nf4"), nn.ReLU(), nn.Linear(OUT, 8))
+    before = _snapshot(model)
+    config = flora.FLoRAConfig(ranks=4, target_modules=["0", "2"], init="hosvd")
+    with pytest.raises(ValueError, match=r"layer '0': init='hosvd'.*quantized base \(nf4\)"):
+        flora.inject(model, config)
+    assert type(model[0]) is bnb.nn.Linear4bit
+    assert type(model[2]) is nn.Linear
+    assert _same_bytes(model, before)
+    with pytest.raises(ValueError, match=r"adapter 'default': init='hosvd'"):
+        QuantizedLinear(model[0], ranks=4, init="hosvd")
+    # A saved hosvd adapter (trained on a full-precision base) is refused too.
+    plain = nn.Sequential(nn.Linear(IN, OUT))
+    flora.save_adapter(
+        flora.inject(plain, flora.FLoRAConfig(ranks=4, target_modules=["0"], init="hosvd")),
+        tmp_path,
+    )
+    quantized = nn.Sequential(_base("nf4"))
+    with pytest.raises(ValueError, match=r"layer '0': init='hosvd'"):
+        flora.load_adapter(quantized, tmp_path)
+    assert type(quantized[0]) is bnb.nn.Linear4bit

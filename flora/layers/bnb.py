@@ -47,6 +47,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from flora.layers.base import TuckerDelta
 from flora.layers.linear import Linear
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "quantize_weight",
     "quantized_layer",
     "refuse_dense_state",
+    "refuse_initial_update",
     "requantize_into",
 ]
 
@@ -349,6 +351,17 @@ class QuantizedLinear(Linear):
     def _read_weight(base_layer: nn.Module) -> torch.Tensor:
         return dequantize_weight(base_layer)
 
+    def add_adapter(self, name: str, adapter: TuckerDelta) -> None:
+        """Add ``adapter`` as :meth:`flora.AdaptedWeight.add_adapter` does.
+
+        Raises
+        ------
+        ValueError
+            Also for an ``init="hosvd"`` adapter (see :func:`refuse_initial_update`).
+        """
+        refuse_initial_update(f"adapter {name!r}", self, adapter.spec.init)
+        super().add_adapter(name, adapter)
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's shape ``(out, in)`` (without dequantizing it)."""
@@ -385,4 +398,35 @@ def refuse_dense_state(name: str, layer: nn.Module) -> None:
             f"layer {name!r} has a quantized base ({quantization(layer.base_layer)}): a merged "
             "state dict would hold a dense weight under its quantized module's keys; call "
             "flora.unload(model) (which merges and quantizes again) and take model.state_dict()"
+        )
+
+
+def refuse_initial_update(what: str, module: nn.Module, init: str) -> None:
+    """Refuse an ``init="hosvd"`` adapter on a quantized base, before anything changes.
+
+    Such an adapter takes its initial update out of the base weight, which a
+    quantized base can hold only rounded: the model's output would change by
+    that rounding as the adapter is added (PEFT refuses PiSSA there too).
+
+    Parameters
+    ----------
+    what : str
+        What the message names (``"layer 'encoder.query'"``).
+    module : torch.nn.Module
+        The base module or its :class:`QuantizedLinear`.
+    init : str
+        The adapter's ``init``.
+
+    Raises
+    ------
+    ValueError
+        Naming the layer and what to do instead.
+    """
+    base = module.base_layer if isinstance(module, QuantizedLinear) else module
+    if init == "hosvd" and is_quantized(base):
+        raise ValueError(
+            f"{what}: init='hosvd' takes its initial update out of the base weight, which "
+            f"this quantized base ({quantization(base)}) holds only rounded, so the output "
+            "would change; use init='zero_core' or 'gaussian', or add the adapter to the "
+            "full-precision model and quantize its residual base yourself"
         )
