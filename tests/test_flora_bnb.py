@@ -256,6 +256,26 @@ def test_unload_with_merge_leaves_a_quantized_model_computing_the_merged_weight(
     model(x)
 
 
+def test_a_base_quantized_from_bfloat16_weights_stays_bfloat16_after_a_merge() -> None:
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=torch.bfloat16)
+    base = base.to(torch.bfloat16).to("cpu")  # as from_pretrained(torch_dtype=bfloat16) does
+    assert base.weight.quant_state.dtype == torch.bfloat16
+    model = flora.inject(nn.Sequential(base), flora.FLoRAConfig(ranks=4, target_modules=["0"]))
+    layer = model[0]
+    _randomize(layer)
+    assert layer.core.dtype == torch.float32
+    x = torch.randn(3, IN, dtype=torch.bfloat16)
+    assert model(x).dtype == torch.bfloat16
+    reference = dequantize_weight(base).float() + layer.delta_weight().detach()
+    with pytest.warns(UserWarning, match="quantized base layer"):
+        flora.merge(model)
+    merged = dequantize_weight(base)
+    assert merged.dtype == torch.bfloat16
+    assert base.weight.quant_state.dtype == torch.bfloat16
+    assert ((merged.float() - reference).abs() <= _step("nf4", reference)).all()
+
+
 # -- bitsandbytes layouts -------------------------------------------------------------------
 
 
@@ -286,6 +306,23 @@ def test_the_cpu_repacked_4bit_layout_dequantizes_and_merges(quant) -> None:
     assert not getattr(state, "packing_format_for_cpu", False)
     assert state.dtype == torch.float32
     assert ((dequantize_weight(base) - reference).abs() <= _step(quant, reference)).all()
+
+
+def test_plain_block_scales_merge_and_stay_plain() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, OUT)
+    base = bnb.nn.Linear4bit(IN, OUT, quant_type="nf4", compress_statistics=False)
+    base.load_state_dict(linear.state_dict())
+    base = base.to("cpu")
+    assert not base.weight.quant_state.nested
+    assert ((dequantize_weight(base) - linear.weight).abs() <= _step("nf4", linear.weight)).all()
+    layer = QuantizedLinear(base, ranks=4)
+    _randomize(layer)
+    reference = dequantize_weight(base) + layer.delta_weight().detach()
+    with pytest.warns(UserWarning, match="quantized base layer"):
+        layer.merge()
+    assert not base.weight.quant_state.nested
+    assert ((dequantize_weight(base) - reference).abs() <= _step("nf4", reference)).all()
 
 
 def test_int8_scales_are_read_before_and_after_the_first_forward() -> None:
