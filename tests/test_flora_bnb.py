@@ -470,3 +470,42 @@ def test_hosvd_init_is_refused_before_anything_changes(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"layer '0': init='hosvd'"):
         flora.load_adapter(quantized, tmp_path)
     assert type(quantized[0]) is bnb.nn.Linear4bit
+
+
+def test_a_transformers_model_loaded_in_4bit_trains_saves_and_loads(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    quantization_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+
+    def load() -> nn.Module:
+        return transformers.BertForSequenceClassification.from_pretrained(
+            tmp_path / "base", quantization_config=quantization_config, device_map="cpu"
+        )
+
+    model = flora.inject(load(), flora.FLoRAConfig(ranks=4, target_modules="all-linear"))
+    layers = flora.adapted_layers(model)
+    assert {type(layer) for layer in layers.values()} == {QuantizedLinear}
+    assert "classifier" not in layers  # the output layer, as PEFT's all-linear
+    assert len(layers) == 2 * 6 + 1  # q, k, v, attention output, MLP in and out; the pooler
+    ids = torch.randint(0, 100, (2, 8))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        model(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    restored = flora.load_adapter(load(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids).logits, model(input_ids=ids).logits)
