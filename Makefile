@@ -42,6 +42,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_decompositions.py
 	$(BIN)/python benchmarks/bench_adapters.py
 	$(BIN)/python benchmarks/bench_convnext.py
+	$(BIN)/python benchmarks/bench_qlora.py
 	$(BIN)/python benchmarks/bench_auto_rule.py
 	$(BIN)/python benchmarks/bench_rank_objective.py
 	$(BIN)/python benchmarks/bench_analyze.py

@@ -28,6 +28,7 @@ from flora._plan import MODULE_TYPES, find_adapted, find_saved
 from flora._tucker import block_sum
 from flora.io import SAVED_PREFIX, _resolve_name, adapter_state_dict, read_adapter
 from flora.layers import FLoRALayer
+from flora.layers.bnb import dequantize_weight, is_quantized
 from tuckerlib.io import AdapterLayer, open_adapter
 
 __all__ = [
@@ -174,7 +175,7 @@ def _base_module_geometry(layer: ExportLayer, base_model: nn.Module) -> dict[str
     else:
         if not isinstance(module, MODULE_TYPES[kind]):
             return f"base_model's {module_name!r} is a {type(module).__name__}, not a {kind}"
-        weight = module.weight
+        weight = dequantize_weight(module) if is_quantized(module) else module.weight
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != layer.shape:
         found = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
         return f"the adapter is for shape {list(layer.shape)}, base_model's weight has {found}"

@@ -37,6 +37,7 @@ from flora._lora_errors import LoraConversionError
 from flora._plan import walk
 from flora._tucker import reconstruct
 from flora.layers import FLoRALayer, ModulesToSave, TuckerDelta
+from flora.layers.bnb import is_quantized
 from flora.spec import BIAS_KINDS
 from tuckerlib.io import AdapterLayer, open_adapter
 
@@ -196,6 +197,8 @@ def _matrix(
         core, factors = core.T, factors[::-1]
     base = _base(modules, name)
     if type(base) is nn.Linear and tuple(base.weight.shape) == out_in:
+        return _with_bias(_Target(name, "Linear", core, factors), layer, base)
+    if is_quantized(base) and (base.out_features, base.in_features) == out_in:
         return _with_bias(_Target(name, "Linear", core, factors), layer, base)
     if base is not None and _is_hf_conv1d(base) and tuple(base.weight.shape) == out_in[::-1]:
         target = _Target(f"{name}.weight", "Parameter", core.T, factors[::-1])

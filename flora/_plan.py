@@ -33,6 +33,7 @@ from flora.layers import (
     TuckerDelta,
     TuckerParametrization,
 )
+from flora.layers.bnb import quantized_layer, refuse_initial_update
 
 __all__ = [
     "LAYER_TYPES",
@@ -49,6 +50,7 @@ __all__ = [
     "drop_host",
     "find_adapted",
     "find_saved",
+    "layer_type",
     "refresh_requires_grad",
     "replace_module",
     "resolve",
@@ -67,6 +69,11 @@ LAYER_TYPES: dict[type[nn.Module], type[FLoRALayer]] = {
 
 #: The torch module type of each layer kind.
 MODULE_TYPES = {layer.kind: torch_type for torch_type, layer in LAYER_TYPES.items()}
+
+
+def layer_type(module: nn.Module) -> type[FLoRALayer] | None:
+    """The FLoRA layer class for ``module``: by exact type, or a quantized base; else None."""
+    return LAYER_TYPES.get(type(module)) or quantized_layer(module)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -191,12 +198,17 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
             if module.kind != kind:
                 raise ValueError(f"layer {name!r} is a FLoRA {module.kind}, not a {kind}")
             return Site(name, kind, module, None, module, module.base_weight())
-        if type(module) is not MODULE_TYPES[kind]:
+        layer = layer_type(module)
+        if layer is None or layer.kind != kind:
             raise ValueError(
                 f"layer {name!r}: expected a torch.nn.{kind}, the model has a "
                 f"{type(module).__name__}"
             )
-        return Site(name, kind, module, None, None, module.weight)
+        try:
+            weight = layer._read_weight(module)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
+        return Site(name, kind, module, None, None, weight)
     owner_name, _, parameter = name.rpartition(".")
     owner = modules.get(owner_name)
     if owner is None or isinstance(owner, (FLoRALayer, ModulesToSave)):
@@ -328,13 +340,16 @@ def apply(
     The first adapter of a model becomes active; later ones are added
     inactive (as PEFT's ``add_adapter`` does).
     """
+    for addition in additions:  # refused before anything changes
+        site, init = addition.site, addition.adapter.spec.init
+        refuse_initial_update(f"layer {site.name!r}", site.module, init)
     active = current_active(model) or (adapter_name,)
     modules = dict(walk(model))
     for addition in additions:
         site, host = addition.site, addition.site.host
         if host is None:
             if site.parameter is None:
-                host = LAYER_TYPES[type(site.module)](site.module, adapter_name=None)
+                host = layer_type(site.module)(site.module, adapter_name=None)
                 replace_module(modules, site.name, host)
             else:
                 host = TuckerParametrization(site.module, site.parameter, adapter_name=None)

@@ -23,6 +23,7 @@ from flora._plan import (
     drop_host,
     find_adapted,
     find_saved,
+    layer_type,
     replace_module,
     resolve,
     saved_copy,
@@ -32,6 +33,7 @@ from flora._routing import release_routing
 from flora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, FLoRAConfig, name_matches
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
+from flora.layers.bnb import refuse_dense_state
 
 __all__ = [
     "LAYER_TYPES",
@@ -120,7 +122,7 @@ def _saved_names(modules: dict[str, nn.Module], config: FLoRAConfig) -> list[str
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, FLoRALayer):
         return module.kind
-    layer = LAYER_TYPES.get(type(module))
+    layer = layer_type(module)
     return None if layer is None else layer.kind
 
 
@@ -647,6 +649,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         Detached tensors; adapted weights are new tensors, the rest are
         the model's own (as ``state_dict`` returns them).
 
+    Raises
+    ------
+    ValueError
+        If an adapted layer has a quantized (bitsandbytes) base, whose
+        module does not load a dense weight: unload it instead.
+
     Examples
     --------
     >>> import torch
@@ -664,6 +672,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     rules: list[tuple[str, Callable[[str, torch.Tensor], tuple[str, torch.Tensor] | None]]] = []
     for name, layer in find_adapted(check_model(model)).items():
+        refuse_dense_state(name, layer)
         rules.append(_weight_rule(name, layer))
     for name, wrapper in find_saved(model).items():
         running = wrapper.running_module()

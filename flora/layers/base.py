@@ -898,25 +898,22 @@ class FLoRALayer(AdaptedWeight):
         forward: str = "auto",
         adapter_name: str | None = "default",
     ):
-        if type(base_layer) is not self.base_type:
-            raise TypeError(
-                f"flora.{type(self).__name__} wraps a torch.nn.{self.base_type.__name__}, "
-                f"got {type(base_layer).__name__}"
-            )
+        self._check_base(base_layer)
         adapter = None
         if adapter_name is not None:
             check_adapter_name(adapter_name)
             template = DEFAULT_RANKS[self.kind] if isinstance(ranks, _KindDefault) else ranks
+            weight = self._read_weight(base_layer)
             spec = LayerSpec.from_template(
                 self.kind,
-                tuple(base_layer.weight.shape),
+                tuple(weight.shape),
                 template,
                 scale=scale,
                 init=init,
                 forward=forward,
                 dropout=dropout,
             )
-            adapter = TuckerDelta.create(spec, base_layer.weight)
+            adapter = TuckerDelta.create(spec, weight)
         super().__init__()
         self.base_layer = base_layer
         # Per-sample routes of the forwards running now, by thread (flora._routing).
@@ -926,9 +923,23 @@ class FLoRALayer(AdaptedWeight):
             self.add_adapter(adapter_name, adapter)
             self._set_active((adapter_name,))
 
+    @classmethod
+    def _check_base(cls, base_layer: nn.Module) -> None:
+        """Refuse a module this class does not wrap: ``TypeError`` naming both types."""
+        if type(base_layer) is not cls.base_type:
+            raise TypeError(
+                f"flora.{cls.__name__} wraps a torch.nn.{cls.base_type.__name__}, "
+                f"got {type(base_layer).__name__}"
+            )
+
+    @staticmethod
+    def _read_weight(base_layer: nn.Module) -> torch.Tensor:
+        """The weight of ``base_layer`` that the adapters update, as a dense tensor."""
+        return base_layer.weight
+
     def base_weight(self) -> torch.Tensor:
         """The wrapped module's weight."""
-        return self.base_layer.weight
+        return self._read_weight(self.base_layer)
 
     def base_bias(self) -> torch.Tensor | None:
         """The wrapped module's bias, if it has one."""
