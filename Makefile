@@ -30,7 +30,8 @@ test: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 
 # Warnings are errors; the build also checks every page it writes
 # (docs/_ext/site_checks.py: no external scripts, no empty sidebars, no leftovers).
-docs: $(VENV)/.installed-test,docs
+# It runs the example gallery (examples/), which reads the assets' pretrained weights.
+docs: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 
 # Speed tables against the anchors (TensorLy, PEFT, a plain GEMM, naive FLoRA); minutes each.
