@@ -83,6 +83,16 @@ def test_the_gallery_order_names_an_unlisted_example() -> None:
         key("new.py")
 
 
+def test_getting_started_includes_the_quicktour_from_below_its_title() -> None:
+    # The page includes the Quicktour's gallery page after the line under its
+    # title: a changed title must change the marker too.
+    page = (ROOT / "docs" / "getting_started.rst").read_text()
+    marker = re.search(r":start-after: (\S+)", page).group(1)
+    title, underline = (EXAMPLES / "quicktour.py").read_text().split("\n")[1:3]
+    assert marker == underline == "=" * len(title)
+    assert ":end-before: .. _sphx_glr_download_gallery_quicktour.py:" in page
+
+
 @pytest.mark.slow
 def test_quicktour_trains_saves_loads_merges_and_exports(tmp_path: Path) -> None:
     pytest.importorskip("peft", reason="the Quicktour exports to PEFT")
