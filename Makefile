@@ -73,4 +73,4 @@ quality-timing: $(VENV)/.installed-bench $(VENV)/.installed-assets
 	$(BIN)/python benchmarks/quality_minilm.py --timing-only --out benchmarks/out/quality
 
 clean:
-	rm -rf $(VENV) docs/_build docs/api/generated .pytest_cache .hypothesis
+	rm -rf $(VENV) docs/_build docs/api/generated docs/gallery .pytest_cache .hypothesis

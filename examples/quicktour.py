@@ -91,7 +91,7 @@ examples = [
     for ids, mask, label in zip(tokens["input_ids"], tokens["attention_mask"], labels, strict=True)
 ]
 train, test = examples[:128], examples[128:]
-print(f"{len(train)} tweets to train on, {len(test)} to test on, e.g. {texts[0]!r}")
+print(f"{len(train)} tweets to train on, {len(test)} to test on, e.g. {texts[0][:50]!r}...")
 
 # %%
 # Inject the adapters
@@ -156,8 +156,8 @@ print(f"after training:  test loss {loss:.3f}, accuracy {accuracy:.0%}")
 # ---------------------------------------
 #
 # :func:`flora.save_adapter` writes the adapter alone: the Tucker cores and
-# factors of the adapted layers and the trained head, a few hundred kB
-# beside the model's 90 MB. :func:`flora.load_adapter` adds it to a fresh
+# factors of the adapted layers and the trained head, about 100 kB beside
+# the model's 90 MB. :func:`flora.load_adapter` adds it to a fresh
 # copy of the pretrained model, frozen, for inference (as PEFT's
 # ``PeftModel.from_pretrained`` does).
 
