@@ -32,7 +32,8 @@ test: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 # (docs/_ext/site_checks.py: no external scripts, no empty sidebars, no leftovers,
 # no math in code font, no wide table without widths; the search index: each
 # object documented once, the public name found first).
-docs: $(VENV)/.installed-test,docs
+# It runs the example gallery (examples/), which reads the assets' pretrained weights.
+docs: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 
 # Speed tables against the anchors (TensorLy, PEFT, a plain GEMM, naive FLoRA); minutes each.
@@ -75,4 +76,4 @@ quality-timing: $(VENV)/.installed-bench $(VENV)/.installed-assets
 	$(BIN)/python benchmarks/quality_minilm.py --timing-only --out benchmarks/out/quality
 
 clean:
-	rm -rf $(VENV) docs/_build docs/api/generated .pytest_cache .hypothesis
+	rm -rf $(VENV) docs/_build docs/api/generated docs/gallery .pytest_cache .hypothesis

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from pathlib import Path
 
 from numpydoc.docscrape import NumpyDocString
 
 HERE = Path(__file__).parent
+# The gallery's examples train torch models in this process: spinning OpenMP
+# workers would slow them many times over on cores shared with other jobs.
+# Set before anything loads torch's OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(HERE / "_ext"))
 
 from offline_inventories import intersphinx_mapping as _offline_mapping  # noqa: E402
@@ -34,6 +39,7 @@ extensions = [
     "myst_parser",
     "numpydoc",
     "matplotlib.sphinxext.plot_directive",
+    "sphinx_gallery.gen_gallery",
     "site_checks",
     "details",
     "autolinks",
@@ -41,6 +47,26 @@ extensions = [
 
 # The changelog (Markdown) names functions in code literals: link them.
 autolinks_literal_pages = ["changelog"]
+
+# The example gallery: every script in examples/ runs at build time and its
+# page shows its code, output and figures. The scripts that take a launcher
+# or options (distributed_flora.py runs under torchrun, make_digits_example.py
+# rewrites the packaged data, train_with_trainer.py and flora_quickstart.py
+# are the tested companions of their pages) stay out of it.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples",
+    "gallery_dirs": "gallery",
+    "filename_pattern": r"\.py$",
+    "ignore_pattern": (
+        r"(distributed_flora|make_digits_example|train_with_trainer|flora_quickstart)\.py$"
+    ),
+    "within_subsection_order": "gallery_order.ExampleOrder",
+    "abort_on_example_error": True,
+    "download_all_examples": False,
+    "show_signature": False,
+    "write_computation_times": False,
+    "remove_config_comments": True,
+}
 
 plot_include_source = True
 plot_html_show_formats = False

@@ -28,7 +28,7 @@ DOCS = ROOT / "docs"
 SOURCES = sorted(
     p
     for p in DOCS.rglob("*.rst")
-    if not p.relative_to(DOCS).as_posix().startswith(("_build/", "api/generated/"))
+    if not p.relative_to(DOCS).as_posix().startswith(("_build/", "api/generated/", "gallery/"))
 )
 # Longest line of a simple or grid table, without its indentation: about what
 # the text column shows at a laptop's window width before it scrolls.
