@@ -45,7 +45,7 @@ print("tensor:", x.shape, x.dtype, f"{x.size:,} numbers")
 #
 # :func:`tuckerlib.mode_spectra` gives the singular values of each mode's
 # unfolding; :func:`tuckerlib.energy_ranks` the smallest ranks that keep a
-# fraction of the energy ``‖x‖²`` in every mode.
+# fraction of the energy :math:`\|x\|^2` in every mode.
 
 spectra = tl.mode_spectra(x)
 for energy in (0.5, 0.9, 0.99):
