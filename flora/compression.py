@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from flora._compress import Compressed, RankRule, compress_tucker, padded_spectra
+from flora._geometry import module_geometry
 from flora._plan import check_enabled, find_adapted
-from flora._tucker import block_sum
+from flora._tucker import compress as compress_exactly
 from flora.config import FLoRAConfig, Ranks
 from flora.io import _resolve_name
-from flora.layers import AdaptedWeight, Embedding, TuckerDelta
+from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.spec import clip_ranks
 from tuckerlib import energy_ranks
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
+from tuckerlib.io.flora_format import update_factors
 
 __all__ = ["DEFAULT_LORA_RANK", "compress"]
 
@@ -95,14 +97,11 @@ def _update(host: AdaptedWeight, adapter: TuckerDelta) -> tuple[torch.Tensor, li
     factors = [f.detach().to(torch.float64) for f in adapter.factors]
     initial = adapter.initial
     if initial is not None:
-        initial_core = -initial[0].to(torch.float64)
-        initial_factors = [f.to(torch.float64) for f in initial[1]]
-        core, factors = block_sum([(core, factors), (initial_core, initial_factors)])
-    if isinstance(host, Embedding) and host.base_layer.padding_idx is not None:
-        # Zeroing a row of U_0 zeroes that row of ΔW: the padding row the layer never applies.
-        factors[0] = factors[0].clone()
-        factors[0][host.base_layer.padding_idx] = 0
-    return core, factors
+        initial = (initial[0].to(torch.float64), [f.to(torch.float64) for f in initial[1]])
+    geometry = module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
+    # The format's rule: ΔW − ΔW_init, and no update on a row the layer never applies.
+    core, factors = update_factors(adapter.spec.record(geometry), core, factors, initial)
+    return compress_exactly(core, factors)
 
 
 def _plan(name: str, host: AdaptedWeight, adapter_name: str, rule: RankRule) -> _Plan:

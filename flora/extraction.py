@@ -17,7 +17,7 @@ from flora._args import check_flag, check_fraction, check_positive_int
 from flora._atomic import check_not_input, check_target
 from flora._carry import Carried, carry
 from flora.config import FLoRAConfig
-from flora.io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, write_adapter
+from flora.io import CONFIG_NAME, WEIGHTS_NAME, write_adapter
 from flora.spec import LayerSpec, RankTemplate, check_template, clip_ranks, usable_ranks
 from tuckerlib import (
     TuckerTensor,
@@ -29,6 +29,7 @@ from tuckerlib import (
 )
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
+from tuckerlib.io.flora_format import bias_key, core_key, factor_key, saved_key
 
 __all__ = ["ExtractedLayer", "Extraction", "ExtractionError", "extract"]
 
@@ -473,9 +474,9 @@ def _write(
         for layer in layers
     }
     for layer, delta in carried.biases.items():
-        tensors[f"{layer}.bias"] = delta
+        tensors[bias_key(layer)] = delta
     for module, state in carried.modules.items():
-        tensors.update({f"{SAVED_PREFIX}{module}.{key}": t for key, t in state.items()})
+        tensors.update({saved_key(module, key): t for key, t in state.items()})
     modules = list(carried.modules)
     config = FLoRAConfig.for_layers(specs)
     if modules:
@@ -492,7 +493,7 @@ def _extract_layer(
     shape = tuple(int(d) for d in delta.shape)
     error = relative_error(delta, tucker)
     layer = ExtractedLayer(layer_name, name, kind, shape, tucker.rank, tucker.n_params, error)
-    tensors = {f"{layer_name}.core": torch.from_numpy(np.asarray(tucker.core, np.float32))}
+    tensors = {core_key(layer_name): torch.from_numpy(np.asarray(tucker.core, np.float32))}
     for n, factor in enumerate(tucker.factors):
-        tensors[f"{layer_name}.factors.{n}"] = torch.from_numpy(np.asarray(factor, np.float32))
+        tensors[factor_key(layer_name, n)] = torch.from_numpy(np.asarray(factor, np.float32))
     return layer, tensors

@@ -122,7 +122,7 @@ from torch import nn
 from flora._args import check_flag, check_model
 from flora._atomic import recover, replace_directory
 from flora._files import check_tensor_values, read_json, read_tensors, read_together, writing
-from flora._geometry import check_geometry, geometry_mismatch, module_geometry
+from flora._geometry import geometry_mismatch, module_geometry
 from flora._hub import resolve_hub_id
 from flora._plan import (
     check_layer_name,
@@ -771,7 +771,8 @@ def _recorded_config(data: object) -> FLoRAConfig:
 def _compress_layer(tensors: dict[str, torch.Tensor], layer: str, spec: LayerSpec) -> None:
     for initial in (False, True) if spec.init == "hosvd" else (False,):
         keys = [factor_key(layer, n, initial=initial) for n in range(len(spec.shape))]
-        core, factors = compress(tensors[core_key(layer, initial=initial)], [tensors[k] for k in keys])
+        core = tensors[core_key(layer, initial=initial)]
+        core, factors = compress(core, [tensors[k] for k in keys])
         tensors[core_key(layer, initial=initial)] = core
         for key, factor in zip(keys, factors, strict=True):
             tensors[key] = factor

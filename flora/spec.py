@@ -19,14 +19,15 @@ independent columns.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from tuckerlib.io import flora_format as _format
 from tuckerlib.io.flora_format import (
     FORWARD_MODES,
     INIT_MODES,
+    LayerRecord,
     check_bias,
     check_dropout,
     check_forward,
@@ -218,6 +219,18 @@ class LayerSpec:
             s * r for s, r in zip(self.shape, self.ranks, strict=True)
         )
         return tucker + (self.shape[0] if self.bias else 0)
+
+    def record(self, geometry: Mapping[str, Any] | None = None, name: str = "") -> LayerRecord:
+        """The spec as the adapter format's :class:`tuckerlib.io.flora_format.LayerRecord`.
+
+        Examples
+        --------
+        >>> from flora import LayerSpec
+        >>> LayerSpec("Linear", (3, 4), (2, 2)).record(name="fc").tensor_shapes()
+        {'fc.core': (2, 2), 'fc.factors.0': (3, 2), 'fc.factors.1': (4, 2)}
+        """
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return LayerRecord(name, stored_ranks=self.ranks, geometry=geometry, **values)
 
     def to_record(self) -> dict[str, Any]:
         """The spec as a JSON object (lists for tuples), as saved adapters hold it.

@@ -361,7 +361,7 @@ def _edit_tensors(directory: Path, edit) -> None:
 
 
 _FLORA_BAD = [
-    (lambda d: d["layers"]["tuned"].update(bias="yes"), None, "layer 'tuned': bias must be True or False"),
+    (lambda d: d["layers"]["tuned"].update(bias="yes"), None, "layer 'tuned': bias must be True"),
     (
         lambda d: d["layers"]["plain"].update(bias=True),
         None,

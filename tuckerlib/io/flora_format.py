@@ -51,7 +51,7 @@ import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 import array_api_compat
 
@@ -91,12 +91,12 @@ __all__ = [
     "check_layer_name",
     "check_layer_values",
     "check_modules",
-    "check_record",
     "check_ranks",
+    "check_record",
     "check_scale",
     "check_shape",
-    "check_tensors",
     "check_template",
+    "check_tensors",
     "core_key",
     "difference",
     "factor_key",
@@ -225,7 +225,7 @@ def core_key(layer: str, *, initial: bool = False) -> str:
     >>> core_key("fc"), core_key("fc", initial=True)
     ('fc.core', 'fc.initial_core')
     """
-    return f"{layer}.{'initial_' if initial else ''}core"
+    return f"{layer}.initial_core" if initial else f"{layer}.core"
 
 
 def factor_key(layer: str, mode: int, *, initial: bool = False) -> str:
@@ -237,7 +237,7 @@ def factor_key(layer: str, mode: int, *, initial: bool = False) -> str:
     >>> factor_key("fc", 1), factor_key("fc", 0, initial=True)
     ('fc.factors.1', 'fc.initial_factors.0')
     """
-    return f"{layer}.{'initial_' if initial else ''}factors.{mode}"
+    return f"{layer}.initial_factors.{mode}" if initial else f"{layer}.factors.{mode}"
 
 
 def bias_key(layer: str) -> str:
@@ -770,17 +770,20 @@ class LayerRecord:
         return None if key is None or self.geometry is None else self.geometry.get(key)
 
 
+def _positive_ints(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(type(i) is int and i > 0 for i in value)
+
+
 def _version1_ranks(record: object) -> tuple[dict[str, Any], list[int]] | None:
     """A version 1 record at usable ranks and its stored ranks, when those fit the shape."""
     if not isinstance(record, Mapping):
         return None
     shape, ranks = record.get("shape"), record.get("ranks")
-    lists = all(
-        isinstance(v, list) and all(type(i) is int and i > 0 for i in v) for v in (shape, ranks)
-    )
-    if not lists or len(shape) != len(ranks) or any(r > s for r, s in zip(ranks, shape)):  # type: ignore[arg-type]
+    if not (_positive_ints(shape) and _positive_ints(ranks)):
         return None
-    return {**record, "ranks": list(usable_ranks(ranks, shape))}, list(ranks)  # type: ignore[arg-type]
+    if len(shape) != len(ranks) or any(r > s for r, s in zip(ranks, shape, strict=True)):
+        return None
+    return {**record, "ranks": list(usable_ranks(ranks, shape))}, list(ranks)
 
 
 def check_layer(name: object, record: object, version: int = FORMAT_VERSION) -> LayerRecord:
