@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora._apply import MODULE_TYPES, find_adapted, find_saved
 from flora._geometry import check_geometry, lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
 from flora._lora_import import plain_module_names
 from flora._lora_math import LoraTensors, lora_split, to_lora
-from flora._plan import MODULE_TYPES, find_adapted, find_saved
-from flora._tucker import compress
+from flora._tucker import to_usable_ranks
 from flora.io import _resolve_name, adapter_state_dict, read_adapter
 from flora.layers import FLoRALayer
 from tuckerlib.io import AdapterLayer, open_adapter
@@ -121,7 +121,7 @@ def _model_layer(name: str, host: object, adapter: Any, state: Mapping[str, Any]
         # The base holds W0 − ΔW_init: the change to W0 is ΔW − ΔW_init.
         initial_core = _to64(state[core_key(name, initial=True)])
         initial = [_to64(state[factor_key(name, n, initial=True)]) for n in range(count)]
-        core, factors = compress(*difference(core, factors, initial_core, initial))
+        core, factors = to_usable_ranks(*difference(core, factors, initial_core, initial))
     geometry = module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
     bias = _to64(state[bias_key(name)]) if spec.bias else None
     return ExportLayer(

@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from flora._compress import Compressed, RankRule, compress_tucker, padded_spectra
+from flora._apply import check_enabled, find_adapted
 from flora._geometry import module_geometry
-from flora._plan import check_enabled, find_adapted
-from flora._tucker import compress as compress_exactly
+from flora._truncate import Compressed, RankRule, padded_spectra, truncate_tucker
+from flora._tucker import to_usable_ranks
 from flora.config import FLoRAConfig, Ranks
 from flora.io import _resolve_name
 from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
@@ -101,7 +101,7 @@ def _update(host: AdaptedWeight, adapter: TuckerDelta) -> tuple[torch.Tensor, li
     geometry = module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
     # The format's rule: ΔW − ΔW_init, and no update on a row the layer never applies.
     core, factors = update_factors(adapter.spec.record(geometry), core, factors, initial)
-    return compress_exactly(core, factors)
+    return to_usable_ranks(core, factors)
 
 
 def _plan(name: str, host: AdaptedWeight, adapter_name: str, rule: RankRule) -> _Plan:
@@ -112,7 +112,7 @@ def _plan(name: str, host: AdaptedWeight, adapter_name: str, rule: RankRule) -> 
             f"layer {name!r}: adapter {adapter_name!r} holds NaN or infinite values in its "
             "core or factors; nothing was compressed"
         )
-    result: Compressed = compress_tucker(core, factors, rule)
+    result: Compressed = truncate_tucker(core, factors, rule)
     dtype = adapter.core.dtype
     spec = dataclasses.replace(
         adapter.spec,

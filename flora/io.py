@@ -119,19 +119,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flora._args import check_flag, check_model
-from flora._atomic import recover, replace_directory
-from flora._files import check_tensor_values, read_json, read_tensors, read_together, writing
-from flora._geometry import geometry_mismatch, module_geometry
-from flora._hub import resolve_hub_id
-from flora._plan import (
+from flora._apply import (
     check_layer_name,
     current_active,
     find_adapted,
     find_saved,
     walk,
 )
-from flora._tucker import compress
+from flora._args import check_flag, check_model
+from flora._atomic import recover, replace_directory
+from flora._files import check_tensor_values, read_json, read_tensors, read_together, writing
+from flora._geometry import geometry_mismatch, module_geometry
+from flora._hub import resolve_hub_id
+from flora._tucker import to_usable_ranks
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.layers.base import check_adapter_name
@@ -772,7 +772,7 @@ def _compress_layer(tensors: dict[str, torch.Tensor], layer: str, spec: LayerSpe
     for initial in (False, True) if spec.init == "hosvd" else (False,):
         keys = [factor_key(layer, n, initial=initial) for n in range(len(spec.shape))]
         core = tensors[core_key(layer, initial=initial)]
-        core, factors = compress(core, [tensors[k] for k in keys])
+        core, factors = to_usable_ranks(core, [tensors[k] for k in keys])
         tensors[core_key(layer, initial=initial)] = core
         for key, factor in zip(keys, factors, strict=True):
             tensors[key] = factor
