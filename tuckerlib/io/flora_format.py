@@ -154,23 +154,31 @@ class KindRule:
     masked_row : str or None
         The geometry key naming a row of ``ΔW`` the layer never applies
         (an embedding's ``padding_idx``): that row of ``U_0`` reads as zero.
+    tensor_kind : str or None
+        Its class in :data:`tuckerlib.analysis.TENSOR_KINDS` (``"linear"``,
+        ``"conv"``, ``"embedding"``); None where only the weight's name and
+        shape tell (:func:`tuckerlib.analysis.tensor_kind`).
     """
 
     modes: str
     bias: bool = False
     geometry: tuple[str, ...] = ()
     masked_row: str | None = None
+    tensor_kind: str | None = None
 
 
 #: The layer kinds a record may name, each with its ΔW-geometry rule.
 KINDS: Mapping[str, KindRule] = MappingProxyType(
     {
-        "Linear": KindRule("(out, in)", bias=True),
-        "Conv1d": KindRule("(out, in/groups, k)", bias=True, geometry=CONV_KEYS),
-        "Conv2d": KindRule("(out, in/groups, kh, kw)", bias=True, geometry=CONV_KEYS),
-        "Conv3d": KindRule("(out, in/groups, kd, kh, kw)", bias=True, geometry=CONV_KEYS),
+        "Linear": KindRule("(out, in)", bias=True, tensor_kind="linear"),
+        "Conv1d": KindRule("(out, in/groups, k)", True, CONV_KEYS, tensor_kind="conv"),
+        "Conv2d": KindRule("(out, in/groups, kh, kw)", True, CONV_KEYS, tensor_kind="conv"),
+        "Conv3d": KindRule("(out, in/groups, kd, kh, kw)", True, CONV_KEYS, tensor_kind="conv"),
         "Embedding": KindRule(
-            "(num_embeddings, dim)", geometry=EMBEDDING_KEYS, masked_row="padding_idx"
+            "(num_embeddings, dim)",
+            geometry=EMBEDDING_KEYS,
+            masked_row="padding_idx",
+            tensor_kind="embedding",
         ),
         "Parameter": KindRule("the parameter's own axes"),
     }
@@ -705,8 +713,9 @@ def check_record(record: object, *, geometry: bool = False) -> dict[str, Any]:
     Parameters
     ----------
     record : dict
-        A JSON object with the keys of :data:`RECORD_KEYS` and optionally
-        ``forward``, ``dropout``, ``bias`` (and ``geometry`` when
+        A JSON object with the keys ``kind``, ``shape``, ``ranks``,
+        ``scale``, ``init`` and optionally ``forward``, ``dropout``,
+        ``bias`` (and ``geometry`` when
         ``geometry`` is true; not checked here, see :func:`check_geometry`).
     geometry : bool, optional
         Whether the record may have a ``geometry`` key.
