@@ -100,7 +100,10 @@ holds when a save is interrupted or runs alongside others:
 
 Reading refuses anything that does not match this description with a
 :class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
-starts with the file at fault. :func:`write_adapter` writes such a directory from plain
+starts with the file at fault. The keys, kinds, record checks and the
+``ΔW − ΔW_init`` rule are :mod:`tuckerlib.io.flora_format`'s, which
+:func:`tuckerlib.io.open_adapter` shares: both refuse the same directories
+with the same message. :func:`write_adapter` writes such a directory from plain
 tensors, e.g. for adapters computed outside a model; :func:`read_adapter`
 reads and validates one without a model.
 """
@@ -147,6 +150,7 @@ from tuckerlib.io.flora_format import (
     SAVED_PREFIX,
     WEIGHTS_NAME,
     AdapterDocument,
+    LayerRecord,
     bias_key,
     check_base_name,
     check_document,
@@ -288,7 +292,7 @@ def _spec_and_geometry(
     return _spec(record), geometry
 
 
-def _spec(record: Any) -> LayerSpec:
+def _spec(record: LayerRecord) -> LayerSpec:
     """The spec of a checked layer record, at its usable ranks."""
     return LayerSpec(
         record.kind,
