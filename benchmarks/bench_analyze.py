@@ -252,7 +252,7 @@ def table_c() -> None:
     ):
         for lora_rank in (2, 4, 8, 16):
             result = flora.extract(
-                base_ckpt, tuned_ckpt, tmp, budget_like_lora=lora_rank, include=r"^conv"
+                base_ckpt, tuned_ckpt, tmp, rank={"budget_like_lora": lora_rank}, include=r"^conv"
             )
             for layer in result.layers:
                 delta = read_delta(base_ckpt, tuned_ckpt, layer.tensor).astype(np.float64)

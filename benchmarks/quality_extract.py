@@ -174,7 +174,7 @@ def _flora_point(pair: Pair, directory: Path, base, tuned, rule: dict, refine: b
     for carry in (False, True):
         where = directory.with_name(directory.name + ("-1d" if carry else ""))
         extraction = flora.extract(
-            pair.base, pair.tuned, where, refine=refine, exclude=exclude, carry_1d=carry, **rule
+            pair.base, pair.tuned, where, refine=refine, exclude=exclude, carry_1d=carry, rank=rule
         )
         model = flora.load_adapter(_model_with(pair, {**base, **pair.new_state(tuned)}), where)
         scores.append(accuracy(flora.unload(model, merge=True).eval(), pair.test))

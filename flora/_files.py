@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from tuckerlib.io import CheckpointError, open_checkpoint
+from tuckerlib.io.flora_format import loads
 
 __all__ = [
     "check_tensor_values",
@@ -30,16 +31,6 @@ __all__ = [
     "read_together",
     "writing",
 ]
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of two equal keys silently; a config naming a layer twice is corrupt.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"key {key!r} appears twice")
-        result[key] = value
-    return result
 
 
 def _require_file(path: Path) -> None:
@@ -94,11 +85,9 @@ def read_json(path: Path, data: bytes | None = None) -> tuple[Any, bytes]:
     """
     data = _read_bytes(path) if data is None else data
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys), data
-    except RecursionError:
-        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
-    except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        return loads(data), data
+    except ValueError as exc:  # bad UTF-8, bad JSON, a repeated key or deep nesting
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def read_tensors(

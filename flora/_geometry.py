@@ -11,12 +11,12 @@ Linear layers and parameters have no geometry.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
+
+from tuckerlib.io.flora_format import CONV_KEYS, EMBEDDING_KEYS, check_geometry
 
 __all__ = [
     "CONV_KEYS",
@@ -27,10 +27,7 @@ __all__ = [
     "module_geometry",
 ]
 
-CONV_KEYS = ("groups", "stride", "padding", "dilation", "padding_mode")
-EMBEDDING_KEYS = ("padding_idx", "max_norm")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def module_geometry(module: nn.Module) -> dict[str, Any] | None:
@@ -56,67 +53,6 @@ def module_geometry(module: nn.Module) -> dict[str, Any] | None:
             "padding_mode": module.padding_mode,
         }
     return None
-
-
-def _ints(value: object, count: int, low: int) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == count
-        and all(type(v) is int and v >= low for v in value)
-    )
-
-
-def _conv_problem(shape: Sequence[int], record: Mapping[str, Any]) -> str | None:
-    spatial = len(shape) - 2
-    groups = record["groups"]
-    if type(groups) is not int or groups < 1 or shape[0] % groups:
-        return f"groups must be a positive int dividing the {shape[0]} output channels"
-    if not (_ints(record["stride"], spatial, 1) and _ints(record["dilation"], spatial, 1)):
-        return f"stride and dilation must be lists of {spatial} positive ints"
-    padding = record["padding"]
-    if padding not in ("same", "valid") and not _ints(padding, spatial, 0):
-        return f"padding must be 'same', 'valid' or a list of {spatial} ints >= 0"
-    if record["padding_mode"] not in _PADDING_MODES:
-        return f"padding_mode must be one of {list(_PADDING_MODES)}"
-    return None
-
-
-def _embedding_problem(shape: Sequence[int], record: Mapping[str, Any]) -> str | None:
-    index, max_norm = record["padding_idx"], record["max_norm"]
-    if index is not None and (type(index) is not int or not 0 <= index < shape[0]):
-        return f"padding_idx must be null or an int in [0, {shape[0]})"
-    if max_norm is not None and (
-        isinstance(max_norm, bool)
-        or not isinstance(max_norm, numbers.Real)
-        or not math.isfinite(max_norm)
-        or max_norm <= 0
-    ):
-        return "max_norm must be null or a positive number"
-    return None
-
-
-def check_geometry(kind: str, shape: Sequence[int], record: object) -> dict[str, Any]:
-    """``record`` if it is a valid geometry for a layer of ``kind`` and ``shape``.
-
-    Raises
-    ------
-    ValueError
-        If the kind has no geometry, or the record lacks a key, has an
-        unknown one or holds an invalid value (named in the message).
-    """
-    if kind.startswith("Conv"):
-        keys, check = CONV_KEYS, _conv_problem
-    elif kind == "Embedding":
-        keys, check = EMBEDDING_KEYS, _embedding_problem
-    else:
-        raise ValueError(f"a {kind} layer has no geometry; only Conv and Embedding layers do")
-    if not isinstance(record, Mapping) or set(record) != set(keys):
-        found = sorted(record) if isinstance(record, Mapping) else type(record).__name__
-        raise ValueError(f"the geometry of a {kind} must have keys {list(keys)}, got {found}")
-    problem = check(shape, record)
-    if problem is not None:
-        raise ValueError(f"geometry: {problem}, got {dict(record)}")
-    return dict(record)
 
 
 def geometry_mismatch(recorded: Mapping[str, Any], module: nn.Module) -> str | None:

@@ -125,7 +125,7 @@ class _SavePretrainedGuard:
 
 def save_adapter_folder(model: nn.Module, directory: Path) -> None:
     """Write the active adapter and the training state into ``directory`` (other files stay)."""
-    from flora._plan import current_active
+    from flora._apply import current_active
     from flora.io import save_adapter
 
     active = list(current_active(model))

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora._apply import MODULE_TYPES, find_adapted, find_saved
 from flora._geometry import check_geometry, lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
 from flora._lora_import import plain_module_names
 from flora._lora_math import LoraTensors, lora_split, to_lora
-from flora._plan import MODULE_TYPES, find_adapted, find_saved
-from flora._tucker import block_sum
-from flora.io import SAVED_PREFIX, _resolve_name, adapter_state_dict, read_adapter
+from flora._tucker import to_usable_ranks
+from flora.io import _resolve_name, adapter_state_dict, read_adapter
 from flora.layers import FLoRALayer
 from flora.layers.bnb import dequantize_weight, is_quantized
 from tuckerlib.io import AdapterLayer, open_adapter
+from tuckerlib.io.flora_format import bias_key, core_key, difference, factor_key, saved_key
 
 __all__ = [
     "ExportLayer",
@@ -115,16 +116,15 @@ def _to64(tensor: torch.Tensor) -> torch.Tensor:
 def _model_layer(name: str, host: object, adapter: Any, state: Mapping[str, Any]) -> ExportLayer:
     spec = adapter.spec
     count = len(spec.shape)
-    core = _to64(state[f"{name}.core"])
-    factors = [_to64(state[f"{name}.factors.{n}"]) for n in range(count)]
+    core = _to64(state[core_key(name)])
+    factors = [_to64(state[factor_key(name, n)]) for n in range(count)]
     if spec.init == "hosvd":
         # The base holds W0 − ΔW_init: the change to W0 is ΔW − ΔW_init.
-        initial = [_to64(state[f"{name}.initial_factors.{n}"]) for n in range(count)]
-        core, factors = block_sum(
-            [(core, factors), (-_to64(state[f"{name}.initial_core"]), initial)]
-        )
+        initial_core = _to64(state[core_key(name, initial=True)])
+        initial = [_to64(state[factor_key(name, n, initial=True)]) for n in range(count)]
+        core, factors = to_usable_ranks(*difference(core, factors, initial_core, initial))
     geometry = module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
-    bias = _to64(state[f"{name}.bias"]) if spec.bias else None
+    bias = _to64(state[bias_key(name)]) if spec.bias else None
     return ExportLayer(
         name, spec.kind, spec.shape, core, factors, spec.scale, spec.dropout, geometry, bias
     )
@@ -147,7 +147,7 @@ def model_source(model: nn.Module, adapter_name: str | None) -> Source:
     ]
     saved = {}
     for module in find_saved(model):
-        prefix = f"{SAVED_PREFIX}{module}."
+        prefix = saved_key(module, "")
         found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if found:
             saved[module] = found

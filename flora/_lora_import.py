@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora._apply import walk
 from flora._geometry import lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
-from flora._plan import walk
 from flora._tucker import reconstruct
 from flora.layers import FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.bnb import is_quantized

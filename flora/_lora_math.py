@@ -23,7 +23,7 @@ is exactly what a LoRA pair stores with ``lora_alpha = r`` (scaling 1):
   ``padding_idx`` column of ``lora_embedding_A`` is zero, as FLoRA gives
   the padding row no update.
 
-:func:`compact` first brings the ranks to what a Tucker tensor can use
+:func:`flora._tucker.to_usable_ranks` first brings the ranks to what a Tucker tensor can use
 (:math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`) by QR factorizations that leave ``ΔW``
 unchanged, so the LoRA rank is ``R_0`` after that clipping.
 """
@@ -35,16 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-from flora._tucker import compress, reconstruct
+from flora._tucker import reconstruct, to_usable_ranks
 
-__all__ = ["LoraTensors", "compact", "lora_split", "to_lora"]
-
-
-def compact(
-    core: torch.Tensor, factors: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    r"""Ranks :math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`, the same tensor: :func:`compress`."""
-    return compress(core, factors)
+__all__ = ["LoraTensors", "lora_split", "to_lora"]
 
 
 def lora_split(
@@ -53,9 +46,9 @@ def lora_split(
     r"""``(left, right)`` with ``ΔW = right ×_0 left``, ``left`` of shape ``(I_0, r)``.
 
     ``right`` has shape :math:`(r, I_1, \dots, I_{N-1})`; ``r`` is ``R_0`` after
-    :func:`compact`.
+    :func:`flora._tucker.to_usable_ranks`.
     """
-    core, factors = compact(core, factors)
+    core, factors = to_usable_ranks(core, factors)
     right = reconstruct(core * scale, factors, range(1, core.ndim))
     return factors[0], right
 

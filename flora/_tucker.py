@@ -15,7 +15,7 @@ import torch
 
 from tuckerlib import fold, unfold
 
-__all__ = ["block_sum", "compress", "mode_order", "reconstruct"]
+__all__ = ["block_sum", "compress", "mode_order", "reconstruct", "to_usable_ranks"]
 
 
 def mode_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int]) -> list[int]:
@@ -49,7 +49,7 @@ def reconstruct(
     return x
 
 
-def compress(
+def to_usable_ranks(
     core: torch.Tensor, factors: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     r"""The same Tucker tensor at its usable ranks, exactly (up to rounding).
@@ -81,7 +81,7 @@ def block_sum(
     r""":math:`\sum_i \text{core\_i} \times_n U_n^i` as one Tucker tensor, exactly, at usable ranks.
 
     The core is block-diagonal (term ``i`` at offset :math:`\sum_{j<i} R^j` in every
-    mode), the factors are the terms' factors side by side; :func:`compress`
+    mode), the factors are the terms' factors side by side; :func:`to_usable_ranks`
     then takes out what the sum cannot use.
     """
     ranks = [sum(core.shape[n] for core, _ in terms) for n in range(terms[0][0].ndim)]
@@ -93,4 +93,9 @@ def block_sum(
         core[index] = block
         offsets = [o + r for o, r in zip(offsets, block.shape, strict=True)]
     factors = [torch.cat([f[n] for _, f in terms], dim=1) for n in range(len(ranks))]
-    return compress(core, factors)
+    return to_usable_ranks(core, factors)
+
+
+#: The name flora/layers imports (issue 21: the split of flora/layers/base.py moves
+#: that import to :func:`to_usable_ranks`; then this alias goes).
+compress = to_usable_ranks

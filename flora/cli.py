@@ -140,16 +140,20 @@ def _summary(result: Extraction) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rank_rule(args: argparse.Namespace) -> dict[str, object] | None:
+    """The ``rank=`` of :func:`flora.extract` that the rank options give (None: its default)."""
+    names = ("ranks", "energy", "budget_like_lora", "fixed_kernel_rank")
+    rule = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return rule or None
+
+
 def _run_extract(args: argparse.Namespace) -> int:
     try:
         result = extract(
             args.base,
             args.tuned,
             args.out,
-            ranks=args.ranks,
-            energy=args.energy,
-            budget_like_lora=args.budget_like_lora,
-            fixed_kernel_rank=args.fixed_kernel_rank,
+            rank=_rank_rule(args),
             include=args.include,
             exclude=args.exclude,
             refine=args.refine,

@@ -16,15 +16,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from flora._compress import Compressed, RankRule, compress_tucker, padded_spectra
-from flora._plan import check_enabled, find_adapted
-from flora._tucker import block_sum
+from flora._apply import check_enabled, find_adapted
+from flora._geometry import module_geometry
+from flora._truncate import Compressed, RankRule, padded_spectra, truncate_tucker
+from flora._tucker import to_usable_ranks
 from flora.config import FLoRAConfig, Ranks
 from flora.io import _resolve_name
-from flora.layers import AdaptedWeight, Embedding, TuckerDelta
+from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.spec import clip_ranks
 from tuckerlib import energy_ranks
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
+from tuckerlib.io.flora_format import KINDS, update_factors
 
 __all__ = ["DEFAULT_LORA_RANK", "compress"]
 
@@ -32,14 +34,6 @@ __all__ = ["DEFAULT_LORA_RANK", "compress"]
 #: energy within the parameters of a LoRA of this rank: the rule of the
 #: ``FLoRA ranks`` column of ``tuckerlib analyze --adapter`` at its default.
 DEFAULT_LORA_RANK = 8
-
-_TENSOR_KINDS = {
-    "Linear": "linear",
-    "Conv1d": "conv",
-    "Conv2d": "conv",
-    "Conv3d": "conv",
-    "Embedding": "embedding",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +76,8 @@ def _rule(
 
     def by_budget(small: torch.Tensor, shape: tuple[int, ...]) -> list[int]:
         # The kind as analyze tells it: a parameter's from its name and shape.
-        kind = _TENSOR_KINDS.get(spec_kind) or tensor_kind(name, shape)
+        rule = KINDS.get(spec_kind)
+        kind = (rule and rule.tensor_kind) or tensor_kind(name, shape)
         spectra = padded_spectra(small, shape)
         return capped(lora_budget_ranks(spectra, kind, DEFAULT_LORA_RANK)[0])
 
@@ -95,14 +90,11 @@ def _update(host: AdaptedWeight, adapter: TuckerDelta) -> tuple[torch.Tensor, li
     factors = [f.detach().to(torch.float64) for f in adapter.factors]
     initial = adapter.initial
     if initial is not None:
-        initial_core = -initial[0].to(torch.float64)
-        initial_factors = [f.to(torch.float64) for f in initial[1]]
-        core, factors = block_sum([(core, factors), (initial_core, initial_factors)])
-    if isinstance(host, Embedding) and host.base_layer.padding_idx is not None:
-        # Zeroing a row of U_0 zeroes that row of ΔW: the padding row the layer never applies.
-        factors[0] = factors[0].clone()
-        factors[0][host.base_layer.padding_idx] = 0
-    return core, factors
+        initial = (initial[0].to(torch.float64), [f.to(torch.float64) for f in initial[1]])
+    geometry = module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
+    # The format's rule: ΔW − ΔW_init, and no update on a row the layer never applies.
+    core, factors = update_factors(adapter.spec.record(geometry), core, factors, initial)
+    return to_usable_ranks(core, factors)
 
 
 def _plan(name: str, host: AdaptedWeight, adapter_name: str, rule: RankRule) -> _Plan:
@@ -113,7 +105,7 @@ def _plan(name: str, host: AdaptedWeight, adapter_name: str, rule: RankRule) -> 
             f"layer {name!r}: adapter {adapter_name!r} holds NaN or infinite values in its "
             "core or factors; nothing was compressed"
         )
-    result: Compressed = compress_tucker(core, factors, rule)
+    result: Compressed = truncate_tucker(core, factors, rule)
     dtype = adapter.core.dtype
     spec = dataclasses.replace(
         adapter.spec,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from os import PathLike
 from typing import Any, Literal
 
+from flora._match import name_matches, pattern_rank
 from flora.spec import (
     BIAS_KINDS,
     KINDS,
@@ -106,33 +107,6 @@ def _check_names(value: object, name: str) -> list[str] | str | None:
     if isinstance(value, Sequence) and all(isinstance(v, str) and v for v in value):
         return list(value)
     raise TypeError(f"{name} must be None, a regex string or a list of non-empty names")
-
-
-def name_matches(name: str, entry: str, *, regex: bool = True) -> bool:
-    """Whether ``entry`` names ``name``: exactly, as a dotted suffix or (``regex``) a full regex.
-
-    Examples
-    --------
-    >>> from flora.config import name_matches
-    >>> name_matches("blocks.0.query", "query"), name_matches("blocks.0.query", "blocks.*query")
-    (True, True)
-    >>> name_matches("blocks.0.query", "ery")
-    False
-    """
-    if name == entry or name.endswith("." + entry):
-        return True
-    return regex and re.fullmatch(entry, name) is not None
-
-
-def _pattern_rank(pattern: str, name: str) -> int | None:
-    """How specifically a ``rank_pattern`` key names ``name``: 0 exact, 1 suffix, 2 regex."""
-    if name == pattern:
-        return 0
-    if name.endswith("." + pattern):
-        return 1
-    if re.fullmatch(pattern, name) is not None:
-        return 2
-    return None
 
 
 @dataclass
@@ -273,7 +247,7 @@ class FLoRAConfig:
         """
         best: tuple[int, str] | None = None
         for key in self.rank_pattern:
-            rank = _pattern_rank(key, name)
+            rank = pattern_rank(key, name)
             if rank is not None and (best is None or rank < best[0]):
                 best = (rank, key)
         return None if best is None else best[1]

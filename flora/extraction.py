@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from flora._args import check_flag, check_fraction, check_positive_int
 from flora._atomic import check_not_input, check_target
 from flora._carry import Carried, carry
 from flora.config import FLoRAConfig
-from flora.io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, write_adapter
+from flora.io import CONFIG_NAME, WEIGHTS_NAME, write_adapter
 from flora.spec import LayerSpec, RankTemplate, check_template, clip_ranks, usable_ranks
 from tuckerlib import (
     TuckerTensor,
@@ -29,6 +31,7 @@ from tuckerlib import (
 )
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
+from tuckerlib.io.flora_format import bias_key, core_key, factor_key, saved_key
 
 __all__ = ["ExtractedLayer", "Extraction", "ExtractionError", "extract"]
 
@@ -159,9 +162,53 @@ class _Rules:
         return usable_ranks(ranks, shape)
 
 
+#: A rank rule of :func:`extract`: a rank template or a dict of ``RULE_KEYS``.
+RankRule = int | Sequence[int | None] | Mapping[str, Any]
+
+#: The keys of a rank rule given as a dict (``rank={"energy": 0.9}``): at most one of
+#: the first three, optionally with ``fixed_kernel_rank``.
+RULE_KEYS = ("ranks", "energy", "budget_like_lora", "fixed_kernel_rank")
+
+
+def _rank_rule(rank: object, deprecated: Mapping[str, object]) -> dict[str, object]:
+    """The rank rule of ``rank=`` (or of the deprecated keywords) as a dict of :data:`RULE_KEYS`."""
+    unknown = sorted(set(deprecated) - set(RULE_KEYS))
+    if unknown:
+        raise TypeError(f"extract() got unexpected keyword arguments {unknown}")
+    old = {key: value for key, value in deprecated.items() if value is not None}
+    if old and rank is not None:
+        raise ExtractionError(
+            f"give the rank rule once, as rank=...; got rank={rank!r} and {sorted(old)}"
+        )
+    if old:
+        new = old["ranks"] if list(old) == ["ranks"] else old
+        warnings.warn(
+            f"extract({', '.join(f'{k}=...' for k in old)}) is deprecated and goes in the "
+            f"next release; pass rank={new!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return old
+    if rank is None:
+        return {}
+    if isinstance(rank, Mapping):
+        unknown = sorted(set(rank) - set(RULE_KEYS))
+        if unknown or not all(isinstance(key, str) for key in rank):
+            raise ValueError(f"rank's keys must be among {list(RULE_KEYS)}, got {sorted(rank)}")
+        return dict(rank)
+    return {"rank": rank}
+
+
 def _rules(
-    ranks: object, energy: object, budget_like_lora: object, fixed_kernel_rank: object
+    rank: object = None,
+    ranks: object = None,
+    energy: object = None,
+    budget_like_lora: object = None,
+    fixed_kernel_rank: object = None,
 ) -> _Rules:
+    """The checked rule; ``rank`` is a template given as ``rank=`` itself, ``ranks`` in a dict."""
+    if rank is not None:
+        ranks = check_template(rank, "rank")
     rules = {"ranks": ranks, "energy": energy, "budget_like_lora": budget_like_lora}
     given = [name for name, value in rules.items() if value is not None]
     if len(given) > 1:
@@ -275,16 +322,14 @@ def extract(
     tuned: Checkpoint | str | os.PathLike[str],
     directory: str | os.PathLike[str],
     *,
-    ranks: int | Sequence[int | None] | None = None,
-    energy: float | None = None,
-    budget_like_lora: int | None = None,
-    fixed_kernel_rank: int | None = None,
+    rank: RankRule | None = None,
     include: str | re.Pattern[str] | None = None,
     exclude: str | re.Pattern[str] | None = None,
     refine: bool = False,
     as_parameters: bool = False,
     carry_1d: bool = False,
     progress: Callable[[Sequence[str]], Iterable[str]] | None = None,
+    **deprecated: Any,
 ) -> Extraction:
     """Extract a FLoRA adapter from a base checkpoint and its full fine-tune.
 
@@ -301,26 +346,29 @@ def extract(
     directory : path-like
         The adapter directory to write (created if missing; an existing one
         must be empty or hold an adapter, which is replaced).
-    ranks : int or sequence of int or None, optional
-        A rank template for every layer, as in :class:`flora.FLoRAConfig`:
-        an int for every mode, or one rank per mode (``None`` keeps the mode
-        full; every selected tensor must then have that many modes),
-        clipped to each mode's size.
-    energy : float, optional
-        Per layer and mode, the smallest rank that keeps this fraction
-        (in ``(0, 1]``) of the energy of ΔW's unfolding
-        (:func:`tuckerlib.energy_ranks`).
-    budget_like_lora : int, optional
-        Per layer, the ranks that keep the most energy within the parameter
-        count of a rank-``R`` LoRA of the ``(out, rest)`` reshape, as
-        ``tuckerlib analyze`` recommends. The default rule, with ``R = 8``,
-        when none of the three is given.
-    fixed_kernel_rank : int, optional
-        Pin the kernel modes (2 and up) of convolutions to this rank
-        (clipped to the kernel size), whichever rule sets the others: with
-        the budget rule the budget then goes to the channel modes; with
-        ``ranks=R`` a convolution gets ``(R, R, K, ..., K)``. It conflicts
-        with per-mode ``ranks``, which give the kernel ranks themselves.
+    rank : int, sequence of int, dict or None, optional
+        How each layer's ranks are chosen, one rule:
+
+        * an int or a sequence: a rank template for every layer, as in
+          :class:`flora.FLoRAConfig`: an int for every mode, or one rank
+          per mode (``None`` keeps the mode full; every selected tensor
+          must then have that many modes), clipped to each mode's size;
+        * ``{"energy": e}``: per layer and mode, the smallest rank that
+          keeps this fraction (in ``(0, 1]``) of the energy of ΔW's
+          unfolding (:func:`tuckerlib.energy_ranks`);
+        * ``{"budget_like_lora": R}``: per layer, the ranks that keep the
+          most energy within the parameter count of a rank-``R`` LoRA of
+          the ``(out, rest)`` reshape, as ``tuckerlib analyze`` recommends
+          (:func:`tuckerlib.analysis.lora_budget_ranks`);
+        * ``{"ranks": template}``: the template, as a dict entry.
+
+        A dict may add ``"fixed_kernel_rank": K``: the kernel modes (2 and
+        up) of convolutions get rank ``K`` (clipped to the kernel size)
+        whichever rule sets the others: with the budget rule the budget
+        then goes to the channel modes; with ``{"ranks": R}`` a convolution
+        gets ``(R, R, K, ..., K)``. It conflicts with per-mode ranks, which
+        give the kernel ranks themselves. Default (``None`` or a dict with
+        only ``fixed_kernel_rank``): the budget rule with ``R = 8``.
     include, exclude : str or re.Pattern, optional
         Regular expressions (``re.search``) selecting tensor names.
     refine : bool, optional
@@ -340,6 +388,11 @@ def extract(
     progress : callable, optional
         Wraps the list of tensor names into the iterable that is looped
         over (e.g. ``tqdm.tqdm``).
+    **deprecated
+        ``ranks``, ``energy``, ``budget_like_lora`` and
+        ``fixed_kernel_rank``, the keywords of earlier releases, still work
+        for this release with a :class:`DeprecationWarning` that names the
+        ``rank=`` form to use instead.
 
     Returns
     -------
@@ -351,7 +404,8 @@ def extract(
     ------
     ExtractionError
         A ``ValueError`` for input that cannot make an adapter: more than
-        one rank rule, per-mode ranks with ``fixed_kernel_rank`` or with
+        one rank rule (or ``rank`` with a deprecated rank keyword), per-mode
+        ranks with ``fixed_kernel_rank`` or with
         tensors of another number of modes, two tensors that would be the
         same layer (``blk.proj`` and ``blk.proj.weight``), no tensor to
         extract, or a ``directory`` that is a file, holds other files, or
@@ -362,11 +416,14 @@ def extract(
     tuckerlib.io.CheckpointError
         If a checkpoint cannot be read.
     TypeError
-        If an argument has the wrong type (``energy="0.9"``, ``progress=42``,
-        ``budget_like_lora=True``).
+        If an argument has the wrong type (``rank={"energy": "0.9"}``,
+        ``progress=42``, ``rank={"budget_like_lora": True}``), or is an
+        unknown keyword.
     ValueError
         If an argument's value is invalid (a rank below 1, an energy outside
-        ``(0, 1]``, an invalid regular expression).
+        ``(0, 1]``, a ``rank`` dict key other than ``"ranks"``, ``"energy"``,
+        ``"budget_like_lora"`` and ``"fixed_kernel_rank"``, an invalid
+        regular expression).
     OSError
         If writing the adapter fails (the error names the file).
 
@@ -404,12 +461,16 @@ def extract(
     >>> save_file({"fc.weight": w0}, tmp / "base.safetensors")
     >>> save_file({"fc.weight": w0 + step}, tmp / "tuned.safetensors")
     >>> result = flora.extract(tmp / "base.safetensors", tmp / "tuned.safetensors",
-    ...                        tmp / "adapter", ranks=1)
+    ...                        tmp / "adapter", rank=1)
     >>> layer = result.layers[0]
     >>> layer.name, layer.kind, layer.ranks, layer.relative_error < 1e-6
     ('fc', 'Linear', (1, 1), True)
+    >>> result = flora.extract(tmp / "base.safetensors", tmp / "tuned.safetensors",
+    ...                        tmp / "adapter", rank={"energy": 0.99})
+    >>> result.layers[0].ranks
+    (1, 1)
     """
-    rules = _rules(ranks, energy, budget_like_lora, fixed_kernel_rank)
+    rules = _rules(**_rank_rule(rank, deprecated))
     include, exclude = _pattern(include, "include"), _pattern(exclude, "exclude")
     decompose = hooi if check_flag(refine, "refine") else sthosvd
     check_flag(as_parameters, "as_parameters")
@@ -474,9 +535,9 @@ def _write(
         for layer in layers
     }
     for layer, delta in carried.biases.items():
-        tensors[f"{layer}.bias"] = delta
+        tensors[bias_key(layer)] = delta
     for module, state in carried.modules.items():
-        tensors.update({f"{SAVED_PREFIX}{module}.{key}": t for key, t in state.items()})
+        tensors.update({saved_key(module, key): t for key, t in state.items()})
     modules = list(carried.modules)
     config = FLoRAConfig.for_layers(specs)
     if modules:
@@ -493,7 +554,7 @@ def _extract_layer(
     shape = tuple(int(d) for d in delta.shape)
     error = relative_error(delta, tucker)
     layer = ExtractedLayer(layer_name, name, kind, shape, tucker.rank, tucker.n_params, error)
-    tensors = {f"{layer_name}.core": torch.from_numpy(np.asarray(tucker.core, np.float32))}
+    tensors = {core_key(layer_name): torch.from_numpy(np.asarray(tucker.core, np.float32))}
     for n, factor in enumerate(tucker.factors):
-        tensors[f"{layer_name}.factors.{n}"] = torch.from_numpy(np.asarray(factor, np.float32))
+        tensors[factor_key(layer_name, n)] = torch.from_numpy(np.asarray(factor, np.float32))
     return layer, tensors

@@ -100,7 +100,10 @@ holds when a save is interrupted or runs alongside others:
 
 Reading refuses anything that does not match this description with a
 :class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
-starts with the file at fault. :func:`~flora.write_adapter` writes such a directory from plain
+starts with the file at fault. The keys, kinds, record checks and the
+``ΔW − ΔW_init`` rule are :mod:`tuckerlib.io.flora_format`'s, which
+:func:`tuckerlib.io.open_adapter` shares: both refuse the same directories
+with the same message. :func:`~flora.write_adapter` writes such a directory from plain
 tensors, e.g. for adapters computed outside a model; :func:`~flora.read_adapter`
 reads and validates one without a model.
 """
@@ -119,26 +122,47 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flora._args import check_flag, check_model
-from flora._atomic import recover, replace_directory
-from flora._files import check_tensor_values, read_json, read_tensors, read_together, writing
-from flora._geometry import check_geometry, geometry_mismatch, module_geometry
-from flora._hub import resolve_hub_id
-from flora._plan import (
+from flora._apply import (
     check_layer_name,
     current_active,
     find_adapted,
     find_saved,
     walk,
 )
-from flora._tucker import compress
+from flora._args import check_flag, check_model
+from flora._atomic import recover, replace_directory
+from flora._files import check_tensor_values, read_json, read_tensors, read_together, writing
+from flora._geometry import geometry_mismatch, module_geometry
+from flora._hub import resolve_hub_id
+from flora._tucker import to_usable_ranks
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.layers.base import check_adapter_name
 from flora.model import attach_adapter
-from flora.spec import LayerSpec, usable_ranks
+from flora.spec import LayerSpec
 from tuckerlib import __version__
 from tuckerlib.io import CheckpointError
+from tuckerlib.io.flora_format import (
+    CONFIG_NAME,
+    DIGEST_KEY,
+    FORMAT_VERSION,
+    PEFT_TYPE,
+    SAVED_PREFIX,
+    WEIGHTS_NAME,
+    AdapterDocument,
+    LayerRecord,
+    bias_key,
+    check_base_name,
+    check_document,
+    check_layer,
+    check_modules,
+    check_tensors,
+    core_key,
+    factor_key,
+    saved_key,
+    saved_owner,
+    tensor_shapes,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -155,33 +179,8 @@ __all__ = [
     "write_adapter",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 2
-#: ``peft_type`` of a flora folder: PEFT shows it when it fails to load one.
-PEFT_TYPE = (
-    "FLORA: a flora adapter, not a PEFT one; load it with flora.load_adapter, or write a "
-    "PEFT LoRA adapter with `flora export-lora DIR OUT`"
-)
-#: Metadata key of the weights file: the sha256 of the config written with it.
-DIGEST_KEY = "flora_config_sha256"
 #: How often a reader reads a directory whose files another save replaced meanwhile.
 _READ_ATTEMPTS = 5
-#: Key prefix of the tensors of modules saved whole (``modules_to_save``).
-SAVED_PREFIX = "modules_to_save."
-
-
-def _layer_keys(name: str, spec: LayerSpec, ranks: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """Every tensor key a layer needs, with its shape (``ranks`` as stored)."""
-    prefixes = ["", "initial_"] if spec.init == "hosvd" else [""]
-    keys = {}
-    for prefix in prefixes:
-        keys[f"{name}.{prefix}core"] = tuple(ranks)
-        for n, (size, rank) in enumerate(zip(spec.shape, ranks, strict=True)):
-            keys[f"{name}.{prefix}factors.{n}"] = (size, rank)
-    if spec.bias:
-        keys[f"{name}.bias"] = spec.shape[:1]
-    return keys
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -251,29 +250,20 @@ def adapter_state_dict(
     name = _resolve_name(model, adapter_name)
     state = {}
     for layer_name, adapter in _adapter_layers(model, name).items():
-        state[f"{layer_name}.core"] = _full(adapter.core)
-        for n, factor in enumerate(adapter.factors):
-            state[f"{layer_name}.factors.{n}"] = _full(factor)
-        initial = adapter.initial
-        if initial is not None:
-            state[f"{layer_name}.initial_core"] = _full(initial[0])
-            for n, factor in enumerate(initial[1]):
-                state[f"{layer_name}.initial_factors.{n}"] = _full(factor)
+        tuckers = [(False, (adapter.core, adapter.factors))]
+        if adapter.initial is not None:
+            tuckers.append((True, adapter.initial))
+        for initial, (core, factors) in tuckers:
+            state[core_key(layer_name, initial=initial)] = _full(core)
+            for n, factor in enumerate(factors):
+                state[factor_key(layer_name, n, initial=initial)] = _full(factor)
         if adapter.bias is not None:
-            state[f"{layer_name}.bias"] = _full(adapter.bias)
+            state[bias_key(layer_name)] = _full(adapter.bias)
     for module_name, wrapper in find_saved(model).items():
         if name in wrapper.copies:
             for key, value in wrapper.copies[name].state_dict().items():
-                state[f"{SAVED_PREFIX}{module_name}.{key}"] = _full(value)
+                state[saved_key(module_name, key)] = _full(value)
     return state
-
-
-def _saved_owner(key: str, modules: Sequence[str]) -> str | None:
-    rest = key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else None
-    if rest is None:
-        return None
-    owners = [m for m in modules if rest.startswith(m + ".")]
-    return max(owners, key=len) if owners else None
 
 
 def _check_tensors(
@@ -281,52 +271,39 @@ def _check_tensors(
     modules: Sequence[str],
     tensors: Mapping[str, torch.Tensor],
 ) -> None:
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, (spec, ranks) in layers.items():
-        for key, shape in _layer_keys(name, spec, ranks).items():
-            if key in expected:
-                raise ValueError(f"layers {sorted(layers)} give tensor key {key!r} twice")
-            expected[key] = shape
-    saved = {k for k in tensors if _saved_owner(k, modules) is not None}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected) - saved)
-    empty = [m for m in modules if not any(_saved_owner(k, modules) == m for k in saved)]
-    if missing or unexpected or empty:
-        raise ValueError(
-            f"adapter tensors do not match the config: missing {missing}, unexpected "
-            f"{unexpected}, saved modules without tensors {empty}"
-        )
-    for key, shape in expected.items():
-        tensor = tensors[key]
-        if tuple(tensor.shape) != shape or not tensor.is_floating_point():
-            raise ValueError(
-                f"tensor {key!r} must be a floating tensor of shape {shape}, got "
-                f"{tensor.dtype} {tuple(tensor.shape)}"
-            )
-
-
-def _check_modules(value: object) -> list[str]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
-        raise ValueError(f"modules_to_save must be a list of module names, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"modules_to_save lists a module twice: {value!r}")
-    return list(value)
+    """The tensors against the layers (specs and stored ranks) and saved modules."""
+    expected = {
+        name: tensor_shapes(name, spec.shape, ranks, init=spec.init, bias=spec.bias)
+        for name, (spec, ranks) in layers.items()
+    }
+    found = {k: (tuple(v.shape), str(v.dtype), v.is_floating_point()) for k, v in tensors.items()}
+    check_tensors(expected, modules, found)
 
 
 def _spec_and_geometry(
     name: str, layer: LayerSpec | Mapping[str, Any]
 ) -> tuple[LayerSpec, dict[str, Any] | None]:
     """A layer's spec and its optional geometry, from a spec or a record."""
-    check_layer_name(name)
     if isinstance(layer, LayerSpec):
+        check_layer_name(name)
         return layer, None
-    if not isinstance(layer, Mapping) or "geometry" not in layer:
-        return _spec(name, layer), None
-    spec = _spec(name, {k: v for k, v in layer.items() if k != "geometry"})
-    try:
-        return spec, check_geometry(spec.kind, spec.shape, layer["geometry"])
-    except ValueError as exc:
-        raise ValueError(f"layer {name!r}: {exc}") from None
+    record = check_layer(name, layer)
+    geometry = None if record.geometry is None else dict(record.geometry)
+    return _spec(record), geometry
+
+
+def _spec(record: LayerRecord) -> LayerSpec:
+    """The spec of a checked layer record, at its usable ranks."""
+    return LayerSpec(
+        record.kind,
+        record.shape,
+        record.ranks,
+        record.scale,
+        record.init,
+        record.forward,
+        record.dropout,
+        record.bias,
+    )
 
 
 def _record(spec: LayerSpec, geometry: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -412,7 +389,7 @@ def write_adapter(
     if not isinstance(config, FLoRAConfig):
         raise TypeError(f"config must be a FLoRAConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
-    _check_base_name(base_model_name_or_path)
+    check_base_name(base_model_name_or_path)
     for name, value in (("layers", layers), ("tensors", tensors)):
         if not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict keyed by name, got {type(value).__name__}")
@@ -424,7 +401,7 @@ def write_adapter(
             geometry[name] = found
     if not specs:
         raise ValueError("an adapter needs at least one layer")
-    modules = _check_modules(list(modules_to_save))
+    modules = check_modules(list(modules_to_save))
     _check_tensors({n: (s, s.ranks) for n, s in specs.items()}, modules, tensors)
     document: dict[str, Any] = {
         "format": "flora",
@@ -573,14 +550,6 @@ def _base_model_name(model: nn.Module) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _check_base_name(value: object) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise TypeError(
-            f"base_model_name_or_path must be None or a non-empty string, got {value!r}"
-        )
-    return value
-
-
 def _host_geometry(host: AdaptedWeight) -> dict[str, Any] | None:
     return module_geometry(host.base_layer) if isinstance(host, FLoRALayer) else None
 
@@ -646,45 +615,19 @@ class SavedAdapter:
         self, layer: str, *, initial: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The (initial) core and factors of ``layer``."""
-        prefix = f"{layer}.initial_" if initial else f"{layer}."
         rank = len(self.layers[layer].shape)
-        factors = [self.tensors[f"{prefix}factors.{n}"] for n in range(rank)]
-        return self.tensors[f"{prefix}core"], factors
+        factors = [self.tensors[factor_key(layer, n, initial=initial)] for n in range(rank)]
+        return self.tensors[core_key(layer, initial=initial)], factors
 
     def bias(self, layer: str) -> torch.Tensor | None:
         """The bias update ``Δb`` of ``layer``, or None if it has none."""
-        return self.tensors.get(f"{layer}.bias") if self.layers[layer].bias else None
+        return self.tensors.get(bias_key(layer)) if self.layers[layer].bias else None
 
     def saved_state(self, module: str) -> dict[str, torch.Tensor]:
         """The ``state_dict`` of saved module ``module``."""
-        prefix = f"{SAVED_PREFIX}{module}."
-        mine = [k for k in self.tensors if _saved_owner(k, self.modules_to_save) == module]
+        prefix = saved_key(module, "")
+        mine = [k for k in self.tensors if saved_owner(k, self.modules_to_save) == module]
         return {k[len(prefix) :]: self.tensors[k] for k in mine}
-
-
-def _version1_spec(name: str, record: object) -> tuple[LayerSpec, list[int]]:
-    """A version 1 record's spec at usable ranks, and its ranks as stored."""
-    shape, ranks = (
-        (record.get(k) for k in ("shape", "ranks")) if isinstance(record, Mapping) else ((), ())
-    )
-    lists = [shape, ranks]
-    ints = all(isinstance(v, list) and all(type(i) is int and i > 0 for i in v) for v in lists)
-    if (
-        ints
-        and len(shape) == len(ranks)
-        and all(r <= s for r, s in zip(ranks, shape, strict=False))
-    ):
-        return _spec(name, {**record, "ranks": list(usable_ranks(ranks, shape))}), ranks
-    spec = _spec(name, record)
-    return spec, list(spec.ranks)
-
-
-def _spec(name: str, record: object) -> LayerSpec:
-    check_layer_name(name)
-    try:
-        return LayerSpec.from_record(record)
-    except ValueError as exc:
-        raise ValueError(f"layer {name!r}: {exc}") from None
 
 
 def read_adapter(directory: str | PathLike[str]) -> SavedAdapter:
@@ -765,56 +708,46 @@ def _snapshot(directory: Path) -> tuple[object, dict[str, torch.Tensor]]:
 
 def _validated(directory: Path, document: object, tensors: dict[str, torch.Tensor]) -> SavedAdapter:
     path = directory / CONFIG_NAME
-    version, config = _checked_document(path, document)
-    try:
-        name = check_adapter_name(document["adapter_name"])
-        modules = _check_modules(document.get("modules_to_save", []))
-        records = document["layers"]
-        geometry: dict[str, dict[str, Any]] = {}
-        if version == 1:
-            stored = {n: _version1_spec(n, r) for n, r in records.items()}
-        else:
-            read = {n: _spec_and_geometry(n, r) for n, r in records.items()}
-            stored = {n: (spec, list(spec.ranks)) for n, (spec, _) in read.items()}
-            geometry = {n: g for n, (_, g) in read.items() if g is not None}
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    checked, config = _checked_document(path, document)
+    stored = {n: (_spec(r), list(r.stored_ranks)) for n, r in checked.layers.items()}
     weights = directory / WEIGHTS_NAME
     try:
-        _check_tensors(stored, modules, tensors)
+        _check_tensors(stored, checked.modules_to_save, tensors)
         check_tensor_values(tensors)
     except ValueError as exc:
         raise CheckpointError(f"{weights}: {exc} (config {path})") from None
     for layer, (spec, ranks) in stored.items():
         if list(spec.ranks) != ranks:
             _compress_layer(tensors, layer, spec)
-    layers = {n: spec for n, (spec, _) in stored.items()}
+    geometry = {n: dict(r.geometry) for n, r in checked.layers.items() if r.geometry is not None}
     return SavedAdapter(
-        name,
+        checked.adapter_name,
         config,
-        layers,
+        {n: spec for n, (spec, _) in stored.items()},
         tensors,
-        modules,
+        checked.modules_to_save,
         geometry,
-        document.get("base_model_name_or_path"),
-        document.get("library_version"),
+        checked.base_model_name_or_path,
+        checked.library_version,
     )
 
 
 def _read_document(
     directory: str | PathLike[str],
-) -> tuple[Path, Path, dict[str, Any], int, FLoRAConfig]:
-    """An adapter folder (or hub id), its config file, checked document, version and config."""
+) -> tuple[Path, Path, dict[str, Any], AdapterDocument, FLoRAConfig]:
+    """An adapter folder (or hub id), its config file, document, checked document and config."""
     directory = _directory(directory)
     path = directory / CONFIG_NAME
     document, _ = read_json(path)
     return directory, path, document, *_checked_document(path, document)
 
 
-def _checked_document(path: Path, document: object) -> tuple[int, FLoRAConfig]:
-    """The format version and the recorded config of the document read from ``path``."""
+def _checked_document(path: Path, document: object) -> tuple[AdapterDocument, FLoRAConfig]:
+    """The document read from ``path``, checked by the format, and its recorded config."""
     try:
-        return _check_document(document), _recorded_config(document["config"])
+        checked = check_document(document)
+        check_adapter_name(checked.adapter_name)  # and not a name a model cannot hold
+        return checked, _recorded_config(checked.config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
@@ -839,57 +772,14 @@ def _recorded_config(data: object) -> FLoRAConfig:
         raise ValueError(f"config: {exc}") from None
 
 
-_DOCUMENT_KEYS = {"format", "format_version", "adapter_name", "config", "layers"}
-#: Optional top-level keys of version 2 documents, each with its check.
-_OPTIONAL_KEYS = {
-    "modules_to_save": _check_modules,
-    "base_model_name_or_path": _check_base_name,
-    "library_version": lambda value: _check_text(value, "library_version"),
-    "peft_type": lambda value: _check_text(value, "peft_type"),
-}
-
-
-def _check_text(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{key} must be a string, got {value!r}")
-    return value
-
-
-def _check_document(document: object) -> int:
-    """The format version of a config document whose top-level keys are all known."""
-    if not isinstance(document, dict) or document.get("format") != "flora":
-        raise ValueError('not a flora adapter config (no "format": "flora")')
-    version = document.get("format_version")
-    if type(version) is not int or version not in (1, FORMAT_VERSION):
-        raise ValueError(
-            f"unsupported format_version {version!r}; this flora reads 1 and {FORMAT_VERSION}"
-        )
-    optional = sorted(_OPTIONAL_KEYS) if version > 1 else []
-    missing = sorted(_DOCUMENT_KEYS - set(document))
-    unknown = sorted(set(document) - _DOCUMENT_KEYS - set(optional))
-    if missing or unknown:
-        raise ValueError(
-            f"the config must have keys {sorted(_DOCUMENT_KEYS)}"
-            f"{f' (optional {optional})' if optional else ''}; missing {missing}, "
-            f"unknown {unknown}"
-        )
-    for key in optional:
-        if key in document and key != "modules_to_save":
-            _OPTIONAL_KEYS[key](document[key])
-    if not isinstance(document["layers"], dict) or not document["layers"]:
-        raise ValueError("layers must be a non-empty JSON object of layer records")
-    return version
-
-
 def _compress_layer(tensors: dict[str, torch.Tensor], layer: str, spec: LayerSpec) -> None:
-    prefixes = ["", "initial_"] if spec.init == "hosvd" else [""]
-    for prefix in prefixes:
-        key = f"{layer}.{prefix}"
-        factors = [tensors[f"{key}factors.{n}"] for n in range(len(spec.shape))]
-        core, factors = compress(tensors[f"{key}core"], factors)
-        tensors[f"{key}core"] = core
-        for n, factor in enumerate(factors):
-            tensors[f"{key}factors.{n}"] = factor
+    for initial in (False, True) if spec.init == "hosvd" else (False,):
+        keys = [factor_key(layer, n, initial=initial) for n in range(len(spec.shape))]
+        core = tensors[core_key(layer, initial=initial)]
+        core, factors = to_usable_ranks(core, [tensors[k] for k in keys])
+        tensors[core_key(layer, initial=initial)] = core
+        for key, factor in zip(keys, factors, strict=True):
+            tensors[key] = factor
 
 
 def load_adapter(

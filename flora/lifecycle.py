@@ -18,9 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from flora._args import check_model, check_names
-from flora._hf import release_save_pretrained
-from flora._plan import (
+from flora._apply import (
     Addition,
     SavedCopy,
     apply,
@@ -33,8 +31,10 @@ from flora._plan import (
     resolve,
     walk,
 )
-from flora._plan import adapter_names as _adapter_names
-from flora._plan import current_active as _current_active
+from flora._apply import adapter_names as _adapter_names
+from flora._apply import current_active as _current_active
+from flora._args import check_model, check_names
+from flora._hf import release_save_pretrained
 from flora._routing import release_routing
 from flora._tucker import block_sum
 from flora.config import FLoRAConfig

@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from flora._apply import check_enabled
 from flora._atomic import check_not_input, check_target, replace_directory
 from flora._files import writing
 from flora._lora_errors import LoraConversionError
 from flora._lora_export import Source, model_source, peft_config, peft_tensors, read_source
 from flora._lora_import import grouped, lora_adapters
-from flora._plan import check_enabled
 from flora.layers.base import check_adapter_name
 from flora.model import attach_adapter
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from flora._args import check_flag, check_model, check_names
-from flora._hf import release_save_pretrained
-from flora._plan import (
+from flora._apply import (
     LAYER_TYPES,
     Addition,
     SavedCopy,
@@ -23,14 +19,21 @@ from flora._plan import (
     drop_host,
     find_adapted,
     find_saved,
-    layer_type,
     replace_module,
     resolve,
     saved_copy,
     walk,
 )
+from flora._args import check_flag, check_model, check_names
+from flora._hf import release_save_pretrained
 from flora._routing import release_routing
-from flora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, FLoRAConfig, name_matches
+from flora._targets import (
+    check_rank_pattern,
+    module_sites,
+    parameter_sites,
+    saved_names,
+)
+from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
 from flora.layers.bnb import refuse_dense_state
@@ -74,161 +77,6 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedWeight]:
     {'0': ('default',), '2': ('default',)}
     """
     return find_adapted(check_model(model))
-
-
-def _entries(spec: list[str] | str) -> list[str]:
-    return [spec] if isinstance(spec, str) else spec
-
-
-def _matches(name: str, spec: list[str] | str | None) -> bool:
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name_matches(name, entry, regex=False) for entry in spec)
-
-
-def _check_each_entry_matches(spec: list[str] | str | None, names: list[str], field: str) -> None:
-    if spec is None:
-        return
-    for entry in _entries(spec):
-        single: list[str] | str = [entry] if isinstance(spec, list) else entry
-        if not any(_matches(name, single) for name in names):
-            raise ValueError(f"{field} entry {entry!r} matches no name in the model")
-
-
-def _inside(name: str, outer: list[str]) -> bool:
-    return any(name == o or name.startswith(o + ".") for o in outer)
-
-
-def _saved_names(modules: dict[str, nn.Module], config: FLoRAConfig) -> list[str]:
-    if config.modules_to_save is None:
-        return []
-    names = [n for n in modules if n]
-    _check_each_entry_matches(config.modules_to_save, names, "modules_to_save")
-    matched = [n for n in names if _matches(n, config.modules_to_save)]
-    outermost = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
-    for name in outermost:
-        module = modules[name]
-        inner = [m for m in module.modules() if isinstance(m, AdaptedWeight)]
-        if isinstance(module, AdaptedWeight) or inner or parametrize.is_parametrized(module):
-            raise ValueError(
-                f"modules_to_save entry {name!r} holds FLoRA adapters or parametrizations; "
-                "a module is either adapted or saved whole"
-            )
-    return outermost
-
-
-def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, FLoRALayer):
-        return module.kind
-    layer = layer_type(module)
-    return None if layer is None else layer.kind
-
-
-def _output_layer(model: nn.Module) -> nn.Module | None:
-    """A Hugging Face model's output layer: output embeddings, else a classification head."""
-    output_embeddings = getattr(model, "get_output_embeddings", None)
-    if not callable(output_embeddings):
-        return None
-    head = output_embeddings()
-    if head is None:
-        # PEFT's SEQ_CLS_HEAD_NAMES.
-        heads = [getattr(model, name, None) for name in ("score", "classifier")]
-        head = next((h for h in heads if isinstance(h, nn.Module)), None)
-    return head
-
-
-def _all_linear(model: nn.Module, modules: dict[str, nn.Module], saved: list[str]) -> list[str]:
-    """Every Linear of ``model`` outside ``saved`` but its output layer (``"all-linear"``)."""
-    head = _output_layer(model)
-    return [
-        name
-        for name, module in modules.items()
-        if name and module is not head and _kind(module) == "Linear" and not _inside(name, saved)
-    ]
-
-
-def _default_targets(model: nn.Module) -> list[str] | str:
-    """PEFT's default targets for the model's architecture (``target_modules=None``)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGET_MODULES:
-        return DEFAULT_TARGET_MODULES[model_type]
-    what = f"model type {model_type!r}" if model_type else f"a {type(model).__name__}"
-    raise ValueError(
-        f"target_modules is not given and flora has no default targets for {what} "
-        "(flora.DEFAULT_TARGET_MODULES lists those of PEFT); name them, e.g. "
-        'target_modules="all-linear" or target_modules=["query", "value"]'
-    )
-
-
-def _module_sites(
-    model: nn.Module, modules: dict[str, nn.Module], config: FLoRAConfig, saved: list[str]
-) -> list[Site]:
-    names = [n for n in modules if n]
-    spec = config.target_modules
-    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        linear = set(_all_linear(model, modules, saved))
-        targets = [n for n in names if n in linear]
-    elif spec is None:
-        if config.target_parameters is not None:
-            return []
-        default = _default_targets(model)
-        targets = [n for n in names if _matches(n, default)]
-    else:
-        _check_each_entry_matches(spec, names, "target_modules")
-        targets = [n for n in names if _matches(n, spec)]
-    sites = []
-    for name in targets:
-        module = modules[name]
-        if _matches(name, config.exclude_modules):
-            continue
-        if _inside(name, saved):
-            raise ValueError(f"module {name!r} is a target and in modules_to_save; pick one")
-        kind = _kind(module)
-        if kind is None:
-            supported = ", ".join(t.__name__ for t in LAYER_TYPES)
-            raise TypeError(
-                f"module {name!r} is a {type(module).__name__}, which inject cannot adapt "
-                f"(supported: {supported}; use target_parameters for other weights)"
-            )
-        sites.append(resolve(modules, name, kind))
-    return sites
-
-
-def _parameter_sites(
-    modules: dict[str, nn.Module], config: FLoRAConfig, saved: list[str]
-) -> list[Site]:
-    if config.target_parameters is None:
-        return []
-    full = []
-    for module_name, module in modules.items():
-        if isinstance(module, (FLoRALayer, ModulesToSave)):
-            continue
-        names = [n for n, _ in module.named_parameters(recurse=False)]
-        if parametrize.is_parametrized(module):
-            names += list(module.parametrizations.keys())
-        full += [(module_name, f"{module_name}.{p}" if module_name else p) for p in names]
-    _check_each_entry_matches(config.target_parameters, [n for _, n in full], "target_parameters")
-    sites = []
-    for module_name, name in full:
-        if not _matches(name, config.target_parameters):
-            continue
-        if _matches(name, config.exclude_modules) or _matches(module_name, config.exclude_modules):
-            continue
-        if _inside(module_name, saved):
-            raise ValueError(f"parameter {name!r} is a target and in modules_to_save; pick one")
-        sites.append(resolve(modules, name, "Parameter"))
-    return sites
-
-
-def _check_rank_pattern(config: FLoRAConfig, names: list[str]) -> None:
-    for key in config.rank_pattern:
-        if not any(name_matches(name, key) for name in names):
-            raise ValueError(
-                f"rank_pattern key {key!r} matches no adapted layer "
-                f"(they are {names[:5]}{' ...' if len(names) > 5 else ''})"
-            )
 
 
 def _create(site: Site, config: FLoRAConfig) -> TuckerDelta:
@@ -319,11 +167,11 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
     check_adapter_name(adapter_name)
     check_enabled(model)
     modules = dict(walk(model))
-    saved = _saved_names(modules, config)
-    sites = _module_sites(model, modules, config, saved) + _parameter_sites(modules, config, saved)
+    saved = saved_names(modules, config)
+    sites = module_sites(model, modules, config, saved) + parameter_sites(modules, config, saved)
     if not sites:
         raise ValueError("the config matches no module or parameter of the model")
-    _check_rank_pattern(config, [site.name for site in sites])
+    check_rank_pattern(config, [site.name for site in sites])
     check_sites(model, sites, adapter_name)
     additions = [Addition(site, _create(site, config)) for site in sites]
     copies = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from flora._apply import adapter_names, current_active, find_adapted, find_saved
 from flora._args import check_model
-from flora._plan import adapter_names, current_active, find_adapted, find_saved
 from flora.spec import LayerSpec
 
 __all__ = ["parameter_counts", "summary"]

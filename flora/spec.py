@@ -4,8 +4,10 @@ A spec names the layer kind, the weight's shape, the Tucker ranks and the
 options (scale, init, forward mode, dropout). :class:`flora.FLoRAConfig`
 builds one per adapted layer, the layers are built from it, saved adapters
 record it (:meth:`~flora.LayerSpec.to_record`) and loading reads it back
-(:meth:`~flora.LayerSpec.from_record`). Every check and every error message about
-these settings lives in this module.
+(:meth:`~flora.LayerSpec.from_record`). The checks and error messages about these
+settings live in :mod:`tuckerlib.io.flora_format`, the one owner of the
+adapter format, which flora and tuckerlib's adapter reader share; this
+module re-exports them.
 
 Ranks are clipped to what a Tucker tensor can use: ``R_n <= I_n`` and
 :math:`R_n \le \prod_{m \ne n} R_m` for every mode (:func:`flora.spec.usable_ranks`). A mode
@@ -17,11 +19,28 @@ independent columns.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
+
+from tuckerlib.io import flora_format as _format
+from tuckerlib.io.flora_format import (
+    FORWARD_MODES,
+    INIT_MODES,
+    LayerRecord,
+    check_bias,
+    check_dropout,
+    check_forward,
+    check_init,
+    check_kind,
+    check_layer_values,
+    check_record,
+    check_scale,
+    check_shape,
+    check_template,
+    is_bool,
+    usable_ranks,
+)
 
 __all__ = [
     "BIAS_KINDS",
@@ -41,206 +60,12 @@ __all__ = [
     "usable_ranks",
 ]
 
-#: Layer kinds, as written in configs and saved adapters.
-KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
+#: Layer kinds, as written in configs and saved adapters (:data:`tuckerlib.io.flora_format.KINDS`).
+KINDS = tuple(_format.KINDS)
 #: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
-BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-INIT_MODES = ("zero_core", "hosvd", "gaussian")
-FORWARD_MODES = ("auto", "dense", "factorized")
+BIAS_KINDS = tuple(kind for kind, rule in _format.KINDS.items() if rule.bias)
 
 RankTemplate = int | Sequence[int | None]
-
-
-def _as_int(value: object, name: str) -> int:
-    """``value`` as an int: Python and NumPy integers, never bool or float."""
-    if is_bool(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r}") from None
-
-
-def check_scale(value: object) -> float:
-    """``value`` as a finite, non-zero float (Python or NumPy real; not bool).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from flora.spec import check_scale
-    >>> check_scale(np.float32(0.5))
-    0.5
-    """
-    if is_bool(value) or not isinstance(value, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {value!r}")
-    if not math.isfinite(value) or value == 0:
-        raise ValueError(f"scale must be finite and non-zero, got {value}")
-    return float(value)
-
-
-def check_dropout(value: object) -> float:
-    """``value`` as a float in ``[0, 1)`` (Python or NumPy real; not bool).
-
-    Examples
-    --------
-    >>> from flora.spec import check_dropout
-    >>> check_dropout(0)
-    0.0
-    """
-    if is_bool(value) or not isinstance(value, numbers.Real):
-        raise TypeError(f"dropout must be a real number, got {value!r}")
-    if not 0 <= value < 1:
-        raise ValueError(f"dropout must lie in [0, 1), got {value}")
-    return float(value)
-
-
-def is_bool(value: object) -> bool:
-    """Whether ``value`` is a Python or NumPy boolean (``numpy.bool`` in NumPy 2).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from flora.spec import is_bool
-    >>> is_bool(np.True_), is_bool(1)
-    (True, False)
-    """
-    kind = type(value)
-    return isinstance(value, bool) or (
-        kind.__module__ == "numpy" and kind.__name__.startswith("bool")
-    )
-
-
-def check_bias(value: object, kind: str | None = None) -> bool:
-    """``value`` as a bool; ``True`` only for a kind in :data:`BIAS_KINDS` (when ``kind`` is given).
-
-    Examples
-    --------
-    >>> from flora.spec import check_bias
-    >>> check_bias(True, "Conv2d")
-    True
-    """
-    if not is_bool(value):
-        raise TypeError(f"bias must be True or False, got {value!r}")
-    if value and kind is not None and kind not in BIAS_KINDS:
-        raise ValueError(f"bias updates exist for {BIAS_KINDS} layers only, not for a {kind}")
-    return bool(value)
-
-
-def check_init(value: object) -> str:
-    """``value`` if it is one of ``"zero_core"``, ``"hosvd"``, ``"gaussian"``.
-
-    Examples
-    --------
-    >>> from flora.spec import check_init
-    >>> check_init("hosvd")
-    'hosvd'
-    """
-    if value not in INIT_MODES:
-        raise ValueError(f"init must be one of {INIT_MODES}, got {value!r}")
-    return str(value)
-
-
-def check_forward(value: object) -> str:
-    """``value`` if it is one of ``"auto"``, ``"dense"``, ``"factorized"``.
-
-    Examples
-    --------
-    >>> from flora.spec import check_forward
-    >>> check_forward("dense")
-    'dense'
-    """
-    if value not in FORWARD_MODES:
-        raise ValueError(f"forward must be one of {FORWARD_MODES}, got {value!r}")
-    return str(value)
-
-
-def check_kind(value: object) -> str:
-    """``value`` if it is a layer kind: ``"Linear"``, ``"Conv1d"``, ..., ``"Parameter"``.
-
-    Examples
-    --------
-    >>> from flora.spec import check_kind
-    >>> check_kind("Conv2d")
-    'Conv2d'
-    """
-    if value not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {value!r}")
-    return str(value)
-
-
-def check_template(value: object, name: str = "ranks") -> int | tuple[int | None, ...]:
-    """A rank template: a positive int, or a sequence of positive ints and ``None``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from flora.spec import check_template
-    >>> check_template([np.int64(4), None, 2])
-    (4, None, 2)
-    """
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        entries = []
-        for i, r in enumerate(value):
-            if r is not None:
-                r = _as_int(r, f"{name}[{i}]")
-                if r < 1:
-                    raise ValueError(f"{name}[{i}] must be a positive int or None, got {r}")
-            entries.append(r)
-        return tuple(entries)
-    try:
-        rank = _as_int(value, name)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {value!r}") from None
-    if rank < 1:
-        raise ValueError(f"{name} must be >= 1, got {rank}")
-    return rank
-
-
-def _check_shape(value: object) -> tuple[int, ...]:
-    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-        raise ValueError(f"shape must be a non-empty sequence of positive ints, got {value!r}")
-    shape = tuple(_as_int(s, "shape entries") for s in value)
-    if any(s < 1 for s in shape):
-        raise ValueError(f"shape must hold positive ints, got {shape}")
-    return shape
-
-
-def usable_ranks(ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    r"""The largest ranks ``<= ranks`` that a Tucker tensor of ``shape`` can use.
-
-    Every mode satisfies :math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`; clipping one
-    mode can lower the bound of another, so the clipping repeats until
-    nothing changes (the result does not depend on the order of the modes).
-
-    Parameters
-    ----------
-    ranks : sequence of int
-        One positive rank per mode.
-    shape : sequence of int
-        The tensor's shape.
-
-    Returns
-    -------
-    tuple of int
-
-    Examples
-    --------
-    >>> from flora.spec import usable_ranks
-    >>> usable_ranks((2, 8), (2, 256))  # a rank-2 matrix needs no rank 8 on its columns
-    (2, 2)
-    >>> usable_ranks((16, 1, 2, 2), (32, 1, 3, 3))  # a depthwise 3x3 convolution
-    (4, 1, 2, 2)
-    """
-    current = [min(int(r), int(s)) for r, s in zip(ranks, shape, strict=True)]
-    changed = True
-    while changed:
-        changed = False
-        for n, rank in enumerate(current):
-            bound = math.prod(current[:n] + current[n + 1 :])
-            if rank > bound:
-                current[n] = bound
-                changed = True
-    return tuple(current)
 
 
 def clip_ranks(
@@ -282,7 +107,7 @@ def clip_ranks(
     (4, 4)
     """
     template = check_template(template, name)
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     if isinstance(template, int):
         return usable_ranks([template] * len(shape), shape)
     if len(template) != len(shape):
@@ -354,25 +179,18 @@ class LayerSpec:
     bias: bool = False
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "kind", check_kind(self.kind))
-        shape = _check_shape(self.shape)
-        set_(self, "shape", shape)
-        ranks = check_template(self.ranks, "ranks")
-        if isinstance(ranks, int) or None in ranks or len(ranks) != len(shape):
-            raise ValueError(f"ranks must give one positive int per mode of {shape}, got {ranks}")
-        usable = usable_ranks(ranks, shape)
-        if usable != ranks:
-            raise ValueError(
-                f"ranks {ranks} do not fit shape {shape}: every R_n must be at most I_n "
-                f"and the product of the other ranks; usable ranks are {usable}"
-            )
-        set_(self, "ranks", ranks)
-        set_(self, "scale", check_scale(self.scale))
-        set_(self, "init", check_init(self.init))
-        set_(self, "forward", check_forward(self.forward))
-        set_(self, "dropout", check_dropout(self.dropout))
-        set_(self, "bias", check_bias(self.bias, self.kind))
+        values = check_layer_values(
+            self.kind,
+            self.shape,
+            self.ranks,
+            self.scale,
+            self.init,
+            self.forward,
+            self.dropout,
+            self.bias,
+        )
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
 
     @classmethod
     def from_template(
@@ -402,6 +220,18 @@ class LayerSpec:
             s * r for s, r in zip(self.shape, self.ranks, strict=True)
         )
         return tucker + (self.shape[0] if self.bias else 0)
+
+    def record(self, geometry: Mapping[str, Any] | None = None, name: str = "") -> LayerRecord:
+        """The spec as the adapter format's :class:`tuckerlib.io.flora_format.LayerRecord`.
+
+        Examples
+        --------
+        >>> from flora import LayerSpec
+        >>> LayerSpec("Linear", (3, 4), (2, 2)).record(name="fc").tensor_shapes()
+        {'fc.core': (2, 2), 'fc.factors.0': (3, 2), 'fc.factors.1': (4, 2)}
+        """
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return LayerRecord(name, stored_ranks=self.ranks, geometry=geometry, **values)
 
     def to_record(self) -> dict[str, Any]:
         """The spec as a JSON object (lists for tuples), as saved adapters hold it.
@@ -448,20 +278,4 @@ class LayerSpec:
             one, or holds an invalid value (JSON numbers only: strings and
             booleans are refused).
         """
-        if not isinstance(record, Mapping):
-            raise ValueError(f"a layer record must be a JSON object, got {type(record).__name__}")
-        names = [f.name for f in fields(cls)]
-        required = set(names[:5])
-        if not required <= set(record) <= set(names):
-            raise ValueError(
-                f"a layer record must have keys {sorted(required)} (optional forward, dropout, "
-                f"bias), "
-                f"got {sorted(record)}"
-            )
-        for key in ("shape", "ranks"):
-            if not isinstance(record[key], list):
-                raise ValueError(f"{key} must be a list of ints, got {record[key]!r}")
-        try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
+        return cls(**check_record(record))

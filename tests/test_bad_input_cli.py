@@ -275,7 +275,7 @@ CASES = [
     ),
     pytest.param(
         ["--adapter", "deep_config"],
-        r"deep_config/adapter_config\.json: not valid JSON \(maximum recursion depth",
+        r"deep_config/adapter_config\.json: not valid JSON \(nested too deeply\)",
         id="adapter-config-nested-too-deeply",
     ),
     pytest.param(

@@ -1128,28 +1128,44 @@ def _files(directory: Path) -> dict[str, str]:
 BT = ["base.safetensors", "tuned.safetensors"]
 
 EXTRACT = [
-    pytest.param(dict(budget_like_lora=True), TypeError,
+    pytest.param(dict(rank={"budget_like_lora": True}), TypeError,
                  r"budget_like_lora must be an int >= 1, got True", id="budget-bool"),
-    pytest.param(dict(budget_like_lora=0), ValueError, r"budget_like_lora must be >= 1, got 0",
+    pytest.param(dict(rank={"budget_like_lora": 0}), ValueError,
+                 r"budget_like_lora must be >= 1, got 0",
                  id="budget-zero"),
-    pytest.param(dict(energy="0.9"), TypeError, r"energy must be a number in \(0, 1\], got '0\.9'",
+    pytest.param(dict(rank={"energy": "0.9"}), TypeError,
+                 r"energy must be a number in \(0, 1\], got '0\.9'",
                  id="energy-string"),
-    pytest.param(dict(energy=1.5), ValueError, r"energy must lie in \(0, 1\], got 1\.5",
+    pytest.param(dict(rank={"energy": 1.5}), ValueError, r"energy must lie in \(0, 1\], got 1\.5",
                  id="energy-above-one"),
-    pytest.param(dict(energy=NAN), ValueError, r"energy must lie in \(0, 1\], got nan",
+    pytest.param(dict(rank={"energy": NAN}), ValueError, r"energy must lie in \(0, 1\], got nan",
                  id="energy-nan"),
-    pytest.param(dict(ranks="2"), TypeError, r"ranks must be an int or a sequence of ints",
-                 id="ranks-string"),
-    pytest.param(dict(ranks=0), ValueError, r"ranks must be >= 1, got 0", id="ranks-zero"),
-    pytest.param(dict(ranks=2, energy=0.9), flora.ExtractionError,
+    pytest.param(dict(rank={"ranks": "2"}), TypeError,
+                 r"ranks must be an int or a sequence of ints", id="ranks-string"),
+    pytest.param(dict(rank={"ranks": 0}), ValueError, r"ranks must be >= 1, got 0",
+                 id="ranks-zero"),
+    pytest.param(dict(rank="2"), TypeError, r"rank must be an int or a sequence of ints",
+                 id="rank-string"),
+    pytest.param(dict(rank=0), ValueError, r"rank must be >= 1, got 0", id="rank-zero"),
+    pytest.param(dict(rank={"energie": 0.9}), ValueError,
+                 r"rank's keys must be among \['ranks', 'energy', 'budget_like_lora', "
+                 r"'fixed_kernel_rank'\], got \['energie'\]", id="rank-unknown-key"),
+    pytest.param(dict(rank=2, energy=0.9), flora.ExtractionError,
+                 r"give the rank rule once, as rank=\.\.\.; got rank=2 and \['energy'\]",
+                 id="rank-and-deprecated-keyword"),
+    pytest.param(dict(rank=2, rnak=2), TypeError,
+                 r"extract\(\) got unexpected keyword arguments \['rnak'\]",
+                 id="unknown-keyword"),
+    pytest.param(dict(rank={"ranks": 2, "energy": 0.9}), flora.ExtractionError,
                  r"give at most one of \['ranks', 'energy', 'budget_like_lora'\]",
                  id="two-rules"),
-    pytest.param(dict(ranks=(2, 2), fixed_kernel_rank=1), flora.ExtractionError,
+    pytest.param(dict(rank={"ranks": (2, 2), "fixed_kernel_rank": 1}), flora.ExtractionError,
                  r"fixed_kernel_rank=1 conflicts with per-mode ranks \(2, 2\)",
                  id="kernel-rank-with-per-mode-ranks"),
-    pytest.param(dict(fixed_kernel_rank=1.0), TypeError, r"fixed_kernel_rank must be an int",
+    pytest.param(dict(rank={"fixed_kernel_rank": 1.0}), TypeError,
+                 r"fixed_kernel_rank must be an int",
                  id="kernel-rank-float"),
-    pytest.param(dict(ranks=(2, 2)), flora.ExtractionError,
+    pytest.param(dict(rank=(2, 2)), flora.ExtractionError,
                  r"ranks \(2, 2\) give 2 modes but tensor 'conv\.weight' has 3",
                  id="per-mode-ranks-of-another-length"),
     pytest.param(dict(include="("), ValueError,
@@ -1199,10 +1215,10 @@ def test_bad_extract_input_is_refused_before_anything_is_written(
 
 def test_extract_applies_the_kernel_rank_with_every_rule(workdir) -> None:
     for rule in (dict(ranks=3), dict(energy=1.0), dict(budget_like_lora=4)):
-        result = flora.extract(*BT, "pinned", fixed_kernel_rank=1, include="conv", **rule)
+        result = flora.extract(*BT, "pinned", rank={**rule, "fixed_kernel_rank": 1}, include="conv")
         (layer,) = result.layers
         assert layer.ranks[2:] == (1,), rule
-    assert flora.extract(*BT, "pinned", ranks=3, include="conv").layers[0].ranks[2] == 3
+    assert flora.extract(*BT, "pinned", rank=3, include="conv").layers[0].ranks[2] == 3
 
 
 def test_extract_pairs_checkpoints_of_other_dtypes_and_skips_other_shapes(tmp_path) -> None:
@@ -1212,7 +1228,7 @@ def test_extract_pairs_checkpoints_of_other_dtypes_and_skips_other_shapes(tmp_pa
     tuned = {"fc.weight": (2 * weight).bfloat16(), "head.weight": torch.randn(3, 5)}
     save_file(tuned, tmp_path / "tuned.safetensors")
     result = flora.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
-                           tmp_path / "adapter", ranks=10)  # fmt: skip
+                           tmp_path / "adapter", rank=10)  # fmt: skip
     assert [layer.name for layer in result.layers] == ["fc"]
     assert result.layers[0].relative_error < 1e-5
     assert result.skipped == [("head.weight", "shape differs (base 3x4, tuned 3x5)")]

@@ -650,7 +650,7 @@ ADAPTERS = [
     ),
     pytest.param(
         _peft({"fc.lora_A.weight": (2, 3), "fc.lora_B.weight": (4, 2)}, "[" * 100_000),
-        r"peft.adapter_config\.json: not valid JSON \(maximum recursion depth",
+        r"peft.adapter_config\.json: not valid JSON \(nested too deeply\)",
         id="peft-config-nested-too-deeply",
     ),
     pytest.param(

@@ -81,15 +81,15 @@ def test_merged_weights_match_tuned_within_the_reported_error(checkpoints, tmp_p
 
 def test_hooi_refinement_never_loses(checkpoints, tmp_path) -> None:
     base_path, tuned_path, _, _ = checkpoints
-    plain = flora.extract(base_path, tuned_path, tmp_path / "a", ranks=2)
-    refined = flora.extract(base_path, tuned_path, tmp_path / "b", ranks=2, refine=True)
+    plain = flora.extract(base_path, tuned_path, tmp_path / "a", rank=2)
+    refined = flora.extract(base_path, tuned_path, tmp_path / "b", rank=2, refine=True)
     for p, r in zip(plain.layers, refined.layers, strict=True):
         assert r.relative_error <= p.relative_error + 1e-6
 
 
 def test_full_rank_extraction_reproduces_tuned_to_float32_rounding(checkpoints, tmp_path) -> None:
     base_path, tuned_path, base, tuned = checkpoints
-    result = flora.extract(base_path, tuned_path, tmp_path / "adapter", ranks=10_000)
+    result = flora.extract(base_path, tuned_path, tmp_path / "adapter", rank=10_000)
     for layer in result.layers:
         # Full rank, clipped to what a Tucker tensor can use: (20, 6) -> (6, 6).
         assert layer.ranks == usable_ranks(layer.shape, layer.shape)
@@ -103,10 +103,31 @@ def test_full_rank_extraction_reproduces_tuned_to_float32_rounding(checkpoints, 
 
 def test_energy_rule_uses_energy_ranks(checkpoints, tmp_path) -> None:
     base_path, tuned_path, base, tuned = checkpoints
-    result = flora.extract(base_path, tuned_path, tmp_path / "adapter", energy=0.8)
+    result = flora.extract(base_path, tuned_path, tmp_path / "adapter", rank={"energy": 0.8})
     for layer in result.layers:
         delta = (tuned[layer.tensor] - base[layer.tensor]).numpy()
         assert layer.ranks == energy_ranks(delta, 0.8)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (dict(ranks=2), 2),
+        (dict(energy=0.8), {"energy": 0.8}),
+        (dict(budget_like_lora=4, fixed_kernel_rank=1), {"budget_like_lora": 4,
+                                                         "fixed_kernel_rank": 1}),
+    ],
+)  # fmt: skip
+def test_the_old_rank_keywords_still_work_with_a_warning_naming_rank(
+    checkpoints, tmp_path, old, new
+) -> None:
+    base_path, tuned_path, _, _ = checkpoints
+    with pytest.warns(DeprecationWarning, match=r"is deprecated .*; pass rank=") as record:
+        result = flora.extract(base_path, tuned_path, tmp_path / "old", **old)
+    assert f"pass rank={new!r}" in str(record[0].message)
+    assert record[0].filename == __file__  # the warning points at the caller
+    expected = flora.extract(base_path, tuned_path, tmp_path / "new", rank=new)
+    assert [layer.ranks for layer in result.layers] == [layer.ranks for layer in expected.layers]
 
 
 def test_as_parameters_loads_through_parametrizations(checkpoints, tmp_path) -> None:
@@ -124,9 +145,9 @@ def test_as_parameters_loads_through_parametrizations(checkpoints, tmp_path) -> 
 def test_invalid_rules(checkpoints, tmp_path) -> None:
     base_path, tuned_path, _, _ = checkpoints
     with pytest.raises(ValueError, match="at most one"):
-        flora.extract(base_path, tuned_path, tmp_path / "a", ranks=2, energy=0.9)
+        flora.extract(base_path, tuned_path, tmp_path / "a", rank={"ranks": 2, "energy": 0.9})
     with pytest.raises(flora.ExtractionError, match=r"ranks \(2, 2\) give 2 modes but"):
-        flora.extract(base_path, tuned_path, tmp_path / "a", ranks=(2, 2), include="conv")
+        flora.extract(base_path, tuned_path, tmp_path / "a", rank=(2, 2), include="conv")
     with pytest.raises(ValueError, match="nothing to extract"):
         flora.extract(base_path, base_path, tmp_path / "a")
     assert not (tmp_path / "a").exists()
@@ -236,7 +257,7 @@ def _loaded(base: dict, adapter: Path) -> torch.nn.Module:
 
 def test_carried_1d_tensors_reproduce_the_tuned_ones_exactly(norm_checkpoints, tmp_path) -> None:
     base_path, tuned_path, base, tuned = norm_checkpoints
-    result = flora.extract(base_path, tuned_path, tmp_path / "a", ranks=10_000, carry_1d=True)
+    result = flora.extract(base_path, tuned_path, tmp_path / "a", rank=10_000, carry_1d=True)
     carried = dict(result.carried)
     assert carried["conv.bias"] == carried["fc.bias"] == "bias update of its adapted layer"
     norm_keys = ["norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"]
@@ -265,7 +286,7 @@ def test_a_carried_bias_that_shrinks_to_zero_is_one_rounding_away(tmp_path) -> N
     save_file(tuned, tmp_path / "tuned.safetensors")
     adapter = flora.extract(
         tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "a",
-        ranks=1, carry_1d=True,
+        rank=1, carry_1d=True,
     ).directory  # fmt: skip
     model = torch.nn.Sequential()
     model.add_module("fc", torch.nn.Linear(5, 8))

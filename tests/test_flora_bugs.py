@@ -247,7 +247,7 @@ def test_bug5_usable_ranks_in_layers_config_and_extract(tmp_path: Path) -> None:
         {"fc.weight": base["fc.weight"] + torch.randn(16, 72)}, tmp_path / "tuned.safetensors"
     )
     result = flora.extract(
-        tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "x", ranks=100_000
+        tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "x", rank=100_000
     )
     (extracted,) = result.layers
     assert extracted.ranks == (16, 16)

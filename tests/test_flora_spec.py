@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import flora
 import tuckerlib
-from flora._tucker import block_sum, compress
+from flora._tucker import block_sum, to_usable_ranks
 from flora.spec import LayerSpec, clip_ranks, usable_ranks
 
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4)
@@ -42,7 +42,7 @@ def test_compress_is_exact_and_reaches_usable_ranks(shape: list[int], data: st.D
         torch.randn(s, r, generator=generator, dtype=torch.float64)
         for s, r in zip(shape, ranks, strict=True)
     ]
-    new_core, new_factors = compress(core, factors)
+    new_core, new_factors = to_usable_ranks(core, factors)
     assert tuple(new_core.shape) == usable_ranks(ranks, shape)
     expected = tuckerlib.tucker_to_tensor(core, factors)
     torch.testing.assert_close(tuckerlib.tucker_to_tensor(new_core, new_factors), expected)

@@ -1,4 +1,4 @@
-"""The exact Tucker <-> LoRA algebra: compact keeps ΔW, LoRA pairs rebuild it, compress's error."""
+"""Exact Tucker <-> LoRA algebra: usable ranks keep ΔW, LoRA pairs rebuild it, truncation error."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flora._compress import compress_tucker
-from flora._lora_math import compact, lora_split, to_lora
-from flora._tucker import reconstruct
+from flora._lora_math import lora_split, to_lora
+from flora._truncate import truncate_tucker
+from flora._tucker import reconstruct, to_usable_ranks
 from tuckerlib import energy_ranks
 
 
@@ -38,9 +38,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @given(tuckers())
-def test_compact_keeps_the_tensor_at_usable_ranks(tucker) -> None:
+def test_to_usable_ranks_keeps_the_tensor_at_usable_ranks(tucker) -> None:
     core, factors = tucker
-    small, small_factors = compact(core, factors)
+    small, small_factors = to_usable_ranks(core, factors)
     _close(reconstruct(small, small_factors), reconstruct(core, factors))
     ranks = small.shape
     for n, (rank, factor) in enumerate(zip(ranks, small_factors, strict=True)):
@@ -108,7 +108,7 @@ def test_compress_error_is_the_measured_error(tucker, data) -> None:
     core, factors = tucker
     shape = [f.shape[0] for f in factors]
     ranks = [data.draw(st.integers(1, size)) for size in shape]
-    result = compress_tucker(core, factors, ranks)
+    result = truncate_tucker(core, factors, ranks)
     delta = reconstruct(core, factors)
     approx = reconstruct(result.core, result.factors)
     norm = float(delta.norm())
@@ -125,7 +125,7 @@ def test_compress_is_exact_at_the_multilinear_rank(tucker) -> None:
         max(1, int(np.linalg.matrix_rank(np.moveaxis(delta, n, 0).reshape(delta.shape[n], -1))))
         for n in range(delta.ndim)
     ]
-    result = compress_tucker(core, factors, multilinear)
+    result = truncate_tucker(core, factors, multilinear)
     assert result.relative_error < 1e-10
     _close(reconstruct(result.core, result.factors), torch.from_numpy(delta))
 
@@ -143,12 +143,12 @@ def test_compress_by_a_rule_and_bad_arguments() -> None:
         seen.append(shape)
         return energy_ranks(small, 0.9)
 
-    result = compress_tucker(core, factors, by_energy)
+    result = truncate_tucker(core, factors, by_energy)
     assert seen == [(8, 8)]
     assert tuple(result.core.shape) == (2, 2)  # 16 + 4 = 20 of 21.01 > 0.9
     assert result.relative_error == pytest.approx(math.sqrt(1.01 / 21.01))
     assert result.core.dtype == torch.float64
     with pytest.raises(ValueError, match=r"one rank in \[1, I_n\] per mode"):
-        compress_tucker(core, factors, (9, 1))
+        truncate_tucker(core, factors, (9, 1))
     with pytest.raises(ValueError, match=r"one rank in \[1, I_n\] per mode"):
-        compress_tucker(core, factors, (2,))
+        truncate_tucker(core, factors, (2,))

@@ -14,7 +14,7 @@ from tuckerlib._metrics import frobenius_norm
 from tuckerlib._validation import as_list
 from tuckerlib.analysis._budget import check_budget, solve_budget
 from tuckerlib.analysis._inputs import check_spectrum
-from tuckerlib.decompositions._api import (
+from tuckerlib.decompositions._for_analysis import (
     Prepared,
     prepare_tensor,
     sthosvd_relative_error,

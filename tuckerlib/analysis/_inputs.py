@@ -12,7 +12,7 @@ import numpy as np
 
 from tuckerlib._host import to_host
 from tuckerlib._validation import as_list
-from tuckerlib.decompositions._api import prepare_tensor, unfolding_spectra
+from tuckerlib.decompositions._for_analysis import prepare_tensor, unfolding_spectra
 
 __all__ = ["check_energy", "check_sizes", "check_spectrum", "host_spectra", "shape_of"]
 

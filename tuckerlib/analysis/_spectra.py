@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuckerlib.decompositions._api import in_input_library, prepare_tensor, unfolding_spectra
+from tuckerlib.decompositions._for_analysis import (
+    in_input_library,
+    prepare_tensor,
+    unfolding_spectra,
+)
 
 __all__ = ["mode_spectra"]
 

@@ -49,12 +49,11 @@ from tuckerlib.decompositions._factors import (
     eigen_factor,
     truncations,
 )
-from tuckerlib.decompositions._hooi import HOOIInfo, iterate
+from tuckerlib.decompositions._kernels import HOOIInfo, Truncated, iterate, sthosvd_steps
 from tuckerlib.decompositions._linalg import orthonormal, sign_fix
 from tuckerlib.decompositions._prepare import Prepared, magnitude_scale
 from tuckerlib.decompositions._sketch import Sketch, gaussian_draws, nystrom_coefficients
 from tuckerlib.decompositions._spectra import pad
-from tuckerlib.decompositions._sthosvd import Truncated, sthosvd_steps
 from tuckerlib.decompositions._truncation import default_order
 
 __all__ = [
@@ -63,6 +62,7 @@ __all__ = [
     "hosvd",
     "measure",
     "mode_grams",
+    "one_chunk",
     "spectra",
     "sthosvd",
     "truncated",
@@ -513,3 +513,8 @@ def spectra(prepared: Prepared, vectors: bool) -> tuple[Prepared, list[tuple[Any
             continue
         out.append((pad(xp, descending_sqrt(xp, xp.linalg.eigvalsh(matrix)), shape[n]), None))
     return prepared, out
+
+
+def one_chunk(values: Any) -> da.Array:
+    """``values`` (a small in-memory result) as a Dask array of one chunk, for Dask input."""
+    return _as_dask(values)

@@ -2,64 +2,25 @@
 
 from __future__ import annotations
 
-import math
 import numbers
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Literal, overload
 
-from tuckerlib._host import host_float, require_values
+from tuckerlib._host import require_values
 from tuckerlib._namespace import get_namespace
-from tuckerlib._products import mode_product, multi_mode_product
+from tuckerlib._products import multi_mode_product
 from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import check_int
-from tuckerlib.decompositions._factors import Truncation, fibre_matrix, mode_factor, truncations
-from tuckerlib.decompositions._hosvd import hosvd_factors
+from tuckerlib.decompositions._factors import truncations
+from tuckerlib.decompositions._kernels import HOOIInfo, hosvd_factors, iterate, sthosvd_steps
 from tuckerlib.decompositions._linalg import sign_fix
 from tuckerlib.decompositions._prepare import Prepared, prepare_tensor
-from tuckerlib.decompositions._sthosvd import sthosvd_steps
+from tuckerlib.decompositions._route import dask_backend
 from tuckerlib.decompositions._truncation import default_order
 
 __all__ = ["HOOIInfo", "hooi"]
 
 INITS = ("sthosvd", "hosvd")
-
-
-@dataclass(frozen=True)
-class HOOIInfo:
-    r"""Convergence record of :func:`hooi`.
-
-    Parameters
-    ----------
-    errors : tuple of float
-        Relative error :math:`\|x - \hat{x}\| / \|x\|` of the initialization (``errors[0]``)
-        and after each sweep over all modes (``errors[k]``). It never
-        increases, up to rounding at the level of ``sqrt(eps)``, because
-        it is computed from :math:`\|x\|^2 - \|G\|^2`.
-    converged : bool
-        Whether a sweep changed the error by at most ``tol`` before
-        ``max_iter`` sweeps were spent.
-    n_iter : int
-        Sweeps run, ``len(errors) - 1``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from tuckerlib import hooi
-    >>> x = np.random.default_rng(0).standard_normal((6, 7, 8))
-    >>> _, info = hooi(x, 2, max_iter=3, tol=0.0, return_info=True)
-    >>> info.n_iter, info.converged, len(info.errors)
-    (3, False, 4)
-    """
-
-    #: Relative error of the initialization and after each sweep.
-    errors: tuple[float, ...]
-    #: Whether a sweep changed the error by at most ``tol``.
-    converged: bool
-    #: Number of sweeps run.
-    n_iter: int
 
 
 def _check_stop_tol(tol: Any) -> float:
@@ -105,66 +66,6 @@ def _initial(prepared: Prepared, ranks: tuple[int, ...], init: Any) -> tuple[Any
         return multi_mode_product(x, factors, transpose=True), factors
     result = sthosvd_steps(xp, x, default_order(x.shape, ranks), cuts, "auto")
     return result.core, list(result.factors)
-
-
-def _relative_error(norm2: float, core_norm2: float) -> float:
-    if norm2 == 0.0:
-        return 0.0
-    return math.sqrt(max(norm2 - core_norm2, 0.0) / norm2)
-
-
-def sweep(
-    xp: ModuleType,
-    project_all_but: Callable[[Sequence[Any], int], Any],
-    factors: list[Any],
-    order: Sequence[int],
-) -> Any:
-    """One HOOI sweep: update every factor in ``order`` (in place); return the new core.
-
-    ``project_all_but(factors, n)`` is ``x`` projected onto every factor but
-    the ``n``-th, in namespace ``xp``: the one pass over ``x`` a mode costs.
-    """
-    core = None
-    for n in order:
-        projected = project_all_but(factors, n)
-        cut = Truncation(rank=factors[n].shape[1])
-        factors[n] = mode_factor(xp, fibre_matrix(xp, projected, n), "auto", cut).factor
-        core = mode_product(projected, factors[n], n, transpose=True)
-    return core
-
-
-def iterate(
-    xp: ModuleType,
-    project_all_but: Callable[[Sequence[Any], int], Any],
-    start: tuple[Any, list[Any]],
-    norm2: float,
-    order: Sequence[int],
-    stop: tuple[int, float],
-) -> tuple[Any, list[Any], HOOIInfo]:
-    """HOOI sweeps from ``start = (core, factors)`` until ``stop = (max_iter, tol)``.
-
-    Returns the best core and factors (never worse than the start) and the record.
-    """
-    max_iter, tol = stop
-    best_core, factors = start
-    best_factors = list(factors)
-    factors = list(factors)
-    errors = [_relative_error(norm2, _squared(xp, best_core))]
-    converged = False
-    for _ in range(max_iter):
-        core = sweep(xp, project_all_but, factors, order)
-        errors.append(_relative_error(norm2, _squared(xp, core)))
-        if errors[-1] < min(errors[:-1]):
-            best_core, best_factors = core, list(factors)
-        if abs(errors[-2] - errors[-1]) <= tol:
-            converged = True
-            break
-    info = HOOIInfo(errors=tuple(errors), converged=converged, n_iter=len(errors) - 1)
-    return best_core, best_factors, info
-
-
-def _squared(xp: ModuleType, a: Any) -> float:
-    return host_float(xp.sum(a * a))
 
 
 @overload
@@ -291,10 +192,9 @@ def hooi(
     stop = (check_int(max_iter, "max_iter", 0), _check_stop_tol(tol))
     init = check_init(init, prepared.x, ranks)
     require_values(prepared.x, "hooi's stopping rule (the error after each sweep)")
-    if prepared.lazy:
-        from tuckerlib.decompositions import _dask
-
-        tucker, info = _dask.hooi(prepared, ranks, init, stop)
+    dask = dask_backend(prepared)
+    if dask is not None:
+        tucker, info = dask.hooi(prepared, ranks, init, stop)
     else:
         xp, x = prepared.xp, prepared.x
         core, factors, info = iterate(

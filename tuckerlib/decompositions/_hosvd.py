@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from tuckerlib._layout import memory_order
 from tuckerlib._products import multi_mode_product
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
-from tuckerlib.decompositions._factors import (
-    Truncation,
-    fibre_columns,
-    fibre_matrix,
-    mode_factor,
-    truncations,
-)
+from tuckerlib.decompositions._factors import truncations
+from tuckerlib.decompositions._kernels import hosvd_factors
 from tuckerlib.decompositions._prepare import (
-    Prepared,
     check_method,
     prepare_tensor,
     resolve_rank_or_tol,
 )
+from tuckerlib.decompositions._route import dask_backend
 
 __all__ = ["hosvd"]
 
@@ -124,25 +117,8 @@ def hosvd(
     method = check_method(method)
     if method == "randomized" and ranks is None:
         raise ValueError('method="randomized" needs rank; it cannot choose ranks from tol')
-    if prepared.lazy:
-        from tuckerlib.decompositions import _dask
-
-        return _dask.hosvd(prepared, ranks, tol, method)
+    dask = dask_backend(prepared)
+    if dask is not None:
+        return dask.hosvd(prepared, ranks, tol, method)
     factors = hosvd_factors(prepared, truncations(prepared, ranks, tol), method)
     return prepared.result(multi_mode_product(prepared.x, factors, transpose=True), factors)
-
-
-def hosvd_factors(prepared: Prepared, cuts: Sequence[Truncation], method: str) -> list[Any]:
-    """Every mode's factor, each from the unfolding of ``x`` itself (eager input)."""
-    xp, x = prepared.xp, prepared.x
-    layout = memory_order(x)
-    return [
-        mode_factor(
-            xp,
-            fibre_matrix(xp, x, n, layout),
-            method,
-            cut,
-            columns=fibre_columns(x.shape, n, layout),
-        ).factor
-        for n, cut in enumerate(cuts)
-    ]

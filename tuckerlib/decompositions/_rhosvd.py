@@ -10,9 +10,10 @@ from tuckerlib._ranks import Rank, resolve_rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib._validation import check_int
 from tuckerlib.decompositions._factors import truncations
+from tuckerlib.decompositions._kernels import sthosvd_steps
 from tuckerlib.decompositions._prepare import prepare_tensor
+from tuckerlib.decompositions._route import dask_backend
 from tuckerlib.decompositions._sketch import Sketch
-from tuckerlib.decompositions._sthosvd import sthosvd_steps
 from tuckerlib.decompositions._truncation import default_order
 
 __all__ = ["rhosvd"]
@@ -174,10 +175,9 @@ def rhosvd(
         rng=_check_seed(seed),
     )
     order = default_order(prepared.x.shape, ranks)
-    if prepared.lazy:
-        from tuckerlib.decompositions import _dask
-
-        return _dask.sthosvd(prepared, order, ranks, None, "randomized", sketch=sketch)
+    dask = dask_backend(prepared)
+    if dask is not None:
+        return dask.sthosvd(prepared, order, ranks, None, "randomized", sketch=sketch)
     cuts = truncations(prepared, ranks, None)
     result = sthosvd_steps(prepared.xp, prepared.x, order, cuts, "randomized", sketch=sketch)
     return prepared.result(result.core, result.factors)

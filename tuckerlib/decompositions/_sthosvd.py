@@ -3,89 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from types import ModuleType
 from typing import Any
 
-from tuckerlib._accumulate import matmul
-from tuckerlib._layout import memory_order
 from tuckerlib._ranks import Rank
 from tuckerlib._tucker import TuckerTensor
 from tuckerlib.decompositions._factors import (
-    FactorStep,
-    Truncation,
-    fibre_columns,
-    fibre_matrix,
-    mode_factor,
     truncations,
-    unfibre,
 )
+from tuckerlib.decompositions._kernels import sthosvd_steps
 from tuckerlib.decompositions._prepare import (
     check_method,
     check_order,
     prepare_tensor,
     resolve_rank_or_tol,
 )
-from tuckerlib.decompositions._sketch import Sketch
+from tuckerlib.decompositions._route import dask_backend
 from tuckerlib.decompositions._truncation import default_order
 
-__all__ = ["Truncated", "sthosvd", "sthosvd_steps"]
-
-
-@dataclass(frozen=True)
-class Truncated:
-    """An ST-HOSVD before it is handed back: core, factors (by mode) and each mode's step.
-
-    ``steps`` follow the processing order and keep the spectra (not the
-    projections), so :meth:`squared_error` can be read off them.
-    """
-
-    core: Any
-    factors: tuple[Any, ...]
-    steps: tuple[FactorStep, ...]
-
-    def squared_error(self) -> float:
-        r"""``‖x − x̂‖²``: the sum of the discarded energies ([1]_ of :func:`sthosvd`, Thm. 5.1).
-
-        ``nan`` when a step used a sketch, which computes no spectrum.
-        """
-        return sum(step.discarded() for step in self.steps)
-
-
-def sthosvd_steps(
-    xp: ModuleType,
-    x: Any,
-    order: Sequence[int],
-    cuts: Sequence[Truncation],
-    method: str,
-    *,
-    sketch: Sketch | None = None,
-    first: FactorStep | None = None,
-) -> Truncated:
-    """Run ST-HOSVD in ``order``, truncating mode ``n`` by ``cuts[n]``.
-
-    ``first``, when given, is the already computed step of the first mode
-    in ``order`` (its factor and spectrum), so that work is not repeated.
-    """
-    core = x
-    factors: list[Any] = [None] * x.ndim
-    steps = []
-    for n in order:
-        # The fibre matrix serves both the factor and the projection: for a
-        # mode in the middle of the memory order it is a copy, made once.
-        layout = memory_order(core)
-        a = fibre_matrix(xp, core, n, layout)
-        if first is not None:
-            step, first = first, None
-        else:
-            columns = fibre_columns(core.shape, n, layout)
-            step = mode_factor(xp, a, method, cuts[n], sketch=sketch, columns=columns)
-        projected = matmul(xp, step.factor.T, a) if step.projected is None else step.projected
-        factors[n] = step.factor
-        steps.append(replace(step, projected=None))
-        shape = (*core.shape[:n], step.rank, *core.shape[n + 1 :])
-        core = unfibre(xp, projected, n, shape, layout)
-    return Truncated(core, tuple(factors), tuple(steps))
+__all__ = ["sthosvd"]
 
 
 def sthosvd(
@@ -187,10 +122,9 @@ def sthosvd(
     if method == "randomized" and ranks is None:
         raise ValueError('method="randomized" needs rank; it cannot choose ranks from tol')
     order = default_order(shape, ranks) if order is None else check_order(order, len(shape))
-    if prepared.lazy:
-        from tuckerlib.decompositions import _dask
-
-        return _dask.sthosvd(prepared, order, ranks, tol, method)
+    dask = dask_backend(prepared)
+    if dask is not None:
+        return dask.sthosvd(prepared, order, ranks, tol, method)
     cuts = truncations(prepared, ranks, tol)
     result = sthosvd_steps(prepared.xp, prepared.x, order, cuts, method)
     return prepared.result(result.core, result.factors)

@@ -9,7 +9,6 @@ either format into the same form, :math:`\Delta W = \text{scale} \cdot \text{cor
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from tuckerlib._tucker import tucker_to_tensor
 from tuckerlib.io._base import Checkpoint, CheckpointError
 from tuckerlib.io._open import open_checkpoint
+from tuckerlib.io.flora_format import loads
 
 __all__ = ["CONFIG_NAME", "Adapter", "AdapterError", "AdapterLayer", "read_config"]
 
@@ -210,9 +210,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AdapterError(f"{directory}: not an adapter directory (no {CONFIG_NAME})")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, deep nesting
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+        document = loads(path.read_bytes())
+    except ValueError as exc:  # bad UTF-8 or JSON, a repeated key, deep nesting
+        raise AdapterError(f"{path}: {exc}") from None
     if not isinstance(document, dict):
         raise AdapterError(f"{path}: must hold a JSON object")
     return document

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flora._lora_math import compact
+from flora._tucker import to_usable_ranks
 from tuckerlib import relative_error, sthosvd, tucker_to_tensor
 
-__all__ = ["Compressed", "compress_tucker", "padded_spectra"]
+__all__ = ["Compressed", "padded_spectra", "truncate_tucker"]
 
 #: Picks the new ranks from the small core ``C`` (float64) and ``ΔW``'s shape.
 RankRule = Callable[[torch.Tensor, tuple[int, ...]], Sequence[int]]
@@ -69,7 +69,7 @@ def _check_target(target: Sequence[int], shape: tuple[int, ...]) -> tuple[int, .
     return target
 
 
-def compress_tucker(
+def truncate_tucker(
     core: torch.Tensor, factors: Sequence[torch.Tensor], ranks: Sequence[int] | RankRule
 ) -> Compressed:
     r"""Truncate :math:`\Delta W = s \cdot G \times_n U_n` to ``ranks`` (or the ranks a rule picks).
@@ -105,7 +105,7 @@ def compress_tucker(
         if small.any()
         else 0.0
     )
-    new_core, new_factors = compact(
+    new_core, new_factors = to_usable_ranks(
         truncated.core, [q @ v for q, v in zip(bases, truncated.factors, strict=True)]
     )
     return Compressed(new_core.to(dtype), [f.to(dtype) for f in new_factors], float(error))

@@ -23,11 +23,12 @@ from typing import Any
 
 from tuckerlib._namespace import get_namespace
 from tuckerlib.decompositions._factors import FactorStep, fibre_matrix, truncations
+from tuckerlib.decompositions._kernels import sthosvd_steps
 from tuckerlib.decompositions._linalg import sign_fix
 from tuckerlib.decompositions._prepare import Prepared, prepare_tensor
+from tuckerlib.decompositions._route import dask_backend
 from tuckerlib.decompositions._spectra import matrix_spectrum, pad, tensor_spectrum
 from tuckerlib.decompositions._spectra import unfolding_spectrum as _unfolding_spectrum
-from tuckerlib.decompositions._sthosvd import sthosvd_steps
 from tuckerlib.decompositions._truncation import default_order, tail_energies
 
 __all__ = [
@@ -65,10 +66,9 @@ def unfolding_spectra(
     that computed the spectra also measured :math:`\|x\|^2`).
     """
     xp, x = prepared.xp, prepared.x
-    if prepared.lazy:
-        from tuckerlib.decompositions import _dask
-
-        prepared, pairs = _dask.spectra(prepared, vectors)
+    dask = dask_backend(prepared)
+    if dask is not None:
+        prepared, pairs = dask.spectra(prepared, vectors)
         return prepared, [ModeSpectrum(values, v) for values, v in pairs]
     if x.ndim == 2:
         s = matrix_spectrum(xp, x, method)
@@ -99,10 +99,9 @@ def sthosvd_relative_error(
     if known is not None and known.vectors is not None:
         xp = get_namespace(known.vectors)
         first = FactorStep(sign_fix(xp, known.vectors[:, : ranks[order[0]]]), known.values)
-    if prepared.lazy:
-        from tuckerlib.decompositions import _dask
-
-        prepared, done = _dask.truncated(prepared, order, ranks, None, "auto", first=first)
+    dask = dask_backend(prepared)
+    if dask is not None:
+        prepared, done = dask.truncated(prepared, order, ranks, None, "auto", first=first)
     else:
         cuts = truncations(prepared, ranks, None)
         done = sthosvd_steps(prepared.xp, prepared.x, order, cuts, "auto", first=first)
@@ -115,8 +114,5 @@ def in_input_library(prepared: Prepared, values: Any) -> Any:
     """A spectrum of :func:`unfolding_spectra` in the input's units and library."""
     if prepared.scale != 1.0:
         values = values * (1.0 / prepared.scale)
-    if prepared.lazy:
-        import dask.array as da
-
-        return da.from_array(values, chunks=values.shape)
-    return values
+    dask = dask_backend(prepared)
+    return values if dask is None else dask.one_chunk(values)

@@ -34,6 +34,7 @@ from flora.layers import (
     TuckerParametrization,
 )
 from flora.layers.bnb import quantized_layer, refuse_initial_update
+from tuckerlib.io.flora_format import check_layer_name
 
 __all__ = [
     "LAYER_TYPES",
@@ -162,22 +163,6 @@ class Site:
             return (_join(self.name, inner),)
         owner = self.name.rpartition(".")[0]
         return (self.name, _join(owner, f"parametrizations.{self.parameter}.original"))
-
-
-def check_layer_name(name: object, what: str = "layer") -> str:
-    """A dotted module or parameter name: non-empty parts (``""`` is the model itself).
-
-    Raises
-    ------
-    ValueError
-        Naming ``what`` and the name.
-    """
-    if not isinstance(name, str) or not all(name.split(".")):
-        raise ValueError(
-            f"{what} name {name!r} must be a dotted module name with non-empty parts "
-            "(not '', which is the model itself: an adapter cannot wrap the model it is in)"
-        )
-    return name
 
 
 def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
