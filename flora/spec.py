@@ -10,7 +10,8 @@ adapter format, which flora and tuckerlib's adapter reader share; this
 module re-exports them.
 
 Ranks are clipped to what a Tucker tensor can use: ``R_n <= I_n`` and
-:math:`R_n \le \prod_{m \ne n} R_m` for every mode (:func:`flora.spec.usable_ranks`). A mode
+:math:`R_n \le \prod_{m \ne n} R_m` for every mode
+(:func:`tuckerlib.io.flora_format.usable_ranks`). A mode
 rank above the product of the others adds parameters but no expressible
 update, because the mode-``n`` unfolding of the core has at most that many
 independent columns.
@@ -86,7 +87,7 @@ def clip_ranks(
     Returns
     -------
     tuple of int
-        ``min(R_n, I_n)`` for every mode, then :func:`flora.spec.usable_ranks`: a
+        ``min(R_n, I_n)`` for every mode, then :func:`tuckerlib.io.flora_format.usable_ranks`: a
         depthwise convolution's ``in/groups`` mode of size 1 gets rank 1, and
         its output mode at most the product of the kernel ranks.
 

@@ -49,7 +49,9 @@ class Truncated:
     steps: tuple[FactorStep, ...]
 
     def squared_error(self) -> float:
-        """``‖x − x̂‖²``: the sum of the discarded energies ([1]_ of :func:`sthosvd`, Thm. 5.1).
+        r""":math:`\|x - \hat{x}\|^2`: the sum of the discarded energies.
+
+        See [1]_ of :func:`sthosvd`, Thm. 5.1.
 
         ``nan`` when a step used a sketch, which computes no spectrum.
         """
@@ -110,15 +112,15 @@ def hosvd_factors(prepared: Prepared, cuts: Sequence[Truncation], method: str) -
 
 @dataclass(frozen=True)
 class HOOIInfo:
-    """Convergence record of :func:`hooi`.
+    r"""Convergence record of :func:`hooi`.
 
     Parameters
     ----------
     errors : tuple of float
-        Relative error ``‖x − x̂‖ / ‖x‖`` of the initialization (``errors[0]``)
+        Relative error :math:`\|x - \hat{x}\| / \|x\|` of the initialization (``errors[0]``)
         and after each sweep over all modes (``errors[k]``). It never
         increases, up to rounding at the level of ``sqrt(eps)``, because
-        it is computed from ``‖x‖² − ‖G‖²``.
+        it is computed from :math:`\|x\|^2 - \|G\|^2`.
     converged : bool
         Whether a sweep changed the error by at most ``tol`` before
         ``max_iter`` sweeps were spent.

@@ -528,9 +528,9 @@ def check_ranks(value: object, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def usable_ranks(ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """The largest ranks ``<= ranks`` that a Tucker tensor of ``shape`` can use.
+    r"""The largest ranks ``<= ranks`` that a Tucker tensor of ``shape`` can use.
 
-    Every mode satisfies ``R_n <= min(I_n, prod_{m != n} R_m)``; clipping one
+    Every mode satisfies :math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`; clipping one
     mode can lower the bound of another, so the clipping repeats until
     nothing changes (the result does not depend on the order of the modes).
 
@@ -958,7 +958,10 @@ def check_document(document: object) -> AdapterDocument:
 def difference(
     core: Any, factors: Sequence[Any], initial_core: Any, initial_factors: Sequence[Any]
 ) -> tuple[Any, list[Any]]:
-    """``core ×_n factors − initial_core ×_n initial_factors`` as one Tucker tensor, exactly.
+    r"""The update :math:`G \times_n U_n - G_0 \times_n U^0_n` as one Tucker tensor, exactly.
+
+    :math:`G, U_n` are ``core``, ``factors`` and :math:`G_0, U^0_n` are
+    ``initial_core``, ``initial_factors``.
 
     The core is block-diagonal (``core``, then ``−initial_core``), the
     factors side by side; any array-API arrays (NumPy, PyTorch) of one
