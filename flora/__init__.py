@@ -43,6 +43,7 @@ from flora.model import (
     unmerge,
 )
 from flora.report import summary
+from flora.diagnostic import Sensitivity, SensitivityRecord, sensitivity
 from flora.spec import LayerSpec
 
 __all__ = [
@@ -63,6 +64,8 @@ __all__ = [
     "LoraConversionError",
     "ModulesToSave",
     "SavedAdapter",
+    "Sensitivity",
+    "SensitivityRecord",
     "TuckerDelta",
     "TuckerParametrization",
     "active_adapters",
@@ -83,6 +86,7 @@ __all__ = [
     "merged_state_dict",
     "read_adapter",
     "save_adapter",
+    "sensitivity",
     "set_adapter",
     "summary",
     "trainable_parameters",

@@ -178,7 +178,7 @@ class FLoRAConfig:
         Parameters (by full name, e.g. ``"moe.experts"``, or dotted suffix)
         adapted through :class:`flora.TuckerParametrization`, whatever their
         module's kind and number of dimensions.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"zero_core", "balanced", "hosvd", "gaussian"}, optional
         How the adapter starts; see :doc:`/flora_math`.
     forward : {"auto", "dense", "factorized"}, optional
         How the adapter branch is computed; see :doc:`/flora_math`.
@@ -223,7 +223,7 @@ class FLoRAConfig:
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, RankTemplate] = field(default_factory=dict)
     target_parameters: list[str] | str | None = None
-    init: Literal["zero_core", "hosvd", "gaussian"] = "zero_core"
+    init: Literal["zero_core", "balanced", "hosvd", "gaussian"] = "zero_core"
     forward: Literal["auto", "dense", "factorized"] = "auto"
     modules_to_save: list[str] | str | None = None
     bias: bool = False

@@ -45,7 +45,7 @@ __all__ = [
 KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
 #: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
 BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-INIT_MODES = ("zero_core", "hosvd", "gaussian")
+INIT_MODES = ("balanced", "zero_core", "hosvd", "gaussian")
 FORWARD_MODES = ("auto", "dense", "factorized")
 
 RankTemplate = int | Sequence[int | None]
@@ -127,7 +127,7 @@ def check_bias(value: object, kind: str | None = None) -> bool:
 
 
 def check_init(value: object) -> str:
-    """``value`` if it is one of ``"zero_core"``, ``"hosvd"``, ``"gaussian"``.
+    """``value`` if it is one of ``"balanced"``, ``"zero_core"``, ``"hosvd"``, ``"gaussian"``.
 
     Examples
     --------
@@ -310,7 +310,7 @@ class LayerSpec:
         ``R_n <= prod_{m != n} R_m`` (:meth:`flora.LayerSpec.from_template` clips a template).
     scale : float, optional
         The factor ``s`` of ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}``.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"zero_core", "balanced", "hosvd", "gaussian"}, optional
         How the adapter starts; ``"hosvd"`` adapters keep their initial
         tensors (see :mod:`flora.init`).
     forward : {"auto", "dense", "factorized"}, optional

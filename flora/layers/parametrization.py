@@ -40,7 +40,7 @@ class TuckerParametrization(AdaptedWeight):
         the usable ranks (a 1-D parameter gets rank 1).
     scale : float, optional
         The factor ``s``.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"zero_core", "balanced", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` registers the
