@@ -4,7 +4,9 @@ A small evidence check, not a study: every method trains with the study's
 own protocol (data, steps, batch, Adam with cosine decay, evaluation) at a
 learning rate given on the command line, so no sweep runs. Each method is
 ``NAME:LR``: ``lora`` (PEFT, ``lora_alpha = r``), or a FLoRA init name
-(``balanced``, ``zero_core``, ``gaussian``, ``hosvd``) with ``s = 1``.
+(``balanced``, ``zero_core``, ``gaussian``, ``hosvd``) with ``s = 1``, or
+one of the N-D variants of ``balanced`` of ``init_sensitivity.py``
+(``balanced_orth``, ``balanced_orth3``).
 
 Run (one thread; about 30 s per MiniLM run, a few seconds per digits run)::
 
@@ -43,6 +45,7 @@ from _quality_methods import (
 )
 from _quality_study import Builder, Plan, Study
 from _quality_train import TrainSettings
+from init_sensitivity import ORTH_VARIANTS, orthonormalize
 
 
 def _minilm(variants: dict[str, FloraVariant]) -> tuple[Builder, object, TrainSettings]:
@@ -118,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         name, _, lr = item.partition(":")
         plan_lrs[name] = float(lr)
     rule = "equal" if args.study == "minilm" else "energy"
-    variants = {m: FloraVariant(init=m, channel_rule=rule) for m in plan_lrs if m != "lora"}
+    variants = {
+        m: FloraVariant(init=m.split("_orth")[0], channel_rule=rule)
+        for m in plan_lrs
+        if m != "lora"
+    }
     # The digits builder names FLoRA methods "flora_*" (adapt() dispatches on it).
     setup = _minilm if args.study == "minilm" else _digits
     build, data, settings = setup(variants)
@@ -126,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = {names[m]: v for m, v in variants.items()}
 
     def named_build(method, budget, seed, variant):
-        return build(method, budget, seed, variant or variants.get(method))
+        adapted = build(method, budget, seed, variant or variants.get(method))
+        orth = ORTH_VARIANTS.get(method.removeprefix("flora_"))
+        if orth is not None:
+            torch.manual_seed(seed)
+            orthonormalize(adapted.model, orth)
+        return adapted
 
     plan = Plan({names[m]: m for m in plan_lrs}, (args.budget,), tuple(args.seeds), {}, args.budget)
     study = Study(plan, named_build, data, settings, args.study)

@@ -44,10 +44,11 @@ from torch.nn import functional
 
 import flora
 
-_ORTH = {"balanced_orth": 1.0, "balanced_orth3": 1.0 / math.sqrt(3.0)}
+#: N-D variants of ``balanced``: name -> the factor the core ``[I 0]`` is multiplied by.
+ORTH_VARIANTS = {"balanced_orth": 1.0, "balanced_orth3": 1.0 / math.sqrt(3.0)}
 
 
-def _orthonormalize(model, core_scale: float) -> None:
+def orthonormalize(model, core_scale: float) -> None:
     """Rewrite N-D balanced adapters: factors 1.. orthonormal, core ``[I 0] · core_scale``."""
     with torch.no_grad():
         for layer in flora.adapted_layers(model).values():
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 10])
     parser.add_argument("--lr", type=float, help="default: the study's LoRA LR")
-    parser.add_argument("--methods", nargs="+", default=["lora", "zero_core", "balanced", *_ORTH])
+    parser.add_argument(
+        "--methods", nargs="+", default=["lora", "zero_core", "balanced", *ORTH_VARIANTS]
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     build, data, settings, lr = _setup(args.study)
@@ -165,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         torch.manual_seed(args.seed)
         adapted = build(method, args.budget, args.seed)
-        if method in _ORTH:
-            _orthonormalize(adapted.model, _ORTH[method])
+        if method in ORTH_VARIANTS:
+            orthonormalize(adapted.model, ORTH_VARIANTS[method])
         options = {"lr": lr, "seed": args.seed, "steps": settings.steps}
         stepper = _Stepper(
             adapted.model, adapted.trainable, data.train, **options, batch_size=settings.batch_size

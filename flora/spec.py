@@ -38,6 +38,7 @@ __all__ = [
     "check_template",
     "clip_ranks",
     "is_bool",
+    "resolve_init",
     "usable_ranks",
 ]
 
@@ -45,7 +46,7 @@ __all__ = [
 KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
 #: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
 BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-INIT_MODES = ("balanced", "zero_core", "hosvd", "gaussian")
+INIT_MODES = ("auto", "balanced", "zero_core", "hosvd", "gaussian")
 FORWARD_MODES = ("auto", "dense", "factorized")
 
 RankTemplate = int | Sequence[int | None]
@@ -127,7 +128,7 @@ def check_bias(value: object, kind: str | None = None) -> bool:
 
 
 def check_init(value: object) -> str:
-    """``value`` if it is one of ``"balanced"``, ``"zero_core"``, ``"hosvd"``, ``"gaussian"``.
+    """``value`` if it is one of :data:`INIT_MODES`.
 
     Examples
     --------
@@ -138,6 +139,28 @@ def check_init(value: object) -> str:
     if value not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {value!r}")
     return str(value)
+
+
+def resolve_init(init: str, shape: Sequence[int]) -> str:
+    """The init ``"auto"`` stands for on a weight of ``shape``; any other ``init`` as it is.
+
+    ``"auto"`` is ``"balanced"`` (PEFT LoRA's start and learning rate) for
+    2-D weights (Linear, Embedding, 2-D parameters) and ``"zero_core"``
+    for weights of one or three or more modes (convolutions, N-D
+    parameters), where the measurements of :doc:`/initialisation` found
+    no better start.
+
+    Examples
+    --------
+    >>> from flora.spec import resolve_init
+    >>> resolve_init("auto", (8, 16)), resolve_init("auto", (8, 16, 3, 3))
+    ('balanced', 'zero_core')
+    >>> resolve_init("gaussian", (8, 16))
+    'gaussian'
+    """
+    if init != "auto":
+        return init
+    return "balanced" if len(shape) == 2 else "zero_core"
 
 
 def check_forward(value: object) -> str:
@@ -310,9 +333,11 @@ class LayerSpec:
         ``R_n <= prod_{m != n} R_m`` (:meth:`flora.LayerSpec.from_template` clips a template).
     scale : float, optional
         The factor ``s`` of ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}``.
-    init : {"zero_core", "balanced", "hosvd", "gaussian"}, optional
-        How the adapter starts; ``"hosvd"`` adapters keep their initial
-        tensors (see :mod:`flora.init`).
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
+        How the adapter starts (see :mod:`flora.init`); ``"hosvd"`` adapters
+        keep their initial tensors. ``"auto"`` is replaced by the init it
+        stands for on this shape (:func:`resolve_init`): a spec always
+        records a concrete init.
     forward : {"auto", "dense", "factorized"}, optional
         How the adapter branch is computed; see :doc:`/flora_math`.
     dropout : float, optional
@@ -347,7 +372,7 @@ class LayerSpec:
     shape: tuple[int, ...]
     ranks: tuple[int, ...]
     scale: float = 1.0
-    init: str = "zero_core"
+    init: str = "auto"
     forward: str = "auto"
     dropout: float = 0.0
     bias: bool = False
@@ -368,7 +393,7 @@ class LayerSpec:
             )
         set_(self, "ranks", ranks)
         set_(self, "scale", check_scale(self.scale))
-        set_(self, "init", check_init(self.init))
+        set_(self, "init", resolve_init(check_init(self.init), shape))
         set_(self, "forward", check_forward(self.forward))
         set_(self, "dropout", check_dropout(self.dropout))
         set_(self, "bias", check_bias(self.bias, self.kind))
@@ -381,7 +406,7 @@ class LayerSpec:
         template: RankTemplate,
         *,
         scale: float = 1.0,
-        init: str = "zero_core",
+        init: str = "auto",
         forward: str = "auto",
         dropout: float = 0.0,
         bias: bool = False,

@@ -364,3 +364,14 @@ def test_saved_adapter_keeps_its_init(tmp_path, init: str) -> None:
     assert layer.init == init
     x = torch.randn(3, 6)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_tuckerlib_reads_every_init_flora_records() -> None:
+    from tuckerlib.io._adapter_flora import INIT_MODES as READABLE
+
+    from flora.spec import INIT_MODES
+
+    # "auto" never reaches a file: a spec resolves it (flora.spec.resolve_init).
+    assert set(READABLE) == set(INIT_MODES) - {"auto"}
+    assert flora.LayerSpec("Linear", (4, 6), (2, 2), init="auto").init == "balanced"
+    assert flora.LayerSpec("Conv1d", (4, 6, 3), (2, 2, 2), init="auto").init == "zero_core"

@@ -864,7 +864,7 @@ class FLoRALayer(AdaptedWeight):
         The factor ``s``.
     dropout : float, optional
         Dropout probability on the branch input.
-    init : {"zero_core", "balanced", "hosvd", "gaussian"}, optional
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         How the branch runs; see :doc:`/flora_math`.
@@ -896,7 +896,7 @@ class FLoRALayer(AdaptedWeight):
         *,
         scale: float = 1.0,
         dropout: float = 0.0,
-        init: str = "zero_core",
+        init: str = "auto",
         forward: str = "auto",
         adapter_name: str | None = "default",
     ):

@@ -30,7 +30,7 @@ class Linear(FLoRALayer):
         The factor ``s``.
     dropout : float, optional
         Dropout probability on the branch input.
-    init : {"zero_core", "balanced", "hosvd", "gaussian"}, optional
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs ``((x U_1) Gᵀ) U_0ᵀ``, three thin matmuls;

@@ -40,7 +40,8 @@ FORMAT_VERSIONS = (1, 2)
 FLORA_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
 #: Kinds whose layer can carry a bias update.
 BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-INIT_MODES = ("zero_core", "hosvd", "gaussian")
+#: Inits a saved flora layer may record (flora resolves ``"auto"`` before saving).
+INIT_MODES = ("balanced", "zero_core", "hosvd", "gaussian")
 _REQUIRED = ("kind", "shape", "ranks", "scale", "init")
 
 
