@@ -2,6 +2,7 @@
 
 from flora.compression import compress
 from flora.config import DEFAULT_RANKS, DEFAULT_TARGET_MODULES, FLoRAConfig
+from flora.diagnostic import Sensitivity, SensitivityRecord, sensitivity
 from flora.extraction import ExtractedLayer, Extraction, ExtractionError, extract
 from flora.io import (
     SavedAdapter,
@@ -43,7 +44,6 @@ from flora.model import (
     unmerge,
 )
 from flora.report import summary
-from flora.diagnostic import Sensitivity, SensitivityRecord, sensitivity
 from flora.spec import LayerSpec
 
 __all__ = [

@@ -367,9 +367,8 @@ def test_saved_adapter_keeps_its_init(tmp_path, init: str) -> None:
 
 
 def test_tuckerlib_reads_every_init_flora_records() -> None:
-    from tuckerlib.io._adapter_flora import INIT_MODES as READABLE
-
     from flora.spec import INIT_MODES
+    from tuckerlib.io._adapter_flora import INIT_MODES as READABLE
 
     # "auto" never reaches a file: a spec resolves it (flora.spec.resolve_init).
     assert set(READABLE) == set(INIT_MODES) - {"auto"}
