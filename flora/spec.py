@@ -46,6 +46,7 @@ __all__ = [
 KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
 #: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
 BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+#: Initialisations by name (see :mod:`flora.init`); ``"auto"`` resolves per weight.
 INIT_MODES = ("auto", "balanced", "zero_core", "hosvd", "gaussian")
 FORWARD_MODES = ("auto", "dense", "factorized")
 
@@ -128,7 +129,7 @@ def check_bias(value: object, kind: str | None = None) -> bool:
 
 
 def check_init(value: object) -> str:
-    """``value`` if it is one of :data:`INIT_MODES`.
+    """``value`` if it is one of :data:`flora.spec.INIT_MODES`.
 
     Examples
     --------
@@ -336,7 +337,7 @@ class LayerSpec:
     init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         How the adapter starts (see :mod:`flora.init`); ``"hosvd"`` adapters
         keep their initial tensors. ``"auto"`` is replaced by the init it
-        stands for on this shape (:func:`resolve_init`): a spec always
+        stands for on this shape (:func:`flora.spec.resolve_init`): a spec always
         records a concrete init.
     forward : {"auto", "dense", "factorized"}, optional
         How the adapter branch is computed; see :doc:`/flora_math`.
