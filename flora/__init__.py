@@ -2,6 +2,7 @@
 
 from flora.compression import compress
 from flora.config import DEFAULT_RANKS, DEFAULT_TARGET_MODULES, FLoRAConfig
+from flora.diagnostic import Sensitivity, SensitivityRecord, sensitivity
 from flora.extraction import ExtractedLayer, Extraction, ExtractionError, extract
 from flora.io import (
     SavedAdapter,
@@ -63,6 +64,8 @@ __all__ = [
     "LoraConversionError",
     "ModulesToSave",
     "SavedAdapter",
+    "Sensitivity",
+    "SensitivityRecord",
     "TuckerDelta",
     "TuckerParametrization",
     "active_adapters",
@@ -83,6 +86,7 @@ __all__ = [
     "merged_state_dict",
     "read_adapter",
     "save_adapter",
+    "sensitivity",
     "set_adapter",
     "summary",
     "trainable_parameters",

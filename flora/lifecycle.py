@@ -182,8 +182,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     >>> base = torch.nn.Linear(4, 4)
     >>> config = flora.FLoRAConfig(ranks=2, target_modules=["0"])
     >>> model = flora.inject(torch.nn.Sequential(base), config)
-    >>> with torch.no_grad():
-    ...     _ = model[0].core.fill_(1.0)
+    >>> with torch.no_grad():  # as if trained: ΔW != 0
+    ...     _ = model[0].factors[0].fill_(1.0)
     >>> x = torch.randn(2, 4)
     >>> with flora.disable_adapter(model):
     ...     torch.equal(model(x), base(x))

@@ -40,6 +40,7 @@ from tuckerlib.io.flora_format import (
     check_shape,
     check_template,
     is_bool,
+    resolve_init,
     usable_ranks,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "check_template",
     "clip_ranks",
     "is_bool",
+    "resolve_init",
     "usable_ranks",
 ]
 
@@ -137,9 +139,11 @@ class LayerSpec:
         template).
     scale : float, optional
         The factor ``s`` of :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
-        How the adapter starts; ``"hosvd"`` adapters keep their initial
-        tensors (see :mod:`flora.init`).
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
+        How the adapter starts (see :mod:`flora.init`); ``"hosvd"`` adapters
+        keep their initial tensors. ``"auto"`` is replaced by the init it
+        stands for on this shape (:func:`tuckerlib.io.flora_format.resolve_init`):
+        a spec always records a concrete init.
     forward : {"auto", "dense", "factorized"}, optional
         How the adapter branch is computed; see :doc:`/flora_math`.
     dropout : float, optional
@@ -174,7 +178,7 @@ class LayerSpec:
     shape: tuple[int, ...]
     ranks: tuple[int, ...]
     scale: float = 1.0
-    init: str = "zero_core"
+    init: str = "auto"
     forward: str = "auto"
     dropout: float = 0.0
     bias: bool = False
@@ -201,7 +205,7 @@ class LayerSpec:
         template: RankTemplate,
         *,
         scale: float = 1.0,
-        init: str = "zero_core",
+        init: str = "auto",
         forward: str = "auto",
         dropout: float = 0.0,
         bias: bool = False,

@@ -699,7 +699,8 @@ VALUES = [
     pytest.param(lambda: flora.FLoRAConfig(rank_pattern={"fc": 0}), ValueError,
                  r"rank_pattern\['fc'\] must be >= 1", id="config-pattern-rank-zero"),
     pytest.param(lambda: flora.FLoRAConfig(init="svd"), ValueError,
-                 r"init must be one of \('zero_core', 'hosvd', 'gaussian'\), got 'svd'",
+                 r"init must be one of \('auto', 'balanced', 'zero_core', 'hosvd', "
+                 r"'gaussian'\), got 'svd'",
                  id="config-init-unknown"),
     pytest.param(lambda: flora.FLoRAConfig(forward="fast"), ValueError,
                  r"forward must be one of", id="config-forward-unknown"),

@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import compress, reconstruct
 from flora.config import DEFAULT_RANKS, FLoRAConfig
-from flora.init import hosvd_init, init_factors
+from flora.init import balanced_init, hosvd_init, init_factors
 from flora.layers._route import BASE, Route, routed
 from flora.spec import LayerSpec, RankTemplate
 
@@ -253,6 +253,9 @@ class TuckerDelta(nn.Module):
                 )
             core, factors = hosvd_init(weight, spec.ranks, spec.scale, options["dtype"])
             return cls(spec, core, factors, initial=(core, factors), bias=bias, trainable=trainable)
+        if spec.init == "balanced":
+            core, factors = balanced_init(spec.kind, spec.shape, spec.ranks, **options)
+            return cls(spec, core, factors, bias=bias, trainable=trainable)
         sizes = zip(spec.shape, spec.ranks, strict=True)
         factors = [torch.empty(size, rank, **options) for size, rank in sizes]
         init_factors(factors, spec.init)
@@ -862,7 +865,7 @@ class FLoRALayer(AdaptedWeight):
         The factor ``s``.
     dropout : float, optional
         Dropout probability on the branch input.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         How the branch runs; see :doc:`/flora_math`.
@@ -894,7 +897,7 @@ class FLoRALayer(AdaptedWeight):
         *,
         scale: float = 1.0,
         dropout: float = 0.0,
-        init: str = "zero_core",
+        init: str = "auto",
         forward: str = "auto",
         adapter_name: str | None = "default",
     ):

@@ -197,7 +197,7 @@ class Conv2d(_ConvNd):
         The factor ``s``.
     dropout : float, optional
         Dropout probability on the branch input.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see

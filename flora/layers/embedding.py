@@ -34,7 +34,7 @@ class Embedding(FLoRALayer):
         The factor ``s``.
     dropout : float, optional
         Accepted for a uniform signature and ignored: the input is indices.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"dense"`` builds ``ΔE`` and gathers from it.

@@ -30,7 +30,7 @@ class Linear(FLoRALayer):
         The factor ``s``.
     dropout : float, optional
         Dropout probability on the branch input.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs :math:`((x U_1) G^\top) U_0^\top`, three thin matmuls;

@@ -40,7 +40,7 @@ class TuckerParametrization(AdaptedWeight):
         the usable ranks (a 1-D parameter gets rank 1).
     scale : float, optional
         The factor ``s``.
-    init : {"zero_core", "hosvd", "gaussian"}, optional
+    init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` registers the
@@ -77,7 +77,7 @@ class TuckerParametrization(AdaptedWeight):
         ranks: RankTemplate = DEFAULT_RANKS["Parameter"],
         *,
         scale: float = 1.0,
-        init: str = "zero_core",
+        init: str = "auto",
         adapter_name: str | None = "default",
     ):
         if parametrize.is_parametrized(base_layer, parameter_name):

@@ -102,6 +102,7 @@ __all__ = [
     "factor_key",
     "is_bool",
     "loads",
+    "resolve_init",
     "saved_key",
     "saved_owner",
     "tensor_shapes",
@@ -131,7 +132,9 @@ OPTIONAL_KEYS = ("base_model_name_or_path", "library_version", "modules_to_save"
 #: Keys every layer record has, and those it may have.
 RECORD_KEYS = ("kind", "shape", "ranks", "scale", "init")
 OPTIONAL_RECORD_KEYS = ("forward", "dropout", "bias", "geometry")
-INIT_MODES = ("zero_core", "hosvd", "gaussian")
+#: Initialisations by name; ``"auto"`` stands for one of the others per weight
+#: (:func:`resolve_init`), and records always hold the one it resolved to.
+INIT_MODES = ("auto", "balanced", "zero_core", "hosvd", "gaussian")
 FORWARD_MODES = ("auto", "dense", "factorized")
 #: Keys of a convolution's and an embedding's geometry record.
 CONV_KEYS = ("groups", "stride", "padding", "dilation", "padding_mode")
@@ -454,7 +457,7 @@ def check_bias(value: object, kind: str | None = None) -> bool:
 
 
 def check_init(value: object) -> str:
-    """``value`` if it is one of ``"zero_core"``, ``"hosvd"``, ``"gaussian"``.
+    """``value`` if it is one of :data:`INIT_MODES`.
 
     Examples
     --------
@@ -465,6 +468,28 @@ def check_init(value: object) -> str:
     if value not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {value!r}")
     return str(value)
+
+
+def resolve_init(init: str, shape: Sequence[int]) -> str:
+    """The init ``"auto"`` stands for on a weight of ``shape``; any other ``init`` as it is.
+
+    ``"auto"`` is ``"balanced"`` (PEFT LoRA's start and learning rate) for
+    2-D weights (Linear, Embedding, 2-D parameters) and ``"zero_core"``
+    for weights of one or three or more modes (convolutions, N-D
+    parameters), where the measurements of :doc:`/initialisation` found
+    no better start.
+
+    Examples
+    --------
+    >>> from tuckerlib.io.flora_format import resolve_init
+    >>> resolve_init("auto", (8, 16)), resolve_init("auto", (8, 16, 3, 3))
+    ('balanced', 'zero_core')
+    >>> resolve_init("gaussian", (8, 16))
+    'gaussian'
+    """
+    if init != "auto":
+        return init
+    return "balanced" if len(shape) == 2 else "zero_core"
 
 
 def check_forward(value: object) -> str:
@@ -603,7 +628,7 @@ def check_layer_values(
         "shape": shape,
         "ranks": ranks,
         "scale": check_scale(scale),
-        "init": check_init(init),
+        "init": resolve_init(check_init(init), shape),
         "forward": check_forward(forward),
         "dropout": check_dropout(dropout),
         "bias": check_bias(bias, kind),
