@@ -11,8 +11,10 @@ from flora.io import (
     save_adapter,
     write_adapter,
 )
+from flora.kinds import LayerKind, register_layer_kind, unregister_layer_kind
 from flora.layers import (
     AdaptedWeight,
+    Conv1D,
     Conv1d,
     Conv2d,
     Conv3d,
@@ -49,6 +51,7 @@ __all__ = [
     "DEFAULT_RANKS",
     "DEFAULT_TARGET_MODULES",
     "AdaptedWeight",
+    "Conv1D",
     "Conv1d",
     "Conv2d",
     "Conv3d",
@@ -58,6 +61,7 @@ __all__ = [
     "ExtractionError",
     "FLoRAConfig",
     "FLoRALayer",
+    "LayerKind",
     "LayerSpec",
     "Linear",
     "LoraConversionError",
@@ -82,11 +86,13 @@ __all__ = [
     "merge",
     "merged_state_dict",
     "read_adapter",
+    "register_layer_kind",
     "save_adapter",
     "set_adapter",
     "summary",
     "trainable_parameters",
     "unload",
     "unmerge",
+    "unregister_layer_kind",
     "write_adapter",
 ]

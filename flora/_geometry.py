@@ -18,6 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from flora.kinds import kind_of_module
+from tuckerlib.io._kinds import geometry_of
+
 __all__ = [
     "CONV_KEYS",
     "EMBEDDING_KEYS",
@@ -29,7 +32,6 @@ __all__ = [
 
 CONV_KEYS = ("groups", "stride", "padding", "dilation", "padding_mode")
 EMBEDDING_KEYS = ("padding_idx", "max_norm")
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -43,10 +45,12 @@ def module_geometry(module: nn.Module) -> dict[str, Any] | None:
     >>> module_geometry(torch.nn.Embedding(10, 4, padding_idx=0))
     {'padding_idx': 0, 'max_norm': None}
     """
-    if type(module) is nn.Embedding:
+    kind = kind_of_module(module)
+    geometry = None if kind is None else kind.rule.geometry
+    if geometry == "embedding":
         max_norm = None if module.max_norm is None else float(module.max_norm)
         return {"padding_idx": module.padding_idx, "max_norm": max_norm}
-    if type(module) in _CONV_TYPES:
+    if geometry == "conv":
         padding = module.padding if isinstance(module.padding, str) else list(module.padding)
         return {
             "groups": module.groups,
@@ -104,9 +108,9 @@ def check_geometry(kind: str, shape: Sequence[int], record: object) -> dict[str,
         If the kind has no geometry, or the record lacks a key, has an
         unknown one or holds an invalid value (named in the message).
     """
-    if kind.startswith("Conv"):
+    if geometry_of(kind) == "conv":
         keys, check = CONV_KEYS, _conv_problem
-    elif kind == "Embedding":
+    elif geometry_of(kind) == "embedding":
         keys, check = EMBEDDING_KEYS, _embedding_problem
     else:
         raise ValueError(f"a {kind} layer has no geometry; only Conv and Embedding layers do")

@@ -24,11 +24,13 @@ from flora._geometry import check_geometry, lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
 from flora._lora_import import plain_module_names
 from flora._lora_math import LoraTensors, lora_split, to_lora
-from flora._plan import MODULE_TYPES, find_adapted, find_saved
+from flora._plan import find_adapted, find_saved
 from flora._tucker import block_sum
 from flora.io import SAVED_PREFIX, _resolve_name, adapter_state_dict, read_adapter
+from flora.kinds import kind_of_module, lora_form
 from flora.layers import FLoRALayer
 from tuckerlib.io import AdapterLayer, open_adapter
+from tuckerlib.io._kinds import kind_rule
 
 __all__ = [
     "ExportLayer",
@@ -172,9 +174,10 @@ def _base_module_geometry(layer: ExportLayer, base_model: nn.Module) -> dict[str
     if kind == "Parameter":
         weight = getattr(module, layer.name.rpartition(".")[2], None)
     else:
-        if not isinstance(module, MODULE_TYPES[kind]):
+        found = kind_of_module(module)
+        if found is None or found.name != kind:
             return f"base_model's {module_name!r} is a {type(module).__name__}, not a {kind}"
-        weight = module.weight
+        weight = found.read_weight(module)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != layer.shape:
         found = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
         return f"the adapter is for shape {list(layer.shape)}, base_model's weight has {found}"
@@ -204,10 +207,13 @@ def _layout(layer: ExportLayer, base_model: nn.Module | None) -> _Layout | str:
             f"a {len(layer.shape)}-D parameter: PEFT's target_parameters hold 2-D weights and "
             "3-D expert stacks whose axis order and per-expert ranks no FLoRA tensor fixes"
         )
+    form = lora_form(layer.kind)
+    if form is None:
+        return f"a {layer.kind} layer: PEFT's LoRA has no form for this kind"
     geometry = _geometry(layer, base_model)
     if isinstance(geometry, str):
         return geometry
-    if layer.kind in ("Linear", "Parameter"):
+    if form == "linear":
         return _Layout()
     if geometry is None:
         detail = "padding_idx" if layer.kind == "Embedding" else "groups, dilation and padding_mode"
@@ -224,7 +230,8 @@ def _layout(layer: ExportLayer, base_model: nn.Module | None) -> _Layout | str:
 def _lora_tensors(layer: ExportLayer, layout: _Layout) -> LoraTensors:
     # float64 arithmetic, float32 storage: the exported pair is ΔW to float32 rounding.
     left, right = lora_split(layer.core, layer.factors, layer.scale)
-    tensors = to_lora(layer.kind, left, right, groups=layout.groups, padding_idx=layout.padding_idx)
+    kind = {"linear": "Linear", "embedding": "Embedding"}.get(lora_form(layer.kind), layer.kind)
+    tensors = to_lora(kind, left, right, groups=layout.groups, padding_idx=layout.padding_idx)
     return LoraTensors(tensors.lora_a.float(), tensors.lora_b.float(), tensors.rank)
 
 
@@ -233,7 +240,7 @@ def _peft_keys(
 ) -> dict[str, torch.Tensor]:
     module = layer.name.rpartition(".")[0] if layer.kind == "Parameter" else layer.name
     prefix = f"{_PEFT_PREFIX}{module}"
-    if layer.kind == "Embedding":
+    if lora_form(layer.kind) == "embedding":
         return {
             f"{prefix}.lora_embedding_A": tensors.lora_a,
             f"{prefix}.lora_embedding_B": tensors.lora_b,
@@ -393,7 +400,8 @@ def peft_config(source: Source, ranks: Mapping[str, int]) -> dict[str, Any]:
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "fan_in_fan_out": False,
+        # PEFT's one flag, which it corrects per layer: True for Conv1D, False for Linear.
+        "fan_in_fan_out": any(kind_rule(layer.kind).transposed for layer in layers),
         "bias": "none",
         "lora_bias": lora_bias(source),
         "use_dora": False,

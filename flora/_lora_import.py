@@ -35,6 +35,7 @@ from flora._geometry import lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
 from flora._plan import walk
 from flora._tucker import reconstruct
+from flora.kinds import kind_of_module
 from flora.layers import FLoRALayer, ModulesToSave, TuckerDelta
 from flora.spec import BIAS_KINDS
 from tuckerlib.io import AdapterLayer, open_adapter
@@ -42,7 +43,8 @@ from tuckerlib.io import AdapterLayer, open_adapter
 __all__ = ["Imported", "grouped", "lora_adapters", "plain_module_names"]
 
 _PEFT_PREFIX = "base_model.model."
-_CONV_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+#: The kinds tuckerlib reads a PEFT ConvNd pair as.
+_CONV_KINDS = ("Conv1d", "Conv2d", "Conv3d")
 _SAVED_REASON = "modules_to_save"
 
 
@@ -104,11 +106,10 @@ def _base(modules: Mapping[str, nn.Module], name: str) -> nn.Module | None:
     return module.base_layer if isinstance(module, FLoRALayer) else module
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # Checked by name: importing transformers only to detect its class would
-    # load the whole library for models that do not use it.
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+def _kind(module: nn.Module | None) -> str | None:
+    """The registered kind of ``module`` (None for no module or no kind)."""
+    kind = None if module is None else kind_of_module(module)
+    return None if kind is None else kind.name
 
 
 def _wrong_module(name: str, module: nn.Module | None, expected: str) -> str:
@@ -152,7 +153,7 @@ def _bias_update(layer: AdapterLayer, base: nn.Module, kind: str) -> torch.Tenso
             "no bias for FLoRA's bias update to change"
         )
     return (
-        "lora_bias: PEFT adds its trained lora_B bias to the output of this Conv1D, whose weight "
+        "lora_bias: PEFT adds its trained lora_B bias to the output of this layer, whose weight "
         "FLoRA adapts as a parameter, with no bias update"
     )
 
@@ -166,7 +167,7 @@ def _with_bias(target: _Target, layer: AdapterLayer, base: nn.Module) -> _Target
 
 def _embedding(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | str:
     base = _base(modules, layer.name)
-    if type(base) is not nn.Embedding:
+    if _kind(base) != "Embedding":
         return _wrong_module(layer.name, base, "torch.nn.Embedding")
     problem = _wrong_shape(layer, base.weight)
     problem = problem or lora_difference("Embedding", layer.shape, module_geometry(base))
@@ -177,7 +178,7 @@ def _embedding(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target
 
 def _conv(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | str:
     base = _base(modules, layer.name)
-    if type(base) is not _CONV_TYPES[layer.kind]:
+    if _kind(base) != layer.kind:
         return _wrong_module(layer.name, base, f"torch.nn.{layer.kind}")
     problem = _wrong_shape(layer, base.weight)
     problem = problem or lora_difference(layer.kind, layer.shape, module_geometry(base))
@@ -194,12 +195,12 @@ def _matrix(
         name, out_in = name.rpartition(".")[0], out_in[::-1]
         core, factors = core.T, factors[::-1]
     base = _base(modules, name)
-    if type(base) is nn.Linear and tuple(base.weight.shape) == out_in:
+    kind = _kind(base)
+    if kind == "Linear" and tuple(base.weight.shape) == out_in:
         return _with_bias(_Target(name, "Linear", core, factors), layer, base)
-    if base is not None and _is_hf_conv1d(base) and tuple(base.weight.shape) == out_in[::-1]:
-        target = _Target(f"{name}.weight", "Parameter", core.T, factors[::-1])
-        return _with_bias(target, layer, base)
-    if type(base) is nn.Linear or (base is not None and _is_hf_conv1d(base)):
+    if kind == "Conv1D" and tuple(base.weight.shape) == out_in[::-1]:
+        return _with_bias(_Target(name, "Conv1D", core, factors), layer, base)
+    if kind in ("Linear", "Conv1D"):
         return (
             f"the LoRA is for a {out_in[0]}x{out_in[1]} (out x in) map, the model's weight has "
             f"shape {list(base.weight.shape)}"
@@ -212,7 +213,7 @@ def _target(
 ) -> _Target | str:
     if layer.kind == "Embedding":
         return _embedding(layer, modules)
-    if layer.kind in _CONV_TYPES:
+    if layer.kind in _CONV_KINDS:
         return _conv(layer, modules)
     if layer.kind == "Linear" or fan_in_fan_out:
         return _matrix(layer, modules, transposed=layer.kind == "Parameter")

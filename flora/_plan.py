@@ -21,22 +21,16 @@ from torch.nn.utils import parametrize
 
 from flora._hf import guard_save_pretrained
 from flora._routing import install_routing
+from flora.kinds import kind_of_module, layer_kind
 from flora.layers import (
     AdaptedWeight,
-    Conv1d,
-    Conv2d,
-    Conv3d,
-    Embedding,
     FLoRALayer,
-    Linear,
     ModulesToSave,
     TuckerDelta,
     TuckerParametrization,
 )
 
 __all__ = [
-    "LAYER_TYPES",
-    "MODULE_TYPES",
     "Addition",
     "SavedCopy",
     "Site",
@@ -55,18 +49,6 @@ __all__ = [
     "saved_copy",
     "walk",
 ]
-
-#: The torch module types ``inject`` adapts (exact types) and their FLoRA layer.
-LAYER_TYPES: dict[type[nn.Module], type[FLoRALayer]] = {
-    nn.Linear: Linear,
-    nn.Conv1d: Conv1d,
-    nn.Conv2d: Conv2d,
-    nn.Conv3d: Conv3d,
-    nn.Embedding: Embedding,
-}
-
-#: The torch module type of each layer kind.
-MODULE_TYPES = {layer.kind: torch_type for torch_type, layer in LAYER_TYPES.items()}
 
 
 def _join(prefix: str, name: str) -> str:
@@ -145,7 +127,10 @@ class Site:
     module: nn.Module
     parameter: str | None
     host: AdaptedWeight | None
+    #: The base weight as the update's map (a view of the stored one where they differ).
     weight: torch.Tensor
+    #: The parameter that stores it, if not ``weight`` itself (for the tied-weight check).
+    stored: torch.Tensor | None = None
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
@@ -190,13 +175,14 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
         if isinstance(module, FLoRALayer):
             if module.kind != kind:
                 raise ValueError(f"layer {name!r} is a FLoRA {module.kind}, not a {kind}")
-            return Site(name, kind, module, None, module, module.base_weight())
-        if type(module) is not MODULE_TYPES[kind]:
+            return Site(name, kind, module, None, module, module.base_weight(), module.weight)
+        found = kind_of_module(module)
+        if found is None or found.name != kind:
             raise ValueError(
-                f"layer {name!r}: expected a torch.nn.{kind}, the model has a "
+                f"layer {name!r}: expected a {layer_kind(kind).describe()}, the model has a "
                 f"{type(module).__name__}"
             )
-        return Site(name, kind, module, None, None, module.weight)
+        return Site(name, kind, module, None, None, found.read_weight(module), module.weight)
     owner_name, _, parameter = name.rpartition(".")
     owner = modules.get(owner_name)
     if owner is None or isinstance(owner, (FLoRALayer, ModulesToSave)):
@@ -243,7 +229,8 @@ def check_sites(model: nn.Module, sites: Sequence[Site], adapter_name: str) -> N
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname)
     for site in sites:
-        others = [n for n in owners.get(id(site.weight), []) if n not in site.parameter_names]
+        stored = site.weight if site.stored is None else site.stored
+        others = [n for n in owners.get(id(stored), []) if n not in site.parameter_names]
         if others:
             raise ValueError(
                 f"the weight of {site.name!r} is shared with {others[0]!r} (tied weights): "
@@ -334,7 +321,7 @@ def apply(
         site, host = addition.site, addition.site.host
         if host is None:
             if site.parameter is None:
-                host = LAYER_TYPES[type(site.module)](site.module, adapter_name=None)
+                host = layer_kind(site.kind).layer(site.module, adapter_name=None)
                 replace_module(modules, site.name, host)
             else:
                 host = TuckerParametrization(site.module, site.parameter, adapter_name=None)

@@ -25,6 +25,7 @@ from flora.layers import AdaptedWeight, Embedding, TuckerDelta
 from flora.spec import clip_ranks
 from tuckerlib import energy_ranks
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
+from tuckerlib.io._kinds import known_tensor_class
 
 __all__ = ["DEFAULT_LORA_RANK", "compress"]
 
@@ -32,14 +33,6 @@ __all__ = ["DEFAULT_LORA_RANK", "compress"]
 #: energy within the parameters of a LoRA of this rank: the rule of the
 #: ``FLoRA ranks`` column of ``tuckerlib analyze --adapter`` at its default.
 DEFAULT_LORA_RANK = 8
-
-_TENSOR_KINDS = {
-    "Linear": "linear",
-    "Conv1d": "conv",
-    "Conv2d": "conv",
-    "Conv3d": "conv",
-    "Embedding": "embedding",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +75,7 @@ def _rule(
 
     def by_budget(small: torch.Tensor, shape: tuple[int, ...]) -> list[int]:
         # The kind as analyze tells it: a parameter's from its name and shape.
-        kind = _TENSOR_KINDS.get(spec_kind) or tensor_kind(name, shape)
+        kind = known_tensor_class(spec_kind) or tensor_kind(name, shape)
         spectra = padded_spectra(small, shape)
         return capped(lora_budget_ranks(spectra, kind, DEFAULT_LORA_RANK)[0])
 

@@ -13,7 +13,6 @@ from torch.nn.utils import parametrize
 from flora._args import check_flag, check_model, check_names
 from flora._hf import release_save_pretrained
 from flora._plan import (
-    LAYER_TYPES,
     Addition,
     SavedCopy,
     Site,
@@ -30,11 +29,12 @@ from flora._plan import (
 )
 from flora._routing import release_routing
 from flora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, FLoRAConfig, name_matches
+from flora.kinds import kind_of_module, registered_kinds
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
+from tuckerlib.io._kinds import kind_rule
 
 __all__ = [
-    "LAYER_TYPES",
     "adapted_layers",
     "attach_adapter",
     "inject",
@@ -120,8 +120,8 @@ def _saved_names(modules: dict[str, nn.Module], config: FLoRAConfig) -> list[str
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, FLoRALayer):
         return module.kind
-    layer = LAYER_TYPES.get(type(module))
-    return None if layer is None else layer.kind
+    kind = kind_of_module(module)
+    return None if kind is None else kind.name
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
@@ -137,13 +137,19 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
     return head
 
 
+def _all_linear_kind(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, FLoRALayer) else module
+    kind = kind_of_module(base)
+    return kind is not None and kind.all_linear
+
+
 def _all_linear(model: nn.Module, modules: dict[str, nn.Module], saved: list[str]) -> list[str]:
-    """Every Linear of ``model`` outside ``saved`` but its output layer (``"all-linear"``)."""
+    """Every Linear (and Conv1D) of ``model`` outside ``saved`` but its output layer (PEFT's)."""
     head = _output_layer(model)
     return [
         name
         for name, module in modules.items()
-        if name and module is not head and _kind(module) == "Linear" and not _inside(name, saved)
+        if name and module is not head and _all_linear_kind(module) and not _inside(name, saved)
     ]
 
 
@@ -185,7 +191,7 @@ def _module_sites(
             raise ValueError(f"module {name!r} is a target and in modules_to_save; pick one")
         kind = _kind(module)
         if kind is None:
-            supported = ", ".join(t.__name__ for t in LAYER_TYPES)
+            supported = ", ".join(k.name for k in registered_kinds())
             raise TypeError(
                 f"module {name!r} is a {type(module).__name__}, which inject cannot adapt "
                 f"(supported: {supported}; use target_parameters for other weights)"
@@ -276,7 +282,7 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
     TypeError
         If ``model`` is not a module, ``config`` is not a
         :class:`flora.FLoRAConfig`, or a target module is of a kind FLoRA
-        cannot adapt (see ``LAYER_TYPES``).
+        cannot adapt (no registered kind: :func:`flora.register_layer_kind`).
     RuntimeError
         Inside :func:`flora.disable_adapter`.
 
@@ -711,7 +717,10 @@ def _weight_rule(name: str, layer: AdaptedWeight) -> tuple[str, Rule]:
             return bias_key, layer.effective_bias()
         if renamed is None or (isinstance(layer, FLoRALayer) and renamed[0] != weight_key):
             return renamed
-        return weight_key, layer.effective_weight()
+        weight = layer.effective_weight()
+        if kind_rule(layer.kind).transposed:  # stored (in, out), as the base module saves it
+            weight = weight.T.contiguous()
+        return weight_key, weight
 
     return prefix, handle
 

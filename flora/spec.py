@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from tuckerlib.io._kinds import BIAS_KINDS, KINDS
+
 __all__ = [
     "BIAS_KINDS",
     "FORWARD_MODES",
@@ -41,10 +43,9 @@ __all__ = [
     "usable_ranks",
 ]
 
-#: Layer kinds, as written in configs and saved adapters.
-KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
-#: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
-BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+# KINDS (every registered layer kind, as written in configs and saved
+# adapters) and BIAS_KINDS (those whose adapter can carry a bias update, the
+# layer's bias of shape ``(out,)``) are live views of the kind table.
 INIT_MODES = ("zero_core", "hosvd", "gaussian")
 FORWARD_MODES = ("auto", "dense", "factorized")
 

@@ -31,6 +31,7 @@ from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import compress, reconstruct
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.init import hosvd_init, init_factors
+from flora.kinds import layer_kind
 from flora.layers._route import BASE, Route, routed
 from flora.spec import LayerSpec, RankTemplate
 
@@ -590,7 +591,11 @@ class AdaptedWeight(nn.Module):
         weight = self.base_weight()
         with torch.no_grad():
             # One rounding to the base dtype, from the adapter's (>= float32) precision.
-            weight.copy_((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
+            self._write_base((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
+
+    def _write_base(self, value: torch.Tensor) -> None:
+        """Store ``value`` (in :meth:`base_weight`'s layout and dtype) as the base weight."""
+        self.base_weight().copy_(value)
 
     def _sum(self, deltas: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
         present = [d for d in deltas if d is not None]
@@ -897,25 +902,27 @@ class FLoRALayer(AdaptedWeight):
         forward: str = "auto",
         adapter_name: str | None = "default",
     ):
-        if type(base_layer) is not self.base_type:
+        kind = layer_kind(self.kind)
+        if not kind.matches(base_layer):
             raise TypeError(
-                f"flora.{type(self).__name__} wraps a torch.nn.{self.base_type.__name__}, "
+                f"flora.{type(self).__name__} wraps a {kind.describe()}, "
                 f"got {type(base_layer).__name__}"
             )
+        weight = kind.read_weight(base_layer)
         adapter = None
         if adapter_name is not None:
             check_adapter_name(adapter_name)
             template = DEFAULT_RANKS[self.kind] if isinstance(ranks, _KindDefault) else ranks
             spec = LayerSpec.from_template(
                 self.kind,
-                tuple(base_layer.weight.shape),
+                tuple(weight.shape),
                 template,
                 scale=scale,
                 init=init,
                 forward=forward,
                 dropout=dropout,
             )
-            adapter = TuckerDelta.create(spec, base_layer.weight)
+            adapter = TuckerDelta.create(spec, weight)
         super().__init__()
         self.base_layer = base_layer
         # Per-sample routes of the forwards running now, by thread (flora._routing).
@@ -926,8 +933,11 @@ class FLoRALayer(AdaptedWeight):
             self._set_active((adapter_name,))
 
     def base_weight(self) -> torch.Tensor:
-        """The wrapped module's weight."""
-        return self.base_layer.weight
+        """The wrapped module's weight, as the update's map (its kind's ``read_weight``)."""
+        return layer_kind(self.kind).read_weight(self.base_layer)
+
+    def _write_base(self, value: torch.Tensor) -> None:
+        layer_kind(self.kind).write_weight(self.base_layer, value)
 
     def base_bias(self) -> torch.Tensor | None:
         """The wrapped module's bias, if it has one."""
@@ -963,7 +973,7 @@ class FLoRALayer(AdaptedWeight):
 
     def _fusable_delta(self, delta: torch.Tensor) -> bool:
         # W + ΔW in one op is exact only in the base's own dtype.
-        return delta.dtype == self.base_layer.weight.dtype
+        return delta.dtype == self.base_weight().dtype
 
     def _fusable(self, adapter: TuckerDelta, delta: torch.Tensor) -> bool:
         return self._dropout_off(adapter) and self._fusable_delta(delta)

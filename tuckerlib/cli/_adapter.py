@@ -38,6 +38,7 @@ from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport
 from tuckerlib.cli.common import UsageError
 from tuckerlib.decompositions._truncation import default_order
 from tuckerlib.io import Adapter, AdapterLayer
+from tuckerlib.io._kinds import known_tensor_class
 
 __all__ = [
     "ADAPTER_JSON_VERSION",
@@ -49,14 +50,6 @@ __all__ = [
 ]
 
 ADAPTER_JSON_VERSION = 2
-
-_KINDS = {
-    "Linear": "linear",
-    "Conv1d": "conv",
-    "Conv2d": "conv",
-    "Conv3d": "conv",
-    "Embedding": "embedding",
-}
 
 
 @dataclass(frozen=True)
@@ -195,7 +188,7 @@ def _tucker_error(
 
 
 def _kind(layer: AdapterLayer) -> str:
-    return _KINDS.get(layer.kind) or tensor_kind(layer.name, layer.shape)
+    return known_tensor_class(layer.kind) or tensor_kind(layer.name, layer.shape)
 
 
 def analyze_layer(layer: AdapterLayer, options: AnalyzeOptions) -> AdapterTensorReport | str:

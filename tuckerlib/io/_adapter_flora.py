@@ -33,13 +33,13 @@ from tuckerlib.io._adapter import (
     open_weights,
 )
 from tuckerlib.io._base import Checkpoint
+from tuckerlib.io._kinds import BIAS_KINDS, KINDS, kind_rule
 
 __all__ = ["FLORA_KINDS", "FORMAT_VERSIONS", "open_flora"]
 
 FORMAT_VERSIONS = (1, 2)
-FLORA_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Parameter")
-#: Kinds whose layer can carry a bias update.
-BIAS_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+#: The kinds a flora adapter may record (a live view of :mod:`tuckerlib.io._kinds`).
+FLORA_KINDS = KINDS
 INIT_MODES = ("zero_core", "hosvd", "gaussian")
 _REQUIRED = ("kind", "shape", "ranks", "scale", "init")
 
@@ -80,11 +80,11 @@ def _check_record(where: str, name: str, record: object) -> dict[str, Any]:
 def _check_geometry(where: str, name: str, record: Mapping[str, Any]) -> None:
     """What this reader uses of a geometry: that it is an object, and its ``padding_idx``."""
     geometry = record["geometry"]
-    if not isinstance(geometry, Mapping) or not record["kind"].startswith(("Conv", "Embedding")):
+    if not isinstance(geometry, Mapping) or kind_rule(record["kind"]).geometry is None:
         raise AdapterError(
             f"{where}: layer {name!r}: geometry must be an object, on a Conv or Embedding layer"
         )
-    if record["kind"] == "Embedding":
+    if kind_rule(record["kind"]).geometry == "embedding":
         index = geometry.get("padding_idx")
         if index is not None and (type(index) is not int or not 0 <= index < record["shape"][0]):
             raise AdapterError(
@@ -94,7 +94,7 @@ def _check_geometry(where: str, name: str, record: Mapping[str, Any]) -> None:
 
 
 def _padding_row(record: Mapping[str, Any]) -> int | None:
-    if record["kind"] != "Embedding":
+    if kind_rule(record["kind"]).geometry != "embedding":
         return None
     return record.get("geometry", {}).get("padding_idx")
 
