@@ -22,6 +22,7 @@ from flora.layers import (
     FLoRALayer,
     Linear,
     ModulesToSave,
+    MultiheadAttentionWeight,
     TuckerDelta,
     TuckerParametrization,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "Linear",
     "LoraConversionError",
     "ModulesToSave",
+    "MultiheadAttentionWeight",
     "SavedAdapter",
     "TuckerDelta",
     "TuckerParametrization",

@@ -8,14 +8,17 @@ kernel as the core, identity factors on the other modes);
 changing it. The model decides what each pair updates, as PEFT's layer
 would: PEFT's LoRA branch of a Linear pair computes ``x ↦ scaling · B A x``
 whatever ``fan_in_fan_out`` says, which is a ``torch.nn.Linear`` update
-``B A`` or, for a weight stored ``(in, out)`` as transformers' ``Conv1D``
-stores it, the parameter update ``(B A)ᵀ``. What PEFT's layer applies
-differently from FLoRA's (see :func:`flora._geometry.lora_difference`, and
-an embedding's ``padding_idx`` row, which PEFT updates and FLoRA does not)
-is refused by layer name. PEFT's ``lora_bias`` (``scaling · lora_B.bias``,
-added to the output) becomes the bias update ``Δb`` of a Linear or ConvNd
-layer with a bias; elsewhere only a zero one, which changes nothing, is
-accepted (and left out).
+``B A`` or, for transformers' ``Conv1D`` (a weight stored ``(in, out)``),
+the same ``B A`` of its ``(out, in)`` map, FLoRA's ``Conv1D`` kind. PEFT's
+MultiheadAttention pairs (``X`` on the packed ``in_proj_weight``,
+``X.base_layer.out_proj``) go to the attention's projection weights, kind
+``"MultiheadAttention"``. What PEFT's layer applies differently from
+FLoRA's (see :func:`flora._geometry.lora_difference`, and an embedding's
+``padding_idx`` row, which PEFT updates and FLoRA does not) is refused by
+layer name. PEFT's ``lora_bias`` (``scaling · lora_B.bias``, added to the
+output) becomes the bias update ``Δb`` of a Linear, ConvNd or Conv1D layer
+with a bias; elsewhere only a zero one, which changes nothing, is accepted
+(and left out).
 """
 
 from __future__ import annotations
@@ -196,6 +199,9 @@ def _matrix(
         core, factors = core.T, factors[::-1]
     base = _base(modules, name)
     kind = _kind(base)
+    attention = _attention_target(name, modules, out_in, core, factors)
+    if attention is not None:
+        return attention
     if kind == "Linear" and tuple(base.weight.shape) == out_in:
         return _with_bias(_Target(name, "Linear", core, factors), layer, base)
     if kind == "Conv1D" and tuple(base.weight.shape) == out_in[::-1]:
@@ -206,6 +212,36 @@ def _matrix(
             f"shape {list(base.weight.shape)}"
         )
     return _wrong_module(name, base, "torch.nn.Linear or transformers' Conv1D")
+
+
+def _attention_target(
+    name: str,
+    modules: Mapping[str, nn.Module],
+    out_in: tuple[int, ...],
+    core: torch.Tensor,
+    factors: list[torch.Tensor],
+) -> _Target | str | None:
+    """A pair of PEFT's MultiheadAttention layer (``X``: in-projection, ``X.out_proj``), or None."""
+    owner, _, child = name.rpartition(".")
+    if _kind(modules.get(name)) == "MultiheadAttention":
+        attention, weight = modules[name], f"{name}.in_proj_weight"
+    elif child == "out_proj" and _kind(modules.get(owner)) == "MultiheadAttention":
+        attention, weight = modules[owner], f"{name}.weight"
+    else:
+        return None
+    if not attention._qkv_same_embed_dim:
+        return (
+            "PEFT's MultiheadAttention pairs are for a packed in_proj_weight; this attention has "
+            "separate q/k/v weights (kdim or vdim other than embed_dim)"
+        )
+    stored = attention.out_proj.weight if weight.endswith(".out_proj.weight") else None
+    stored = attention.in_proj_weight if stored is None else stored
+    if tuple(stored.shape) != out_in:
+        return (
+            f"the LoRA is for a {out_in[0]}x{out_in[1]} (out x in) map, the model's weight has "
+            f"shape {list(stored.shape)}"
+        )
+    return _Target(weight, "MultiheadAttention", core, factors)
 
 
 def _target(
@@ -223,7 +259,8 @@ def _target(
 
 def _dropout(target: _Target, layer: AdapterLayer, trainable: bool) -> float | str:
     if target.kind != "Parameter" or not layer.dropout:
-        return layer.dropout if target.kind != "Embedding" else 0.0
+        # PEFT's Embedding and MultiheadAttention layers apply no dropout.
+        return layer.dropout if target.kind not in ("Embedding", "MultiheadAttention") else 0.0
     if trainable:
         return (
             f"lora_dropout={layer.dropout}: FLoRA adapts this weight as a parameter, whose "
@@ -256,7 +293,10 @@ def _value_problem(target: _Target, scale: float) -> str | None:
 
 
 def _adapter(
-    layer: AdapterLayer, modules: Mapping[str, nn.Module], fan_in_fan_out: bool, trainable: bool
+    layer: AdapterLayer,
+    modules: Mapping[str, nn.Module],
+    fan_in_fan_out: bool,
+    trainable: bool,
 ) -> tuple[str, TuckerDelta | str]:
     target = _target(layer, modules, fan_in_fan_out)
     if isinstance(target, str):

@@ -29,6 +29,7 @@ from flora.layers import (
     TuckerDelta,
     TuckerParametrization,
 )
+from tuckerlib.io._kinds import by_parameter
 
 __all__ = [
     "Addition",
@@ -168,7 +169,7 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
         kind, or it is parametrized by something else.
     """
     check_layer_name(name)
-    if kind != "Parameter":
+    if not by_parameter(kind):
         module = modules.get(name)
         if module is None:
             raise ValueError(f"layer {name!r}: the model has no module {name!r}")
@@ -193,16 +194,38 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
             raise ValueError(
                 f"parameter {name!r} already has a parametrization that is not FLoRA's"
             )
+        _check_kind_parameter(modules, name, kind)
         return Site(name, kind, owner, parameter, host, host.base_weight())
     weight = getattr(owner, parameter, None)
     if not isinstance(weight, nn.Parameter):
         raise ValueError(f"layer {name!r}: the model has no parameter {name!r}")
+    _check_kind_parameter(modules, name, kind)
     if weight.ndim == 0 or not weight.is_floating_point():
         raise ValueError(
             f"parameter {name!r} ({weight.dtype}, shape {tuple(weight.shape)}) cannot be "
             "adapted: FLoRA needs a floating-point tensor with at least one axis"
         )
     return Site(name, kind, owner, parameter, None, weight)
+
+
+def _check_kind_parameter(modules: dict[str, nn.Module], name: str, kind: str) -> None:
+    """Refuse parameter ``name`` for a kind that adapts named parameters of its modules only."""
+    if kind == "Parameter":
+        return
+    record = layer_kind(kind)
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = modules.get(".".join(parts[:cut]))
+        if (
+            module is not None
+            and record.matches(module)
+            and ".".join(parts[cut:]) in record.parameters(module)
+        ):
+            return
+    raise ValueError(
+        f"layer {name!r} is no weight that kind {kind} adapts: not a parameter its "
+        f"{record.describe()} modules name (e.g. 'attn.in_proj_weight')"
+    )
 
 
 def check_sites(model: nn.Module, sites: Sequence[Site], adapter_name: str) -> None:
@@ -324,7 +347,12 @@ def apply(
                 host = layer_kind(site.kind).layer(site.module, adapter_name=None)
                 replace_module(modules, site.name, host)
             else:
-                host = TuckerParametrization(site.module, site.parameter, adapter_name=None)
+                layer = (
+                    TuckerParametrization
+                    if site.kind == "Parameter"
+                    else layer_kind(site.kind).layer
+                )
+                host = layer(site.module, site.parameter, adapter_name=None)
             host.active_adapters = active
         host.add_adapter(adapter_name, addition.adapter)
     for saved in copies:

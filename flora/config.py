@@ -141,7 +141,8 @@ class FLoRAConfig:
         usable ranks (:func:`flora.spec.clip_ranks`): an int for every mode
         of every layer, a sequence with one rank per mode, or a dict from
         layer kind (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``,
-        ``"Embedding"``, ``"Parameter"``) to either. Kinds not given (and
+        ``"Embedding"``, ``"Conv1D"``, ``"MultiheadAttention"``,
+        ``"Parameter"``, or a registered one) to either. Kinds not given (and
         ``None``) use :data:`DEFAULT_RANKS`.
     scale : float, optional
         The factor ``s`` of ``ΔW = s · G ×_0 U_0 … ×_{N-1} U_{N-1}``.

@@ -29,7 +29,7 @@ from tuckerlib.io._kinds import (
 )
 
 if TYPE_CHECKING:
-    from flora.layers.base import FLoRALayer
+    from flora.layers.base import AdaptedWeight, FLoRALayer
     from flora.spec import RankTemplate
 
 __all__ = [
@@ -43,8 +43,9 @@ __all__ = [
     "unregister_layer_kind",
 ]
 
-#: PEFT LoRA's forms of an update: ``B A`` on an (out, in) map, a ConvNd pair, an embedding pair.
-LORA_FORMS = ("linear", "conv", "embedding")
+#: PEFT LoRA's forms of an update: ``B A`` on an (out, in) map, a ConvNd pair, an
+#: embedding pair, the pairs of PEFT's MultiheadAttention layer.
+LORA_FORMS = ("linear", "conv", "embedding", "attention")
 
 
 def plain_weight(module: nn.Module) -> torch.Tensor:
@@ -77,8 +78,10 @@ class LayerKind:
         The module types it matches, subclasses included; a string
         ``"package.module.Class"`` matches that class without importing its
         package.
-    layer : type of flora.FLoRALayer
-        The FLoRA layer that wraps a matched module and runs the branch.
+    layer : type of flora.AdaptedWeight
+        The FLoRA layer that wraps a matched module and runs the branch (a
+        :class:`flora.FLoRALayer`), or, with ``parameters``, the
+        parametrization of each adapted parameter.
     read_weight : callable
         ``read_weight(module)`` gives the base weight as the update's map,
         ``(out, in, ...)`` (a view where the storage differs, so that it can
@@ -88,11 +91,19 @@ class LayerKind:
         layout and in the weight's dtype; by default copies into
         ``module.weight``. A quantized base dequantizes in ``read_weight``
         and requantizes here.
-    lora : {"linear", "conv", "embedding"} or None
+    lora : {"linear", "conv", "embedding", "attention"} or None
         How PEFT's LoRA represents this kind's update (None: no LoRA form,
-        :func:`flora.export_lora` refuses the layer).
+        :func:`flora.export_lora` refuses the layer). ``"attention"``: one
+        linear pair on the packed ``in_proj_weight`` under the attention
+        module's name and one under its ``out_proj``, of one rank, as PEFT's
+        ``MultiheadAttention`` layer holds them.
     all_linear : bool
         Whether ``target_modules="all-linear"`` includes modules of this kind.
+    parameters : callable or None
+        For a kind whose module's forward reads its weights itself
+        (``torch.nn.MultiheadAttention``): ``parameters(module)`` names the
+        parameters to adapt (dotted paths below the module), each through a
+        parametrization of class ``layer``. None: the module is wrapped.
 
     Examples
     --------
@@ -105,11 +116,12 @@ class LayerKind:
 
     name: str
     module_types: tuple[type | str, ...]
-    layer: type[FLoRALayer]
+    layer: type[AdaptedWeight]
     read_weight: Callable[[nn.Module], torch.Tensor] = plain_weight
     write_weight: Callable[[nn.Module, torch.Tensor], None] = copy_into_weight
     lora: str | None = None
     all_linear: bool = False
+    parameters: Callable[[nn.Module], tuple[str, ...]] | None = None
 
     @property
     def rule(self) -> KindRule:

@@ -29,7 +29,7 @@ from flora._plan import (
 )
 from flora._routing import release_routing
 from flora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, FLoRAConfig, name_matches
-from flora.kinds import kind_of_module, registered_kinds
+from flora.kinds import kind_of_module, layer_kind, registered_kinds
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
 from tuckerlib.io._kinds import kind_rule
@@ -196,7 +196,11 @@ def _module_sites(
                 f"module {name!r} is a {type(module).__name__}, which inject cannot adapt "
                 f"(supported: {supported}; use target_parameters for other weights)"
             )
-        sites.append(resolve(modules, name, kind))
+        parameters = layer_kind(kind).parameters
+        if parameters is None or isinstance(module, FLoRALayer):
+            sites.append(resolve(modules, name, kind))
+        else:  # a module whose forward reads its weights: adapt them in place
+            sites += [resolve(modules, f"{name}.{p}", kind) for p in parameters(module)]
     return sites
 
 

@@ -65,7 +65,15 @@ def _model() -> nn.Module:
 
 def test_builtin_records_cover_every_kind_once() -> None:
     names = [kind.name for kind in registered_kinds()]
-    assert names == ["Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Conv1D"]
+    assert names == [
+        "Linear",
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+        "Embedding",
+        "Conv1D",
+        "MultiheadAttention",
+    ]
     assert set(names) | {"Parameter"} == set(KINDS)
     assert tuple(KINDS) == flora.spec.KINDS
     assert "Conv1D" in flora.spec.BIAS_KINDS
@@ -189,4 +197,6 @@ def test_docs_table_lists_every_builtin_kind() -> None:
     for name in builtin:
         kind = layer_kind(name)
         assert rows[name][3].startswith("yes") == (kind.lora is not None), name
-        assert rows[name][2].startswith("yes"), name  # every module kind has a factorized path
+        # Kinds that wrap their module have a factorized branch; parametrized weights run dense.
+        assert rows[name][1].startswith("yes") == (kind.parameters is None), name
+        assert rows[name][2] == "yes", name

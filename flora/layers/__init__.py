@@ -1,5 +1,6 @@
 """FLoRA layers: one module per layer family, all holding named :class:`TuckerDelta` adapters."""
 
+from flora.layers.attention import MultiheadAttentionWeight
 from flora.layers.base import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.layers.conv import Conv1d, Conv2d, Conv3d
 from flora.layers.embedding import Embedding
@@ -18,6 +19,7 @@ __all__ = [
     "FLoRALayer",
     "Linear",
     "ModulesToSave",
+    "MultiheadAttentionWeight",
     "TuckerDelta",
     "TuckerParametrization",
 ]

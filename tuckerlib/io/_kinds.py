@@ -24,6 +24,7 @@ __all__ = [
     "KINDS",
     "TENSOR_CLASSES",
     "KindRule",
+    "by_parameter",
     "geometry_of",
     "kind_rule",
     "known_tensor_class",
@@ -56,6 +57,10 @@ class KindRule:
     transposed : bool
         The weight is stored ``(in, out)`` and the update is modelled as the
         ``(out, in)`` map: ``ΔW``'s shape is the stored shape reversed.
+    on_parameters : bool
+        The kind adapts named parameters of its module (its forward reads
+        them itself): records are named by parameter, ``"attn.in_proj_weight"``,
+        not by module.
 
     Examples
     --------
@@ -70,6 +75,7 @@ class KindRule:
     bias: bool = False
     geometry: str | None = None
     transposed: bool = False
+    on_parameters: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -133,6 +139,12 @@ def known_tensor_class(name: str) -> str | None:
     """
     rule = _RULES.get(name)
     return None if rule is None or rule.tensor_class == "other" else rule.tensor_class
+
+
+def by_parameter(name: str) -> bool:
+    """Whether records of kind ``name`` name a parameter (``"Parameter"`` and ``on_parameters``)."""
+    rule = _RULES.get(name)
+    return name == "Parameter" or (rule is not None and rule.on_parameters)
 
 
 def geometry_of(name: str) -> str | None:
@@ -207,6 +219,7 @@ for _rule in (
     KindRule("Embedding", "embedding", (8, 8), geometry="embedding"),
     KindRule("Parameter", "other", 8),
     KindRule("Conv1D", "linear", (8, 8), bias=True, transposed=True),
+    KindRule("MultiheadAttention", "linear", (8, 8), on_parameters=True),
 ):
     register_kind_rule(_rule)
 del _rule
