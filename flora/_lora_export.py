@@ -27,7 +27,7 @@ from flora._lora_math import LoraTensors, lora_split, to_lora
 from flora._plan import find_adapted, find_saved
 from flora._tucker import block_sum
 from flora.io import SAVED_PREFIX, _resolve_name, adapter_state_dict, read_adapter
-from flora.kinds import kind_of_module, lora_form
+from flora.kinds import lora_form, record_of
 from flora.layers import FLoRALayer
 from tuckerlib.io import AdapterLayer, open_adapter
 from tuckerlib.io._adapter_lora import DOUBLED_OUT_PROJ
@@ -175,8 +175,8 @@ def _base_module_geometry(layer: ExportLayer, base_model: nn.Module) -> dict[str
     if kind == "Parameter":
         weight = getattr(module, layer.name.rpartition(".")[2], None)
     else:
-        found = kind_of_module(module)
-        if found is None or found.name != kind:
+        found = record_of(module, kind)
+        if found is None:
             return f"base_model's {module_name!r} is a {type(module).__name__}, not a {kind}"
         weight = found.read_weight(module)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != layer.shape:

@@ -112,7 +112,7 @@ def _base(modules: Mapping[str, nn.Module], name: str) -> nn.Module | None:
 def _kind(module: nn.Module | None) -> str | None:
     """The registered kind of ``module`` (None for no module or no kind)."""
     kind = None if module is None else kind_of_module(module)
-    return None if kind is None else kind.name
+    return None if kind is None else kind.saved_kind
 
 
 def _wrong_module(name: str, module: nn.Module | None, expected: str) -> str:

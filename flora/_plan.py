@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from flora._hf import guard_save_pretrained
 from flora._routing import install_routing
-from flora.kinds import kind_of_module, layer_kind
+from flora.kinds import kind_of_module, layer_kind, record_of
 from flora.layers import (
     AdaptedWeight,
     FLoRALayer,
@@ -177,8 +177,8 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
             if module.kind != kind:
                 raise ValueError(f"layer {name!r} is a FLoRA {module.kind}, not a {kind}")
             return Site(name, kind, module, None, module, module.base_weight(), module.weight)
-        found = kind_of_module(module)
-        if found is None or found.name != kind:
+        found = record_of(module, kind)
+        if found is None:
             raise ValueError(
                 f"layer {name!r}: expected a {layer_kind(kind).describe()}, the model has a "
                 f"{type(module).__name__}"
@@ -344,7 +344,7 @@ def apply(
         site, host = addition.site, addition.site.host
         if host is None:
             if site.parameter is None:
-                host = layer_kind(site.kind).layer(site.module, adapter_name=None)
+                host = kind_of_module(site.module).layer(site.module, adapter_name=None)
                 replace_module(modules, site.name, host)
             else:
                 layer = (

@@ -6,7 +6,7 @@ how to read the base weight as the update's ``(out, in, ...)`` map and
 write a merged one back, the FLoRA layer class that runs the forward branch,
 and how PEFT's LoRA represents it. The torch-free facts (default ranks,
 whether a bias update exists, the geometry record, the update's shape from
-the stored weight's) live in :mod:`tuckerlib.io._kinds`, so tuckerlib reads
+the stored weight's) live in a torch-free table of tuckerlib, which reads
 saved adapters of every kind without torch; :attr:`LayerKind.rule` returns
 them. :func:`register_layer_kind` adds a user's own kind to both.
 """
@@ -33,10 +33,16 @@ if TYPE_CHECKING:
     from flora.spec import RankTemplate
 
 __all__ = [
+    "LORA_FORMS",
+    "OPAQUE_TYPES",
     "LayerKind",
+    "add_kind",
+    "copy_into_weight",
     "kind_of_module",
     "layer_kind",
     "lora_form",
+    "plain_weight",
+    "record_of",
     "register_layer_kind",
     "registered_kinds",
     "type_name",
@@ -99,6 +105,11 @@ class LayerKind:
         ``MultiheadAttention`` layer holds them.
     all_linear : bool
         Whether ``target_modules="all-linear"`` includes modules of this kind.
+    saves_as : str or None
+        The kind saved adapters record, when it is not ``name``: a record
+        for another storage of an existing kind (a quantized Linear base
+        whose adapters are ``"Linear"`` adapters) says so here. Its layer's
+        ``kind`` is then ``saves_as``.
     parameters : callable or None
         For a kind whose module's forward reads its weights itself
         (``torch.nn.MultiheadAttention``): ``parameters(module)`` names the
@@ -121,15 +132,21 @@ class LayerKind:
     write_weight: Callable[[nn.Module, torch.Tensor], None] = copy_into_weight
     lora: str | None = None
     all_linear: bool = False
+    saves_as: str | None = None
     parameters: Callable[[nn.Module], tuple[str, ...]] | None = None
+
+    @property
+    def saved_kind(self) -> str:
+        """The kind saved adapters and configs record (``saves_as``, else ``name``)."""
+        return self.saves_as or self.name
 
     @property
     def rule(self) -> KindRule:
         """The kind's torch-free facts (default ranks, bias, geometry, ΔW shape)."""
-        return kind_rule(self.name)
+        return kind_rule(self.saved_kind)
 
     def matches(self, module: nn.Module) -> bool:
-        """Whether ``module`` is an instance of one of :attr:`module_types`."""
+        """Whether ``module`` is an instance of one of ``module_types``."""
         names = {type_name(t) for t in self.module_types}
         return any(type_name(cls) in names for cls in type(module).__mro__)
 
@@ -172,14 +189,14 @@ def _check_new(kind: LayerKind) -> None:
             f"layer kind {kind.name!r}: module types {sorted(taken)} belong to kinds "
             f"{sorted(set(taken.values()))} already"
         )
-    if getattr(kind.layer, "kind", None) != kind.name:
+    if getattr(kind.layer, "kind", None) != kind.saved_kind:
         raise ValueError(
             f"layer kind {kind.name!r}: its layer class {kind.layer.__name__} must have "
-            f"kind = {kind.name!r}"
+            f"kind = {kind.saved_kind!r}"
         )
     if kind.lora not in (None, *LORA_FORMS):
         raise ValueError(f"layer kind {kind.name!r}: lora must be one of {LORA_FORMS} or None")
-    kind_rule(kind.name)
+    kind_rule(kind.saved_kind)
 
 
 def _store(kind: LayerKind) -> LayerKind:
@@ -200,10 +217,10 @@ def register_layer_kind(
     """Let ``inject`` adapt modules of a type of your own with ``layer``.
 
     ``layer`` is a :class:`flora.FLoRALayer` subclass that names the kind
-    (its ``kind``) and says how the branch runs (``_factorized``, ``_dense``,
-    ``_fused``) and what those cost (``_ops``); subclassing
-    :class:`flora.Linear` gives a module that computes like a linear map
-    everything. After registration, :func:`flora.inject`,
+    (its ``kind``) and runs the adapter branch (see :class:`flora.FLoRALayer`);
+    a module that computes a linear map ``x Wᵀ (+ b)`` of its ``(out, in)``
+    ``weight`` takes everything from :class:`flora.Linear`. After
+    registration, :func:`flora.inject`,
     :func:`flora.merge`, :func:`flora.unload`, :func:`flora.save_adapter` and
     :func:`flora.load_adapter` handle the kind like the built-in ones.
 
@@ -242,28 +259,26 @@ def register_layer_kind(
     --------
     >>> import torch
     >>> import flora
-    >>> class Scaled(torch.nn.Linear):  # a user's module: a linear map times 2
+    >>> class Projection(torch.nn.Module):  # a user's own linear map, no nn.Linear
+    ...     def __init__(self, n_in, n_out):
+    ...         super().__init__()
+    ...         self.weight = torch.nn.Parameter(torch.randn(n_out, n_in))
+    ...         self.bias = None
     ...     def forward(self, x):
-    ...         return 2 * super().forward(x)
-    >>> class FLoRAScaled(flora.Linear):  # its FLoRA layer: the branch doubles too
-    ...     kind = "Scaled"
-    ...     base_type = Scaled
-    ...     def _factorized(self, x, adapter):
-    ...         return 2 * super()._factorized(x, adapter)
-    ...     def _dense(self, x, delta):
-    ...         return 2 * super()._dense(x, delta)
-    ...     def _fused(self, x, delta):
-    ...         return 2 * super()._fused(x, delta)
-    >>> kind = flora.register_layer_kind(FLoRAScaled, default_ranks=(2, 2))
-    >>> model = torch.nn.Sequential(Scaled(4, 3))
+    ...         return x @ self.weight.T
+    >>> class FLoRAProjection(flora.Linear):  # it computes as a Linear does
+    ...     kind = "Projection"
+    ...     base_type = Projection
+    >>> kind = flora.register_layer_kind(FLoRAProjection, default_ranks=(2, 2))
+    >>> model = torch.nn.Sequential(Projection(4, 3))
     >>> model = flora.inject(model, flora.FLoRAConfig(target_modules=["0"], init="gaussian"))
     >>> type(model[0]).__name__, model[0].ranks
-    ('FLoRAScaled', (2, 2))
-    >>> flora.register_layer_kind(FLoRAScaled)
+    ('FLoRAProjection', (2, 2))
+    >>> flora.register_layer_kind(FLoRAProjection)
     Traceback (most recent call last):
     ...
-    ValueError: layer kind 'Scaled' is registered already
-    >>> flora.unregister_layer_kind("Scaled")
+    ValueError: layer kind 'Projection' is registered already
+    >>> flora.unregister_layer_kind("Projection")
     """
     from flora.layers.base import FLoRALayer
 
@@ -352,6 +367,12 @@ def kind_of_module(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def record_of(module: nn.Module, kind: str) -> LayerKind | None:
+    """The record matching ``module`` if it saves as ``kind`` (None: another kind or none)."""
+    found = kind_of_module(module)
+    return found if found is not None and found.saved_kind == kind else None
+
+
 def lora_form(name: str) -> str | None:
     """PEFT LoRA's form of kind ``name``'s update (``"linear"`` for 2-D parameters; None: none)."""
     if name == "Parameter":
@@ -362,4 +383,5 @@ def lora_form(name: str) -> str | None:
 
 def registered_kinds() -> tuple[LayerKind, ...]:
     """Every registered module kind, in the order of the kind table (``flora.spec.KINDS``)."""
-    return tuple(_KINDS[name] for name in KINDS if name in _KINDS)
+    order = {name: n for n, name in enumerate(KINDS)}
+    return tuple(sorted(_KINDS.values(), key=lambda kind: order.get(kind.saved_kind, len(order))))

@@ -29,7 +29,7 @@ from flora._plan import (
 )
 from flora._routing import release_routing
 from flora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, FLoRAConfig, name_matches
-from flora.kinds import kind_of_module, layer_kind, registered_kinds
+from flora.kinds import kind_of_module, registered_kinds
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
 from tuckerlib.io._kinds import kind_rule
@@ -121,7 +121,7 @@ def _kind(module: nn.Module) -> str | None:
     if isinstance(module, FLoRALayer):
         return module.kind
     kind = kind_of_module(module)
-    return None if kind is None else kind.name
+    return None if kind is None else kind.saved_kind
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
@@ -191,13 +191,13 @@ def _module_sites(
             raise ValueError(f"module {name!r} is a target and in modules_to_save; pick one")
         kind = _kind(module)
         if kind is None:
-            supported = ", ".join(k.name for k in registered_kinds())
+            supported = ", ".join(dict.fromkeys(k.saved_kind for k in registered_kinds()))
             raise TypeError(
                 f"module {name!r} is a {type(module).__name__}, which inject cannot adapt "
                 f"(supported: {supported}; use target_parameters for other weights)"
             )
-        parameters = layer_kind(kind).parameters
-        if parameters is None or isinstance(module, FLoRALayer):
+        parameters = None if isinstance(module, FLoRALayer) else kind_of_module(module).parameters
+        if parameters is None:
             sites.append(resolve(modules, name, kind))
         else:  # a module whose forward reads its weights: adapt them in place
             sites += [resolve(modules, f"{name}.{p}", kind) for p in parameters(module)]

@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tuckerlib.io._kinds import BIAS_KINDS, KINDS
+from tuckerlib.io._kinds import BIAS_KINDS as _BIAS_KINDS
+from tuckerlib.io._kinds import KINDS as _KINDS
 
 __all__ = [
     "BIAS_KINDS",
@@ -43,9 +44,11 @@ __all__ = [
     "usable_ranks",
 ]
 
-# KINDS (every registered layer kind, as written in configs and saved
-# adapters) and BIAS_KINDS (those whose adapter can carry a bias update, the
-# layer's bias of shape ``(out,)``) are live views of the kind table.
+#: Layer kinds, as written in configs and saved adapters: every registered
+#: kind (a live, read-only view of the kind registry, :doc:`/layer_kinds`).
+KINDS = _KINDS
+#: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
+BIAS_KINDS = _BIAS_KINDS
 INIT_MODES = ("zero_core", "hosvd", "gaussian")
 FORWARD_MODES = ("auto", "dense", "factorized")
 

@@ -31,7 +31,7 @@ from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import compress, reconstruct
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.init import hosvd_init, init_factors
-from flora.kinds import layer_kind
+from flora.kinds import layer_kind, record_of
 from flora.layers._route import BASE, Route, routed
 from flora.spec import LayerSpec, RankTemplate
 
@@ -902,10 +902,10 @@ class FLoRALayer(AdaptedWeight):
         forward: str = "auto",
         adapter_name: str | None = "default",
     ):
-        kind = layer_kind(self.kind)
-        if not kind.matches(base_layer):
+        kind = record_of(base_layer, self.kind)
+        if kind is None:
             raise TypeError(
-                f"flora.{type(self).__name__} wraps a {kind.describe()}, "
+                f"flora.{type(self).__name__} wraps a {layer_kind(self.kind).describe()}, "
                 f"got {type(base_layer).__name__}"
             )
         weight = kind.read_weight(base_layer)
@@ -925,6 +925,8 @@ class FLoRALayer(AdaptedWeight):
             adapter = TuckerDelta.create(spec, weight)
         super().__init__()
         self.base_layer = base_layer
+        # The registry record of the base's type: how its weight is read and written.
+        self._kind_record = kind
         # Per-sample routes of the forwards running now, by thread (flora._routing).
         self._routes: dict[int, tuple[Route, str]] = {}
         if adapter is not None:
@@ -934,10 +936,10 @@ class FLoRALayer(AdaptedWeight):
 
     def base_weight(self) -> torch.Tensor:
         """The wrapped module's weight, as the update's map (its kind's ``read_weight``)."""
-        return layer_kind(self.kind).read_weight(self.base_layer)
+        return self._kind_record.read_weight(self.base_layer)
 
     def _write_base(self, value: torch.Tensor) -> None:
-        layer_kind(self.kind).write_weight(self.base_layer, value)
+        self._kind_record.write_weight(self.base_layer, value)
 
     def base_bias(self) -> torch.Tensor | None:
         """The wrapped module's bias, if it has one."""
