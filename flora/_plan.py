@@ -176,14 +176,16 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
         if isinstance(module, FLoRALayer):
             if module.kind != kind:
                 raise ValueError(f"layer {name!r} is a FLoRA {module.kind}, not a {kind}")
-            return Site(name, kind, module, None, module, module.base_weight(), module.weight)
+            stored = getattr(module.base_layer, "weight", None)
+            return Site(name, kind, module, None, module, module.base_weight(), stored)
         found = record_of(module, kind)
         if found is None:
             raise ValueError(
                 f"layer {name!r}: expected a {layer_kind(kind).describe()}, the model has a "
                 f"{type(module).__name__}"
             )
-        return Site(name, kind, module, None, None, found.read_weight(module), module.weight)
+        stored = getattr(module, "weight", None)
+        return Site(name, kind, module, None, None, found.read_weight(module), stored)
     owner_name, _, parameter = name.rpartition(".")
     owner = modules.get(owner_name)
     if owner is None or isinstance(owner, (FLoRALayer, ModulesToSave)):

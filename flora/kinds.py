@@ -213,6 +213,7 @@ def register_layer_kind(
     bias: bool = False,
     read_weight: Callable[[nn.Module], torch.Tensor] | None = None,
     write_weight: Callable[[nn.Module, torch.Tensor], None] | None = None,
+    name: str | None = None,
 ) -> LayerKind:
     """Let ``inject`` adapt modules of a type of your own with ``layer``.
 
@@ -241,6 +242,12 @@ def register_layer_kind(
     read_weight, write_weight : callable, optional
         How to read the base weight as the update's ``(out, in, ...)`` map
         and write a merged one back; by default ``module.weight``.
+    name : str, optional
+        A name for the record other than ``layer.kind``: another storage of
+        the existing kind ``layer.kind`` (a quantized or rescaled base,
+        read and written through ``read_weight``/``write_weight``), whose
+        adapters save and load as that kind. ``default_ranks`` and ``bias``
+        are then the existing kind's.
 
     Returns
     -------
@@ -284,8 +291,9 @@ def register_layer_kind(
 
     if not (isinstance(layer, type) and issubclass(layer, FLoRALayer)):
         raise TypeError(f"layer must be a flora.FLoRALayer subclass, got {layer!r}")
-    name = layer.kind
-    if name in KINDS:
+    storage = name is not None and name != layer.kind
+    name = layer.kind if name is None else name
+    if name in KINDS or name in _KINDS:
         raise ValueError(f"layer kind {name!r} is registered already")
     types = tuple(module_types) if module_types is not None else (layer.base_type,)
     kind = LayerKind(
@@ -294,10 +302,14 @@ def register_layer_kind(
         layer,
         read_weight=read_weight or plain_weight,
         write_weight=write_weight or copy_into_weight,
+        lora=_KINDS[layer.kind].lora if storage and layer.kind in _KINDS else None,
+        saves_as=layer.kind if storage else None,
     )
+    if storage:  # the existing kind's rule
+        _check_new(kind)
+        return _store(kind)
     ranks = default_ranks if isinstance(default_ranks, int) else tuple(default_ranks)
-    rule = KindRule(name, "other", ranks, bias=bool(bias))
-    register_kind_rule(rule)
+    register_kind_rule(KindRule(name, "other", ranks, bias=bool(bias)))
     try:
         _check_new(kind)
     except ValueError:
@@ -333,7 +345,8 @@ def unregister_layer_kind(name: str) -> None:
     del _KINDS[name]
     for type_key in [t for t, owner in _BY_TYPE.items() if owner == kind.name]:
         del _BY_TYPE[type_key]
-    unregister_kind_rule(name)
+    if kind.saves_as is None:
+        unregister_kind_rule(name)
 
 
 def layer_kind(name: str) -> LayerKind:

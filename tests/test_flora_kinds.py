@@ -200,3 +200,63 @@ def test_docs_table_lists_every_builtin_kind() -> None:
         # Kinds that wrap their module have a factorized branch; parametrized weights run dense.
         assert rows[name][1].startswith("yes") == (kind.parameters is None), name
         assert rows[name][2] == "yes", name
+
+
+class Doubled(nn.Module):
+    """A Linear whose parameter stores ``2 W`` (a stand-in for a quantized base)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.stored = nn.Parameter(2 * torch.randn(n_out, n_in, dtype=torch.float64))
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.stored / 2)
+
+
+def test_another_storage_of_linear_reads_and_writes_through_functions(tmp_path) -> None:
+    # The hook quantized bases use: read_weight dequantizes (a new tensor,
+    # no view), write_weight stores; adapters save and load as "Linear".
+    def read(module: nn.Module) -> torch.Tensor:
+        return module.stored / 2
+
+    def write(module: nn.Module, value: torch.Tensor) -> None:
+        module.stored.copy_(2 * value)
+
+    record = flora.register_layer_kind(
+        flora.Linear, module_types=[Doubled], read_weight=read, write_weight=write, name="Doubled"
+    )
+    try:
+        assert record.saved_kind == "Linear"
+        assert record.rule.default_ranks == (8, 8)
+        torch.manual_seed(0)
+        base = nn.Sequential(Doubled(6, 5))
+        original = base[0].stored.detach().clone()
+        x = torch.randn(3, 6, dtype=torch.float64)
+        config = flora.FLoRAConfig(target_modules=["0"], ranks=2, init="gaussian")
+        model = flora.inject(copy.deepcopy(base), config)
+        layer = model[0]
+        assert type(layer) is flora.Linear
+        assert layer.kind == "Linear"
+        with torch.no_grad():
+            layer.core.normal_()
+            expected = F.linear(x, original / 2 + layer.delta_weight())
+            for mode in ("dense", "factorized"):
+                layer.forward_mode = mode
+                torch.testing.assert_close(model(x), expected)
+            flora.merge(model)
+            torch.testing.assert_close(layer.base_layer.stored, original + 2 * layer.delta_weight())
+            torch.testing.assert_close(model(x), expected)
+            flora.unmerge(model)
+            torch.testing.assert_close(layer.base_layer.stored, original)
+        flora.save_adapter(model, tmp_path / "a")
+        assert flora.read_adapter(tmp_path / "a").layers["0"].kind == "Linear"
+        loaded = flora.load_adapter(copy.deepcopy(base), tmp_path / "a")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected)
+        with pytest.raises(ValueError, match="layer kind 'Doubled' is registered already"):
+            flora.register_layer_kind(flora.Linear, module_types=[nn.GELU], name="Doubled")
+    finally:
+        flora.unregister_layer_kind("Doubled")
+    assert "Linear" in KINDS
+    assert kind_of_module(Doubled(2, 2)) is None
