@@ -12,8 +12,10 @@ from flora.io import (
     save_adapter,
     write_adapter,
 )
+from flora.kinds import LayerKind, register_layer_kind, unregister_layer_kind
 from flora.layers import (
     AdaptedWeight,
+    Conv1D,
     Conv1d,
     Conv2d,
     Conv3d,
@@ -21,6 +23,7 @@ from flora.layers import (
     FLoRALayer,
     Linear,
     ModulesToSave,
+    MultiheadAttentionWeight,
     TuckerDelta,
     TuckerParametrization,
 )
@@ -50,6 +53,7 @@ __all__ = [
     "DEFAULT_RANKS",
     "DEFAULT_TARGET_MODULES",
     "AdaptedWeight",
+    "Conv1D",
     "Conv1d",
     "Conv2d",
     "Conv3d",
@@ -59,10 +63,12 @@ __all__ = [
     "ExtractionError",
     "FLoRAConfig",
     "FLoRALayer",
+    "LayerKind",
     "LayerSpec",
     "Linear",
     "LoraConversionError",
     "ModulesToSave",
+    "MultiheadAttentionWeight",
     "SavedAdapter",
     "Sensitivity",
     "SensitivityRecord",
@@ -85,6 +91,7 @@ __all__ = [
     "merge",
     "merged_state_dict",
     "read_adapter",
+    "register_layer_kind",
     "save_adapter",
     "sensitivity",
     "set_adapter",
@@ -92,5 +99,6 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "unregister_layer_kind",
     "write_adapter",
 ]

@@ -21,24 +21,19 @@ from torch.nn.utils import parametrize
 
 from flora._hf import guard_save_pretrained
 from flora._routing import install_routing
+from flora.kinds import kind_of_module, layer_kind, record_of
 from flora.layers import (
     AdaptedWeight,
-    Conv1d,
-    Conv2d,
-    Conv3d,
-    Embedding,
     FLoRALayer,
-    Linear,
     ModulesToSave,
     TuckerDelta,
     TuckerParametrization,
 )
-from flora.layers.bnb import quantized_layer, refuse_initial_update
+from flora.layers.bnb import refuse_initial_update
+from tuckerlib.io._kinds import by_parameter
 from tuckerlib.io.flora_format import check_layer_name
 
 __all__ = [
-    "LAYER_TYPES",
-    "MODULE_TYPES",
     "Addition",
     "SavedCopy",
     "Site",
@@ -51,30 +46,12 @@ __all__ = [
     "drop_host",
     "find_adapted",
     "find_saved",
-    "layer_type",
     "refresh_requires_grad",
     "replace_module",
     "resolve",
     "saved_copy",
     "walk",
 ]
-
-#: The torch module types ``inject`` adapts (exact types) and their FLoRA layer.
-LAYER_TYPES: dict[type[nn.Module], type[FLoRALayer]] = {
-    nn.Linear: Linear,
-    nn.Conv1d: Conv1d,
-    nn.Conv2d: Conv2d,
-    nn.Conv3d: Conv3d,
-    nn.Embedding: Embedding,
-}
-
-#: The torch module type of each layer kind.
-MODULE_TYPES = {layer.kind: torch_type for torch_type, layer in LAYER_TYPES.items()}
-
-
-def layer_type(module: nn.Module) -> type[FLoRALayer] | None:
-    """The FLoRA layer class for ``module``: by exact type, or a quantized base; else None."""
-    return LAYER_TYPES.get(type(module)) or quantized_layer(module)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -153,7 +130,10 @@ class Site:
     module: nn.Module
     parameter: str | None
     host: AdaptedWeight | None
+    #: The base weight as the update's map (a view of the stored one where they differ).
     weight: torch.Tensor
+    #: The parameter that stores it, if not ``weight`` itself (for the tied-weight check).
+    stored: torch.Tensor | None = None
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
@@ -175,25 +155,23 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
         kind, or it is parametrized by something else.
     """
     check_layer_name(name)
-    if kind != "Parameter":
+    if not by_parameter(kind):
         module = modules.get(name)
         if module is None:
             raise ValueError(f"layer {name!r}: the model has no module {name!r}")
         if isinstance(module, FLoRALayer):
             if module.kind != kind:
                 raise ValueError(f"layer {name!r} is a FLoRA {module.kind}, not a {kind}")
-            return Site(name, kind, module, None, module, module.base_weight())
-        layer = layer_type(module)
-        if layer is None or layer.kind != kind:
+            stored = getattr(module.base_layer, "weight", None)
+            return Site(name, kind, module, None, module, module.base_weight(), stored)
+        found = record_of(module, kind)
+        if found is None:
             raise ValueError(
-                f"layer {name!r}: expected a torch.nn.{kind}, the model has a "
+                f"layer {name!r}: expected a {layer_kind(kind).describe()}, the model has a "
                 f"{type(module).__name__}"
             )
-        try:
-            weight = layer._read_weight(module)
-        except ValueError as exc:
-            raise ValueError(f"layer {name!r}: {exc}") from None
-        return Site(name, kind, module, None, None, weight)
+        stored = getattr(module, "weight", None)
+        return Site(name, kind, module, None, None, found.read_weight(module), stored)
     owner_name, _, parameter = name.rpartition(".")
     owner = modules.get(owner_name)
     if owner is None or isinstance(owner, (FLoRALayer, ModulesToSave)):
@@ -204,16 +182,38 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
             raise ValueError(
                 f"parameter {name!r} already has a parametrization that is not FLoRA's"
             )
+        _check_kind_parameter(modules, name, kind)
         return Site(name, kind, owner, parameter, host, host.base_weight())
     weight = getattr(owner, parameter, None)
     if not isinstance(weight, nn.Parameter):
         raise ValueError(f"layer {name!r}: the model has no parameter {name!r}")
+    _check_kind_parameter(modules, name, kind)
     if weight.ndim == 0 or not weight.is_floating_point():
         raise ValueError(
             f"parameter {name!r} ({weight.dtype}, shape {tuple(weight.shape)}) cannot be "
             "adapted: FLoRA needs a floating-point tensor with at least one axis"
         )
     return Site(name, kind, owner, parameter, None, weight)
+
+
+def _check_kind_parameter(modules: dict[str, nn.Module], name: str, kind: str) -> None:
+    """Refuse parameter ``name`` for a kind that adapts named parameters of its modules only."""
+    if kind == "Parameter":
+        return
+    record = layer_kind(kind)
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = modules.get(".".join(parts[:cut]))
+        if (
+            module is not None
+            and record.matches(module)
+            and ".".join(parts[cut:]) in record.parameters(module)
+        ):
+            return
+    raise ValueError(
+        f"layer {name!r} is no weight that kind {kind} adapts: not a parameter its "
+        f"{record.describe()} modules name (e.g. 'attn.in_proj_weight')"
+    )
 
 
 def check_sites(model: nn.Module, sites: Sequence[Site], adapter_name: str) -> None:
@@ -240,7 +240,8 @@ def check_sites(model: nn.Module, sites: Sequence[Site], adapter_name: str) -> N
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname)
     for site in sites:
-        others = [n for n in owners.get(id(site.weight), []) if n not in site.parameter_names]
+        stored = site.weight if site.stored is None else site.stored
+        others = [n for n in owners.get(id(stored), []) if n not in site.parameter_names]
         if others:
             raise ValueError(
                 f"the weight of {site.name!r} is shared with {others[0]!r} (tied weights): "
@@ -334,10 +335,15 @@ def apply(
         site, host = addition.site, addition.site.host
         if host is None:
             if site.parameter is None:
-                host = layer_type(site.module)(site.module, adapter_name=None)
+                host = kind_of_module(site.module).layer(site.module, adapter_name=None)
                 replace_module(modules, site.name, host)
             else:
-                host = TuckerParametrization(site.module, site.parameter, adapter_name=None)
+                layer = (
+                    TuckerParametrization
+                    if site.kind == "Parameter"
+                    else layer_kind(site.kind).layer
+                )
+                host = layer(site.module, site.parameter, adapter_name=None)
             host.active_adapters = active
         host.add_adapter(adapter_name, addition.adapter)
     for saved in copies:

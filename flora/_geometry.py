@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from flora.kinds import kind_of_module
 from tuckerlib.io.flora_format import CONV_KEYS, EMBEDDING_KEYS, check_geometry
 
 __all__ = [
@@ -26,8 +27,6 @@ __all__ = [
     "lora_difference",
     "module_geometry",
 ]
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def module_geometry(module: nn.Module) -> dict[str, Any] | None:
@@ -40,10 +39,12 @@ def module_geometry(module: nn.Module) -> dict[str, Any] | None:
     >>> module_geometry(torch.nn.Embedding(10, 4, padding_idx=0))
     {'padding_idx': 0, 'max_norm': None}
     """
-    if type(module) is nn.Embedding:
+    kind = kind_of_module(module)
+    geometry = None if kind is None else kind.rule.geometry
+    if geometry == "embedding":
         max_norm = None if module.max_norm is None else float(module.max_norm)
         return {"padding_idx": module.padding_idx, "max_norm": max_norm}
-    if type(module) in _CONV_TYPES:
+    if geometry == "conv":
         padding = module.padding if isinstance(module.padding, str) else list(module.padding)
         return {
             "groups": module.groups,

@@ -20,16 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora._apply import MODULE_TYPES, find_adapted, find_saved
+from flora._apply import find_adapted, find_saved
 from flora._geometry import check_geometry, lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
 from flora._lora_import import plain_module_names
 from flora._lora_math import LoraTensors, lora_split, to_lora
 from flora._tucker import to_usable_ranks
 from flora.io import _resolve_name, adapter_state_dict, read_adapter
+from flora.kinds import lora_form, record_of
 from flora.layers import FLoRALayer
-from flora.layers.bnb import dequantize_weight, is_quantized
 from tuckerlib.io import AdapterLayer, open_adapter
+from tuckerlib.io._adapter_lora import DOUBLED_OUT_PROJ
+from tuckerlib.io._kinds import kind_rule
 from tuckerlib.io.flora_format import bias_key, core_key, difference, factor_key, saved_key
 
 __all__ = [
@@ -173,9 +175,10 @@ def _base_module_geometry(layer: ExportLayer, base_model: nn.Module) -> dict[str
     if kind == "Parameter":
         weight = getattr(module, layer.name.rpartition(".")[2], None)
     else:
-        if not isinstance(module, MODULE_TYPES[kind]):
+        found = record_of(module, kind)
+        if found is None:
             return f"base_model's {module_name!r} is a {type(module).__name__}, not a {kind}"
-        weight = dequantize_weight(module) if is_quantized(module) else module.weight
+        weight = found.read_weight(module)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != layer.shape:
         found = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
         return f"the adapter is for shape {list(layer.shape)}, base_model's weight has {found}"
@@ -205,10 +208,18 @@ def _layout(layer: ExportLayer, base_model: nn.Module | None) -> _Layout | str:
             f"a {len(layer.shape)}-D parameter: PEFT's target_parameters hold 2-D weights and "
             "3-D expert stacks whose axis order and per-expert ranks no FLoRA tensor fixes"
         )
+    form = lora_form(layer.kind)
+    if form is None:
+        return f"a {layer.kind} layer: PEFT's LoRA has no form for this kind"
     geometry = _geometry(layer, base_model)
     if isinstance(geometry, str):
         return geometry
-    if layer.kind in ("Linear", "Parameter"):
+    if form == "attention" and _attention_module(layer) is None:
+        return (
+            "a separate q/k/v projection: PEFT's LoRA adapts a MultiheadAttention through its "
+            "packed in_proj_weight only (kdim = vdim = embed_dim)"
+        )
+    if form in ("linear", "attention"):
         return _Layout()
     if geometry is None:
         detail = "padding_idx" if layer.kind == "Embedding" else "groups, dilation and padding_mode"
@@ -225,16 +236,17 @@ def _layout(layer: ExportLayer, base_model: nn.Module | None) -> _Layout | str:
 def _lora_tensors(layer: ExportLayer, layout: _Layout) -> LoraTensors:
     # float64 arithmetic, float32 storage: the exported pair is ΔW to float32 rounding.
     left, right = lora_split(layer.core, layer.factors, layer.scale)
-    tensors = to_lora(layer.kind, left, right, groups=layout.groups, padding_idx=layout.padding_idx)
+    forms = {"linear": "Linear", "attention": "Linear", "embedding": "Embedding"}
+    kind = forms.get(lora_form(layer.kind), layer.kind)
+    tensors = to_lora(kind, left, right, groups=layout.groups, padding_idx=layout.padding_idx)
     return LoraTensors(tensors.lora_a.float(), tensors.lora_b.float(), tensors.rank)
 
 
 def _peft_keys(
     layer: ExportLayer, tensors: LoraTensors, with_bias: bool
 ) -> dict[str, torch.Tensor]:
-    module = layer.name.rpartition(".")[0] if layer.kind == "Parameter" else layer.name
-    prefix = f"{_PEFT_PREFIX}{module}"
-    if layer.kind == "Embedding":
+    prefix = f"{_PEFT_PREFIX}{_lora_module(layer)}"
+    if lora_form(layer.kind) == "embedding":
         return {
             f"{prefix}.lora_embedding_A": tensors.lora_a,
             f"{prefix}.lora_embedding_B": tensors.lora_b,
@@ -245,6 +257,86 @@ def _peft_keys(
         bias = torch.zeros(layer.shape[0]) if layer.bias is None else layer.bias.float()
         keys[f"{prefix}.lora_B.bias"] = bias.contiguous()
     return keys
+
+
+def _attention_module(layer: ExportLayer) -> str | None:
+    """The attention module of a MultiheadAttention layer's packed in-projection, else None."""
+    if layer.kind == "MultiheadAttention" and layer.name.endswith(".in_proj_weight"):
+        return layer.name.removesuffix(".in_proj_weight")
+    if layer.kind == "MultiheadAttention" and layer.name.endswith(".out_proj.weight"):
+        return layer.name.removesuffix(".out_proj.weight")
+    return None
+
+
+def _lora_module(layer: ExportLayer) -> str:
+    """The module under whose name PEFT keeps the layer's pair."""
+    if layer.kind == "Parameter":
+        return layer.name.rpartition(".")[0]
+    if layer.kind == "MultiheadAttention":  # PEFT's layer X holds out_proj in its base_layer
+        attention = _attention_module(layer)
+        return (
+            attention
+            if layer.name.endswith(".in_proj_weight")
+            else f"{attention}.base_layer.out_proj"
+        )
+    return layer.name
+
+
+def _target_module(layer: ExportLayer) -> str:
+    """The ``target_modules`` entry that makes PEFT adapt the layer (an attention's own name)."""
+    return _attention_module(layer) or layer.name
+
+
+def _pad(tensors: LoraTensors, rank: int) -> LoraTensors:
+    """The pair at a higher ``rank``, by zero rows of A and columns of B: the same update."""
+    extra = rank - tensors.rank
+    lora_a = torch.cat([tensors.lora_a, tensors.lora_a.new_zeros(extra, tensors.lora_a.shape[1])])
+    lora_b = torch.cat(
+        [tensors.lora_b, tensors.lora_b.new_zeros(tensors.lora_b.shape[0], extra)], 1
+    )
+    return LoraTensors(lora_a.contiguous(), lora_b.contiguous(), rank)
+
+
+def _attention_pairs(
+    found: dict[str, tuple[ExportLayer, LoraTensors]], with_bias: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """PEFT's MultiheadAttention pairs: in- and out-projection at one rank, zero where absent.
+
+    PEFT's layer always holds both pairs, at the rank of the attention
+    module; a zero pair (or zero rows) changes nothing.
+    """
+    keys: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    modules: dict[str, list[tuple[ExportLayer, LoraTensors]]] = {}
+    for layer, tensors in found.values():
+        modules.setdefault(_attention_module(layer), []).append((layer, tensors))
+    for module, pairs in modules.items():
+        rank = max(tensors.rank for _, tensors in pairs)
+        present = {layer.name for layer, _ in pairs}
+        for suffix, rows in (("in_proj_weight", 3), ("out_proj.weight", 1)):
+            if f"{module}.{suffix}" in present:
+                continue
+            width = pairs[0][0].shape[1]
+            shape = (rows * width, width)
+            empty = ExportLayer(
+                f"{module}.{suffix}",
+                "MultiheadAttention",
+                shape,
+                torch.zeros(0, 0),
+                [],
+                1.0,
+                0.0,
+                None,
+            )
+            pairs.append((empty, LoraTensors(torch.zeros(0, width), torch.zeros(shape[0], 0), 0)))
+        for layer, tensors in pairs:
+            padded = _pad(tensors, rank)
+            if layer.name.endswith(".out_proj.weight"):
+                # The PEFT release written for adds this pair twice (DOUBLED_OUT_PROJ).
+                padded = LoraTensors(padded.lora_a, padded.lora_b / 2, rank)
+            keys.update(_peft_keys(layer, padded, with_bias))
+        ranks[module] = rank
+    return keys, ranks
 
 
 def lora_bias(source: Source) -> bool:
@@ -323,6 +415,7 @@ def peft_tensors(
     refused = _parameter_clashes(source.layers)
     keys: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    attention: dict[str, tuple[ExportLayer, LoraTensors]] = {}
     for layer in source.layers:
         layout = _layout(layer, base_model)
         if isinstance(layout, str):
@@ -333,9 +426,15 @@ def peft_tensors(
             refused.append((layer.name, reason))
             continue
         tensors = _lora_tensors(layer, layout)
+        if lora_form(layer.kind) == "attention":
+            attention[layer.name] = (layer, tensors)
+            continue
         keys.update(_peft_keys(layer, tensors, lora_bias(source)))
         ranks[layer.name] = tensors.rank
-    targets = [layer.name for layer in source.layers if layer.kind != "Parameter"]
+    attention_keys, attention_ranks = _attention_pairs(attention, lora_bias(source))
+    keys.update(attention_keys)
+    ranks.update(attention_ranks)
+    targets = [_target_module(layer) for layer in source.layers if layer.kind != "Parameter"]
     for module, state in source.saved.items():
         reason = _saved_refusal(module, source, targets)
         if reason is not None:
@@ -354,7 +453,12 @@ def _exact_pattern(name: str) -> str:
 
 
 def _dropout(layers: Sequence[ExportLayer]) -> float:
-    values = {layer.dropout for layer in layers if layer.kind not in ("Embedding", "Parameter")}
+    # PEFT's Embedding and MultiheadAttention layers apply no dropout, parameters have none.
+    values = {
+        layer.dropout
+        for layer in layers
+        if layer.kind != "Parameter" and lora_form(layer.kind) in ("linear", "conv")
+    }
     if len(values) > 1:
         raise LoraConversionError(
             f"the layers use different dropouts {sorted(values)}; PEFT's lora_dropout is one value"
@@ -375,7 +479,9 @@ def peft_config(source: Source, ranks: Mapping[str, int]) -> dict[str, Any]:
     # lora_alpha = r everywhere makes PEFT's scaling 1: the tensors carry s.
     different = {_exact_pattern(name): r for name, r in ranks.items() if r != rank}
     layers = source.layers
-    modules = [layer.name for layer in layers if layer.kind != "Parameter"]
+    modules = list(
+        dict.fromkeys(_target_module(layer) for layer in layers if layer.kind != "Parameter")
+    )
     parameters = [layer.name for layer in layers if layer.kind == "Parameter"]
     return {
         "peft_type": "LORA",
@@ -394,10 +500,19 @@ def peft_config(source: Source, ranks: Mapping[str, int]) -> dict[str, Any]:
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "fan_in_fan_out": False,
+        # PEFT's one flag, which it corrects per layer: True for Conv1D, False for Linear.
+        "fan_in_fan_out": any(kind_rule(layer.kind).transposed for layer in layers),
         "bias": "none",
         "lora_bias": lora_bias(source),
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": list(source.saved) or None,
+        **_attention_version(layers),
     }
+
+
+def _attention_version(layers: Sequence[ExportLayer]) -> dict[str, str]:
+    """The PEFT release the MultiheadAttention pairs are written for (its out_proj rule)."""
+    if not any(lora_form(layer.kind) == "attention" for layer in layers):
+        return {}
+    return {"peft_version": ".".join(str(n) for n in DOUBLED_OUT_PROJ)}

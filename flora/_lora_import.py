@@ -9,14 +9,17 @@ kernel as the core, identity factors on the other modes);
 changing it. The model decides what each pair updates, as PEFT's layer
 would: PEFT's LoRA branch of a Linear pair computes ``x ↦ scaling · B A x``
 whatever ``fan_in_fan_out`` says, which is a ``torch.nn.Linear`` update
-``B A`` or, for a weight stored ``(in, out)`` as transformers' ``Conv1D``
-stores it, the parameter update :math:`(B A)^\top`. What PEFT's layer applies
-differently from FLoRA's (see :func:`flora._geometry.lora_difference`, and
-an embedding's ``padding_idx`` row, which PEFT updates and FLoRA does not)
-is refused by layer name. PEFT's ``lora_bias`` (``scaling · lora_B.bias``,
-added to the output) becomes the bias update ``Δb`` of a Linear or ConvNd
-layer with a bias; elsewhere only a zero one, which changes nothing, is
-accepted (and left out).
+``B A`` or, for transformers' ``Conv1D`` (a weight stored ``(in, out)``),
+the same ``B A`` of its ``(out, in)`` map, FLoRA's ``Conv1D`` kind. PEFT's
+MultiheadAttention pairs (``X`` on the packed ``in_proj_weight``,
+``X.base_layer.out_proj``) go to the attention's projection weights, kind
+``"MultiheadAttention"``. What PEFT's layer applies differently from
+FLoRA's (see :func:`flora._geometry.lora_difference`, and an embedding's
+``padding_idx`` row, which PEFT updates and FLoRA does not) is refused by
+layer name. PEFT's ``lora_bias`` (``scaling · lora_B.bias``, added to the
+output) becomes the bias update ``Δb`` of a Linear, ConvNd or Conv1D layer
+with a bias; elsewhere only a zero one, which changes nothing, is accepted
+(and left out).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from flora._apply import walk
 from flora._geometry import lora_difference, module_geometry
 from flora._lora_errors import LoraConversionError
 from flora._tucker import reconstruct
+from flora.kinds import kind_of_module
 from flora.layers import FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.bnb import is_quantized
 from flora.spec import BIAS_KINDS
@@ -44,7 +48,8 @@ from tuckerlib.io import AdapterLayer, open_adapter
 __all__ = ["Imported", "grouped", "lora_adapters", "plain_module_names"]
 
 _PEFT_PREFIX = "base_model.model."
-_CONV_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+#: The kinds tuckerlib reads a PEFT ConvNd pair as.
+_CONV_KINDS = ("Conv1d", "Conv2d", "Conv3d")
 _SAVED_REASON = "modules_to_save"
 
 
@@ -106,11 +111,10 @@ def _base(modules: Mapping[str, nn.Module], name: str) -> nn.Module | None:
     return module.base_layer if isinstance(module, FLoRALayer) else module
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # Checked by name: importing transformers only to detect its class would
-    # load the whole library for models that do not use it.
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+def _kind(module: nn.Module | None) -> str | None:
+    """The registered kind of ``module`` (None for no module or no kind)."""
+    kind = None if module is None else kind_of_module(module)
+    return None if kind is None else kind.saved_kind
 
 
 def _wrong_module(name: str, module: nn.Module | None, expected: str) -> str:
@@ -154,7 +158,7 @@ def _bias_update(layer: AdapterLayer, base: nn.Module, kind: str) -> torch.Tenso
             "no bias for FLoRA's bias update to change"
         )
     return (
-        "lora_bias: PEFT adds its trained lora_B bias to the output of this Conv1D, whose weight "
+        "lora_bias: PEFT adds its trained lora_B bias to the output of this layer, whose weight "
         "FLoRA adapts as a parameter, with no bias update"
     )
 
@@ -168,7 +172,7 @@ def _with_bias(target: _Target, layer: AdapterLayer, base: nn.Module) -> _Target
 
 def _embedding(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | str:
     base = _base(modules, layer.name)
-    if type(base) is not nn.Embedding:
+    if _kind(base) != "Embedding":
         return _wrong_module(layer.name, base, "torch.nn.Embedding")
     problem = _wrong_shape(layer, base.weight)
     problem = problem or lora_difference("Embedding", layer.shape, module_geometry(base))
@@ -179,7 +183,7 @@ def _embedding(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target
 
 def _conv(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | str:
     base = _base(modules, layer.name)
-    if type(base) is not _CONV_TYPES[layer.kind]:
+    if _kind(base) != layer.kind:
         return _wrong_module(layer.name, base, f"torch.nn.{layer.kind}")
     problem = _wrong_shape(layer, base.weight)
     problem = problem or lora_difference(layer.kind, layer.shape, module_geometry(base))
@@ -196,14 +200,17 @@ def _matrix(
         name, out_in = name.rpartition(".")[0], out_in[::-1]
         core, factors = core.T, factors[::-1]
     base = _base(modules, name)
-    if type(base) is nn.Linear and tuple(base.weight.shape) == out_in:
+    kind = _kind(base)
+    attention = _attention_target(name, modules, out_in, core, factors)
+    if attention is not None:
+        return attention
+    if kind == "Linear" and tuple(base.weight.shape) == out_in:
         return _with_bias(_Target(name, "Linear", core, factors), layer, base)
     if is_quantized(base) and (base.out_features, base.in_features) == out_in:
         return _with_bias(_Target(name, "Linear", core, factors), layer, base)
-    if base is not None and _is_hf_conv1d(base) and tuple(base.weight.shape) == out_in[::-1]:
-        target = _Target(f"{name}.weight", "Parameter", core.T, factors[::-1])
-        return _with_bias(target, layer, base)
-    if type(base) is nn.Linear or (base is not None and _is_hf_conv1d(base)):
+    if kind == "Conv1D" and tuple(base.weight.shape) == out_in[::-1]:
+        return _with_bias(_Target(name, "Conv1D", core, factors), layer, base)
+    if kind in ("Linear", "Conv1D"):
         return (
             f"the LoRA is for a {out_in[0]}x{out_in[1]} (out x in) map, the model's weight has "
             f"shape {list(base.weight.shape)}"
@@ -211,12 +218,42 @@ def _matrix(
     return _wrong_module(name, base, "torch.nn.Linear or transformers' Conv1D")
 
 
+def _attention_target(
+    name: str,
+    modules: Mapping[str, nn.Module],
+    out_in: tuple[int, ...],
+    core: torch.Tensor,
+    factors: list[torch.Tensor],
+) -> _Target | str | None:
+    """A pair of PEFT's MultiheadAttention layer (``X``: in-projection, ``X.out_proj``), or None."""
+    owner, _, child = name.rpartition(".")
+    if _kind(modules.get(name)) == "MultiheadAttention":
+        attention, weight = modules[name], f"{name}.in_proj_weight"
+    elif child == "out_proj" and _kind(modules.get(owner)) == "MultiheadAttention":
+        attention, weight = modules[owner], f"{name}.weight"
+    else:
+        return None
+    if not attention._qkv_same_embed_dim:
+        return (
+            "PEFT's MultiheadAttention pairs are for a packed in_proj_weight; this attention has "
+            "separate q/k/v weights (kdim or vdim other than embed_dim)"
+        )
+    stored = attention.out_proj.weight if weight.endswith(".out_proj.weight") else None
+    stored = attention.in_proj_weight if stored is None else stored
+    if tuple(stored.shape) != out_in:
+        return (
+            f"the LoRA is for a {out_in[0]}x{out_in[1]} (out x in) map, the model's weight has "
+            f"shape {list(stored.shape)}"
+        )
+    return _Target(weight, "MultiheadAttention", core, factors)
+
+
 def _target(
     layer: AdapterLayer, modules: Mapping[str, nn.Module], fan_in_fan_out: bool
 ) -> _Target | str:
     if layer.kind == "Embedding":
         return _embedding(layer, modules)
-    if layer.kind in _CONV_TYPES:
+    if layer.kind in _CONV_KINDS:
         return _conv(layer, modules)
     if layer.kind == "Linear" or fan_in_fan_out:
         return _matrix(layer, modules, transposed=layer.kind == "Parameter")
@@ -226,7 +263,8 @@ def _target(
 
 def _dropout(target: _Target, layer: AdapterLayer, trainable: bool) -> float | str:
     if target.kind != "Parameter" or not layer.dropout:
-        return layer.dropout if target.kind != "Embedding" else 0.0
+        # PEFT's Embedding and MultiheadAttention layers apply no dropout.
+        return layer.dropout if target.kind not in ("Embedding", "MultiheadAttention") else 0.0
     if trainable:
         return (
             f"lora_dropout={layer.dropout}: FLoRA adapts this weight as a parameter, whose "
@@ -259,7 +297,10 @@ def _value_problem(target: _Target, scale: float) -> str | None:
 
 
 def _adapter(
-    layer: AdapterLayer, modules: Mapping[str, nn.Module], fan_in_fan_out: bool, trainable: bool
+    layer: AdapterLayer,
+    modules: Mapping[str, nn.Module],
+    fan_in_fan_out: bool,
+    trainable: bool,
 ) -> tuple[str, TuckerDelta | str]:
     target = _target(layer, modules, fan_in_fan_out)
     if isinstance(target, str):

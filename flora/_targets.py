@@ -12,9 +12,10 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from flora._apply import LAYER_TYPES, Site, layer_type, resolve
+from flora._apply import Site, resolve
 from flora._match import check_each_entry_matches, inside, matches, name_matches
 from flora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, FLoRAConfig
+from flora.kinds import kind_of_module, registered_kinds
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave
 
 __all__ = [
@@ -47,8 +48,8 @@ def saved_names(modules: dict[str, nn.Module], config: FLoRAConfig) -> list[str]
 def module_kind(module: nn.Module) -> str | None:
     if isinstance(module, FLoRALayer):
         return module.kind
-    layer = layer_type(module)
-    return None if layer is None else layer.kind
+    kind = kind_of_module(module)
+    return None if kind is None else kind.saved_kind
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
@@ -64,16 +65,19 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
     return head
 
 
+def _all_linear_kind(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, FLoRALayer) else module
+    kind = kind_of_module(base)
+    return kind is not None and kind.all_linear
+
+
 def _all_linear(model: nn.Module, modules: dict[str, nn.Module], saved: list[str]) -> list[str]:
-    """Every Linear of ``model`` outside ``saved`` but its output layer (``"all-linear"``)."""
+    """Every Linear (and Conv1D) of ``model`` outside ``saved`` but its output layer (PEFT's)."""
     head = _output_layer(model)
     return [
         name
         for name, module in modules.items()
-        if name
-        and module is not head
-        and module_kind(module) == "Linear"
-        and not inside(name, saved)
+        if name and module is not head and _all_linear_kind(module) and not inside(name, saved)
     ]
 
 
@@ -115,12 +119,16 @@ def module_sites(
             raise ValueError(f"module {name!r} is a target and in modules_to_save; pick one")
         kind = module_kind(module)
         if kind is None:
-            supported = ", ".join(t.__name__ for t in LAYER_TYPES)
+            supported = ", ".join(dict.fromkeys(k.saved_kind for k in registered_kinds()))
             raise TypeError(
                 f"module {name!r} is a {type(module).__name__}, which inject cannot adapt "
                 f"(supported: {supported}; use target_parameters for other weights)"
             )
-        sites.append(resolve(modules, name, kind))
+        parameters = None if isinstance(module, FLoRALayer) else kind_of_module(module).parameters
+        if parameters is None:
+            sites.append(resolve(modules, name, kind))
+        else:  # a module whose forward reads its weights: adapt them in place
+            sites += [resolve(modules, f"{name}.{p}", kind) for p in parameters(module)]
     return sites
 
 

@@ -92,8 +92,8 @@ def _add_extract(commands: Any) -> None:
     parser.add_argument(
         "--as-parameters",
         action="store_true",
-        help="adapt every weight as a generic parameter (for modules that are not exactly "
-        "torch.nn.Linear/ConvNd/Embedding)",
+        help="adapt every weight as a generic parameter (for modules that are not "
+        "torch.nn.Linear/ConvNd/Embedding, e.g. GPT-2's Conv1D or MultiheadAttention)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=_run_extract)

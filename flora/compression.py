@@ -26,7 +26,8 @@ from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.spec import clip_ranks
 from tuckerlib import energy_ranks
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
-from tuckerlib.io.flora_format import KINDS, update_factors
+from tuckerlib.io._kinds import known_tensor_class
+from tuckerlib.io.flora_format import update_factors
 
 __all__ = ["DEFAULT_LORA_RANK", "compress"]
 
@@ -76,8 +77,7 @@ def _rule(
 
     def by_budget(small: torch.Tensor, shape: tuple[int, ...]) -> list[int]:
         # The kind as analyze tells it: a parameter's from its name and shape.
-        rule = KINDS.get(spec_kind)
-        kind = (rule and rule.tensor_kind) or tensor_kind(name, shape)
+        kind = known_tensor_class(spec_kind) or tensor_kind(name, shape)
         spectra = padded_spectra(small, shape)
         return capped(lora_budget_ranks(spectra, kind, DEFAULT_LORA_RANK)[0])
 

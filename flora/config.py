@@ -21,24 +21,19 @@ from flora.spec import (
     check_scale,
     check_template,
 )
+from tuckerlib.io._kinds import DEFAULT_RANKS as _KIND_DEFAULT_RANKS
 
 __all__ = ["DEFAULT_RANKS", "DEFAULT_TARGET_MODULES", "FLoRAConfig", "name_matches"]
 
 Ranks = RankTemplate | Mapping[str, RankTemplate] | None
 
-#: Ranks used for a layer kind that ``FLoRAConfig.ranks`` does not name. The
-#: convolution ranks are the paper's ConvNeXt configuration (16 on the channel
-#: modes, 2 on each kernel mode); Linear and Embedding take 8 on both modes,
-#: PEFT's default LoRA rank, so a FLoRA adapter costs what a rank-8 LoRA does
-#: plus a 64-entry core. Other parameters take 8 on every mode.
-DEFAULT_RANKS: Mapping[str, RankTemplate] = {
-    "Linear": (8, 8),
-    "Conv1d": (16, 16, 2),
-    "Conv2d": (16, 16, 2, 2),
-    "Conv3d": (16, 16, 2, 2, 2),
-    "Embedding": (8, 8),
-    "Parameter": 8,
-}
+#: Ranks used for a layer kind that ``FLoRAConfig.ranks`` does not name (a
+#: live, read-only view of the kind registry). The convolution ranks are the
+#: paper's ConvNeXt configuration (16 on the channel modes, 2 on each kernel
+#: mode); Linear, Conv1D and Embedding take 8 on both modes, PEFT's default
+#: LoRA rank, so a FLoRA adapter costs what a rank-8 LoRA does plus a
+#: 64-entry core. Other parameters take 8 on every mode.
+DEFAULT_RANKS: Mapping[str, RankTemplate] = _KIND_DEFAULT_RANKS
 
 
 # The ``target_modules`` value that targets every Linear but the output layer (PEFT's).
@@ -120,7 +115,8 @@ class FLoRAConfig:
         usable ranks (:func:`flora.spec.clip_ranks`): an int for every mode
         of every layer, a sequence with one rank per mode, or a dict from
         layer kind (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``,
-        ``"Embedding"``, ``"Parameter"``) to either. Kinds not given (and
+        ``"Embedding"``, ``"Conv1D"``, ``"MultiheadAttention"``,
+        ``"Parameter"``, or a registered one) to either. Kinds not given (and
         ``None``) use :data:`DEFAULT_RANKS`.
     scale : float, optional
         The factor ``s`` of :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.

@@ -377,7 +377,9 @@ def extract(
         Record every layer as kind ``"Parameter"`` (adapted through
         :class:`flora.TuckerParametrization`) instead of guessing the module
         type from the name and shape; use it when the model's modules are
-        not exactly ``torch.nn.Linear``/``ConvNd``/``Embedding``.
+        not ``torch.nn.Linear``/``ConvNd``/``Embedding`` (transformers'
+        ``Conv1D``, whose checkpoint weight reads as an ``(in, out)``
+        Linear, or a ``MultiheadAttention``'s projections).
     carry_1d : bool, optional
         Carry the fine-tune's 1-D tensors into the adapter too: the bias of
         each adapted Linear/ConvNd layer as the adapter's bias update ``Δb``

@@ -16,11 +16,15 @@ An adapter directory holds one named adapter in two files (format version 2):
 
     ``adapter_name`` is the adapter's name in the model it was saved from.
     ``NAME`` is the adapted module's name in the model (``"blocks.0.fc1"``)
-    or, for kind ``"Parameter"``, the parameter's full name
-    (``"blocks.0.experts.weight"``). ``KIND`` is one of ``"Linear"``,
-    ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``, ``"Embedding"`` (the module
-    must be exactly that torch type) or ``"Parameter"`` (any parameter,
-    adapted with :class:`flora.TuckerParametrization`). Each layer entry is
+    or, for kinds ``"Parameter"`` and ``"MultiheadAttention"``, the
+    parameter's full name (``"blocks.0.experts.weight"``,
+    ``"attn.in_proj_weight"``). ``KIND`` is a registered layer kind
+    (:doc:`/layer_kinds`): ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``,
+    ``"Conv3d"``, ``"Embedding"``, ``"Conv1D"`` (the module must be of a type
+    the kind matches), ``"MultiheadAttention"`` (a projection weight of a
+    ``torch.nn.MultiheadAttention``), ``"Parameter"`` (any parameter,
+    adapted with :class:`flora.TuckerParametrization`) or a kind added with
+    :func:`flora.register_layer_kind`. Each layer entry is
     :meth:`flora.LayerSpec.to_record`: ``shape`` is the weight's shape and
     ``ranks`` the usable ranks (``R_n <= I_n`` and :math:`R_n \le \prod_{m \ne n} R_m`). The
     per-layer entries are authoritative; ``config`` records how

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from flora._apply import (
-    LAYER_TYPES,
     Addition,
     SavedCopy,
     Site,
@@ -37,9 +36,9 @@ from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
 from flora.layers.bnb import refuse_dense_state
+from tuckerlib.io._kinds import kind_rule
 
 __all__ = [
-    "LAYER_TYPES",
     "adapted_layers",
     "attach_adapter",
     "inject",
@@ -126,7 +125,7 @@ def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "defaul
     TypeError
         If ``model`` is not a module, ``config`` is not a
         :class:`flora.FLoRAConfig`, or a target module is of a kind FLoRA
-        cannot adapt (see ``LAYER_TYPES``).
+        cannot adapt (no registered kind: :func:`flora.register_layer_kind`).
     RuntimeError
         Inside :func:`flora.disable_adapter`.
 
@@ -568,7 +567,10 @@ def _weight_rule(name: str, layer: AdaptedWeight) -> tuple[str, Rule]:
             return bias_key, layer.effective_bias()
         if renamed is None or (isinstance(layer, FLoRALayer) and renamed[0] != weight_key):
             return renamed
-        return weight_key, layer.effective_weight()
+        weight = layer.effective_weight()
+        if kind_rule(layer.kind).transposed:  # stored (in, out), as the base module saves it
+            weight = weight.T.contiguous()
+        return weight_key, weight
 
     return prefix, handle
 

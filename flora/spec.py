@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tuckerlib.io import flora_format as _format
+from tuckerlib.io._kinds import BIAS_KINDS as _BIAS_KINDS
+from tuckerlib.io._kinds import KINDS as _KINDS
 from tuckerlib.io.flora_format import (
     FORWARD_MODES,
     INIT_MODES,
@@ -63,10 +64,11 @@ __all__ = [
     "usable_ranks",
 ]
 
-#: Layer kinds, as written in configs and saved adapters (:data:`tuckerlib.io.flora_format.KINDS`).
-KINDS = tuple(_format.KINDS)
+#: Layer kinds, as written in configs and saved adapters: every registered
+#: kind (a live, read-only view of the kind registry, :doc:`/layer_kinds`).
+KINDS = _KINDS
 #: Layer kinds whose adapter can carry a bias update (the layer's bias, shape ``(out,)``).
-BIAS_KINDS = tuple(kind for kind, rule in _format.KINDS.items() if rule.bias)
+BIAS_KINDS = _BIAS_KINDS
 
 RankTemplate = int | Sequence[int | None]
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import flora
 import flora._cost
@@ -49,10 +50,12 @@ def _make(kind: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, tor
         return nn.Conv3d(3, 4, 2, dtype=dtype), torch.randn(1, 3, 4, 4, 4, dtype=dtype)
     if kind == "Embedding":
         return nn.Embedding(11, 6, padding_idx=2, dtype=dtype), torch.tensor([[0, 2, 5, 10]])
+    if kind == "Conv1D":  # transformers' Conv1D: weight stored (in, out) = (7, 5)
+        return Conv1D(5, 7).to(dtype), torch.randn(3, 7, dtype=dtype)
     raise AssertionError(kind)
 
 
-KINDS = ["Linear", "Conv1d", "Conv2d", "Depthwise", "Conv3d", "Embedding"]
+KINDS = ["Linear", "Conv1d", "Conv2d", "Depthwise", "Conv3d", "Embedding", "Conv1D"]
 
 
 def _wrap(base: nn.Module, **options: object) -> flora.FLoRALayer:
@@ -78,6 +81,8 @@ def test_modes_agree_with_reference(kind: str) -> None:
         expected = F.embedding(x, base.weight + delta)
     elif kind == "Linear":
         expected = F.linear(x, base.weight + delta, base.bias)
+    elif kind == "Conv1D":
+        expected = F.linear(x, base.weight.T + delta, base.bias)
     else:
         expected = base._conv_forward(x, base.weight + delta, base.bias)
     for mode in ("dense", "factorized", "auto"):
@@ -248,6 +253,7 @@ def _gradcheck_case(kind: str) -> tuple[nn.Module, torch.Tensor]:
         ),
         "Conv3d": lambda: (nn.Conv3d(2, 2, 2, **f64), torch.randn(1, 2, 3, 3, 3, **f64)),
         "Embedding": lambda: (nn.Embedding(5, 3, padding_idx=0, **f64), torch.tensor([0, 1, 4])),
+        "Conv1D": lambda: (Conv1D(3, 4).to(torch.float64), torch.randn(2, 4, **f64)),
     }
     if kind == "Parameter":
         module = _Experts()

@@ -11,9 +11,11 @@ import torch.nn.functional as F  # noqa: N812
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import flora
 import tuckerlib
+from flora.kinds import kind_of_module
 
 F64 = {"dtype": torch.float64}
 
@@ -33,12 +35,19 @@ def _case(kind: str) -> tuple[nn.Module, torch.Tensor]:
             nn.Embedding(9, 5, padding_idx=1, **F64),
             torch.tensor([[0, 1, 8, 3]]),
         ),
+        # transformers' Conv1D: weight stored (in, out) = (5, 4), ΔW in the (out, in) map.
+        "Conv1D": lambda: (Conv1D(4, 5).double(), torch.randn(3, 5, **F64)),
     }
     return cases[kind]()
 
 
+def _base_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as ΔW's map (Conv1D's stored weight transposed)."""
+    return kind_of_module(base).read_weight(base)
+
+
 def _reference(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if isinstance(base, nn.Linear):
+    if isinstance(base, (nn.Linear, Conv1D)):
         return F.linear(x, weight, base.bias)
     if isinstance(base, nn.Embedding):
         return F.embedding(x, weight)
@@ -69,7 +78,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1000 * eps, atol=1000 * eps * scale)
 
 
-KINDS = ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupedConv2d", "Embedding"]
+KINDS = ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupedConv2d", "Embedding", "Conv1D"]
 
 lifecycles = st.fixed_dictionaries(
     {
@@ -86,7 +95,7 @@ lifecycles = st.fixed_dictionaries(
 @given(case=lifecycles)
 def test_named_adapters_match_hand_merged_weights(case: dict) -> None:
     base, x = _case(case["kind"])
-    w0 = base.weight.detach().clone()
+    w0 = _base_weight(base).detach().clone()
     base_out = base(x)
     model = nn.Sequential(base)
     names = [f"a{i}" for i in range(len(case["ranks"]))]
@@ -129,7 +138,7 @@ def test_named_adapters_match_hand_merged_weights(case: dict) -> None:
     for name in names[1:]:
         flora.delete_adapter(model, name)
     assert model[0] is base
-    _close(base.weight, w0)
+    _close(_base_weight(base), w0)
 
 
 def test_inactive_adapters_get_no_gradient_and_active_ones_do() -> None:

@@ -88,12 +88,15 @@ def test_all_linear_adds_a_second_adapter_to_the_same_layers(tmp_path: Path) -> 
     assert flora.read_adapter(tmp_path).config.target_modules == "all-linear"
 
 
-def test_all_linear_leaves_gpt2_conv1d_layers_alone() -> None:
+def test_all_linear_takes_gpt2_conv1d_layers_as_peft_does() -> None:
     config = transformers.GPT2Config(vocab_size=30, n_positions=8, n_embd=8, n_layer=1, n_head=2)
     model = transformers.GPT2LMHeadModel(config)
     # GPT-2's projections are transformers Conv1D layers, and lm_head is the output layer.
-    with pytest.raises(ValueError, match="matches no module"):
-        flora.inject(model, flora.FLoRAConfig(target_modules="all-linear"))
+    targets = _flora_targets(model, target_modules="all-linear")
+    assert targets == _peft_targets(model, target_modules="all-linear")
+    assert targets == {
+        f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
 
 
 @pytest.mark.parametrize(
@@ -125,10 +128,19 @@ def test_no_default_targets_for_an_unknown_model_is_an_error() -> None:
         flora.inject(transformers.DistilBertModel(config), flora.FLoRAConfig())
 
 
-def test_default_targets_that_flora_cannot_adapt_are_named() -> None:
+def test_default_targets_of_gpt2_are_its_conv1d_c_attn_as_in_peft() -> None:
     config = transformers.GPT2Config(vocab_size=30, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    with pytest.raises(TypeError, match=r"module 'h\.0\.attn\.c_attn' is a Conv1D"):
-        flora.inject(transformers.GPT2Model(config), flora.FLoRAConfig())
+    model = transformers.GPT2Model(config)
+    assert _flora_targets(model) == _peft_targets(model) == {"h.0.attn.c_attn"}
+
+
+def test_default_targets_that_flora_cannot_adapt_are_named() -> None:
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    with pytest.raises(
+        TypeError, match=r"module 'self_attn\.out_proj' is a NonDynamicallyQuantizableLinear"
+    ):
+        flora.inject(model, flora.FLoRAConfig(target_modules=["out_proj"]))
+    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
 
 
 def test_target_parameters_alone_still_adapt_only_parameters() -> None:

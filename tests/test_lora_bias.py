@@ -316,13 +316,19 @@ def test_a_trained_lora_bias_on_a_layer_without_bias_is_refused_by_name(tmp_path
         _assert_same_outputs(model(x), peft_model(x))
 
 
-def test_a_trained_lora_bias_on_a_conv1d_weight_is_refused_by_name(tmp_path) -> None:
+def test_a_trained_lora_bias_on_a_conv1d_becomes_its_bias_update(tmp_path) -> None:
     conv1d_type = pytest.importorskip("transformers.pytorch_utils").Conv1D
     torch.manual_seed(0)
     base = nn.Sequential(conv1d_type(5, 7))
-    _peft_trained(base, tmp_path / "lora", r=2, target_modules=["0"], fan_in_fan_out=True)
-    with pytest.raises(flora.LoraConversionError, match=r"layer '0\.weight' \(lora_bias: .*Conv1D"):
-        flora.import_lora(copy.deepcopy(base), tmp_path / "lora")
+    peft_model = _peft_trained(
+        base, tmp_path / "lora", r=2, target_modules=["0"], fan_in_fan_out=True
+    )
+    model = flora.import_lora(copy.deepcopy(base), tmp_path / "lora")
+    assert model[0].kind == "Conv1D"
+    assert model[0].adapters["default"].bias is not None
+    x = torch.randn(3, 7)
+    with torch.no_grad():
+        _assert_same_outputs(model(x), peft_model(x))
 
 
 # Reading adapter directories ------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_trainable_import_keeps_dropout_and_gradients(tmp_path) -> None:
     )
 
 
-def test_conv1d_weights_stored_in_out_become_parameters(tmp_path) -> None:
+def test_conv1d_weights_stored_in_out_become_conv1d_layers(tmp_path) -> None:
     conv1d_type = pytest.importorskip("transformers.pytorch_utils").Conv1D
     torch.manual_seed(0)
     base = nn.Sequential(conv1d_type(5, 7), nn.Linear(5, 4))  # Conv1D weight (in, out) = (7, 5)
@@ -131,11 +131,8 @@ def test_conv1d_weights_stored_in_out_become_parameters(tmp_path) -> None:
         peft_model = _quiet_peft(peft.PeftModel.from_pretrained, copy.deepcopy(base), directory)
         model = _quiet_peft(flora.import_lora, copy.deepcopy(base), directory)
         layers = flora.adapted_layers(model)
-        assert {n: layer.kind for n, layer in layers.items()} == {
-            "0.weight": "Parameter",
-            "1": "Linear",
-        }
-        assert layers["0.weight"].shape == (7, 5)
+        assert {n: layer.kind for n, layer in layers.items()} == {"0": "Conv1D", "1": "Linear"}
+        assert layers["0"].shape == (5, 7)  # the (out, in) map of a weight stored (7, 5)
         with torch.no_grad():
             _assert_same_outputs(model(x), peft_model.eval()(x))
 

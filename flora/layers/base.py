@@ -32,6 +32,7 @@ from flora._cost import Op, choose, reconstruction_ops
 from flora._tucker import compress, reconstruct
 from flora.config import DEFAULT_RANKS, FLoRAConfig
 from flora.init import balanced_init, hosvd_init, init_factors
+from flora.kinds import layer_kind, record_of
 from flora.layers._route import BASE, Route, routed
 from flora.spec import LayerSpec, RankTemplate
 
@@ -594,7 +595,11 @@ class AdaptedWeight(nn.Module):
         weight = self.base_weight()
         with torch.no_grad():
             # One rounding to the base dtype, from the adapter's (>= float32) precision.
-            weight.copy_((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
+            self._write_base((weight.to(delta.dtype) + sign * delta).to(weight.dtype))
+
+    def _write_base(self, value: torch.Tensor) -> None:
+        """Store ``value`` (in :meth:`base_weight`'s layout and dtype) as the base weight."""
+        self.base_weight().copy_(value)
 
     def _sum(self, deltas: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
         present = [d for d in deltas if d is not None]
@@ -901,12 +906,17 @@ class FLoRALayer(AdaptedWeight):
         forward: str = "auto",
         adapter_name: str | None = "default",
     ):
-        self._check_base(base_layer)
+        kind = record_of(base_layer, self.kind)
+        if kind is None:
+            raise TypeError(
+                f"flora.{type(self).__name__} wraps a {layer_kind(self.kind).describe()}, "
+                f"got {type(base_layer).__name__}"
+            )
+        weight = kind.read_weight(base_layer)
         adapter = None
         if adapter_name is not None:
             check_adapter_name(adapter_name)
             template = DEFAULT_RANKS[self.kind] if isinstance(ranks, _KindDefault) else ranks
-            weight = self._read_weight(base_layer)
             spec = LayerSpec.from_template(
                 self.kind,
                 tuple(weight.shape),
@@ -919,6 +929,8 @@ class FLoRALayer(AdaptedWeight):
             adapter = TuckerDelta.create(spec, weight)
         super().__init__()
         self.base_layer = base_layer
+        # The registry record of the base's type: how its weight is read and written.
+        self._kind_record = kind
         # Per-sample routes of the forwards running now, by thread (flora._routing).
         self._routes: dict[int, tuple[Route, str]] = {}
         if adapter is not None:
@@ -926,23 +938,12 @@ class FLoRALayer(AdaptedWeight):
             self.add_adapter(adapter_name, adapter)
             self._set_active((adapter_name,))
 
-    @classmethod
-    def _check_base(cls, base_layer: nn.Module) -> None:
-        """Refuse a module this class does not wrap: ``TypeError`` naming both types."""
-        if type(base_layer) is not cls.base_type:
-            raise TypeError(
-                f"flora.{cls.__name__} wraps a torch.nn.{cls.base_type.__name__}, "
-                f"got {type(base_layer).__name__}"
-            )
-
-    @staticmethod
-    def _read_weight(base_layer: nn.Module) -> torch.Tensor:
-        """The weight of ``base_layer`` that the adapters update, as a dense tensor."""
-        return base_layer.weight
-
     def base_weight(self) -> torch.Tensor:
-        """The wrapped module's weight."""
-        return self._read_weight(self.base_layer)
+        """The wrapped module's weight, as the update's map (its kind's ``read_weight``)."""
+        return self._kind_record.read_weight(self.base_layer)
+
+    def _write_base(self, value: torch.Tensor) -> None:
+        self._kind_record.write_weight(self.base_layer, value)
 
     def base_bias(self) -> torch.Tensor | None:
         """The wrapped module's bias, if it has one."""
@@ -978,7 +979,7 @@ class FLoRALayer(AdaptedWeight):
 
     def _fusable_delta(self, delta: torch.Tensor) -> bool:
         # W + ΔW in one op is exact only in the base's own dtype.
-        return delta.dtype == self.base_layer.weight.dtype
+        return delta.dtype == self.base_weight().dtype
 
     def _fusable(self, adapter: TuckerDelta, delta: torch.Tensor) -> bool:
         return self._dropout_off(adapter) and self._fusable_delta(delta)

@@ -47,6 +47,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from flora.kinds import LayerKind, add_kind
 from flora.layers.base import TuckerDelta
 from flora.layers.linear import Linear
 
@@ -343,14 +344,6 @@ class QuantizedLinear(Linear):
     (False, True)
     """
 
-    @classmethod
-    def _check_base(cls, base_layer: nn.Module) -> None:
-        _check_ready(base_layer)
-
-    @staticmethod
-    def _read_weight(base_layer: nn.Module) -> torch.Tensor:
-        return dequantize_weight(base_layer)
-
     def add_adapter(self, name: str, adapter: TuckerDelta) -> None:
         """Add ``adapter`` as :meth:`flora.AdaptedWeight.add_adapter` does.
 
@@ -430,3 +423,19 @@ def refuse_initial_update(what: str, module: nn.Module, init: str) -> None:
             "would change; use init='zero_core' or 'gaussian', or add the adapter to the "
             "full-precision model and quantize its residual base yourself"
         )
+
+
+# The quantized storage of the Linear kind: adapters save as "Linear" adapters;
+# the weight reads dequantized and a merged one is quantized again.
+add_kind(
+    LayerKind(
+        "QuantizedLinear",
+        ("bitsandbytes.nn.modules.Linear4bit", "bitsandbytes.nn.modules.Linear8bitLt"),
+        QuantizedLinear,
+        read_weight=dequantize_weight,
+        write_weight=requantize_into,
+        lora="linear",
+        all_linear=True,
+        saves_as="Linear",
+    )
+)

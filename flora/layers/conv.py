@@ -25,6 +25,7 @@ from torch import nn
 
 from flora._cost import Op, reconstruction_ops
 from flora._tucker import reconstruct
+from flora.kinds import LayerKind, add_kind
 from flora.layers._grouped import grouped_conv
 from flora.layers.base import FLoRALayer, TuckerDelta, scaled_core
 
@@ -259,3 +260,8 @@ class Conv3d(_ConvNd):
     kind = "Conv3d"
     base_type = nn.Conv3d
     _conv = F.conv3d
+
+
+for _layer in (Conv1d, Conv2d, Conv3d):
+    add_kind(LayerKind(_layer.kind, (_layer.base_type,), _layer, lora="conv"))
+del _layer

@@ -10,6 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
+from flora.kinds import LayerKind, add_kind
 from flora.layers._thin import thin_matmul_t
 from flora.layers.base import FLoRALayer, TuckerDelta, scaled_core
 
@@ -107,3 +108,6 @@ class Embedding(FLoRALayer):
             product(tokens, rank1, dim),
         ]
         return factorized, Op(0, 2 * tokens * dim + rows * dim), tokens, tokens * dim
+
+
+add_kind(LayerKind("Embedding", (nn.Embedding,), Embedding, lora="embedding"))

@@ -10,6 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flora._cost import Op, product
+from flora.kinds import LayerKind, add_kind
 from flora.layers._thin import thin_matmul, thin_matmul_t
 from flora.layers.base import FLoRALayer, TuckerDelta, scaled_core
 
@@ -73,7 +74,7 @@ class Linear(FLoRALayer):
         return F.linear(x, delta)
 
     def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.base_layer.weight + delta, self.base_layer.bias)
+        return F.linear(x, self.base_weight() + delta, self.base_layer.bias)
 
     @classmethod
     def _ops(
@@ -89,3 +90,6 @@ class Linear(FLoRALayer):
             product(tokens, out_rank, out_size),
         ]
         return factorized, product(tokens, in_size, out_size), elements, tokens * out_size
+
+
+add_kind(LayerKind("Linear", (nn.Linear,), Linear, lora="linear", all_linear=True))

@@ -38,7 +38,7 @@ from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport
 from tuckerlib.cli.common import UsageError
 from tuckerlib.decompositions._truncation import default_order
 from tuckerlib.io import Adapter, AdapterLayer
-from tuckerlib.io.flora_format import KINDS
+from tuckerlib.io._kinds import known_tensor_class
 
 __all__ = [
     "ADAPTER_JSON_VERSION",
@@ -188,8 +188,7 @@ def _tucker_error(
 
 
 def _kind(layer: AdapterLayer) -> str:
-    rule = KINDS.get(layer.kind)
-    return (rule and rule.tensor_kind) or tensor_kind(layer.name, layer.shape)
+    return known_tensor_class(layer.kind) or tensor_kind(layer.name, layer.shape)
 
 
 def analyze_layer(layer: AdapterLayer, options: AnalyzeOptions) -> AdapterTensorReport | str:

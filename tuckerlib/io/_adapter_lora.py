@@ -157,6 +157,9 @@ class _Options:
     fan_in_fan_out: bool
     target_parameters: tuple[str, ...]
     lora_bias: bool = False
+    #: PEFT's MultiheadAttention layer adds the out_proj pair twice (see
+    #: :data:`DOUBLED_OUT_PROJ`); its update is then ``2 · scaling · B A``.
+    doubled_out_proj: bool = True
 
     def _pattern(
         self, patterns: tuple[tuple[Callable[[str], bool], Any], ...], name: str, default: Any
@@ -221,7 +224,29 @@ def _options(where: str, config: Mapping[str, Any]) -> _Options:
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         target_parameters=tuple(targets),
         lora_bias=config.get("lora_bias", False),
+        doubled_out_proj=doubles_out_proj(config.get("peft_version")),
     )
+
+
+#: The last PEFT release whose MultiheadAttention layer adds its out_proj pair
+#: twice, in merge and in every forward (``W + 2 · scaling · B A``;
+#: huggingface/peft#3774 fixes it). Adapters saved by it, or without a
+#: ``peft_version``, are read as that release computes them.
+DOUBLED_OUT_PROJ = (0, 21, 2)
+
+
+def doubles_out_proj(peft_version: object) -> bool:
+    """Whether PEFT ``peft_version`` adds a MultiheadAttention's out_proj update twice.
+
+    Examples
+    --------
+    >>> doubles_out_proj("0.21.2"), doubles_out_proj("0.22.0"), doubles_out_proj(None)
+    (True, False, True)
+    """
+    found = (
+        re.match(r"(\d+)\.(\d+)\.(\d+)", peft_version) if isinstance(peft_version, str) else None
+    )
+    return found is None or tuple(int(g) for g in found.groups()) <= DOUBLED_OUT_PROJ
 
 
 @dataclass(frozen=True)
@@ -487,10 +512,47 @@ def _check_shapes(path: Path, pair: _Pair) -> None:
         )
 
 
-def _plan_pair(path: Path, pair: _Pair, options: _Options, weights: Checkpoint) -> _Plan:
+def _attention_owner(pair: _Pair, pairs: Mapping[str, _Pair]) -> str | None:
+    """``X`` if ``pair`` is the out-projection pair of PEFT's MultiheadAttention layer ``X``.
+
+    PEFT keeps it under ``X.base_layer.out_proj`` beside the packed
+    in-projection pair ``X`` of a ``(3E, E)`` weight, where out_proj is
+    ``(E, E)``.
+    """
+    owner = pair.name.removesuffix(".base_layer.out_proj")
+    inner = pairs.get(owner)
+    if owner == pair.name or inner is None or inner.embedding or pair.embedding:
+        return None
+    size = pair.b_shape[0]
+    square = len(pair.a_shape) == 2 and pair.a_shape[1] == size
+    packed = len(inner.a_shape) == 2 and inner.a_shape[1] == size and inner.b_shape[0] == 3 * size
+    return owner if square and packed else None
+
+
+def _plan_attention_out(path: Path, pair: _Pair, options: _Options, owner: str) -> _Plan:
+    """PEFT's out_proj pair of attention ``owner``: the attention's rank and scaling, as PEFT.
+
+    Read as the update PEFT applies: twice the pair for the releases that
+    add it twice (:data:`DOUBLED_OUT_PROJ`).
+    """
+    name = f"{owner}.out_proj"
+    if options.lora_bias:
+        return name, _bias_refused("a MultiheadAttention")
+    _check_rank(path, pair, options.rank(owner), pair.a_shape[0])
+    _require_bias(path, pair, options)
+    scaling = options.scaling(owner) * (2 if options.doubled_out_proj else 1)
+    return name, _linear(pair, scaling, kind="Linear", name=name, transposed=False, dropout=0.0)
+
+
+def _plan_pair(
+    path: Path, pair: _Pair, options: _Options, weights: Checkpoint, pairs: Mapping[str, _Pair]
+) -> _Plan:
     """``(name, reader)`` for a layer with a Tucker form, ``(name, reason)`` otherwise."""
     if "base_layer" in pair.name.split("."):
-        return pair.name, _NESTED
+        owner = _attention_owner(pair, pairs)
+        if owner is None:
+            return pair.name, _NESTED
+        return _plan_attention_out(path, pair, options, owner)
     _check_shapes(path, pair)
     if pair.embedding:
         if options.lora_bias:
@@ -524,8 +586,9 @@ def open_lora(directory: Path, config: dict[str, Any]) -> Adapter:
     try:
         pairs, skipped = _pairs(directory, weights, list(modules), options.lora_bias)
         readers: dict[str, LayerReader] = {}
+        by_name = {pair.name: pair for pair in pairs}
         for pair in pairs:
-            name, plan = _plan_pair(directory, pair, options, weights)
+            name, plan = _plan_pair(directory, pair, options, weights, by_name)
             if isinstance(plan, str):
                 skipped.append((name, plan))
             else:

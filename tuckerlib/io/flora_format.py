@@ -50,12 +50,12 @@ import numbers
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, TypeGuard
 
 import array_api_compat
 
 from tuckerlib._namespace import get_namespace
+from tuckerlib.io._kinds import BIAS_KINDS, KINDS, KindRule, geometry_of
 
 __all__ = [
     "CONFIG_NAME",
@@ -142,50 +142,8 @@ EMBEDDING_KEYS = ("padding_idx", "max_norm")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-@dataclass(frozen=True)
-class KindRule:
-    """What a saved layer of one kind means: the axes of ``ΔW`` and what else it records.
-
-    Attributes
-    ----------
-    modes : str
-        The weight's axes, which ``ΔW`` and the factors share.
-    bias : bool
-        Whether the layer can carry a bias update ``Δb`` of shape ``(shape[0],)``.
-    geometry : tuple of str
-        The keys of its ``geometry`` record; empty for kinds without one.
-    masked_row : str or None
-        The geometry key naming a row of ``ΔW`` the layer never applies
-        (an embedding's ``padding_idx``): that row of ``U_0`` reads as zero.
-    tensor_kind : str or None
-        Its class in :data:`tuckerlib.analysis.TENSOR_KINDS` (``"linear"``,
-        ``"conv"``, ``"embedding"``); None where only the weight's name and
-        shape tell (:func:`tuckerlib.analysis.tensor_kind`).
-    """
-
-    modes: str
-    bias: bool = False
-    geometry: tuple[str, ...] = ()
-    masked_row: str | None = None
-    tensor_kind: str | None = None
-
-
-#: The layer kinds a record may name, each with its ΔW-geometry rule.
-KINDS: Mapping[str, KindRule] = MappingProxyType(
-    {
-        "Linear": KindRule("(out, in)", bias=True, tensor_kind="linear"),
-        "Conv1d": KindRule("(out, in/groups, k)", True, CONV_KEYS, tensor_kind="conv"),
-        "Conv2d": KindRule("(out, in/groups, kh, kw)", True, CONV_KEYS, tensor_kind="conv"),
-        "Conv3d": KindRule("(out, in/groups, kd, kh, kw)", True, CONV_KEYS, tensor_kind="conv"),
-        "Embedding": KindRule(
-            "(num_embeddings, dim)",
-            geometry=EMBEDDING_KEYS,
-            masked_row="padding_idx",
-            tensor_kind="embedding",
-        ),
-        "Parameter": KindRule("the parameter's own axes"),
-    }
-)
+#: The geometry record keys of each geometry a kind may take (:func:`geometry_of`).
+_GEOMETRY_KEYS = {"conv": CONV_KEYS, "embedding": EMBEDDING_KEYS}
 
 
 def loads(data: bytes | str) -> Any:
@@ -450,9 +408,10 @@ def check_bias(value: object, kind: str | None = None) -> bool:
     """  # noqa: E501
     if not is_bool(value):
         raise TypeError(f"bias must be True or False, got {value!r}")
-    if value and kind is not None and not (kind in KINDS and KINDS[kind].bias):
-        kinds = tuple(k for k, rule in KINDS.items() if rule.bias)
-        raise ValueError(f"bias updates exist for {kinds} layers only, not for a {kind}")
+    if value and kind is not None and kind not in BIAS_KINDS:
+        raise ValueError(
+            f"bias updates exist for {tuple(BIAS_KINDS)} layers only, not for a {kind}"
+        )
     return bool(value)
 
 
@@ -693,11 +652,11 @@ def check_geometry(kind: str, shape: Sequence[int], record: object) -> dict[str,
     >>> check_geometry("Embedding", (10, 4), {"padding_idx": 0, "max_norm": None})
     {'padding_idx': 0, 'max_norm': None}
     """
-    rule = KINDS.get(kind)
-    if rule is None or not rule.geometry:
-        with_geometry = [k for k, r in KINDS.items() if r.geometry]
+    geometry = geometry_of(kind) if kind in KINDS else None
+    if geometry is None:
+        with_geometry = [k for k in KINDS if geometry_of(k)]
         raise ValueError(f"a {kind} layer has no geometry; only {with_geometry} layers do")
-    keys = rule.geometry
+    keys = _GEOMETRY_KEYS[geometry]
     if not isinstance(record, Mapping) or set(record) != set(keys):
         found = sorted(record) if isinstance(record, Mapping) else type(record).__name__
         raise ValueError(f"the geometry of a {kind} must have keys {list(keys)}, got {found}")
@@ -799,9 +758,10 @@ class LayerRecord:
 
     @property
     def masked_row(self) -> int | None:
-        """The row of ``ΔW`` the layer never applies (its kind's ``masked_row``), if any."""
-        key = KINDS[self.kind].masked_row
-        return None if key is None or self.geometry is None else self.geometry.get(key)
+        """The row of ``ΔW`` the layer never applies (an embedding's ``padding_idx``), if any."""
+        if geometry_of(self.kind) != "embedding" or self.geometry is None:
+            return None
+        return self.geometry.get("padding_idx")
 
 
 def _positive_ints(value: object) -> TypeGuard[list[int]]:
