@@ -171,7 +171,11 @@ def resolve(modules: dict[str, nn.Module], name: str, kind: str) -> Site:
                 f"{type(module).__name__}"
             )
         stored = getattr(module, "weight", None)
-        return Site(name, kind, module, None, None, found.read_weight(module), stored)
+        try:
+            weight = found.read_weight(module)
+        except ValueError as exc:  # a base the kind cannot read (yet), e.g. not quantized
+            raise ValueError(f"layer {name!r}: {exc}") from None
+        return Site(name, kind, module, None, None, weight, stored)
     owner_name, _, parameter = name.rpartition(".")
     owner = modules.get(owner_name)
     if owner is None or isinstance(owner, (FLoRALayer, ModulesToSave)):

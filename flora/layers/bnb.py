@@ -344,6 +344,10 @@ class QuantizedLinear(Linear):
     (False, True)
     """
 
+    def __init__(self, base_layer: nn.Module, *args: object, **kwargs: object):
+        _check_ready(base_layer)  # a TypeError for a plain torch.nn.Linear
+        super().__init__(base_layer, *args, **kwargs)
+
     def add_adapter(self, name: str, adapter: TuckerDelta) -> None:
         """Add ``adapter`` as :meth:`flora.AdaptedWeight.add_adapter` does.
 
