@@ -30,8 +30,8 @@ from flora.layers import (
     TuckerParametrization,
 )
 from flora.layers.bnb import refuse_initial_update
-from tuckerlib.io._kinds import by_parameter
 from tuckerlib.io.flora_format import check_layer_name
+from tuckerlib.io.layer_kinds import by_parameter
 
 __all__ = [
     "Addition",

@@ -31,8 +31,8 @@ from flora.kinds import lora_form, record_of
 from flora.layers import FLoRALayer
 from tuckerlib.io import AdapterLayer, open_adapter
 from tuckerlib.io._adapter_lora import DOUBLED_OUT_PROJ
-from tuckerlib.io._kinds import kind_rule
 from tuckerlib.io.flora_format import bias_key, core_key, difference, factor_key, saved_key
+from tuckerlib.io.layer_kinds import kind_rule
 
 __all__ = [
     "ExportLayer",

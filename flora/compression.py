@@ -26,8 +26,8 @@ from flora.layers import AdaptedWeight, FLoRALayer, TuckerDelta
 from flora.spec import clip_ranks
 from tuckerlib import energy_ranks
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
-from tuckerlib.io._kinds import known_tensor_class
 from tuckerlib.io.flora_format import update_factors
+from tuckerlib.io.layer_kinds import known_tensor_class
 
 __all__ = ["DEFAULT_LORA_RANK", "compress"]
 

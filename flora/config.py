@@ -21,7 +21,7 @@ from flora.spec import (
     check_scale,
     check_template,
 )
-from tuckerlib.io._kinds import DEFAULT_RANKS as _KIND_DEFAULT_RANKS
+from tuckerlib.io.layer_kinds import DEFAULT_RANKS as _KIND_DEFAULT_RANKS
 
 __all__ = ["DEFAULT_RANKS", "DEFAULT_TARGET_MODULES", "FLoRAConfig", "name_matches"]
 

@@ -1,8 +1,9 @@
-"""How fast each parameter group of each adapter moves ``ΔW`` per unit of learning rate.
+r"""How fast each parameter group of each adapter moves ``ΔW`` per unit of learning rate.
 
-:func:`sensitivity` takes one gradient of a loss and reports, for every
+:func:`flora.sensitivity` takes one gradient of a loss and reports, for every
 adapted layer and every parameter group of its active adapter (the core and
-each factor ``U_n``), the gradient's norm and ``‖ΔW(θ − η·sign(g)) − ΔW(θ)‖ / η``:
+each factor ``U_n``), the gradient's norm and
+:math:`\|\Delta W(\theta - \eta\,\mathrm{sign}(g)) - \Delta W(\theta)\| / \eta`:
 how far ``ΔW`` moves, per unit of learning rate ``η``, when that group
 alone takes Adam's first step (which is ``η·sign(g)`` for every entry with a
 non-zero gradient). ``ΔW`` is linear in each group, so the figure is exact
@@ -34,7 +35,7 @@ Loss = Callable[[nn.Module], torch.Tensor] | Mapping[str, object]
 
 @dataclass(frozen=True)
 class SensitivityRecord:
-    """One parameter group of one adapted layer.
+    r"""One parameter group of one adapted layer.
 
     Attributes
     ----------
@@ -48,7 +49,8 @@ class SensitivityRecord:
     grad_norm : float
         Frobenius norm of the loss gradient with respect to the group.
     delta_per_lr : float
-        ``‖ΔW(θ − η·sign(g)) − ΔW(θ)‖_F / η``: the change of ``ΔW`` per unit
+        :math:`\|\Delta W(\theta - \eta\,\mathrm{sign}(g)) - \Delta W(\theta)\|_F / \eta`: the
+        change of ``ΔW`` per unit
         of learning rate under one Adam-like step of this group alone.
     """
 
@@ -61,7 +63,7 @@ class SensitivityRecord:
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """The records of :func:`sensitivity`, one per (layer, group); prints as a table.
+    """The records of :func:`flora.sensitivity`, one per (layer, group); prints as a table.
 
     Attributes
     ----------
@@ -191,7 +193,7 @@ def _lora_records(
 def sensitivity(
     model: nn.Module, loss: Loss, *, lora_rank: int | None = None, seed: int = 0
 ) -> Sensitivity:
-    """Per adapted layer and parameter group: gradient norm and ``ΔW`` moved per unit LR.
+    r"""Per adapted layer and parameter group: gradient norm and ``ΔW`` moved per unit LR.
 
     One forward and backward of ``loss`` at the model's current parameters
     (train or eval mode as the model is; nothing is changed, ``.grad`` is
@@ -212,7 +214,7 @@ def sensitivity(
         Face model (``model(**batch).loss``).
     lora_rank : int, optional
         Rank of the LoRA reference; default per layer: the largest whose
-        ``r (I_0 + prod_{n>0} I_n)`` fits the adapter's parameter count
+        :math:`r (I_0 + \prod_{n>0} I_n)` fits the adapter's parameter count
         (at least 1); a ``(r, r)`` Linear adapter's is ``r``.
     seed : int, optional
         Seeds the draw of the LoRA reference's ``A``.

@@ -1,11 +1,11 @@
-"""How a FLoRA adapter starts: ``"balanced"``, ``"zero_core"``, ``"gaussian"`` or ``"hosvd"``.
+r"""How a FLoRA adapter starts: ``"balanced"``, ``"zero_core"``, ``"gaussian"`` or ``"hosvd"``.
 
 * ``"balanced"``: the LoRA-equivalent start (see :doc:`/initialisation`).
   The mode-0 factor ``U_0`` is zero, the core is an identity between mode
-  0 and the other modes (``G_(0) = [I 0]``, shape ``R_0 × prod_{n>0} R_n``)
+  0 and the other modes (:math:`G_{(0)} = [I \; 0]`, shape :math:`R_0 \times \prod_{n>0} R_n`)
   and the other factors carry PEFT's ``lora_A`` draw. A Linear adapter
-  ``U_0 G U_1ᵀ`` is then PEFT's LoRA with ``U_0 = lora_B = 0``, ``G = I``
-  and ``U_1ᵀ = lora_A`` (``kaiming_uniform_(a=sqrt(5))`` drawn on the
+  :math:`U_0 G U_1^\top` is then PEFT's LoRA with ``U_0 = lora_B = 0``, ``G = I``
+  and :math:`U_1^\top` = ``lora_A`` (``kaiming_uniform_(a=sqrt(5))`` drawn on the
   ``(R_1, in)`` matrix, the very draw PEFT makes); an Embedding's ``U_1``
   is PEFT's ``lora_embedding_B`` (standard normal) and ``U_0`` its zero
   ``lora_embedding_A``. With ``scale = 1`` such an adapter has LoRA's
@@ -86,7 +86,7 @@ def _lora_a(size: int, rank: int, **options) -> torch.Tensor:
 def balanced_init(
     kind: str, shape: Sequence[int], ranks: Sequence[int], **options
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Core and factors of ``init="balanced"`` (see the module docstring); ``ΔW = 0`` exactly.
+    r"""Core and factors of ``init="balanced"`` (see the module docstring); ``ΔW = 0`` exactly.
 
     Parameters
     ----------
@@ -94,8 +94,8 @@ def balanced_init(
         The layer kind: ``"Embedding"`` draws ``U_1`` standard normal (PEFT's
         ``lora_embedding_B``); every other kind draws it as PEFT's ``lora_A``.
     shape, ranks : sequence of int
-        The weight's shape and the adapter's usable ranks (``R_0 <=
-        prod_{n>0} R_n``); a 1-D weight gets ``U_0 = 0`` and core ``[1]``.
+        The weight's shape and the adapter's usable ranks (:math:`R_0 \le
+        \prod_{n>0} R_n`); a 1-D weight gets ``U_0 = 0`` and core ``[1]``.
     **options
         ``dtype`` and ``device`` of the tensors.
 

@@ -7,8 +7,8 @@ write a merged one back, the FLoRA layer class that runs the forward branch,
 and how PEFT's LoRA represents it. The torch-free facts (default ranks,
 whether a bias update exists, the geometry record, the update's shape from
 the stored weight's) live in a torch-free table of tuckerlib, which reads
-saved adapters of every kind without torch; :attr:`LayerKind.rule` returns
-them. :func:`register_layer_kind` adds a user's own kind to both.
+saved adapters of every kind without torch; :attr:`flora.LayerKind.rule` returns
+them. :func:`flora.register_layer_kind` adds a user's own kind to both.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tuckerlib.io._kinds import (
+from tuckerlib.io.layer_kinds import (
     KINDS,
     KindRule,
     kind_rule,
@@ -215,11 +215,11 @@ def register_layer_kind(
     write_weight: Callable[[nn.Module, torch.Tensor], None] | None = None,
     name: str | None = None,
 ) -> LayerKind:
-    """Let ``inject`` adapt modules of a type of your own with ``layer``.
+    r"""Let ``inject`` adapt modules of a type of your own with ``layer``.
 
     ``layer`` is a :class:`flora.FLoRALayer` subclass that names the kind
     (its ``kind``) and runs the adapter branch (see :class:`flora.FLoRALayer`);
-    a module that computes a linear map ``x Wᵀ (+ b)`` of its ``(out, in)``
+    a module that computes a linear map :math:`x W^\top (+ b)` of its ``(out, in)``
     ``weight`` takes everything from :class:`flora.Linear`. After
     registration, :func:`flora.inject`,
     :func:`flora.merge`, :func:`flora.unload`, :func:`flora.save_adapter` and
@@ -319,7 +319,7 @@ def register_layer_kind(
 
 
 def unregister_layer_kind(name: str) -> None:
-    """Remove the user kind ``name`` (registered with :func:`register_layer_kind`).
+    """Remove the user kind ``name`` (registered with :func:`flora.register_layer_kind`).
 
     Models already adapted keep their layers; new ``inject`` calls no longer
     match the kind's module types, and its adapters no longer load.

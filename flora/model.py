@@ -36,7 +36,7 @@ from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
 from flora.layers.bnb import refuse_dense_state
-from tuckerlib.io._kinds import kind_rule
+from tuckerlib.io.layer_kinds import kind_rule
 
 __all__ = [
     "adapted_layers",

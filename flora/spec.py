@@ -24,8 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tuckerlib.io._kinds import BIAS_KINDS as _BIAS_KINDS
-from tuckerlib.io._kinds import KINDS as _KINDS
 from tuckerlib.io.flora_format import (
     FORWARD_MODES,
     INIT_MODES,
@@ -44,6 +42,8 @@ from tuckerlib.io.flora_format import (
     resolve_init,
     usable_ranks,
 )
+from tuckerlib.io.layer_kinds import BIAS_KINDS as _BIAS_KINDS
+from tuckerlib.io.layer_kinds import KINDS as _KINDS
 
 __all__ = [
     "BIAS_KINDS",

@@ -15,7 +15,7 @@ from torch import nn
 import flora
 from flora.kinds import kind_of_module, layer_kind, registered_kinds
 from tuckerlib.io import open_adapter
-from tuckerlib.io._kinds import KINDS, kind_rule
+from tuckerlib.io.layer_kinds import KINDS, kind_rule
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "layer_kinds.rst"
 
@@ -105,7 +105,9 @@ def test_torch_free_rules_give_the_update_shape() -> None:
     assert kind_rule("Linear").delta_shape((96, 32)) == (96, 32)
     with pytest.raises(ValueError, match=r"kind must be one of .*got 'Nope'"):
         kind_rule("Nope")
-    code = "import sys, tuckerlib.io._kinds as k; print(k.KINDS); print('torch' in sys.modules)"
+    code = (
+        "import sys, tuckerlib.io.layer_kinds as k; print(k.KINDS); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[1] == "False"
 

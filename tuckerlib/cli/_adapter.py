@@ -38,7 +38,7 @@ from tuckerlib.cli._report import AnalyzeOptions, Report, TensorReport
 from tuckerlib.cli.common import UsageError
 from tuckerlib.decompositions._truncation import default_order
 from tuckerlib.io import Adapter, AdapterLayer
-from tuckerlib.io._kinds import known_tensor_class
+from tuckerlib.io.layer_kinds import known_tensor_class
 
 __all__ = [
     "ADAPTER_JSON_VERSION",

@@ -55,7 +55,7 @@ from typing import Any, TypeGuard
 import array_api_compat
 
 from tuckerlib._namespace import get_namespace
-from tuckerlib.io._kinds import BIAS_KINDS, KINDS, KindRule, geometry_of
+from tuckerlib.io.layer_kinds import BIAS_KINDS, KINDS, geometry_of
 
 __all__ = [
     "CONFIG_NAME",
@@ -75,7 +75,6 @@ __all__ = [
     "SAVED_PREFIX",
     "WEIGHTS_NAME",
     "AdapterDocument",
-    "KindRule",
     "LayerRecord",
     "as_int",
     "bias_key",
@@ -416,7 +415,7 @@ def check_bias(value: object, kind: str | None = None) -> bool:
 
 
 def check_init(value: object) -> str:
-    """``value`` if it is one of :data:`INIT_MODES`.
+    """``value`` if it is one of :data:`tuckerlib.io.flora_format.INIT_MODES`.
 
     Examples
     --------

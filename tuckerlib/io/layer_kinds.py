@@ -47,7 +47,7 @@ class KindRule:
     name : str
         The kind as saved adapters record it (an identifier).
     tensor_class : str
-        One of :data:`TENSOR_CLASSES`: how the update is classified.
+        One of :data:`tuckerlib.io.layer_kinds.TENSOR_CLASSES`: how the update is classified.
     default_ranks : int or tuple of int
         The ranks used when a config does not name this kind.
     bias : bool
@@ -64,7 +64,7 @@ class KindRule:
 
     Examples
     --------
-    >>> from tuckerlib.io._kinds import kind_rule
+    >>> from tuckerlib.io.layer_kinds import kind_rule
     >>> kind_rule("Conv1D").delta_shape((768, 2304))
     (2304, 768)
     """
