@@ -96,18 +96,6 @@ def test_embedding_mixed_batch_matches_each_sample_alone() -> None:
     _assert_routed(model, ids)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_the_base_layer_runs_once_for_the_whole_batch(dropout: float) -> None:
-    torch.manual_seed(0)
-    model = _three_adapters(nn.Sequential(nn.Linear(7, 4)), ["0"], dropout=dropout).eval()
-    rows = []
-    hook = model[0].base_layer.register_forward_hook(lambda m, args, out: rows.append(len(out)))
-    model(torch.randn(len(NAMES), 7, dtype=DTYPE), adapter_names=NAMES)
-    hook.remove()
-    assert rows == [len(NAMES)]  # one base op for all samples, whatever their adapters
-    _assert_routed(model, torch.randn(len(NAMES), 7, dtype=DTYPE))
-
-
 def test_user_module_with_keyword_inputs() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -73,41 +73,6 @@ class Route:
             self._indices[key] = (torch.tensor(rows, device=device), span)
         return self._indices[key]
 
-    def _check(self, where: str, x: torch.Tensor) -> int | None:
-        """``x``'s leading dimension, after checking it is the batch size or 1."""
-        lead = x.shape[0] if x.ndim else None
-        if lead not in (self.batch, 1):
-            raise ValueError(
-                f"adapter_names routes a batch of {self.batch}, but module {where!r} got an "
-                f"input of shape {list(x.shape)}: per-sample routing needs the batch first"
-            )
-        return lead
-
-    def split(
-        self, where: str, x: torch.Tensor, keys: Sequence[object]
-    ) -> list[tuple[object, torch.Tensor, torch.Tensor]]:
-        """``(key, indices, samples)`` for each distinct key of ``keys`` (one per group).
-
-        Groups with equal keys go together; ``samples`` are the rows of ``x``
-        at ``indices`` (a view when they are contiguous), or ``x`` itself
-        when its leading dimension is 1 (broadcast over the batch).
-
-        Raises
-        ------
-        ValueError
-            If ``x``'s leading dimension is neither the batch size nor 1.
-        """
-        lead = self._check(where, x)
-        runs: dict[object, list[int]] = {}
-        for group, key in enumerate(keys):
-            runs.setdefault(key, []).append(group)
-        parts = []
-        for key, groups in runs.items():
-            index, span = self._rows(tuple(groups), x.device)
-            samples = x if lead == 1 else self._take(x, tuple(groups), index, span)
-            parts.append((key, index, samples))
-        return parts
-
     def run(
         self,
         where: str,
@@ -136,11 +101,21 @@ class Route:
             If ``x``'s leading dimension is neither the batch size nor 1, or
             an output is not a tensor with the samples first.
         """
-        lead = self._check(where, x)
-        if len(set(keys)) == 1:
+        lead = x.shape[0] if x.ndim else None
+        if lead not in (self.batch, 1):
+            raise ValueError(
+                f"adapter_names routes a batch of {self.batch}, but module {where!r} got an "
+                f"input of shape {list(x.shape)}: per-sample routing needs the batch first"
+            )
+        runs: dict[object, list[int]] = {}
+        for group, key in enumerate(keys):
+            runs.setdefault(key, []).append(group)
+        if len(runs) == 1:
             return call(keys[0], x)
         out = None
-        for key, index, samples in self.split(where, x, keys):
+        for key, groups in runs.items():
+            index, span = self._rows(tuple(groups), x.device)
+            samples = x if lead == 1 else self._take(x, tuple(groups), index, span)
             result = call(key, samples)
             if not isinstance(result, torch.Tensor) or result.ndim == 0:
                 raise ValueError(
@@ -153,24 +128,6 @@ class Route:
                 out = result.new_empty((self.batch, *result.shape[1:]))
             out.index_copy_(0, index, result)
         return out
-
-    @staticmethod
-    def add(out: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """``out`` with each ``(indices, rows)`` of ``parts`` added at its rows.
-
-        In place when no gradient is recorded; otherwise one out-of-place
-        ``index_add`` of all parts, so that nothing autograd saved changes.
-        """
-        if not parts:
-            return out
-        if not torch.is_grad_enabled() or not (
-            out.requires_grad or any(rows.requires_grad for _, rows in parts)
-        ):
-            for index, rows in parts:
-                out.index_add_(0, index, rows)
-            return out
-        index = torch.cat([index for index, _ in parts])
-        return out.index_add(0, index, torch.cat([rows for _, rows in parts]))
 
     def _take(
         self, x: torch.Tensor, groups: tuple[int, ...], index: torch.Tensor, span: slice | None

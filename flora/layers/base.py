@@ -994,8 +994,7 @@ class FLoRALayer(AdaptedWeight):
         """
         return self._choose(self.adapter(adapter_name), x)
 
-    def _choose(self, adapter: TuckerDelta, x: torch.Tensor, fuse: bool = True) -> str:
-        """The branch computation for ``x``; ``fuse=False`` when ``ΔW`` cannot join the base op."""
+    def _choose(self, adapter: TuckerDelta, x: torch.Tensor) -> str:
         spec = adapter.spec
         if not self.factorizable or spec.forward == "dense":
             return "dense"
@@ -1012,7 +1011,7 @@ class FLoRALayer(AdaptedWeight):
             spec.shape,
             spec.ranks,
             shape,
-            fuse and self._fusable(adapter, adapter.core),
+            self._fusable(adapter, adapter.core),
             training,
             training and x.requires_grad,
         )
@@ -1041,54 +1040,13 @@ class FLoRALayer(AdaptedWeight):
         return self._forward_terms(x, *self._terms())
 
     def _forward_routed(self, x: torch.Tensor, route: Route, where: str) -> torch.Tensor:
-        """Each group of samples as if its adapter alone were active.
-
-        The base layer runs once on the whole batch, and each group's
-        branches are added at its rows; an input broadcast over the batch
-        (leading dimension 1) runs each group whole instead.
-        """
         groups = {}
         for name, _ in route.groups:
             running, idle = self._terms(() if name == BASE else (name,))
-            groups[name] = ((*map(id, running), None, *map(id, idle)), running, idle)
+            groups[name] = (tuple(id(a) for a in running), running, idle)
         keys = [groups[name][0] for name, _ in route.groups]
         terms = {key: (running, idle) for key, running, idle in groups.values()}
-        if x.ndim == 0 or x.shape[0] != route.batch or len(terms) == 1:
-            return route.run(where, x, keys, lambda key, xs: self._forward_terms(xs, *terms[key]))
-        out = self.base_layer(x)
-        parts = [
-            (index, self._branches(samples, *terms[key], out.dtype))
-            for key, index, samples in route.split(where, x, keys)
-            if key != (None,)
-        ]
-        return route.add(out, parts)
-
-    def _branches(
-        self,
-        x: torch.Tensor,
-        running: list[TuckerDelta],
-        idle: list[TuckerDelta],
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """What ``running``'s branches and ``idle``'s initial updates add to ``base_layer(x)``."""
-        branches = []
-        shared: list[torch.Tensor | None] = [a.initial_delta().detach() for a in idle]
-        for adapter in running:
-            mode = self._choose(adapter, x, fuse=False)
-            if mode == "dense" and self._dropout_off(adapter):
-                shared.append(adapter.delta_weight())
-                continue
-            branch_input = self._branch_input(x, adapter)
-            if mode == "factorized":
-                branches.append(self._factorized(branch_input, adapter))
-            else:
-                branches.append(self._dense(branch_input, self._mask(adapter.delta_weight())))
-        delta = self._sum(shared)
-        if delta is not None:
-            branches.append(self._dense(self._cast_input(x, delta.dtype), delta))
-        out = functools.reduce(operator.add, [cast(b, dtype) for b in branches])
-        bias = self._bias_sum(running)
-        return out if bias is None else out + cast(self._bias_view(bias), dtype)
+        return route.run(where, x, keys, lambda key, xs: self._forward_terms(xs, *terms[key]))
 
     def _forward_terms(
         self, x: torch.Tensor, running: list[TuckerDelta], idle: list[TuckerDelta]
