@@ -15,7 +15,7 @@ import torch
 
 from tuckerlib import fold, unfold
 
-__all__ = ["block_sum", "compress", "mode_order", "reconstruct", "to_usable_ranks"]
+__all__ = ["block_sum", "mode_order", "reconstruct", "to_usable_ranks"]
 
 
 def mode_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int]) -> list[int]:
@@ -94,8 +94,3 @@ def block_sum(
         offsets = [o + r for o, r in zip(offsets, block.shape, strict=True)]
     factors = [torch.cat([f[n] for _, f in terms], dim=1) for n in range(len(ranks))]
     return to_usable_ranks(core, factors)
-
-
-#: The name flora/layers imports (issue 21: the split of flora/layers/base.py moves
-#: that import to :func:`to_usable_ranks`; then this alias goes).
-compress = to_usable_ranks
