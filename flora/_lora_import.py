@@ -41,7 +41,6 @@ from flora._lora_errors import LoraConversionError
 from flora._tucker import reconstruct
 from flora.kinds import kind_of_module
 from flora.layers import FLoRALayer, ModulesToSave, TuckerDelta
-from flora.layers.bnb import is_quantized
 from flora.spec import BIAS_KINDS
 from tuckerlib.io import AdapterLayer, open_adapter
 
@@ -204,13 +203,11 @@ def _matrix(
     attention = _attention_target(name, modules, out_in, core, factors)
     if attention is not None:
         return attention
-    if kind == "Linear" and tuple(base.weight.shape) == out_in:
-        return _with_bias(_Target(name, "Linear", core, factors), layer, base)
-    if is_quantized(base) and (base.out_features, base.in_features) == out_in:
-        return _with_bias(_Target(name, "Linear", core, factors), layer, base)
-    if kind == "Conv1D" and tuple(base.weight.shape) == out_in[::-1]:
-        return _with_bias(_Target(name, "Conv1D", core, factors), layer, base)
     if kind in ("Linear", "Conv1D"):
+        # The registry reads the base weight as its (out, in) map, whatever the
+        # storage: Conv1D's (in, out), a quantized Linear's packed codes.
+        if tuple(kind_of_module(base).read_weight(base).shape) == out_in:
+            return _with_bias(_Target(name, kind, core, factors), layer, base)
         return (
             f"the LoRA is for a {out_in[0]}x{out_in[1]} (out x in) map, the model's weight has "
             f"shape {list(base.weight.shape)}"

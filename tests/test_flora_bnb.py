@@ -22,6 +22,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from tiny_models import tiny_bert_config
 from torch import nn
 
 import flora
@@ -474,12 +475,11 @@ def test_hosvd_init_is_refused_before_anything_changes(tmp_path) -> None:
 
 def test_a_transformers_model_loaded_in_4bit_trains_saves_and_loads(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
+    config = tiny_bert_config(
         vocab_size=100,
         hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
         intermediate_size=128,
+        max_position_embeddings=512,
         num_labels=3,
     )
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
+from tiny_models import NO_DROPOUT, tiny_bert_config
 from torch import nn
 
 import flora
@@ -71,16 +72,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 
 def _bert() -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = tiny_bert_config(**NO_DROPOUT)
     torch.manual_seed(0)
     model = transformers.BertModel(config)
     # hosvd: non-zero gradients from the first step; the embeddings take the

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_bert_config
 from torch import nn
 
 import flora
@@ -149,14 +150,8 @@ def test_a_local_path_wins_over_a_hub_id(
 def _bert_with_head(tmp_path: Path) -> tuple[nn.Module, nn.Module]:
     """A small BERT saved to ``tmp_path / "base"``, and a copy adapted with a trained head."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=16,
-        num_labels=3,
+    config = tiny_bert_config(
+        hidden_size=32, num_hidden_layers=1, intermediate_size=37, num_labels=3
     )
     torch.manual_seed(0)
     base = transformers.BertForSequenceClassification(config).eval()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from tiny_models import tiny_bert_config
 from torch import nn
 
 import flora
@@ -163,20 +164,8 @@ def test_gradients_reach_each_adapter_from_its_own_samples() -> None:
         torch.testing.assert_close(routed[name], layer.adapters[name].core.grad)
 
 
-def _bert_config() -> transformers.BertConfig:
-    """A two-layer BERT of width 16."""
-    return transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=16,
-    )
-
-
 def test_bert_mixed_batch() -> None:
-    config = _bert_config()
+    config = tiny_bert_config()
     torch.manual_seed(0)
     model = _three_adapters(transformers.BertModel(config).eval(), ["query", "value", "dense"])
     ids = torch.randint(1, 40, (len(NAMES), 7))
@@ -366,7 +355,7 @@ def test_copies_route_and_unload_removes_the_keyword() -> None:
 
 
 def test_training_with_gradient_checkpointing_is_refused() -> None:
-    config = _bert_config()
+    config = tiny_bert_config()
     model = _three_adapters(transformers.BertModel(config), ["query", "value"])
     # transformers 5.x renamed gradient_checkpointing_enable (a deprecated alias now).
     enable = getattr(model, "activation_checkpointing_enable", None)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_bert_config
 from torch import nn
 
 import flora
@@ -19,19 +20,10 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 peft = pytest.importorskip("peft", reason="peft is not installed")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-BERT = {
-    "vocab_size": 40,
-    "hidden_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 24,
-    "max_position_embeddings": 16,
-}
-
 
 def _bert(kind: type[nn.Module] = transformers.BertModel) -> nn.Module:
     torch.manual_seed(0)
-    return kind(transformers.BertConfig(**BERT, num_labels=3))
+    return kind(tiny_bert_config(num_labels=3))
 
 
 def _peft_targets(model: nn.Module, **options: object) -> set[str]:

