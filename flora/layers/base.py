@@ -16,7 +16,18 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:  # torch < 2.12: read the example value a symbolic size carries
+
+    def optimization_hint(a: torch.SymInt | int, fallback: int | None = None) -> int:
+        """The example value of a size, symbolic or not (``fallback`` if it has none)."""
+        if isinstance(a, int):
+            return a
+        hint = a.node.hint
+        return fallback if hint is None else int(hint)
+
 
 from flora._cost import Op, choose, reconstruction_ops
 from flora.config import DEFAULT_RANKS
