@@ -27,6 +27,7 @@ import tuckerlib
 from flora.spec import usable_ranks
 
 __all__ = [
+    "FLORA_LABELS",
     "FLORA_VARIANTS",
     "METHODS",
     "Adapted",
@@ -53,7 +54,7 @@ class FloraVariant:
     rank for both channel modes, the largest that fits).
     """
 
-    init: str = "zero_core"
+    init: str = "auto"
     kernel_rank: int | None = None
     channel_rule: str = "energy"
     scale: float = 1.0
@@ -73,21 +74,27 @@ class Adapted:
         return sum(p.numel() for p in self.trainable)
 
 
-#: FLoRA methods of the main comparison.
+#: FLoRA methods of the main comparison: flora's default init (``"auto"``)
+#: and the candidate inits, each with energy-chosen ranks.
 FLORA_VARIANTS = {
-    "flora_energy": FloraVariant(),
-    "flora_paper": FloraVariant(kernel_rank=2, channel_rule="equal"),
+    "flora": FloraVariant(),
+    "flora_balanced": FloraVariant(init="balanced"),
     "flora_hosvd": FloraVariant(init="hosvd"),
 }
 
-#: Display names, in table order.
+#: Display names of the FLoRA methods.
+FLORA_LABELS = {
+    "flora": "FLoRA default (auto init)",
+    "flora_balanced": "FLoRA balanced init",
+    "flora_hosvd": "FLoRA hosvd init",
+}
+
+#: Display names, in table order (the PEFT anchors join in ``quality.py``).
 METHODS = {
     "full": "Full fine-tuning",
     "head": "Head only",
     "lora": "LoRA (PEFT)",
-    "flora_energy": "FLoRA zero_core, energy ranks",
-    "flora_paper": "FLoRA zero_core, kernel rank 2",
-    "flora_hosvd": "FLoRA hosvd, energy ranks",
+    **FLORA_LABELS,
 }
 
 

@@ -12,15 +12,21 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "ANCHORS",
+    "Paired",
     "Summary",
+    "lr_table",
     "machine",
     "markdown",
+    "paired",
+    "paired_markdown",
     "study_arguments",
     "summarize",
     "timing_table",
     "write_csv",
     "write_figure",
     "write_json",
+    "write_paired",
     "write_study",
     "write_timing",
 ]
@@ -44,6 +50,30 @@ class Summary:
     ms_per_step: float
     memory_kib: float
     ranks: str
+
+
+#: PEFT's methods that FLoRA is compared against; the best of them per budget is "best PEFT".
+ANCHORS = ("lora", "dora", "loha", "lokr")
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One method's test accuracy minus a reference's at one budget, paired by seed."""
+
+    method: str
+    setting: str
+    budget_rank: int
+    reference: str
+    n_seeds: int
+    mean: float
+    se: float
+
+    @property
+    def verdict(self) -> str:
+        """``"ahead"``, ``"level"`` (within one standard error) or ``"behind"``."""
+        if abs(self.mean) <= self.se:
+            return "level"
+        return "ahead" if self.mean > 0 else "behind"
 
 
 def _std(values: Sequence[float]) -> float:
@@ -85,6 +115,84 @@ def summarize(rows: Iterable[dict], n_model: int) -> list[Summary]:
             )
         )
     return summaries
+
+
+def _paired(
+    main: dict[tuple[str, int], dict[int, float]], method: str, budget: int, reference: str
+) -> tuple[int, float, float]:
+    mine, theirs = main[method, budget], main[reference, budget]
+    seeds = sorted(mine.keys() & theirs.keys())
+    diffs = [mine[s] - theirs[s] for s in seeds]
+    se = _std(diffs) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return len(diffs), float(np.mean(diffs)), float(se)
+
+
+def paired(rows: Iterable[dict], labels: dict[str, str]) -> list[Paired]:
+    """Every FLoRA method against LoRA and against the best PEFT anchor, per budget.
+
+    Differences of test accuracy are paired by seed (same seed, same
+    minibatch order); the standard error is the sample standard deviation
+    of the differences over the square root of their number. The best
+    anchor at a budget is the PEFT method (:data:`ANCHORS`) of the highest
+    mean test accuracy there.
+    """
+    main: dict[tuple[str, int], dict[int, float]] = {}
+    for row in rows:
+        if row["study"] == "main" and row["budget_rank"] is not None:
+            main.setdefault((row["method"], row["budget_rank"]), {})[row["seed"]] = row[
+                "test_accuracy"
+            ]
+    budgets = sorted({b for _, b in main})
+    found = []
+    for budget in budgets:
+        anchors = [a for a in ANCHORS if (a, budget) in main]
+        best = max(anchors, key=lambda a: np.mean(list(main[a, budget].values())), default=None)
+        for method in (m for m in labels if m.startswith("flora") and (m, budget) in main):
+            for reference in dict.fromkeys(r for r in ("lora", best) if r is not None):
+                n, mean, se = _paired(main, method, budget, reference)
+                found.append(Paired(method, labels[method], budget, reference, n, mean, se))
+    return found
+
+
+def _paired_cells(found: Sequence[Paired], labels: dict[str, str]) -> list[list[str]]:
+    return [
+        [
+            p.setting,
+            str(p.budget_rank),
+            labels.get(p.reference, p.reference),
+            f"{p.mean:+.3f}",
+            f"{p.se:.3f}",
+            str(p.n_seeds),
+            p.verdict,
+        ]
+        for p in found
+    ]
+
+
+_PAIRED_HEADER = ("Method", "Budget (LoRA r)", "Against", "Paired Δ", "SE", "Seeds", "Verdict")
+
+
+def paired_markdown(found: Sequence[Paired], labels: dict[str, str] | None = None) -> str:
+    """The paired differences as a Markdown table."""
+    lines = ["| " + " | ".join(_PAIRED_HEADER) + " |", "|" + "---|" * len(_PAIRED_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in _paired_cells(found, labels or {})]
+    return "\n".join(lines)
+
+
+def write_paired(path: Path, found: Sequence[Paired], labels: dict[str, str]) -> None:
+    """Write the paired differences for ``.. csv-table::``."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(_PAIRED_HEADER)
+        writer.writerows(_paired_cells(found, labels))
+
+
+def lr_table(chosen: dict[tuple[str, int | None], float]) -> dict[str, dict[str, float]]:
+    """The chosen learning rates as ``{method: {budget: lr}}`` (JSON-friendly keys)."""
+    table: dict[str, dict[str, float]] = {}
+    for (method, budget), lr in chosen.items():
+        table.setdefault(method, {})["n/a" if budget is None else str(budget)] = lr
+    return table
 
 
 _COLUMNS = (
@@ -166,17 +274,31 @@ def write_figure(
     plt.close(fig)
 
 
-def machine() -> dict:
-    """Where a run happened: processor, versions, torch threads and the load average."""
+def _version(distribution: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(device: str = "cpu") -> dict:
+    """Where a run happened: processor, accelerator, versions, torch threads and the load."""
     import os
     import platform
 
     import torch
 
+    accelerator = {}
+    if device.startswith("cuda"):
+        accelerator = {"device": device, "accelerator": torch.cuda.get_device_name()}
     return {
+        **accelerator,
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        **{name: _version(name) for name in ("peft", "transformers")},
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
     }
@@ -187,10 +309,13 @@ def write_study(out: Path, prefix: str, result: dict, labels: dict[str, str], ta
     out.mkdir(parents=True, exist_ok=True)
     for study, summaries in result["summaries"].items():
         write_csv(out / f"{prefix}_{study}.csv", summaries)
+    write_paired(out / f"{prefix}_paired.csv", result["paired"], labels)
     write_figure(out / f"{prefix}.png", result["summaries"]["main"], labels, task)
-    meta = {k: v for k, v in result.items() if k != "summaries"}
-    meta["machine"] = machine()
+    meta = {k: v for k, v in result.items() if k not in ("summaries", "paired")}
+    meta["machine"] = machine(result.get("device", "cpu"))
     write_json(out / f"{prefix}_runs.json", meta)
+    # The study is complete: its progress log (_quality_study.progress_log) is spent.
+    (out / f"{prefix}_progress.jsonl").unlink(missing_ok=True)
 
 
 def write_timing(out: Path | None, prefix: str, rows: Sequence[dict]) -> None:
@@ -211,7 +336,13 @@ def study_arguments(
             "--timing-only", action="store_true", help=f"only time training steps ({timing})"
         )
     parser.add_argument("--out", type=Path, help="folder for the figure, tables and raw runs")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="training runs at a time, one process each (default 2)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per run (default 1)"
+    )
+    parser.add_argument("--device", default="cpu", help="where runs train: cpu (default) or cuda")
     return parser.parse_args(argv)
 
 

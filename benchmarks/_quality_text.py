@@ -69,6 +69,10 @@ class Hidden:
     def __getitem__(self, index: torch.Tensor | slice) -> Hidden:
         return Hidden(self.states[index], self.mask[index])
 
+    def to(self, device: torch.device | str) -> Hidden:
+        """The same batch on ``device``."""
+        return Hidden(self.states.to(device), self.mask.to(device))
+
 
 @dataclass(frozen=True)
 class TextTask:

@@ -44,6 +44,10 @@ class Split:
     x: torch.Tensor
     y: torch.Tensor
 
+    def to(self, device: torch.device | str) -> Split:
+        """The same split on ``device`` (``x`` needs a ``to`` method of its own)."""
+        return Split(self.x.to(device), self.y.to(device))
+
 
 class Splits(Protocol):
     """The train, validation and test splits of a task."""
@@ -133,7 +137,9 @@ class _Stepper:
         self.saved: dict[tuple[int, int], int] = {}
 
     def step(self) -> None:
+        # The order comes from a CPU generator on every device: same seed, same minibatches.
         index = torch.randint(self.train.y.numel(), (self.batch_size,), generator=self.generator)
+        index = index.to(self.train.y.device)
         x, y = self.train.x[index], self.train.y[index]
         if not self.saved:
             with _count_saved_tensors(self.saved):

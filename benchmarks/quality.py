@@ -1,14 +1,17 @@
 """Does FLoRA beat LoRA? Adapters at equal trainable-parameter budgets on real data.
 
 A small CNN pretrained on scikit-learn's upright 8x8 digits is adapted to the
-same digits rotated by 90 degrees. Compared at three budgets (PEFT LoRA at
-rank 1, 2 and 4 on every convolution and the head): FLoRA ``zero_core`` with
-energy-chosen ranks (kernel modes full), FLoRA ``zero_core`` with the paper's
-kernel rank 2, FLoRA ``hosvd``, LoRA (HF PEFT), and full fine-tuning and the
-head alone as the two ends. Five seeds; learning rate per method chosen on a
-validation split; an ablation of FLoRA's kernel ranks and scale (three seeds).
+same digits rotated by 90 degrees. Compared at four budgets (PEFT LoRA at
+rank 1, 2, 4 and 8 on every convolution and the head): FLoRA with its
+default init (``"auto"``) and with the ``"balanced"`` and ``"hosvd"`` inits,
+energy-chosen ranks (kernel modes full); PEFT's LoRA, DoRA, LoHa and LoKr;
+full fine-tuning and the head alone as the two ends. Five seeds; a learning
+rate per method and budget chosen on a validation split
+(``_quality_study.py``); an ablation of FLoRA's kernel ranks and scale
+(three seeds).
 
-Run (on 2 CPU cores; writes the docs' figure and tables)::
+Run (two worker processes of one thread each; writes the docs' figure and
+tables)::
 
     .venv/bin/python benchmarks/quality.py --out docs/_static
 
@@ -26,6 +29,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Hashable
@@ -34,27 +38,38 @@ from pathlib import Path
 
 import torch
 from _quality_methods import FLORA_VARIANTS, METHODS, Adapted, adapt
+from _quality_peft import PEFT_ANCHORS, AnchorSpec, anchor_model, anchor_spec
 from _quality_report import (
+    lr_table,
     machine,
     markdown,
+    paired,
+    paired_markdown,
     study_arguments,
     summarize,
     timing_table,
     write_study,
     write_timing,
 )
-from _quality_setup import DigitsCNN, load_task, pretrain
-from _quality_study import Builder, Plan, Study, time_methods
+from _quality_setup import TARGET_MODULES, DigitsCNN, load_task, pretrain
+from _quality_study import Builder, Plan, Study, progress_log, time_methods
 from _quality_train import TrainSettings, accuracy
+
+#: Display names, in table order: flora's methods, LoRA and PEFT's other anchors.
+ALL_METHODS = {**METHODS, **PEFT_ANCHORS}
 
 _ADAPTER_LRS = (1e-2, 3e-2, 1e-1)
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """Sizes of one run of the benchmark; :data:`FULL` is the published one."""
+    """Sizes of one run of the benchmark; :data:`FULL` is the published one.
 
-    budget_ranks: tuple[int, ...] = (1, 2, 4)
+    Budgets stop at 8: at rank 16 a LoRA of ``conv1`` (9 inputs per output
+    channel) would exceed the layer's own rank.
+    """
+
+    budget_ranks: tuple[int, ...] = (1, 2, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     steps: int = 300
     pretrain_steps: int = 600
@@ -62,36 +77,44 @@ class Experiment:
         default_factory=lambda: {
             "full": (1e-3, 3e-3, 1e-2),
             "head": (1e-2, 3e-2, 1e-1),
-            **{m: _ADAPTER_LRS for m in METHODS if m not in ("full", "head")},
+            **{m: _ADAPTER_LRS for m in ALL_METHODS if m not in ("full", "head")},
         }
     )
-    sweep_budget_rank: int = 2
-    sweep_seeds: tuple[int, ...] = (0,)
+    sweep_seeds: tuple[int, ...] = (0, 1)
     ablation_budget_rank: int = 2
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
     ablation_kernel_ranks: tuple[int | None, ...] = (1, 2, None)
     ablation_scales: tuple[float, ...] = (0.25, 1.0, 4.0)
+    timing_budget_rank: int = 2
     timing_steps: int = 20
 
 
 FULL = Experiment()
 QUICK = Experiment(
     budget_ranks=(1,),
-    seeds=(0,),
+    seeds=(0, 1),
     steps=4,
     pretrain_steps=20,
-    lr_grid={m: (3e-3,) for m in METHODS},
-    sweep_budget_rank=1,
+    lr_grid={m: (3e-3, 1e-2) for m in ALL_METHODS},
+    sweep_seeds=(0,),
     ablation_budget_rank=1,
     ablation_seeds=(0,),
     ablation_kernel_ranks=(1, None),
     ablation_scales=(1.0, 4.0),
+    timing_budget_rank=1,
     timing_steps=2,
 )
 
 
 def _builder(base: DigitsCNN) -> Builder:
+    specs: dict[tuple[str, int], AnchorSpec] = {}
+
     def build(method: str, budget: int | None, seed: int, variant: Hashable) -> Adapted:
+        if method in PEFT_ANCHORS:
+            if (method, budget) not in specs:
+                specs[method, budget] = anchor_spec(base, method, budget, TARGET_MODULES)
+            torch.manual_seed(seed)
+            return anchor_model(base, method, specs[method, budget])
         chosen = variant if variant is not None else FLORA_VARIANTS.get(method)
         return adapt(base, method, budget_rank=budget or 1, seed=seed, variant=chosen)
 
@@ -100,18 +123,17 @@ def _builder(base: DigitsCNN) -> Builder:
 
 def _plan(experiment: Experiment) -> Plan:
     return Plan(
-        methods=METHODS,
+        methods=ALL_METHODS,
         budgets=experiment.budget_ranks,
         seeds=experiment.seeds,
         lr_grid=experiment.lr_grid,
-        sweep_budget=experiment.sweep_budget_rank,
         sweep_seeds=experiment.sweep_seeds,
     )
 
 
-def ablation(study: Study, experiment: Experiment, lrs: dict[str, float]) -> list[dict]:
-    """FLoRA zero_core (energy ranks) at one budget: kernel ranks, then the scale s."""
-    base_variant = FLORA_VARIANTS["flora_energy"]
+def ablation(study: Study, experiment: Experiment, lrs: dict) -> list[dict]:
+    """FLoRA's default (energy ranks) at one budget: kernel ranks, then the scale s."""
+    base_variant = FLORA_VARIANTS["flora"]
     settings = [
         (
             f"kernel rank {'full' if k is None else k}",
@@ -124,45 +146,72 @@ def ablation(study: Study, experiment: Experiment, lrs: dict[str, float]) -> lis
         for s in experiment.ablation_scales
     ]
     budget = experiment.ablation_budget_rank
-    rows = []
-    for label, variant in settings:
-        # The default variant is the main study's: share its cached runs.
-        key = None if variant == base_variant else variant
-        for seed in experiment.ablation_seeds:
-            run = study.run("flora_energy", budget, lrs["flora_energy"], seed, key)
-            rows.append({**run, "study": "ablation", "setting": label})
-    return rows
+    lr = lrs["flora", budget]
+    # The default variant is the main study's: share its cached runs.
+    keys = [(label, None if v == base_variant else v) for label, v in settings]
+    study.run_all(
+        ("flora", budget, key, lr, s) for _, key in keys for s in experiment.ablation_seeds
+    )
+    return [
+        {**study.run("flora", budget, lr, seed, key), "study": "ablation", "setting": label}
+        for label, key in keys
+        for seed in experiment.ablation_seeds
+    ]
 
 
-def run_experiment(experiment: Experiment, out: Path | None = None) -> dict:
+def _study(experiment: Experiment, jobs: int = 1, device: str = "cpu", out: Path | None = None):
+    data = load_task()
+    base = pretrain(data.source_train, steps=experiment.pretrain_steps)
+    study = Study(
+        _plan(experiment),
+        _builder(base),
+        data,
+        TrainSettings(steps=experiment.steps),
+        "digits",
+        jobs,
+        progress_log(out, "flora_vs_lora"),
+        device=device,
+        recipe=functools.partial(worker_study, experiment, device),
+    )
+    return study, base, data
+
+
+def worker_study(experiment: Experiment, device: str) -> Study:
+    """The study as a worker process rebuilds it (pretraining is deterministic)."""
+    return _study(experiment, device=device)[0]
+
+
+def run_experiment(
+    experiment: Experiment, out: Path | None = None, jobs: int = 1, device: str = "cpu"
+) -> dict:
     """Run the whole benchmark; write figure, tables and raw runs to ``out`` if given.
 
     Returns the summaries (``"main"``, ``"ablation"``, ``"sweep"``), the
-    chosen learning rates, the raw rows, the base accuracies and the run time.
+    paired differences, the chosen learning rates, the raw rows, the base
+    accuracies and the run time.
     """
     start = time.perf_counter()
-    data = load_task()
-    base = pretrain(data.source_train, steps=experiment.pretrain_steps)
+    study, base, data = _study(experiment, jobs, device, out)
     n_model = sum(p.numel() for p in base.parameters())
-    study = Study(
-        _plan(experiment), _builder(base), data, TrainSettings(steps=experiment.steps), "digits"
-    )
-    lrs, sweep_rows = study.sweep()
-    rows = sweep_rows + study.main(lrs) + ablation(study, experiment, lrs)
+    with study:
+        lrs, rows = study.main()
+        rows += ablation(study, experiment, lrs)
     summaries = summarize(rows, n_model)
     result = {
         "summaries": {
             s: [x for x in summaries if x.study == s] for s in ("main", "ablation", "sweep")
         },
-        "lrs": lrs,
+        "paired": paired(rows, ALL_METHODS),
+        "lrs": lr_table(lrs),
         "rows": rows,
         "n_model": n_model,
         "base_source_accuracy": accuracy(base, data.source_test),
         "base_shifted_accuracy": accuracy(base, data.test),
         "seconds": time.perf_counter() - start,
+        "device": device,
     }
     if out is not None:
-        write_study(out, "flora_vs_lora", result, METHODS, "rotated digits")
+        write_study(out, "flora_vs_lora", result, ALL_METHODS, "rotated digits")
     return result
 
 
@@ -175,6 +224,7 @@ def run_timing(experiment: Experiment, out: Path | None = None) -> list[dict]:
         _plan(experiment),
         _builder(base),
         data.train,
+        budget=experiment.timing_budget_rank,
         batch_size=settings.batch_size,
         steps=experiment.timing_steps,
     )
@@ -191,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(timing_table(run_timing(experiment, args.out)))
         print(f"\n{machine()}")
         return 0
-    result = run_experiment(experiment, args.out)
+    result = run_experiment(experiment, args.out, args.jobs, args.device)
     print(
         f"base network: {result['n_model']:,} parameters; accuracy upright "
         f"{result['base_source_accuracy']:.3f}, rotated {result['base_shifted_accuracy']:.3f}"
@@ -199,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chosen learning rates: {result['lrs']}")
     for study in ("main", "ablation", "sweep"):
         print(f"\n{study}\n" + markdown(result["summaries"][study]))
-    print(f"\ntotal time: {result['seconds']:.0f} s on {args.threads} threads")
+    print("\npaired differences\n" + paired_markdown(result["paired"], ALL_METHODS))
+    print(f"\ntotal time: {result['seconds']:.0f} s, {args.jobs} jobs x {args.threads} threads")
     return 0
 
 

