@@ -35,7 +35,7 @@ from flora._targets import (
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
-from flora.layers.bnb import refuse_dense_state
+from flora.layers.bnb import refuse_dense_state, refuse_unquantizable
 from tuckerlib.io.layer_kinds import kind_rule
 
 __all__ = [
@@ -459,6 +459,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
             merged = [layer.effective_weight(), *([] if bias is None else [bias])]
             if not all(bool(torch.isfinite(t).all()) for t in merged):
                 raise ValueError(f"layer {name!r}: the merged weight would hold NaN or inf")
+            refuse_unquantizable(name, layer, merged[0])
     modules = dict(walk(model))
     for name, layer in layers.items():
         if merge:

@@ -509,3 +509,51 @@ def test_a_transformers_model_loaded_in_4bit_trains_saves_and_loads(tmp_path) ->
     restored = flora.load_adapter(load(), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_int8_merge_beyond_float16_range_is_refused_and_changes_nothing(mode) -> None:
+    # bitsandbytes quantizes int8 weights from float16: W + ΔW beyond ±65504 would
+    # quantize to garbage (PEFT writes it). Refused, safe or not, naming the layer.
+    model = _model("int8", init="gaussian")
+    layer = model[0]
+    _run(model, mode, torch.randn(2, IN))  # scales move to module.state
+    before = _snapshot(layer.base_layer)
+    with torch.no_grad():
+        layer.core.zero_()
+        out_factor, in_factor = layer.factors
+        layer.core[0, 0] = 1e5 / (out_factor[:, 0].abs().max() * in_factor[:, 0].abs().max())
+    largest = (dequantize_weight(layer.base_layer) + layer.delta_weight()).abs().max().item()
+    assert 65504 < largest < 3e38  # finite in float32, infinite in float16
+    message = (
+        r"layer '0': merging \['default'\]: the merged weight has entries up to .* "
+        r"beyond float16's ±65504.* nothing was merged"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no rounding warning: nothing is merged
+        for safe in (True, False):
+            with pytest.raises(ValueError, match=message):
+                flora.merge(model, safe=safe)
+        with pytest.raises(ValueError, match=r"layer '0': the merged weight has entries .*float16"):
+            flora.unload(model)
+        with pytest.raises(ValueError, match=r"beyond float16's ±65504"):
+            requantize_into(layer.base_layer, layer.effective_weight())
+    assert not layer.merged
+    assert type(model[0]) is QuantizedLinear
+    assert _same_bytes(layer.base_layer, before)
+
+
+def test_a_4bit_merge_beyond_its_float16_source_range_is_refused() -> None:
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=torch.float16)
+    base = base.to(torch.float16).to("cpu")  # as from_pretrained(torch_dtype=float16) does
+    assert base.weight.quant_state.dtype == torch.float16
+    model = nn.Sequential(base)
+    model = flora.inject(model, flora.FLoRAConfig(ranks=4, target_modules=["0"], init="gaussian"))
+    before = _snapshot(base)
+    with torch.no_grad():
+        model[0].core.fill_(1e6)
+    with pytest.raises(ValueError, match=r"layer '0': merging .* beyond float16's ±65504"):
+        flora.merge(model, safe=False)
+    assert not model[0].merged
+    assert _same_bytes(base, before)
