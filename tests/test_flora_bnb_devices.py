@@ -133,7 +133,7 @@ def test_merge_and_unmerge_round_to_the_grid_as_peft_merges(quant, device, tmp_p
 @quants
 def test_training_leaves_the_base_and_unload_gives_it_back_bit_for_bit(quant, device) -> None:
     base = quantized_base(quant, device=device)
-    model = nn.Sequential(base, nn.ReLU(), nn.Linear(OUT, 8)).to(device)
+    model = nn.Sequential(base, nn.ReLU(), nn.Linear(OUT, 8, device=device))
     model = flora.inject(model, flora.FLoRAConfig(ranks=4, target_modules=["0"], init="gaussian"))
     x = torch.randn(6, IN, device=device)
     run(model, "eval", x)  # let bitsandbytes settle its storage (int8 scales, CPU repacking)

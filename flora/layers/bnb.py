@@ -425,7 +425,7 @@ class QuantizedLinear(Linear):
         super().add_adapter(name, adapter)
 
     def check_merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
-        """Raise what :meth:`merge` would raise, changing nothing.
+        """Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
 
         As :meth:`flora.AdaptedWeight.check_merge`, and, with ``safe`` or
         not, a ``ValueError`` if ``W + ΔW`` overflows the dtype bitsandbytes
