@@ -30,7 +30,9 @@ DESCRIPTION = """\
 Extract a FLoRA adapter from a full fine-tune: each changed weight of 2 or
 more dimensions, dW = TUNED - BASE, becomes a truncated Tucker tensor
 (ST-HOSVD, optionally refined by HOOI), written as an adapter directory that
-flora.load_adapter accepts for the model with the BASE weights. Ranks: fixed
+flora.load_adapter accepts for the model with the BASE weights. Each layer's
+kind is guessed from its name and shape, or read from the model's modules
+with --model (needed for GPT-2's Conv1D and MultiheadAttention). Ranks: fixed
 (--ranks), by energy (--energy) or within a LoRA-like budget
 (--budget-like-lora, the default with R = 8). --carry-1d also carries the
 changed biases (as bias updates of the adapted layers) and norm layers
@@ -92,8 +94,15 @@ def _add_extract(commands: Any) -> None:
     parser.add_argument(
         "--as-parameters",
         action="store_true",
-        help="adapt every weight as a generic parameter (for modules that are not "
-        "torch.nn.Linear/ConvNd/Embedding, e.g. GPT-2's Conv1D or MultiheadAttention)",
+        help="adapt every weight as a generic parameter instead of guessing "
+        "Linear/ConvNd/Embedding from names and shapes (not with --model)",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        metavar="PATH",
+        help="the base model's Hugging Face folder (config.json; no weights are read): each "
+        "layer's kind is its module's (GPT-2's Conv1D, MultiheadAttention, ...)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=_run_extract)
@@ -149,6 +158,7 @@ def _rank_rule(args: argparse.Namespace) -> dict[str, object] | None:
 
 def _run_extract(args: argparse.Namespace) -> int:
     try:
+        model = None if args.model is None else _base_skeleton(args.model, "--model")
         result = extract(
             args.base,
             args.tuned,
@@ -158,6 +168,7 @@ def _run_extract(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             refine=args.refine,
             as_parameters=args.as_parameters,
+            model=model,
             carry_1d=args.carry_1d,
             progress=lambda names: progress(names, quiet=args.quiet),
         )
@@ -202,29 +213,30 @@ def _add_export(commands: Any) -> None:
     parser.set_defaults(func=_run_export)
 
 
-def _base_skeleton(path: Path) -> Any:
+def _base_skeleton(path: Path, option: str = "--base") -> Any:
     """The model a Hugging Face folder's ``config.json`` describes, on the meta device.
 
-    Its module names and layer properties are what an export checks; no
-    weight is read or allocated. The class is the config's first
-    ``architectures`` entry.
+    Its module names, types and layer properties are what an export checks
+    and an extraction reads the kinds from; no weight is read or allocated.
+    The class is the config's first ``architectures`` entry; errors name
+    ``option``.
     """
     try:
         import torch
         import transformers
     except ImportError:
-        raise UsageError("--base needs transformers installed") from None
+        raise UsageError(f"{option} needs transformers installed") from None
     if not (path / "config.json").is_file():
-        raise UsageError(f"--base {path}: no config.json (a Hugging Face model folder)")
+        raise UsageError(f"{option} {path}: no config.json (a Hugging Face model folder)")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--base {path}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{option} {path}: {str(exc).splitlines()[0]}") from None
     names = config.architectures or []
     model_class = getattr(transformers, names[0], None) if names else None
     if model_class is None:
         raise UsageError(
-            f"--base {path}: config.json names no transformers model class in "
+            f"{option} {path}: config.json names no transformers model class in "
             f"architectures (found {names})"
         )
     with torch.device("meta"):

@@ -122,6 +122,8 @@ class FLoRAConfig:
         The factor ``s`` of :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
     dropout : float, optional
         Dropout probability on the adapter branch's input (Linear, ConvNd).
+        A targeted ``MultiheadAttention`` has no branch input (the attention
+        reads its adapted weights) and refuses a dropout above 0.
     target_modules : list of str, str or None, optional
         A list matches module names exactly or as a dotted suffix
         (``"fc1"`` matches ``"blocks.0.fc1"``); a string is a regular
@@ -174,7 +176,8 @@ class FLoRAConfig:
         update ``Δb`` (zero at the start, trained with the adapter, added
         to the layer's bias when merged), as PEFT's ``lora_bias``.
         :func:`flora.extract` sets it when it carries the fine-tune's bias
-        changes.
+        changes. A targeted ``MultiheadAttention``, whose adapters carry no
+        bias update (nor do PEFT's), refuses it.
 
     Raises
     ------

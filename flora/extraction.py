@@ -20,6 +20,7 @@ from flora._atomic import check_not_input, check_target
 from flora._carry import Carried, carry
 from flora.config import FLoRAConfig
 from flora.io import CONFIG_NAME, WEIGHTS_NAME, write_adapter
+from flora.kinds import kind_of_module
 from flora.spec import LayerSpec, RankTemplate, check_template, clip_ranks, usable_ranks
 from tuckerlib import (
     TuckerTensor,
@@ -32,6 +33,7 @@ from tuckerlib import (
 from tuckerlib.analysis import lora_budget_ranks, tensor_kind
 from tuckerlib.io import Checkpoint, open_checkpoint, pair_checkpoints, read_delta
 from tuckerlib.io.flora_format import bias_key, core_key, factor_key, saved_key
+from tuckerlib.io.layer_kinds import kind_rule, known_tensor_class
 
 __all__ = ["ExtractedLayer", "Extraction", "ExtractionError", "extract"]
 
@@ -70,7 +72,8 @@ class ExtractedLayer:
     kind : str
         The flora layer kind (``"Linear"``, ``"Conv2d"``, ..., ``"Parameter"``).
     shape : tuple of int
-        The weight's shape.
+        The update's shape: the weight's, or for a kind that stores its
+        weight transposed (``Conv1D``) the ``(out, in)`` map's.
     ranks : tuple of int
         The Tucker ranks of the adapter.
     n_params : int
@@ -86,7 +89,7 @@ class ExtractedLayer:
     tensor: str
     #: The flora layer kind.
     kind: str
-    #: The weight's shape.
+    #: The update's shape (a ``Conv1D``'s ``(out, in)``).
     shape: tuple[int, ...]
     #: The Tucker ranks of the adapter.
     ranks: tuple[int, ...]
@@ -145,10 +148,10 @@ class _Rules:
     lora_rank: int
     kernel_rank: int | None
 
-    def ranks_for(self, name: str, delta: np.ndarray) -> tuple[int, ...]:
+    def ranks_for(self, name: str, delta: np.ndarray, layer_kind: str) -> tuple[int, ...]:
         """The usable ranks of ``delta``; a rank above them adds parameters, not accuracy."""
         shape = tuple(delta.shape)
-        kind = tensor_kind(name, shape)
+        kind = known_tensor_class(layer_kind) or tensor_kind(name, shape)
         if self.ranks is None and self.energy is None:
             spectra = [np.asarray(s) for s in mode_spectra(delta)]
             ranks = lora_budget_ranks(spectra, kind, self.lora_rank, kernel_rank=self.kernel_rank)
@@ -254,16 +257,62 @@ def _layer_name(name: str, kind: str) -> str:
     return name if kind == "Parameter" else name.removesuffix(".weight")
 
 
+def _model_layers(model: torch.nn.Module) -> dict[str, tuple[str, str]]:
+    """Tensor name to (adapter layer name, kind) for every weight a registered kind adapts.
+
+    A module of a registered kind adapts its ``weight`` (the layer is named
+    by the module); a kind that adapts named parameters
+    (``MultiheadAttention``) names each layer by its parameter. The kinds
+    are the registry's, as :func:`flora.inject` finds them.
+    """
+    layers: dict[str, tuple[str, str]] = {}
+    for module_name, module in model.named_modules():
+        kind = kind_of_module(module)
+        if kind is None:
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        if kind.parameters is not None:
+            for parameter in kind.parameters(module):
+                layers[prefix + parameter] = (prefix + parameter, kind.saved_kind)
+        elif isinstance(getattr(module, "weight", None), torch.Tensor):
+            layers[f"{prefix}weight"] = (module_name, kind.saved_kind)
+    return layers
+
+
+def _model_plan(model: torch.nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Each tensor's (layer, kind) from ``model``'s modules; other tensors are Parameters."""
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    known |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ExtractionError(
+            f"model has no parameter or buffer {missing[0]!r} ({len(missing)} checkpoint "
+            f"tensors are not the model's, e.g. {missing[:3]}); pass the model whose "
+            "state_dict the checkpoints hold (the same names), or select tensors with "
+            "include/exclude"
+        )
+    layers = _model_layers(model)
+    return {name: layers.get(name, (name, "Parameter")) for name in names}
+
+
 def _plan(
-    checkpoint: Checkpoint, names: Sequence[str], rules: _Rules, as_parameters: bool
+    checkpoint: Checkpoint,
+    names: Sequence[str],
+    rules: _Rules,
+    as_parameters: bool,
+    model: torch.nn.Module | None,
 ) -> dict[str, tuple[str, str]]:
     """Tensor name to (layer name, kind), checked before any decomposition runs."""
     plan: dict[str, tuple[str, str]] = {}
     owners: dict[str, str] = {}
+    by_model = _model_plan(model, names) if model is not None else {}
     for name in names:
         shape = checkpoint.info(name).shape
-        kind = _flora_kind(name, shape, as_parameters)
-        layer = _layer_name(name, kind)
+        if model is None:
+            kind = _flora_kind(name, shape, as_parameters)
+            layer = _layer_name(name, kind)
+        else:
+            layer, kind = by_model[name]
         if layer in owners:
             raise ExtractionError(
                 f"tensors {owners[layer]!r} and {name!r} would both be adapter layer "
@@ -279,6 +328,18 @@ def _plan(
         owners[layer] = name
         plan[name] = (layer, kind)
     return plan
+
+
+def _check_model(model: object, as_parameters: bool) -> None:
+    if model is None:
+        return
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if as_parameters:
+        raise ExtractionError(
+            "give model or as_parameters, not both: with model each layer's kind is its "
+            "module's, with as_parameters every layer is a Parameter"
+        )
 
 
 def _open(stack: ExitStack, checkpoint: object, name: str) -> Checkpoint:
@@ -327,6 +388,7 @@ def extract(
     exclude: str | re.Pattern[str] | None = None,
     refine: bool = False,
     as_parameters: bool = False,
+    model: torch.nn.Module | None = None,
     carry_1d: bool = False,
     progress: Callable[[Sequence[str]], Iterable[str]] | None = None,
     **deprecated: Any,
@@ -376,10 +438,19 @@ def extract(
     as_parameters : bool, optional
         Record every layer as kind ``"Parameter"`` (adapted through
         :class:`flora.TuckerParametrization`) instead of guessing the module
-        type from the name and shape; use it when the model's modules are
-        not ``torch.nn.Linear``/``ConvNd``/``Embedding`` (transformers'
-        ``Conv1D``, whose checkpoint weight reads as an ``(in, out)``
-        Linear, or a ``MultiheadAttention``'s projections).
+        type from the name and shape. Not with ``model``.
+    model : torch.nn.Module, optional
+        The base model (its structure: the weights are not read, so a model
+        on the ``meta`` device will do), whose ``state_dict`` names the
+        checkpoints' tensors. Each layer's kind is then its module's
+        registered kind (:func:`flora.register_layer_kind`), as
+        :func:`flora.inject` finds it, instead of a guess from names and
+        shapes: transformers' ``Conv1D`` (its update in the ``(out, in)``
+        map, the transpose of the stored weight),
+        ``torch.nn.MultiheadAttention`` (a layer per projection weight,
+        ``in_proj_weight`` or ``q/k/v_proj_weight``, and
+        ``out_proj.weight``), user kinds. Tensors of 2 or more dimensions
+        of modules no kind adapts are adapted as kind ``"Parameter"``.
     carry_1d : bool, optional
         Carry the fine-tune's 1-D tensors into the adapter too: the bias of
         each adapted Linear/ConvNd layer as the adapter's bias update ``Δb``
@@ -406,7 +477,9 @@ def extract(
     ------
     ExtractionError
         A ``ValueError`` for input that cannot make an adapter: more than
-        one rank rule (or ``rank`` with a deprecated rank keyword), per-mode
+        one rank rule (or ``rank`` with a deprecated rank keyword),
+        ``model`` with ``as_parameters``, a selected tensor that is no
+        parameter or buffer of ``model``, per-mode
         ranks with ``fixed_kernel_rank`` or with
         tensors of another number of modes, two tensors that would be the
         same layer (``blk.proj`` and ``blk.proj.weight``), no tensor to
@@ -436,11 +509,14 @@ def extract(
 
     Notes
     -----
-    Module kinds are inferred from the checkpoint alone: a 2-D ``*.weight``
-    is a ``Linear`` (an ``Embedding`` if its name mentions one), a 3/4/5-D
-    ``*.weight`` a ``Conv1d``/``Conv2d``/``Conv3d``; anything else is a
-    ``Parameter``. Without ``carry_1d``, changes to 1-D tensors (biases,
-    norms) are not part of the adapter and are listed as skipped. The
+    Without ``model``, module kinds are inferred from the checkpoint
+    alone: a 2-D ``*.weight`` is a ``Linear`` (an ``Embedding`` if its name
+    mentions one), a 3/4/5-D ``*.weight`` a ``Conv1d``/``Conv2d``/``Conv3d``;
+    anything else is a ``Parameter``. A GPT-2 ``Conv1D`` or a
+    ``MultiheadAttention`` needs ``model`` (or ``as_parameters``): its
+    weights read as Linear ones. Without ``carry_1d``, changes to 1-D
+    tensors (biases, norms) are not part of the adapter and are listed as
+    skipped. The
     adapter's scale is 1 and its tensors are float32 (bias updates of a
     float64 checkpoint float64); at full ranks it reproduces ΔW to float32
     rounding. A saved module holds the tuned tensors exactly. A carried bias
@@ -477,6 +553,7 @@ def extract(
     decompose = hooi if check_flag(refine, "refine") else sthosvd
     check_flag(as_parameters, "as_parameters")
     check_flag(carry_1d, "carry_1d")
+    _check_model(model, as_parameters)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable such as tqdm.tqdm, got {progress!r}")
     target = _output(directory)
@@ -484,7 +561,7 @@ def extract(
         base_ckpt, tuned_ckpt = _open(stack, base, "base"), _open(stack, tuned, "tuned")
         _check_inputs(target, [base, *base_ckpt.files], [tuned, *tuned_ckpt.files])
         pairing = pair_checkpoints(base_ckpt, tuned_ckpt, include=include, exclude=exclude)
-        plan = _plan(tuned_ckpt, pairing.names, rules, as_parameters)
+        plan = _plan(tuned_ckpt, pairing.names, rules, as_parameters, model)
         layers, tensors, skipped = _decompose(
             base_ckpt, tuned_ckpt, plan, rules, decompose, progress or list
         )
@@ -516,7 +593,9 @@ def _decompose(
             skipped.append((name, reason))
             continue
         layer_name, kind = plan[name]
-        tucker = decompose(delta, rules.ranks_for(name, delta))
+        if kind != "Parameter" and kind_rule(kind).transposed:
+            delta = np.ascontiguousarray(delta.T)  # stored (in, out); ΔW is the (out, in) map
+        tucker = decompose(delta, rules.ranks_for(name, delta, kind))
         layer, layer_tensors = _extract_layer(name, layer_name, kind, delta, tucker)
         layers.append(layer)
         tensors.update(layer_tensors)

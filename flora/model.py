@@ -35,7 +35,7 @@ from flora._targets import (
 from flora.config import FLoRAConfig
 from flora.layers import AdaptedWeight, FLoRALayer, ModulesToSave, TuckerDelta
 from flora.layers.base import adapter_dtype, check_adapter_name
-from flora.layers.bnb import refuse_dense_state
+from flora.layers.bnb import refuse_dense_state, refuse_unquantizable
 from tuckerlib.io.layer_kinds import kind_rule
 
 __all__ = [
@@ -80,6 +80,7 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedWeight]:
 
 def _create(site: Site, config: FLoRAConfig) -> TuckerDelta:
     has_bias = site.parameter is None and getattr(site.module, "bias", None) is not None
+    _refuse_bias(site.name, site.kind, config.bias)
     spec = config.spec_for(site.kind, tuple(site.weight.shape), site.name, has_bias=has_bias)
     try:
         adapter = TuckerDelta.create(spec, site.weight)
@@ -87,6 +88,21 @@ def _create(site: Site, config: FLoRAConfig) -> TuckerDelta:
         raise type(exc)(f"layer {site.name!r}: {exc}") from None
     adapter.config = config
     return adapter
+
+
+def _refuse_bias(name: str, kind: str, bias: bool) -> None:
+    """Refuse ``bias=True`` for a module whose biases an adapter of its kind cannot update.
+
+    A kind that adapts named parameters of a module with biases of its own
+    (``MultiheadAttention``) would otherwise leave them silently unchanged.
+    """
+    if bias and kind != "Parameter" and kind_rule(kind).on_parameters:
+        raise ValueError(
+            f"layer {name!r}: bias=True asks for bias updates, which a {kind} adapter cannot "
+            "carry (PEFT's "
+            "LoRA refuses lora_bias there too); use bias=False, or leave this module out "
+            "(exclude_modules) or give it an adapter of its own"
+        )
 
 
 def inject(model: nn.Module, config: FLoRAConfig, *, adapter_name: str = "default") -> nn.Module:
@@ -459,6 +475,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
             merged = [layer.effective_weight(), *([] if bias is None else [bias])]
             if not all(bool(torch.isfinite(t).all()) for t in merged):
                 raise ValueError(f"layer {name!r}: the merged weight would hold NaN or inf")
+            refuse_unquantizable(name, layer, merged[0])
     modules = dict(walk(model))
     for name, layer in layers.items():
         if merge:

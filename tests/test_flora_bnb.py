@@ -22,6 +22,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from bnb_cases import IN, MODES, OUT, QUANTS
+from bnb_cases import quantized_base as _base
+from bnb_cases import randomize as _randomize
+from bnb_cases import run as _run
+from bnb_cases import same_bytes as _same_bytes
+from bnb_cases import snapshot as _snapshot
+from bnb_cases import step as _step
 from tiny_models import tiny_bert_config
 from torch import nn
 
@@ -37,68 +44,11 @@ from flora.layers.bnb import (
 
 bnb = pytest.importorskip("bitsandbytes")
 
-QUANTS = ["nf4", "fp4", "int8"]
-MODES = ["train", "eval"]
-IN, OUT = 128, 64
-
-
-def _base(quant: str, *, seed: int = 0, bias: bool = True) -> nn.Module:
-    """A quantized Linear holding the weights of a seeded ``nn.Linear(IN, OUT)``."""
-    torch.manual_seed(seed)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    if quant == "int8":
-        base = bnb.nn.Linear8bitLt(IN, OUT, bias=bias, has_fp16_weights=False)
-    else:
-        base = bnb.nn.Linear4bit(IN, OUT, bias=bias, quant_type=quant, compute_dtype=torch.float32)
-    base.load_state_dict(linear.state_dict())
-    return base.to("cpu")  # quantizes
-
 
 def _model(quant: str, **config: object) -> nn.Sequential:
     model = nn.Sequential(_base(quant), nn.ReLU(), nn.Linear(OUT, 8))
     options = {"ranks": 4, "target_modules": ["0"], **config}
     return flora.inject(model, flora.FLoRAConfig(**options))
-
-
-def _randomize(layer: flora.AdaptedWeight, std: float = 0.05, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (layer.core, *layer.factors):
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
-def _run(model: nn.Module, mode: str, x: torch.Tensor) -> torch.Tensor:
-    """A forward in ``mode`` without gradients (what lets bitsandbytes repack)."""
-    model.train(mode == "train")
-    with torch.no_grad():
-        return model(x)
-
-
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _same_bytes(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
-    state = module.state_dict()
-    return state.keys() == snapshot.keys() and all(
-        state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in snapshot.items()
-    )
-
-
-def _step(quant: str, weight: torch.Tensor) -> torch.Tensor:
-    """Per entry, the largest rounding error quantizing ``weight`` can make: half a grid gap.
-
-    4-bit: the widest gap between the codes of the type, times each block's
-    absolute maximum (blocks of 64 along the flattened weight); int8: each
-    row's absolute maximum over 127. 10% more for the nested (8-bit) block
-    scales and the float16 cast of int8 quantization.
-    """
-    if quant == "int8":
-        return 1.1 * 0.5 * weight.abs().amax(dim=1, keepdim=True) / 127 + 0 * weight
-    codes = bnb.functional.get_4bit_type(quant, device="cpu").sort().values
-    gap = float((codes[1:] - codes[:-1]).max())
-    blocks = weight.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
-    return (1.1 * 0.5 * gap * blocks).expand(-1, 64).reshape(weight.shape)
 
 
 # -- injecting --------------------------------------------------------------------------
@@ -509,3 +459,51 @@ def test_a_transformers_model_loaded_in_4bit_trains_saves_and_loads(tmp_path) ->
     restored = flora.load_adapter(load(), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_int8_merge_beyond_float16_range_is_refused_and_changes_nothing(mode) -> None:
+    # bitsandbytes quantizes int8 weights from float16: W + ΔW beyond ±65504 would
+    # quantize to garbage (PEFT writes it). Refused, safe or not, naming the layer.
+    model = _model("int8", init="gaussian")
+    layer = model[0]
+    _run(model, mode, torch.randn(2, IN))  # scales move to module.state
+    before = _snapshot(layer.base_layer)
+    with torch.no_grad():
+        layer.core.zero_()
+        out_factor, in_factor = layer.factors
+        layer.core[0, 0] = 1e5 / (out_factor[:, 0].abs().max() * in_factor[:, 0].abs().max())
+    largest = (dequantize_weight(layer.base_layer) + layer.delta_weight()).abs().max().item()
+    assert 65504 < largest < 3e38  # finite in float32, infinite in float16
+    message = (
+        r"layer '0': merging \['default'\]: the merged weight has entries up to .* "
+        r"beyond float16's ±65504.* nothing was merged"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no rounding warning: nothing is merged
+        for safe in (True, False):
+            with pytest.raises(ValueError, match=message):
+                flora.merge(model, safe=safe)
+        with pytest.raises(ValueError, match=r"layer '0': the merged weight has entries .*float16"):
+            flora.unload(model)
+        with pytest.raises(ValueError, match=r"beyond float16's ±65504"):
+            requantize_into(layer.base_layer, layer.effective_weight())
+    assert not layer.merged
+    assert type(model[0]) is QuantizedLinear
+    assert _same_bytes(layer.base_layer, before)
+
+
+def test_a_4bit_merge_beyond_its_float16_source_range_is_refused() -> None:
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=torch.float16)
+    base = base.to(torch.float16).to("cpu")  # as from_pretrained(torch_dtype=float16) does
+    assert base.weight.quant_state.dtype == torch.float16
+    model = nn.Sequential(base)
+    model = flora.inject(model, flora.FLoRAConfig(ranks=4, target_modules=["0"], init="gaussian"))
+    before = _snapshot(base)
+    with torch.no_grad():
+        model[0].core.fill_(1e6)
+    with pytest.raises(ValueError, match=r"layer '0': merging .* beyond float16's ±65504"):
+        flora.merge(model, safe=False)
+    assert not model[0].merged
+    assert _same_bytes(base, before)

@@ -41,13 +41,13 @@ class FLoRAGated(flora.Linear):
     def _gate(self, y: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.base_layer.gate).to(y.dtype) * y
 
-    def _factorized(self, x, adapter):
-        return self._gate(super()._factorized(x, adapter))
+    def factorized_branch(self, x, adapter):
+        return self._gate(super().factorized_branch(x, adapter))
 
-    def _dense(self, x, delta):
+    def dense_branch(self, x, delta):
         return self._gate(F.linear(x, delta))
 
-    def _fused(self, x, delta):
+    def fused_forward(self, x, delta):
         return self._gate(F.linear(x, self.base_weight() + delta))
 
 
@@ -263,3 +263,60 @@ def test_another_storage_of_linear_reads_and_writes_through_functions(tmp_path) 
         flora.unregister_layer_kind("Doubled")
     assert "Linear" in KINDS
     assert kind_of_module(Doubled(2, 2)) is None
+
+
+class Twice(nn.Module):
+    """A user's layer: ``x ↦ 2 x Wᵀ``."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * F.linear(x, self.weight)
+
+
+class FLoRATwice(flora.FLoRALayer):
+    """Only the dense branch: fused_forward's default is base + dense branch."""
+
+    kind = "Twice"
+    base_type = Twice
+    factorizable = False
+
+    def dense_branch(self, x, delta):
+        return 2 * F.linear(x, delta)
+
+
+def test_a_layer_with_only_a_dense_branch_runs_and_merges_through_the_defaults() -> None:
+    flora.register_layer_kind(FLoRATwice, default_ranks=(2, 2))
+    try:
+        torch.manual_seed(0)
+        base = nn.Sequential(Twice(6, 4))
+        model = flora.inject(copy.deepcopy(base), flora.FLoRAConfig(target_modules=["0"]))
+        layer = model[0]
+        with torch.no_grad():
+            layer.core.normal_()
+        x = torch.randn(3, 6)
+        expected = 2 * F.linear(x, base[0].weight + layer.delta_weight())
+        assert layer.choose_forward(x) == "dense"
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(layer.fused_forward(x, layer.delta_weight()), expected)
+        flora.merge(model)
+        torch.testing.assert_close(model(x), expected)
+        with pytest.raises(NotImplementedError, match=r"FLoRATwice defines no factorized_branch"):
+            layer.factorized_branch(x, layer.adapter())
+    finally:
+        flora.unregister_layer_kind("Twice")
+
+
+def test_auto_without_branch_costs_names_the_missing_hook() -> None:
+    factorizable = type("FLoRATwiceF", (FLoRATwice,), {"kind": "TwiceF", "factorizable": True})
+    flora.register_layer_kind(factorizable, module_types=[Twice])
+    try:
+        model = flora.inject(nn.Sequential(Twice(6, 4)), flora.FLoRAConfig(target_modules=["0"]))
+        with pytest.raises(NotImplementedError, match=r"FLoRATwiceF defines no branch_costs"):
+            model(torch.randn(3, 6))
+        model[0].forward_mode = "dense"
+        assert model(torch.randn(3, 6)).shape == (3, 4)
+    finally:
+        flora.unregister_layer_kind("TwiceF")

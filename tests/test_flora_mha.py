@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import flora
+from tuckerlib.io import AdapterError, open_adapter
 
 
 class Block(nn.Module):
@@ -258,3 +259,69 @@ def test_forward_equals_the_updated_attention(heads: int, separate: bool, ranks,
         torch.testing.assert_close(model(x), _reference(base, model)(x), rtol=1e-4, atol=1e-5)
         flora.merge(model)
         torch.testing.assert_close(model(x), _reference(base, model)(x), rtol=1e-4, atol=1e-5)
+
+
+class Mixed(nn.Module):
+    """An attention beside a Linear: a config asking what the attention cannot do is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.fc(x))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dropout": 0.1}, r"dropout must be 0 for a MultiheadAttention layer, got 0\.1"),
+        ({"bias": True}, r"bias=True asks for bias updates, which a MultiheadAttention adapter"),
+    ],
+    ids=["dropout", "bias"],
+)
+def test_what_peft_has_not_for_attention_is_refused_by_name(options, message) -> None:
+    model = Mixed()
+    before = copy.deepcopy(model.state_dict())
+    config = flora.FLoRAConfig(target_modules=["attn", "fc"], **options)
+    with pytest.raises(ValueError, match=rf"layer 'block\.attn\.in_proj_weight': {message}"):
+        flora.inject(model, config)
+    assert type(model.fc) is nn.Linear  # nothing changed
+    assert not torch.nn.utils.parametrize.is_parametrized(model.block.attn)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # Without the attention the same options hold for the Linear.
+    flora.inject(model, flora.FLoRAConfig(target_modules=["fc"], **options))
+    assert isinstance(model.fc, flora.Linear)
+
+
+def test_a_saved_attention_record_with_dropout_is_refused_by_both_readers(tmp_path) -> None:
+    _, model = _adapted({}, ranks=2)
+    flora.save_adapter(model, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["layers"]["attn.in_proj_weight"]["dropout"] = 0.1
+    path.write_text(json.dumps(config))
+    message = r"attn\.in_proj_weight.*dropout must be 0 for a MultiheadAttention layer"
+    with pytest.raises(ValueError, match=message):
+        flora.read_adapter(tmp_path / "a")
+    with pytest.raises(ValueError, match=message):
+        flora.load_adapter(Block(), tmp_path / "a")
+    with pytest.raises(AdapterError, match=message), open_adapter(tmp_path / "a"):
+        pass
+
+
+def test_peft_lora_dropout_on_an_attention_imports_as_none_as_peft_runs_it(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = Block().eval()
+    config = peft.LoraConfig(
+        r=2, target_modules=["attn"], lora_dropout=0.3, init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = flora.import_lora(copy.deepcopy(base), tmp_path / "peft")
+    assert {layer.spec.dropout for layer in flora.adapted_layers(model).values()} == {0.0}
+    model.train()
+    peft_model.train()  # PEFT merges the pair into the weights: its dropout never runs
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), peft_model(X), rtol=1e-5, atol=1e-5)

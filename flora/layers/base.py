@@ -29,7 +29,7 @@ except ImportError:  # torch < 2.12: read the example value a symbolic size carr
         return fallback if hint is None else int(hint)
 
 
-from flora._cost import Op, choose, reconstruction_ops
+from flora._cost import Op, choose, product, reconstruction_ops
 from flora.config import DEFAULT_RANKS
 from flora.kinds import layer_kind, record_of
 from flora.layers._route import BASE, Route, routed
@@ -41,10 +41,12 @@ __all__ = [
     "KIND_DEFAULT",
     "AdaptedWeight",
     "FLoRALayer",
+    "Op",
     "TuckerDelta",
     "adapter_dtype",
     "cast",
     "check_adapter_name",
+    "product",
     "scaled_core",
 ]
 
@@ -83,9 +85,15 @@ class FLoRALayer(AdaptedWeight):
 
     Notes
     -----
-    Subclasses say how to run an adapter's branch factorized, dense or fused
-    into the base op, and which ops each runs, for the cost model of
-    ``forward="auto"`` (see :doc:`/flora_math`).
+    A subclass for a layer of its own (see :doc:`/layer_kinds`) sets
+    ``kind`` and ``base_type`` and says how its branch runs, through public
+    hooks the forward calls: :meth:`factorized_branch` (from the core and
+    factors), :meth:`dense_branch` (on a built ``ΔW``),
+    :meth:`fused_forward` (the base op on ``W + ΔW``), and, for the cost
+    model of ``forward="auto"`` (see :doc:`/flora_math`),
+    :meth:`branch_costs` with :meth:`cost_geometry`. A layer without a
+    factorized form sets :attr:`factorizable` to False and needs only
+    :meth:`dense_branch`.
 
     Examples
     --------
@@ -210,7 +218,7 @@ class FLoRALayer(AdaptedWeight):
         shape = tuple([optimization_hint(size) for size in x.shape])
         return _static_choice(
             type(self),
-            self._geometry(),
+            self.cost_geometry(),
             spec.shape,
             spec.ranks,
             shape,
@@ -218,10 +226,6 @@ class FLoRALayer(AdaptedWeight):
             training,
             training and x.requires_grad,
         )
-
-    def _geometry(self) -> tuple:
-        """The base layer's settings besides its weight shape that the op costs depend on."""
-        return ()
 
     def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return cast(x, dtype)
@@ -270,12 +274,14 @@ class FLoRALayer(AdaptedWeight):
     def _forward_one(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
         if self._choose(adapter, x) == "factorized":
             out = self.base_layer(x)
-            return out + cast(self._factorized(self._branch_input(x, adapter), adapter), out.dtype)
+            return out + cast(
+                self.factorized_branch(self._branch_input(x, adapter), adapter), out.dtype
+            )
         delta = self._mask(adapter.delta_weight())
         if self._fusable(adapter, delta):
-            return self._fused(x, delta)
+            return self.fused_forward(x, delta)
         out = self.base_layer(x)
-        return out + cast(self._dense(self._branch_input(x, adapter), delta), out.dtype)
+        return out + cast(self.dense_branch(self._branch_input(x, adapter), delta), out.dtype)
 
     def _forward_many(
         self, x: torch.Tensor, running: list[TuckerDelta], idle: list[TuckerDelta]
@@ -292,39 +298,187 @@ class FLoRALayer(AdaptedWeight):
                 separate.append((adapter, mode))
         delta = self._sum(shared)
         if delta is not None and self._fusable_delta(delta):
-            out = self._fused(x, delta)
+            out = self.fused_forward(x, delta)
         else:
             out = self.base_layer(x)
             if delta is not None:
-                out = out + cast(self._dense(self._cast_input(x, delta.dtype), delta), out.dtype)
+                out = out + cast(
+                    self.dense_branch(self._cast_input(x, delta.dtype), delta), out.dtype
+                )
         for adapter, mode in separate:
             branch_input = self._branch_input(x, adapter)
             if mode == "factorized":
-                branch = self._factorized(branch_input, adapter)
+                branch = self.factorized_branch(branch_input, adapter)
             else:
-                branch = self._dense(branch_input, self._mask(adapter.delta_weight()))
+                branch = self.dense_branch(branch_input, self._mask(adapter.delta_weight()))
             out = out + cast(branch, out.dtype)
         return out
 
-    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
-        raise NotImplementedError
+    def factorized_branch(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        r"""The branch :math:`\Delta W x` of ``adapter`` computed from its core and factors.
 
-    def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        A hook for subclasses: the forward calls it when the ``auto`` rule
+        (or ``forward="factorized"``) picks the factorized branch and
+        :attr:`factorizable` is true; it never builds ``ΔW``. The core
+        scaled by ``s`` is :func:`flora.layers.delta.scaled_core`.
 
-    def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        Parameters
+        ----------
+        x : torch.Tensor
+            The branch input: the layer's input after the adapter's
+            dropout, in the adapter's dtype.
+        adapter : TuckerDelta
+            The adapter whose branch runs (``adapter.factors``,
+            ``adapter.spec``).
+
+        Returns
+        -------
+        torch.Tensor
+            The branch output, shaped like the base layer's output (the
+            caller casts it to the output's dtype and adds it).
+
+        Examples
+        --------
+        >>> import torch
+        >>> import flora
+        >>> layer = flora.Linear(torch.nn.Linear(6, 4), ranks=2, init="gaussian")
+        >>> x = torch.randn(3, 6)
+        >>> torch.allclose(layer.factorized_branch(x, layer.adapter()),
+        ...                layer.dense_branch(x, layer.delta_weight()), atol=1e-6)
+        True
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no factorized_branch; set factorizable to False "
+            "or define it"
+        )
+
+    def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The branch of a built update: the base layer's op on ``x`` with ``delta``, no bias.
+
+        A hook for subclasses: the forward calls it for the dense branch
+        (an adapter with dropout, or whose ``ΔW`` cannot be fused into the
+        base op), with ``delta`` in the update's ``(out, in, ...)`` map.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            The branch input (after the adapter's dropout), in ``delta``'s dtype.
+        delta : torch.Tensor
+            ``ΔW`` (one adapter's, or the sum of several), shaped like the
+            update.
+
+        Returns
+        -------
+        torch.Tensor
+            The branch output, shaped like the base layer's output.
+
+        Examples
+        --------
+        >>> import torch
+        >>> import flora
+        >>> layer = flora.Linear(torch.nn.Linear(6, 4))
+        >>> layer.dense_branch(torch.ones(1, 6), torch.ones(4, 6))
+        tensor([[6., 6., 6., 6.]])
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no dense_branch")
+
+    def fused_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The base layer's output with ``W + delta`` for its weight, bias included.
+
+        A hook for subclasses: the forward calls it instead of the base
+        layer plus :meth:`dense_branch` when no dropout is active and
+        ``delta`` is in the base weight's dtype, so that one op runs
+        instead of two. By default it is ``base_layer(x) + dense_branch(x,
+        delta)``, correct for any layer linear in its weight; override it
+        with the single op (``F.linear(x, W + ΔW, b)`` for a Linear).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            The layer's input.
+        delta : torch.Tensor
+            ``ΔW`` of the running adapters, in the base weight's dtype.
+
+        Returns
+        -------
+        torch.Tensor
+            The layer's output.
+
+        Examples
+        --------
+        >>> import torch
+        >>> import flora
+        >>> base = torch.nn.Linear(6, 4)
+        >>> layer = flora.Linear(base)
+        >>> x, delta = torch.randn(2, 6), torch.randn(4, 6)
+        >>> torch.allclose(layer.fused_forward(x, delta),
+        ...                base(x) + layer.dense_branch(x, delta), atol=1e-6)
+        True
+        """
+        return self.base_layer(x) + self.dense_branch(x, delta)
+
+    def cost_geometry(self) -> tuple:
+        """The base layer's settings besides its weight shape that the op costs depend on.
+
+        A hook for subclasses: passed to :meth:`branch_costs` as
+        ``geometry`` (a convolution's stride, padding, dilation and groups);
+        it must be hashable. By default ``()``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> import flora
+        >>> flora.Conv2d(torch.nn.Conv2d(3, 8, 3, stride=2)).cost_geometry()
+        ((2, 2), (0, 0), (1, 1), 1)
+        """
+        return ()
 
     @classmethod
-    def _ops(
+    def branch_costs(
         cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
     ) -> tuple[list[Op], Op, int, int]:
-        """(factorized branch ops, the dense op on ``ΔW``, input and output elements).
+        """The ops each branch runs, for the cost model of ``forward="auto"``.
 
-        For a weight of ``shape``, an input of ``x_shape`` and the base
-        layer's :meth:`_geometry`.
+        A hook for subclasses whose :attr:`factorizable` is true: the
+        ``auto`` rule compares the factorized branch's ops with the dense
+        op plus building ``ΔW`` (see :doc:`/flora_math`). Each op is an
+        ``Op(macs, elements)``, its multiply-adds and the tensor elements it
+        reads and writes (``flora.layers.base.Op``, a named tuple);
+        ``flora.layers.base.product(m, k, n)`` is the op of an
+        ``(m, k) @ (k, n)`` product.
+
+        Parameters
+        ----------
+        geometry : tuple
+            :meth:`cost_geometry` of the layer.
+        shape : tuple of int
+            The update's shape.
+        x_shape : tuple of int
+            The input's shape.
+        ranks : sequence of int
+            The adapter's ranks.
+
+        Returns
+        -------
+        factorized : list of Op
+            The ops of :meth:`factorized_branch`.
+        dense : Op
+            The op of :meth:`dense_branch` on a built ``ΔW``.
+        in_elements, out_elements : int
+            The input's and the output's numbers of elements.
+
+        Examples
+        --------
+        >>> import flora
+        >>> costs = flora.Linear.branch_costs((), (16, 32), (5, 32), (4, 4))
+        >>> factorized, dense, n_in, n_out = costs
+        >>> len(factorized), dense.macs, n_in, n_out  # 5 tokens through a 32 -> 16 map
+        (3, 2560, 160, 80)
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{cls.__name__} defines no branch_costs, which forward='auto' needs; define it "
+            "or give the adapters forward='dense' or 'factorized'"
+        )
 
 
 def _auto_choice(
@@ -338,7 +492,9 @@ def _auto_choice(
     input_grad: bool,
 ) -> str:
     """The cost model's choice (``forward="auto"``) for one layer type, shape and mode."""
-    factorized, dense_op, in_elements, out_elements = layer._ops(geometry, shape, x_shape, ranks)
+    factorized, dense_op, in_elements, out_elements = layer.branch_costs(
+        geometry, shape, x_shape, ranks
+    )
     return choose(
         factorized,
         dense_op,

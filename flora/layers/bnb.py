@@ -15,7 +15,11 @@ Merging dequantizes the base weight with bitsandbytes' own functions, adds
 ``Q(W + ΔW)``, the sum rounded to the quantization grid, so its outputs
 differ from the unmerged layer's by up to one quantization step of the
 weight (a ``UserWarning`` says so). Unmerging subtracts ``ΔW`` and rounds
-again: it does not give the original quantized bytes back.
+again: it does not give the original quantized bytes back. bitsandbytes
+quantizes a new int8 weight from float16, and a 4-bit one from the dtype it
+was first quantized from: a merge whose sum overflows that dtype (beyond
+±65504 for float16) is refused, naming the layer, before anything changes
+(PEFT would write the overflowed weight).
 ``flora.unload(model, merge=False)`` does, bit for bit, when nothing was
 merged (the base module is returned untouched).
 
@@ -42,6 +46,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -53,12 +58,14 @@ from flora.layers.linear import Linear
 
 __all__ = [
     "QuantizedLinear",
+    "check_quantizable",
     "dequantize_weight",
     "is_quantized",
     "quantization",
     "quantize_weight",
     "refuse_dense_state",
     "refuse_initial_update",
+    "refuse_unquantizable",
     "requantize_into",
 ]
 
@@ -69,6 +76,12 @@ _ROUNDING = (
     "quantization grid, so outputs differ from the unmerged model's by up to one "
     "quantization step of the weight, and unmerging does not give the original "
     "quantized weight back bit for bit"
+)
+
+
+_UNMERGED = (
+    "nothing was merged (keep the adapter unmerged, or merge it into the full-precision "
+    "model and quantize that)"
 )
 
 
@@ -217,6 +230,64 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         return _dequantize_int8(module) if kind == "int8" else _dequantize_4bit(module)
 
 
+def _source_dtype(module: nn.Module, kind: str) -> torch.dtype:
+    """The dtype bitsandbytes quantizes a new weight of ``module`` from."""
+    if kind == "int8":
+        return torch.float16  # Int8Params casts to float16 before quantizing
+    state = _quant_state(module)
+    return state.original_dtype if _packed(state) else state.dtype
+
+
+def check_quantizable(module: nn.Module, weight: torch.Tensor) -> None:
+    """Refuse a finite ``weight`` that overflows the dtype ``module``'s weight is quantized from.
+
+    bitsandbytes casts a new int8 weight to float16 before quantizing it,
+    and a 4-bit weight to the dtype it was first quantized from; an entry
+    beyond that dtype's range (±65504 for float16) becomes infinite and the
+    quantized weight meaningless. NaN and infinite entries already in
+    ``weight`` are left to the caller (``safe`` of :func:`flora.merge`).
+
+    Parameters
+    ----------
+    module : bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt
+        A quantized layer.
+    weight : torch.Tensor
+        The dense weight to quantize, ``(out, in)``.
+
+    Raises
+    ------
+    ValueError
+        If an entry overflows, naming the largest magnitude and the range.
+    TypeError
+        As :func:`dequantize_weight`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from flora.layers.bnb import check_quantizable
+    >>> import bitsandbytes as bnb
+    >>> base = bnb.nn.Linear8bitLt(4, 2, has_fp16_weights=False).to("cpu")
+    >>> check_quantizable(base, torch.full((2, 4), 6e4))
+    >>> check_quantizable(base, torch.full((2, 4), 7e4))
+    Traceback (most recent call last):
+    ...
+    ValueError: the merged weight has entries up to 7e+04 in magnitude, beyond float16's ±65504, ...
+    """
+    kind = _check_ready(module)
+    dtype = _source_dtype(module, kind)
+    with torch.no_grad():
+        finite = torch.isfinite(weight)
+        overflow = finite & ~torch.isfinite(weight.to(dtype))
+        if bool(overflow.any()):
+            largest = weight[finite].abs().max().item()
+            name = str(dtype).removeprefix("torch.")
+            raise ValueError(
+                f"the merged weight has entries up to {largest:.3g} in magnitude, beyond "
+                f"{name}'s ±{torch.finfo(dtype).max:.0f}, the dtype bitsandbytes quantizes "
+                f"this {kind} weight from: quantized, they would be infinite"
+            )
+
+
 def quantize_weight(module: nn.Module, weight: torch.Tensor) -> nn.Parameter:
     """A new quantized parameter holding ``weight``, quantized as ``module``'s weight is.
 
@@ -241,12 +312,13 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor) -> nn.Parameter:
     ------
     TypeError, ValueError
         As :func:`dequantize_weight`; ``ValueError`` also if ``weight`` has
-        another shape.
+        another shape or overflows (:func:`check_quantizable`).
     """
     kind = _check_ready(module)
     shape = (module.out_features, module.in_features)
     if tuple(weight.shape) != shape:
         raise ValueError(f"weight must have shape {shape}, got {tuple(weight.shape)}")
+    check_quantizable(module, weight)
     bnb = _bitsandbytes()
     old = module.weight
     device = old.device
@@ -256,8 +328,7 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor) -> nn.Parameter:
                 weight.detach().to("cpu"), requires_grad=False, has_fp16_weights=False
             )
             return fresh.to(device)
-        state = _quant_state(module)
-        dtype = state.original_dtype if _packed(state) else state.dtype
+        dtype = _source_dtype(module, kind)
         fresh = bnb.nn.Params4bit(
             weight.detach().to(device=device, dtype=dtype).contiguous(),
             requires_grad=False,
@@ -353,6 +424,24 @@ class QuantizedLinear(Linear):
         refuse_initial_update(f"adapter {name!r}", self, adapter.spec.init)
         super().add_adapter(name, adapter)
 
+    def check_merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
+        """Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
+
+        As :meth:`flora.AdaptedWeight.check_merge`, and, with ``safe`` or
+        not, a ``ValueError`` if ``W + ΔW`` overflows the dtype bitsandbytes
+        quantizes it from (:func:`check_quantizable`).
+        """
+        super().check_merge(adapter_names, safe=safe)
+        names = self._merge_names(adapter_names)
+        if names:
+            with torch.no_grad():
+                delta = self._sum(self.adapters[n].delta_weight() for n in names)
+                weight = self.base_weight().to(delta.dtype) + delta
+            try:
+                check_quantizable(self.base_layer, weight)
+            except ValueError as exc:
+                raise ValueError(f"merging {names}: {exc}; {_UNMERGED}") from None
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's shape ``(out, in)`` (without dequantizing it)."""
@@ -390,6 +479,34 @@ def refuse_dense_state(name: str, layer: nn.Module) -> None:
             "state dict would hold a dense weight under its quantized module's keys; call "
             "flora.unload(model) (which merges and quantizes again) and take model.state_dict()"
         )
+
+
+def refuse_unquantizable(name: str, layer: nn.Module, weight: torch.Tensor) -> None:
+    """Refuse a merged ``weight`` that a quantized base layer cannot hold.
+
+    :func:`flora.unload` calls it for every layer before it merges any.
+
+    Parameters
+    ----------
+    name : str
+        The layer's name, for the message.
+    layer : torch.nn.Module
+        An adapted layer; only a :class:`QuantizedLinear` is checked.
+    weight : torch.Tensor
+        Its merged weight ``(out, in)``.
+
+    Raises
+    ------
+    ValueError
+        If ``weight`` overflows the dtype the base is quantized from
+        (:func:`check_quantizable`), naming the layer.
+    """
+    if not isinstance(layer, QuantizedLinear):
+        return
+    try:
+        check_quantizable(layer.base_layer, weight)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc}; {_UNMERGED}") from None
 
 
 def refuse_initial_update(what: str, module: nn.Module, init: str) -> None:

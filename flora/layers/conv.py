@@ -69,7 +69,8 @@ class _ConvNd(FLoRALayer):
             return type(self)._conv(x, weight, None, base.stride, 0, base.dilation)
         return type(self)._conv(x, weight, None, base.stride, base.padding, base.dilation)
 
-    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+    def factorized_branch(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        """A pointwise conv to ``R_in`` channels, the core's kernel conv, a pointwise conv out."""
         shape, ranks = adapter.spec.shape, adapter.spec.ranks
         factors = list(adapter.factors)
         pointwise = (1,) * (len(shape) - 2)
@@ -97,7 +98,8 @@ class _ConvNd(FLoRALayer):
                 x, padding = F.pad(x, pads), (0,) * len(base.stride)
         return grouped_conv(x, weight, bias, base.stride, padding, base.dilation, base.groups)
 
-    def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The base's convolution with ``ΔW``, no bias (grouped convolutions too)."""
         if self.base_layer.groups > 1:
             return self._grouped(x, delta, None)
         return self.base_layer._conv_forward(x, delta, None)
@@ -106,20 +108,23 @@ class _ConvNd(FLoRALayer):
         # Channels come before the spatial axes, batched or not.
         return bias.reshape(-1, *(1,) * (self.base_layer.weight.ndim - 2))
 
-    def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The base's convolution with ``W + ΔW`` and its bias: one op."""
         base = self.base_layer
         if base.groups > 1:
             return self._grouped(x, base.weight + delta, base.bias)
         return base._conv_forward(x, base.weight + delta, base.bias)
 
-    def _geometry(self) -> tuple:
+    def cost_geometry(self) -> tuple:
+        """``(stride, padding, dilation, groups)`` of the base convolution."""
         base = self.base_layer
         return (base.stride, base.padding, base.dilation, base.groups)
 
     @classmethod
-    def _ops(
+    def branch_costs(
         cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
     ) -> tuple[list[Op], Op, int, int]:
+        """The pointwise, core and kernel convolutions against the dense convolution."""
         stride, padding, dilation, groups = geometry
         out_channels, in_per_group, *kernel = shape
         out_rank, in_rank = ranks[:2]

@@ -82,7 +82,8 @@ class Embedding(FLoRALayer):
     def _fusable_delta(self, delta: torch.Tensor) -> bool:
         return False
 
-    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+    def factorized_branch(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        """Gather factor rows, then two thin matmuls; padding positions give zero."""
         row_factor, dim_factor = adapter.factors
         rows = F.embedding(x, row_factor)
         padding_idx = self.base_layer.padding_idx
@@ -90,13 +91,15 @@ class Embedding(FLoRALayer):
             rows = rows * (x != padding_idx).unsqueeze(-1).to(rows.dtype)
         return thin_matmul_t(rows @ scaled_core(adapter), dim_factor)
 
-    def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Gather rows of ``ΔE``."""
         return F.embedding(x, delta)
 
     @classmethod
-    def _ops(
+    def branch_costs(
         cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
     ) -> tuple[list[Op], Op, int, int]:
+        """A gather of factor rows and two thin products against a gather of ``ΔE`` rows."""
         rows, dim = shape
         rank0, rank1 = ranks
         tokens = math.prod(x_shape)

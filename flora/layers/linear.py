@@ -66,20 +66,24 @@ class Linear(FLoRALayer):
     kind = "Linear"
     base_type = nn.Linear
 
-    def _factorized(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+    def factorized_branch(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
+        r"""Three thin matmuls, :math:`((x U_1) (sG)^\top) U_0^\top`."""
         out_factor, in_factor = adapter.factors
         return thin_matmul_t(F.linear(thin_matmul(x, in_factor), scaled_core(adapter)), out_factor)
 
-    def _dense(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, ΔW)``."""
         return F.linear(x, delta)
 
-    def _fused(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, W + ΔW, b)``: one op."""
         return F.linear(x, self.base_weight() + delta, self.base_layer.bias)
 
     @classmethod
-    def _ops(
+    def branch_costs(
         cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
     ) -> tuple[list[Op], Op, int, int]:
+        """The three thin products against one ``(tokens, in) @ (in, out)`` product."""
         out_size, in_size = shape
         out_rank, in_rank = ranks
         elements = math.prod(x_shape)

@@ -55,7 +55,7 @@ from typing import Any, TypeGuard
 import array_api_compat
 
 from tuckerlib._namespace import get_namespace
-from tuckerlib.io.layer_kinds import BIAS_KINDS, KINDS, geometry_of
+from tuckerlib.io.layer_kinds import BIAS_KINDS, KINDS, by_parameter, geometry_of
 
 __all__ = [
     "CONFIG_NAME",
@@ -362,19 +362,33 @@ def check_scale(value: object) -> float:
     return float(value)
 
 
-def check_dropout(value: object) -> float:
-    """``value`` as a float in ``[0, 1)`` (Python or NumPy real; not bool).
+def check_dropout(value: object, kind: str | None = None) -> float:
+    """``value`` as a float in ``[0, 1)`` (Python or NumPy real; not bool); 0 for some kinds.
+
+    A kind that adapts named parameters of its module (``on_parameters``:
+    ``MultiheadAttention``, whose forward reads its weights itself) has no
+    branch input to drop: its dropout must be 0 (when ``kind`` is given).
 
     Examples
     --------
     >>> from tuckerlib.io.flora_format import check_dropout
     >>> check_dropout(0)
     0.0
+    >>> check_dropout(0.1, "MultiheadAttention")
+    Traceback (most recent call last):
+    ...
+    ValueError: dropout must be 0 for a MultiheadAttention layer, got 0.1: ...
     """
     if is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"dropout must be a real number, got {value!r}")
     if not 0 <= value < 1:
         raise ValueError(f"dropout must lie in [0, 1), got {value}")
+    if value and kind is not None and kind != "Parameter" and by_parameter(kind):
+        raise ValueError(
+            f"dropout must be 0 for a {kind} layer, got {value}: its adapter changes the "
+            "weights the module reads, and has no branch input to drop (PEFT's LoRA "
+            "ignores lora_dropout there)"
+        )
     return float(value)
 
 
@@ -564,7 +578,8 @@ def check_layer_values(
     ValueError
         For an unknown kind, init or forward; ranks that do not match the
         shape or are not usable; a zero or non-finite scale; a dropout
-        outside ``[0, 1)``; a bias update for a kind without a bias.
+        outside ``[0, 1)`` (or above 0 for a kind without a branch input,
+        see :func:`check_dropout`); a bias update for a kind without a bias.
     TypeError
         For values of the wrong type (bools are never numbers).
     """
@@ -584,7 +599,7 @@ def check_layer_values(
         "scale": check_scale(scale),
         "init": resolve_init(check_init(init), shape),
         "forward": check_forward(forward),
-        "dropout": check_dropout(dropout),
+        "dropout": check_dropout(dropout, kind),
         "bias": check_bias(bias, kind),
     }
 
