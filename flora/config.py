@@ -154,8 +154,8 @@ class FLoRAConfig:
         on 2-D weights (Linear, Embedding, 2-D parameters) and
         ``"zero_core"`` on the others (:func:`tuckerlib.io.flora_format.resolve_init`).
         Why: on 2-D weights ``"balanced"`` is LoRA's start, so its
-        parameter groups move ``ΔW`` at LoRA's rates and LoRA's learning
-        rate suits it, while ``"zero_core"``'s core moves ``ΔW`` about 13
+        parameter groups move :math:`\Delta W` at LoRA's rates and LoRA's learning
+        rate suits it, while ``"zero_core"``'s core moves :math:`\Delta W` about 13
         times as far per step as its factors; on pretrained MiniLM at the
         LoRA-2 budget (5 seeds) ``"balanced"`` scored +0.002 (SE 0.002)
         against PEFT LoRA where ``"zero_core"`` scored −0.019 (SE 0.010).
@@ -171,7 +171,7 @@ class FLoRAConfig:
         :func:`flora.disable_adapter` runs.
     bias : bool, optional
         Give every adapted Linear and ConvNd layer that has a bias a bias
-        update ``Δb`` (zero at the start, trained with the adapter, added
+        update :math:`\Delta b` (zero at the start, trained with the adapter, added
         to the layer's bias when merged), as PEFT's ``lora_bias``.
         :func:`flora.extract` sets it when it carries the fine-tune's bias
         changes.

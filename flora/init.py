@@ -16,12 +16,12 @@ r"""How a FLoRA adapter starts: ``"balanced"``, ``"zero_core"``, ``"gaussian"`` 
 * ``"zero_core"`` (the paper's): core zeros, each factor ``U_n`` of shape
   ``(I_n, R_n)`` Kaiming-normal as the reference code does it
   (``kaiming_normal_(U, a=sqrt(3))``, i.e. standard deviation
-  ``1/sqrt(2 R_n)``). ``ΔW = 0``, so the adapted model equals the base.
-* ``"gaussian"``: core zeros, factors ``N(0, 1/R_n²)``, the Tucker analogue
-  of PEFT's ``init_lora_weights="gaussian"``; also starts at ``ΔW = 0``.
+  ``1/sqrt(2 R_n)``). :math:`\Delta W = 0`, so the adapted model equals the base.
+* ``"gaussian"``: core zeros, factors :math:`\mathcal{N}(0, 1/R_n^2)`, the Tucker analogue
+  of PEFT's ``init_lora_weights="gaussian"``; also starts at :math:`\Delta W = 0`.
 * ``"hosvd"``: the adapter is the truncated HOSVD of the pretrained weight
   ``W0`` at the adapter's ranks (core divided by the scale ``s``), and the
-  layer's base keeps the residual ``W0 - ΔW``: the output is unchanged at
+  layer's base keeps the residual :math:`W_0 - \Delta W`: the output is unchanged at
   start up to rounding (the Tucker analogue of PiSSA).
 """
 
@@ -86,7 +86,7 @@ def _lora_a(size: int, rank: int, **options) -> torch.Tensor:
 def balanced_init(
     kind: str, shape: Sequence[int], ranks: Sequence[int], **options
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    r"""Core and factors of ``init="balanced"`` (see the module docstring); ``ΔW = 0`` exactly.
+    r"""Core and factors of ``init="balanced"`` (see the module); :math:`\Delta W = 0` exactly.
 
     Parameters
     ----------

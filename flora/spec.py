@@ -151,9 +151,9 @@ class LayerSpec:
     dropout : float, optional
         Dropout probability on the branch input (Linear and ConvNd).
     bias : bool, optional
-        Whether the adapter also carries a bias update ``Δb`` of shape
+        Whether the adapter also carries a bias update :math:`\Delta b` of shape
         ``(shape[0],)``, added to the layer's bias (Linear and ConvNd
-        layers that have one; PEFT's ``lora_bias``). ``Δb`` is not
+        layers that have one; PEFT's ``lora_bias``). :math:`\Delta b` is not
         multiplied by ``scale``.
 
     Raises

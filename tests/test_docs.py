@@ -380,6 +380,15 @@ def test_site_check_finds_tables_that_can_run_wider_than_the_column() -> None:
         "‖x‖²",
         "\\sum_i",
         "A^T",
+        "ΔW",
+        "Δb = scaling · lora_B.bias",
+        "W ← W + ΔW",
+        "−η·sign(g)",
+        "q ≥ 1",
+        "I_n² b",
+        "a Z = Q₁ R₁",
+        "x̂",
+        "r · out",
     ],
 )
 def test_site_check_finds_math_set_as_code(literal: str) -> None:
@@ -398,6 +407,10 @@ def test_site_check_finds_math_set_as_code(literal: str) -> None:
         "python -m flora …",
         "{'a': 1}",
         "f'{name}_{i}'",
+        "-initial_core",
+        "lora_B.bias",
+        "W0 - delta",
+        "µs",
     ],
 )
 def test_site_check_leaves_real_code_alone(literal: str) -> None:

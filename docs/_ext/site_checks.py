@@ -13,8 +13,8 @@ build when it
   that scrolls sideways, or one of more than ``WIDE_TABLE_COLUMNS`` columns
   that declares no column widths (see ``wide_tables``);
 * shows math as code: an inline code literal that holds LaTeX or math
-  notation (``σ^{(n)}_i``, ``prod_{k != n} I_k``, ``ΔW = s · G ×_0 U_0``;
-  write ``:math:`...```). Code blocks and signatures are real code and
+  notation (``σ^{(n)}_i``, ``prod_{k != n} I_k``, ``ΔW = s · G ×_0 U_0``,
+  a Greek letter such as ``ΔW`` or ``η``, ``R_n²``; write ``:math:`...```). Code blocks and signatures are real code and
   are not read;
 * mentions development leftovers, text that only makes sense to the people
   who wrote it: a reference to a planning document that does not ship with
@@ -64,12 +64,17 @@ LEFTOVERS: dict[str, re.Pattern[str]] = {
 WIDE_TABLE_COLUMNS = 4
 # LaTeX or math notation, which in an inline code literal is math set in code
 # font: LaTeX commands, sub- and superscript groups, ASCII spellings of
-# operators, and the symbols of formulas. Names in real code do not contain
-# these (a Python subscript is written ``x[i]``, a product ``math.prod``; an
-# f-string's ``{a}_{b}`` has a brace before the underscore).
+# operators, Greek letters (``ΔW``, ``η``), Unicode sub- and superscripts
+# (``R_n²``, ``Q₁``) and accents (``x̂``), and the symbols of formulas
+# (``−``, ``·``, ``←``, ``≤``). Names in real code do not contain these (a
+# Python subscript is written ``x[i]``, a product ``math.prod``, a minus
+# ``-``; an f-string's ``{a}_{b}`` has a brace before the underscore).
 MATH_IN_CODE = re.compile(
     r"(?<!\})[_^]\{|\\(?:sum|prod|sigma|cdot|times|frac|sqrt|top|mathbf|le|ge|neq)\b"
-    r"|\b(?:prod|sum)_|\bsigma\b|[σΣ∏Ωᵀᴴ‖×]|\^T\b"
+    r"|\b(?:prod|sum)_|\bsigma\b|\^T\b"
+    r"|[\u0391-\u03a9\u03b1-\u03c9]"  # Greek
+    r"|[\u00b2\u00b3\u00b9\u2070-\u209c\u1d40-\u1d6a\u0302]"  # sub-, superscripts, hat
+    r"|[∏∑√‖×−·←→↦≤≥≠≈∈⊗]"
 )
 # A code literal that is a private name on its own, such as ``_ops``.
 PRIVATE_LITERAL = re.compile(r"_[a-z][a-z0-9_]*")

@@ -221,7 +221,7 @@ class FLoRALayer(AdaptedWeight):
         return self._cast_input(x, adapter.core.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` plus the branches (and ``Δb``) of the active, unmerged adapters.
+        r"""``base_layer(x)`` plus the branches (and :math:`\Delta b`) of active, unmerged adapters.
 
         In a forward routed per sample (``model(..., adapter_names=[...])``)
         each sample runs as if its adapter alone were active.
@@ -253,7 +253,7 @@ class FLoRALayer(AdaptedWeight):
         return out if bias is None else out + cast(self._bias_view(bias), out.dtype)
 
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
-        """``Δb`` shaped to broadcast over the output (its last axis, by default)."""
+        r""":math:`\Delta b` shaped to broadcast over the output (its last axis, by default)."""
         return bias
 
     def _forward_one(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
@@ -308,7 +308,7 @@ class FLoRALayer(AdaptedWeight):
     def _ops(
         cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
     ) -> tuple[list[Op], Op, int, int]:
-        """(factorized branch ops, the dense op on ``ΔW``, input and output elements).
+        r"""(factorized branch ops, the dense op on :math:`\Delta W`, input and output elements).
 
         For a weight of ``shape``, an input of ``x_shape`` and the base
         layer's :meth:`_geometry`.

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit and 8-bit bases: FLoRA adapters on a quantized Linear (QLoRA).
+r"""bitsandbytes 4-bit and 8-bit bases: FLoRA adapters on a quantized Linear (QLoRA).
 
 :class:`QuantizedLinear` wraps a ``bitsandbytes.nn.Linear4bit`` (``nf4`` or
 ``fp4``) or a ``bitsandbytes.nn.Linear8bitLt`` (int8, ``has_fp16_weights=False``)
@@ -11,10 +11,10 @@ of the base layer's output, which bitsandbytes computes in its own compute
 dtype. The forward never builds the dense base weight.
 
 Merging dequantizes the base weight with bitsandbytes' own functions, adds
-``ΔW`` and quantizes the sum again, as PEFT does: the merged layer holds
-``Q(W + ΔW)``, the sum rounded to the quantization grid, so its outputs
+:math:`\Delta W` and quantizes the sum again, as PEFT does: the merged layer holds
+:math:`Q(W + \Delta W)`, the sum rounded to the quantization grid, so its outputs
 differ from the unmerged layer's by up to one quantization step of the
-weight (a ``UserWarning`` says so). Unmerging subtracts ``ΔW`` and rounds
+weight (a ``UserWarning`` says so). Unmerging subtracts :math:`\Delta W` and rounds
 again: it does not give the original quantized bytes back.
 ``flora.unload(model, merge=False)`` does, bit for bit, when nothing was
 merged (the base module is returned untouched).
@@ -301,13 +301,13 @@ def requantize_into(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 class QuantizedLinear(Linear):
-    """A bitsandbytes ``Linear4bit`` (nf4, fp4) or ``Linear8bitLt`` (int8) with FLoRA adapters.
+    r"""A bitsandbytes ``Linear4bit`` (nf4, fp4) or ``Linear8bitLt`` (int8) with FLoRA adapters.
 
     :class:`flora.Linear` on a quantized base: the same kind (``"Linear"``),
     ranks, options, adapter files and LoRA export. The base layer stays
     quantized and frozen and computes its own part; the adapters' branches
     run in the adapters' dtype beside it (see :mod:`flora.layers.bnb`).
-    Merging rounds ``W + ΔW`` to the quantization grid, with a warning.
+    Merging rounds :math:`W + \Delta W` to the quantization grid, with a warning.
 
     Parameters
     ----------

@@ -178,7 +178,7 @@ class Conv1d(_ConvNd):
 
 
 class Conv2d(_ConvNd):
-    """A ``torch.nn.Conv2d`` with a FLoRA adapter on its weight.
+    r"""A ``torch.nn.Conv2d`` with a FLoRA adapter on its weight.
 
     The Tucker modes are the weight axes ``(out, in/groups, kh, kw)``.
 
@@ -202,8 +202,8 @@ class Conv2d(_ConvNd):
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see
-        :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
-        convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
+        :mod:`flora.layers.conv`); ``"dense"`` builds :math:`\Delta W` and runs one
+        convolution with :math:`W + \Delta W`. Layers with ``groups > 1`` always run
         dense.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` wraps the

@@ -22,7 +22,7 @@ class Embedding(FLoRALayer):
 
     The factorized lookup gathers rows of ``U_0`` (shape
     ``(num_embeddings, R_0)``) and multiplies them by :math:`s \cdot G U_1^\top`; it
-    never builds ``ΔE``. The row of ``padding_idx`` gets no update, in both
+    never builds :math:`\Delta E`. The row of ``padding_idx`` gets no update, in both
     forwards and in :func:`flora.merge`.
 
     Parameters
@@ -38,7 +38,7 @@ class Embedding(FLoRALayer):
     init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
-        ``"dense"`` builds ``ΔE`` and gathers from it.
+        ``"dense"`` builds :math:`\Delta E` and gathers from it.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` wraps the
         layer without adapters.

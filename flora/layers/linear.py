@@ -35,7 +35,7 @@ class Linear(FLoRALayer):
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs :math:`((x U_1) G^\top) U_0^\top`, three thin matmuls;
-        ``"dense"`` builds ``ΔW`` and runs one linear op on ``W + ΔW``.
+        ``"dense"`` builds :math:`\Delta W` and runs one linear op on :math:`W + \Delta W`.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` wraps the
         layer without adapters.

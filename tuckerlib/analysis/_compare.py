@@ -97,7 +97,7 @@ def tucker_vs_matrix(
         the ranks and the matrix error are then taken from it instead of
         being computed again. Each spectrum's energy :math:`\sum \sigma_i^2` must equal
         :math:`\|x\|^2` to a tolerance set by ``x``'s dtype (``sqrt(eps)``, or
-        ``32 · max(I_n) · eps`` if larger), so the spectra of a tensor of
+        :math:`32 \cdot \max(I_n) \cdot \varepsilon` if larger), so the spectra of a tensor of
         another norm are refused rather than trusted. For a matrix nothing
         else is computed; for a tensor the ST-HOSVD for the Tucker error
         still runs.

@@ -18,7 +18,7 @@ def tail_energies(s: np.ndarray) -> np.ndarray:
 
 
 def rank_for_threshold(s: np.ndarray, threshold: float, size: int) -> int:
-    r"""Smallest rank ``r >= 1`` whose discarded energy ``Σ_{i >= r} s_i²`` is <= threshold."""
+    r"""Smallest rank ``r >= 1`` whose tail energy :math:`\sum_{i \ge r} s_i^2` is <= threshold."""
     tail = tail_energies(s)
     admissible = np.flatnonzero(tail <= threshold)
     rank = int(admissible[0]) if admissible.size else len(s)
