@@ -353,6 +353,41 @@ def test_search_index_is_read_from_the_built_script(tmp_path: Path) -> None:
     assert site_checks.read_search_index(tmp_path / "searchindex.js") == data
 
 
+def _prose_page(paragraphs: list[str], extra: str = "") -> str:
+    return _page("".join(f"<p>{text}</p>" for text in paragraphs) + extra)
+
+
+QUICKTOUR = [
+    f"Step {i}: a paragraph long enough to count as prose on the page, {i}." for i in range(6)
+]
+
+
+def test_site_check_finds_a_page_found_twice_in_search() -> None:
+    own = ["A paragraph of its own that no other page has, long enough to count here."]
+    prose = {
+        "gallery/quicktour": site_checks.page_prose(_prose_page(QUICKTOUR)),
+        "getting_started": site_checks.page_prose(_prose_page(own + QUICKTOUR)),
+        "installation": site_checks.page_prose(_prose_page(own + QUICKTOUR[:2])),
+    }
+    (problem,) = site_checks.duplicated_pages(prose)
+    assert problem.startswith("gallery/quicktour and getting_started are both searched")
+    assert "share 6 paragraphs" in problem
+    del prose["gallery/quicktour"]
+    assert site_checks.duplicated_pages(prose) == []
+
+
+def test_page_prose_leaves_out_tables_object_descriptions_and_short_lines() -> None:
+    table = f"<table><tr><td><p>{QUICKTOUR[0]}</p></td></tr></table>"
+    described = f"<dl class='py method'><dd><p>{QUICKTOUR[1]}</p></dd></dl>"
+    html = _prose_page([QUICKTOUR[2], "Short."], table + described + f"<pre>{QUICKTOUR[3]}</pre>")
+    assert site_checks.page_prose(html) == {QUICKTOUR[2], QUICKTOUR[3]}
+
+
+def test_searched_pages_are_those_indexed_with_a_title() -> None:
+    index = {"docnames": ["a", "gallery/quicktour", "b"], "titles": ["A", "", "B"]}
+    assert site_checks.searched_pages(index) == ["a", "b"]
+
+
 def _row(cells: int) -> str:
     return "<tr>" + "<td>1</td>" * cells + "</tr>"
 

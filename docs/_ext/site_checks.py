@@ -14,8 +14,8 @@ build when it
   that declares no column widths (see ``wide_tables``);
 * shows math as code: an inline code literal that holds LaTeX or math
   notation (``σ^{(n)}_i``, ``prod_{k != n} I_k``, ``ΔW = s · G ×_0 U_0``,
-  a Greek letter such as ``ΔW`` or ``η``, ``R_n²``; write ``:math:`...```). Code blocks and signatures are real code and
-  are not read;
+  a Greek letter such as ``ΔW`` or ``η``, ``R_n²``; write ``:math:`...```).
+  Code blocks and signatures are real code and are not read;
 * mentions development leftovers, text that only makes sense to the people
   who wrote it: a reference to a planning document that does not ship with
   these docs (the word ``DESIGN``; a page states its rule itself instead),
@@ -25,9 +25,12 @@ build when it
   ``sys.path.insert(...)``).
 
 The search index is checked too: every object is documented once (a module
-page does not document ``flora.io.save_adapter`` beside ``flora.save_adapter``)
-and each query of ``site_checks_search`` in ``conf.py`` ranks its public name
-first, ranked as the site's search ranks it (``search_ranking``).
+page does not document ``flora.io.save_adapter`` beside ``flora.save_adapter``),
+no page is found twice (an indexed page whose prose another indexed page
+repeats, such as a page that includes another: leave one out of the search,
+``not_searched`` in ``conf.py``), and each query of ``site_checks_search`` in
+``conf.py`` ranks its public name first, ranked as the site's search ranks it
+(``search_ranking``).
 
 The source listings of ``sphinx.ext.viewcode`` (``_modules/``) show the code
 itself, private modules included, and are only checked for external assets.
@@ -339,6 +342,51 @@ def search_problems(index: dict, expected: dict[str, str]) -> list[str]:
     return found
 
 
+# An indexed page repeats another in search when at least this share of its
+# prose, and at least ``DUPLICATE_MIN_PARAGRAPHS`` paragraphs, are also on
+# another indexed page. Prose: paragraphs and code blocks of at least
+# ``PROSE_MIN_CHARS`` characters outside tables and object descriptions (the
+# API pages of related classes legitimately repeat inherited docstrings).
+DUPLICATE_SHARE = 0.5
+DUPLICATE_MIN_PARAGRAPHS = 4
+PROSE_MIN_CHARS = 60
+
+
+def page_prose(html: str) -> set[str]:
+    """The paragraphs and code blocks of a page's article, whitespace normalized."""
+    soup = BeautifulSoup(html, "html.parser")
+    article = soup.find("article") or soup
+    found = set()
+    for block in article.find_all(["p", "pre"]):
+        if block.find_parent("dl", class_="py") or block.find_parent("table"):
+            continue
+        text = " ".join(block.get_text(" ").split())
+        if len(text) >= PROSE_MIN_CHARS:
+            found.add(text)
+    return found
+
+
+def searched_pages(index: dict) -> list[str]:
+    """The pages the search finds: those indexed with a title (``nosearch`` pages have none)."""
+    return [doc for doc, title in zip(index["docnames"], index["titles"], strict=True) if title]
+
+
+def duplicated_pages(prose: dict[str, set[str]]) -> list[str]:
+    """Pairs of indexed pages of which one repeats the other's prose (``page_prose``)."""
+    found = []
+    pages = sorted(prose)
+    for i, first in enumerate(pages):
+        for second in pages[i + 1 :]:
+            shared = len(prose[first] & prose[second])
+            smaller = min(len(prose[first]), len(prose[second]))
+            if shared >= DUPLICATE_MIN_PARAGRAPHS and shared >= DUPLICATE_SHARE * smaller:
+                found.append(
+                    f"{first} and {second} are both searched and share {shared} paragraphs: "
+                    "leave one out of the search (not_searched in conf.py)"
+                )
+    return found
+
+
 def _on_build_finished(app, exception) -> None:
     if exception is not None or app.builder.format != "html":
         return
@@ -346,7 +394,12 @@ def _on_build_finished(app, exception) -> None:
     for problem in check_site(outdir, app.config.site_checks_allow):
         logger.warning("%s: %s", problem.page, problem.message, type="site_checks")
     index = read_search_index(outdir / "searchindex.js")
-    for message in search_problems(index, app.config.site_checks_search):
+    prose = {
+        page: page_prose((outdir / f"{page}.html").read_text(encoding="utf-8"))
+        for page in searched_pages(index)
+    }
+    problems = search_problems(index, app.config.site_checks_search) + duplicated_pages(prose)
+    for message in problems:
         logger.warning("searchindex.js: %s", message, type="site_checks")
 
 
