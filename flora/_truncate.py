@@ -1,13 +1,13 @@
 r"""Shrink a Tucker update by a truncated ST-HOSVD of its small core.
 
-With ``U_n = Q_n R_n`` (QR, ``Q_n`` orthonormal), :math:`\Delta W = s \cdot C \times_n Q_n`
+With :math:`U_n = Q_n R_n` (QR, ``Q_n`` orthonormal), :math:`\Delta W = s \cdot C \times_n Q_n`
 where :math:`C = G \times_n R_n` is no larger than ``G``. Orthonormal ``Q_n`` keep
 norms and mode spectra, so the truncated ST-HOSVD :math:`C ≈ H \times_n V_n` gives
 :math:`\Delta W' = s \cdot H \times_n (Q_n V_n)` with :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|
 = \|C - C'\| / \|C\|`,
 computed on the small tensors. It is exact when the new ranks hold ``C``'s
 multilinear rank. The mode order is the one ST-HOSVD uses on :math:`\Delta W` itself
-(largest ``I_n / R_n`` first), so the result is the ST-HOSVD of :math:`\Delta W`.
+(largest :math:`I_n / R_n` first), so the result is the ST-HOSVD of :math:`\Delta W`.
 """
 
 from __future__ import annotations

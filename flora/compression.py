@@ -145,7 +145,7 @@ def compress(
 
     Each layer's update :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}` is
     replaced by its truncated ST-HOSVD :math:`\Delta W'`, computed on the small core
-    :math:`G \times_n R_n` (``U_n = Q_n R_n``, QR) without forming :math:`\Delta W`. It is
+    :math:`G \times_n R_n` (:math:`U_n = Q_n R_n`, QR) without forming :math:`\Delta W`. It is
     exact (to rounding) when the new ranks hold the update's multilinear
     rank. The ranks never grow, and end at what a Tucker tensor can use.
 

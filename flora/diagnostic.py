@@ -43,7 +43,7 @@ class SensitivityRecord:
         ``"core"``, ``"U_0"``, ``"U_1"``, ... for the adapter; ``"LoRA B"``
         and ``"LoRA A"`` for the LoRA reference.
     shape : tuple of int
-        The group's shape (LoRA's ``B`` is ``(I_0, r)``, ``A`` is ``(r, prod I_n>0)``).
+        The group's shape (LoRA's ``B`` is ``(I_0, r)``, ``A`` is :math:`(r, \prod_{n>0} I_n)`).
     grad_norm : float
         Frobenius norm of the loss gradient with respect to the group.
     delta_per_lr : float

@@ -26,7 +26,7 @@ An adapter directory holds one named adapter in two files (format version 2):
     adapted with :class:`flora.TuckerParametrization`) or a kind added with
     :func:`flora.register_layer_kind`. Each layer entry is
     :meth:`flora.LayerSpec.to_record`: ``shape`` is the weight's shape and
-    ``ranks`` the usable ranks (``R_n <= I_n`` and :math:`R_n \le \prod_{m \ne n} R_m`). The
+    ``ranks`` the usable ranks (:math:`R_n \le I_n` and :math:`R_n \le \prod_{m \ne n} R_m`). The
     per-layer entries are authoritative; ``config`` records how
     the adapter was made. ``"bias": true`` (optional, only written when
     true) marks an adapter that carries a bias update. ``modules_to_save``

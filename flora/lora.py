@@ -185,7 +185,7 @@ def export_lora(
     An adapter made with ``init="hosvd"`` changes the pretrained weight by
     :math:`\Delta W - \Delta W_\text{init}` (its base holds :math:`W_0 - \Delta W_\text{init}`);
     that difference is exported, as one Tucker tensor with both cores on its block diagonal, so its
-    LoRA rank is up to ``2 R_0`` and the PEFT adapter applies to the original ``W0``. A grouped
+    LoRA rank is up to :math:`2 R_0` and the PEFT adapter applies to the original ``W0``. A grouped
     convolution exports exactly at rank
     :math:`\text{groups} \cdot \min(R_0, \text{out} / \text{groups})`, with ``lora_A`` zero across
     groups. Saved modules (``modules_to_save``) are written as PEFT saves its own; PEFT wraps every

@@ -576,10 +576,10 @@ def _weight_rule(name: str, layer: AdaptedWeight) -> tuple[str, Rule]:
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    """Number of entries of the parameters that require gradients.
+    r"""Number of entries of the parameters that require gradients.
 
     After :func:`inject` these are exactly the active adapters' cores and
-    factors (and their saved modules), ``sum(prod(R) + sum(I_n R_n))`` over
+    factors (and their saved modules), :math:`\sum \bigl(\prod_n R_n + \sum_n I_n R_n\bigr)` over
     the adapted layers.
 
     Parameters

@@ -426,6 +426,13 @@ def test_site_check_finds_tables_that_can_run_wider_than_the_column() -> None:
         "a Z = Q₁ R₁",
         "x̂",
         "r · out",
+        "U_n = Q_n R_n",
+        "R_n <= I_n",
+        "prod(R) + sum(I_n R_n)",
+        "C / c_n",
+        "R_0 R_1",
+        "2 I_n",
+        "U_n G_(n) = Q R",
     ],
 )
 def test_site_check_finds_math_set_as_code(literal: str) -> None:
@@ -448,6 +455,12 @@ def test_site_check_finds_math_set_as_code(literal: str) -> None:
         "lora_B.bias",
         "W0 - delta",
         "µs",
+        "R_n",
+        "(I_n, R_n)",
+        "kaiming_normal_(U_n, a=sqrt(3))",
+        "lora_B",
+        "n_iter_max=0",
+        "x_train + 1",
     ],
 )
 def test_site_check_leaves_real_code_alone(literal: str) -> None:

@@ -14,7 +14,8 @@ build when it
   that declares no column widths (see ``wide_tables``);
 * shows math as code: an inline code literal that holds LaTeX or math
   notation (``σ^{(n)}_i``, ``prod_{k != n} I_k``, ``ΔW = s · G ×_0 U_0``,
-  a Greek letter such as ``ΔW`` or ``η``, ``R_n²``; write ``:math:`...```).
+  a Greek letter such as ``ΔW`` or ``η``, ``R_n²``, a formula in index
+  notation such as ``U_n = Q_n R_n``; write ``:math:`...```).
   Code blocks and signatures are real code and are not read;
 * mentions development leftovers, text that only makes sense to the people
   who wrote it: a reference to a planning document that does not ship with
@@ -78,6 +79,17 @@ MATH_IN_CODE = re.compile(
     r"|[\u0391-\u03a9\u03b1-\u03c9]"  # Greek
     r"|[\u00b2\u00b3\u00b9\u2070-\u209c\u1d40-\u1d6a\u0302]"  # sub-, superscripts, hat
     r"|[∏∑√‖×−·←→↦≤≥≠≈∈⊗]"
+)
+# A name with a one-letter index (``R_n``, ``U_0``, ``G_(n)``), not part of a
+# longer identifier (``lora_B``, ``n_iter``) or a call.
+INDEXED = r"\b[A-Za-z]_(?:[A-Za-z0-9]|\([a-z0-9]\))(?![\w(])"
+# A formula in index notation: an indexed name in an equation, comparison or
+# arithmetic (``U_n = Q_n R_n``, ``R_n <= I_n``, ``C / c_n``), or beside
+# another factor (``R_0 R_1``, ``2 I_n``). An indexed name alone (``R_n``) or
+# a shape tuple (``(I_n, R_n)``) may stay code.
+INDEX_FORMULA = re.compile(
+    rf"{INDEXED}.*(?: (?:=|==|<=|>=|<|>|\+|/|\*) )|(?: (?:=|<=|>=|<|>|\+|/|\*) ).*{INDEXED}"
+    rf"|{INDEXED} {INDEXED}|\d {INDEXED}|{INDEXED} [A-Za-z]\b(?![(\[])"
 )
 # A code literal that is a private name on its own, such as ``_ops``.
 PRIVATE_LITERAL = re.compile(r"_[a-z][a-z0-9_]*")
@@ -195,7 +207,7 @@ def math_in_code(soup: BeautifulSoup) -> list[str]:
     found = []
     for code in article.find_all("code", class_="literal"):
         text = code.get_text("")
-        if MATH_IN_CODE.search(text):
+        if MATH_IN_CODE.search(text) or INDEX_FORMULA.search(text):
             found.append(f"math set as code (write :math:`...`): {text!r}")
     return list(dict.fromkeys(found))
 

@@ -26,7 +26,7 @@ class Linear(FLoRALayer):
         The layer to adapt; frozen, kept as ``self.base_layer``.
     ranks : int or sequence of int or None, optional
         Ranks ``(R_0, R_1)`` of the output and input modes, clipped to the
-        weight's shape and to the usable ranks (``R_0 = R_1`` for a matrix).
+        weight's shape and to the usable ranks (:math:`R_0 = R_1` for a matrix).
     scale : float, optional
         The factor ``s``.
     dropout : float, optional

@@ -355,7 +355,7 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     For a matrix (``N = 2``) the surrogate would be misleading: both modes
     share one spectrum, and the best ``(R_0, R_1)`` Tucker approximation is
     the truncated SVD of rank ``min(R_0, R_1)`` (Eckart-Young), so a rank
-    above the other is wasted. The exact optimum is then ``R_0 = R_1 = r``
+    above the other is wasted. The exact optimum is then :math:`R_0 = R_1 = r`
     with the largest ``r`` such that :math:`r^2 + r (I_0 + I_1) \le B` (with a
     pinned mode, the free one gets ``min(pinned, largest feasible)``).
 

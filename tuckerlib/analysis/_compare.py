@@ -138,7 +138,7 @@ def tucker_vs_matrix(
     the spectra. For a matrix both errors come from its single spectrum
     (the best ``(R_0, R_1)`` Tucker approximation is the truncated SVD of
     rank ``min(R_0, R_1)``), so only one decomposition is computed; the
-    Tucker form then always loses, by its ``R_0 R_1`` core entries. The
+    Tucker form then always loses, by its :math:`R_0 R_1` core entries. The
     spectra come from Gram matrices (see :func:`mode_spectra`), so errors
     below about ``sqrt(eps)`` of the input dtype are at rounding level.
 

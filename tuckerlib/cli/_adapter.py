@@ -1,7 +1,7 @@
 r"""``tuckerlib analyze --adapter``: the rank structure of an adapter's updates, from its factors.
 
 An adapter stores each update as :math:`\Delta W = C \times_0 F_0 \dots \times_{N-1} F_{N-1}` with
-a small core. With ``F_n = Q_n R_n`` (``Q_n`` with orthonormal columns, as
+a small core. With :math:`F_n = Q_n R_n` (``Q_n`` with orthonormal columns, as
 in a QR factorization) and the core :math:`C' = C \times_n R_n`, :math:`\Delta W = C' \times_n Q_n`:
 the unfoldings of :math:`\Delta W` are those of ``C'`` times matrices with orthonormal
 columns, so :math:`\Delta W` has ``C'``'s norm and mode spectra (padded with zeros to

@@ -95,10 +95,10 @@ def rhosvd(
     Notes
     -----
     Modes are processed in :func:`sthosvd`'s default order. When
-    ``R_n + p`` reaches the smaller side of an unfolding, that mode is
+    :math:`R_n + p` reaches the smaller side of an unfolding, that mode is
     decomposed exactly instead (a sketch that wide saves nothing).
 
-    Each mode, with ``k = R_n + p``:
+    Each mode, with :math:`k = R_n + p`:
 
     1. :math:`Y = A\Omega` with :math:`\Omega` the Khatri-Rao product of one :math:`I_m \times k`
        standard normal matrix per other mode ``m`` ([3]_): only

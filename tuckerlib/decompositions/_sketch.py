@@ -1,7 +1,7 @@
 r"""The factor of one unfolding from a randomized sketch (range finder).
 
 For an unfolding ``A`` (:math:`I_n \times J`, ``J`` the product of the other mode
-sizes) and sketch width ``k = R_n + p``:
+sizes) and sketch width :math:`k = R_n + p`:
 
 1. :math:`Y = A \Omega` with a :math:`J \times k` Khatri-Rao test matrix :math:`\Omega` (one small
    Gaussian matrix per remaining mode, Sun et al. 2020), ``Q = orth(Y)``.

@@ -28,7 +28,7 @@ def rank_for_threshold(s: np.ndarray, threshold: float, size: int) -> int:
 def default_order(shape: Sequence[int], ranks: Sequence[int] | None) -> tuple[int, ...]:
     """The mode order ST-HOSVD uses when none is given.
 
-    Largest size reduction ``I_n / R_n`` first (Vannieuwenhoven et al. 2012,
+    Largest size reduction :math:`I_n / R_n` first (Vannieuwenhoven et al. 2012,
     §6.2: shrinking the tensor early makes every later step cheaper); with
     ranks still unknown (``tol``), largest mode first. Ties keep mode order.
     """

@@ -59,7 +59,7 @@ class AdapterLayer:
         Shape :math:`(K_0, \dots, K_{N-1})`.
     factors : tuple of numpy.ndarray or None
         ``factors[n]`` has shape ``(shape[n], K_n)``; ``None`` stands for
-        the identity (``K_n == shape[n]``).
+        the identity (:math:`K_n = \text{shape}[n]`).
     scale : float
         The scalar in front.
     stored_ranks : tuple of int
