@@ -179,7 +179,8 @@ def wide_tables(soup: BeautifulSoup) -> list[str]:
     (``div.pst-scrollable-table-container``), so a wide table scrolls
     instead of running under the sidebar: a table outside one is reported.
     Whether a table fits its column depends on the browser's layout, which
-    a static check cannot run; its proxy is the column count. A table of
+    a static check cannot run (``render_check.py`` runs it in headless
+    Chromium after the build); its proxy is the column count. A table of
     more than ``WIDE_TABLE_COLUMNS`` columns sized by its content takes the
     longest line of every column and overflows the column at 1280 px; one
     that declares its widths (``:widths:``, ``<col style="width: ..">``)
