@@ -33,8 +33,13 @@ test: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 # no math in code font, no wide table without widths; the search index: each
 # object documented once, the public name found first).
 # It runs the example gallery (examples/), which reads the assets' pretrained weights.
+# Then headless Chromium lays out every page at 1280 and 390 px
+# (docs/_ext/render_check.py, about 2 minutes): no table wider than its column
+# unless it scrolls in its own box, no page that scrolls sideways, no formula
+# MathJax cannot typeset. Without a chromium binary it says so and passes.
 docs: $(VENV)/.installed-test,docs $(VENV)/.installed-assets
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	$(BIN)/python docs/_ext/render_check.py docs/_build/html
 
 # Speed tables against the anchors (TensorLy, PEFT, a plain GEMM, naive FLoRA); minutes each.
 # bench_dask.py writes a zarr tensor of several GiB (its --help has smaller sizes).

@@ -84,6 +84,10 @@ def _accuracy_cell(summary: Summary) -> str:
     # A single run has no spread to report: "± 0.000" would claim one.
     if summary.n_seeds == 1:
         return f"{summary.test_mean:.3f}"
+    if summary.test_std == 0:
+        return f"{summary.test_mean:.3f} (every seed)"
+    if summary.test_std < 5e-4:
+        return f"{summary.test_mean:.3f} ± <0.001"
     return f"{summary.test_mean:.3f} ± {summary.test_std:.3f}"
 
 

@@ -1,10 +1,10 @@
-"""
+r"""
 Analyse a fine-tune's update, with the CLI and in Python
 ========================================================
 
 A small CNN trained on handwritten digits, then fully fine-tuned on the same
 digits rotated by 90 degrees: the pair of checkpoints ships with tuckerlib.
-How much of the change ``ΔW = W_tuned − W_base`` fits a small Tucker core,
+How much of the change :math:`\Delta W = W_\text{tuned} - W_\text{base}` fits a small Tucker core,
 layer by layer, and at which ranks? ``tuckerlib analyze`` answers from the
 command line; the same numbers come from a few function calls.
 """
@@ -76,8 +76,8 @@ print("ranks keeping 90% of each mode's energy:", tl.energy_ranks(spectra, 0.9))
 print("effective ranks:", [round(tl.effective_rank(s), 1) for s in spectra])
 
 # %%
-# At the budget of a rank-8 LoRA of the ``(out, in·kh·kw)`` reshape, the
-# Tucker tensor (a FLoRA adapter) against the low-rank matrix (LoRA):
+# At the budget of a rank-8 LoRA of the :math:`(\text{out}, \text{in} \cdot k_h \cdot k_w)` reshape,
+# the Tucker tensor (a FLoRA adapter) against the low-rank matrix (LoRA):
 
 budget = 8 * (delta.shape[0] + np.prod(delta.shape[1:]))
 comparison = tl.tucker_vs_matrix(delta, int(budget), spectra=spectra)

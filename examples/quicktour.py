@@ -180,7 +180,7 @@ print("trainable parameters after loading:", flora.trainable_parameters(served))
 # Merge
 # -----
 #
-# :func:`flora.merge` adds each update to its weight (``W ← W + ΔW``): the
+# :func:`flora.merge` adds each update to its weight (:math:`W \leftarrow W + \Delta W`): the
 # outputs stay the same and inference runs at the base model's speed.
 # :func:`flora.unload` with ``merge=True`` would also give back plain
 # ``torch.nn.Linear`` modules, for a model that saves as any other.

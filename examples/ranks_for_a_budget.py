@@ -26,9 +26,8 @@ print("kernel:", w.shape, f"{w.size:,} numbers")
 # Ranks for a budget
 # ------------------
 #
-# For each budget, the ranks and the relative error of the Tucker tensor,
-# against a rank-``r`` matrix of the ``(out, in·kh·kw)`` reshape with no
-# more numbers:
+# For each budget, the ranks and the relative error of the Tucker tensor, against a rank-``r``
+# matrix of the :math:`(\text{out}, \text{in} \cdot k_h \cdot k_w)` reshape with no more numbers:
 
 budgets = [1000, 2000, 4000, 8000, 16000]
 results = [tl.tucker_vs_matrix(w, budget) for budget in budgets]

@@ -98,10 +98,9 @@ print(f"mixed batch, each sample routed to its adapter: {routed:.1%} right")
 # Combine
 # -------
 #
-# :func:`flora.add_weighted_adapter` adds an adapter whose update is, on every
-# layer, exactly ``0.5 ΔW_rotated + 0.5 ΔW_flipped`` (a Tucker tensor with
-# both cores on its block diagonal). One adapter for both tasks, at some
-# cost on each:
+# :func:`flora.add_weighted_adapter` adds an adapter whose update is, on every layer, exactly
+# :math:`0.5\, \Delta W_\text{rotated} + 0.5\, \Delta W_\text{flipped}` (a Tucker tensor with both
+# cores on its block diagonal). One adapter for both tasks, at some cost on each:
 
 model = flora.add_weighted_adapter(model, ["rotated", "flipped"], [0.5, 0.5], "both")
 model = flora.set_adapter(model, "both")

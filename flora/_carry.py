@@ -1,9 +1,9 @@
-"""The fine-tune's 1-D tensors (biases, norms) carried into an extracted adapter.
+r"""The fine-tune's 1-D tensors (biases, norms) carried into an extracted adapter.
 
 Two homes, chosen so that every lifecycle operation can give the base back:
 
 * the bias of an adapted Linear or ConvNd layer becomes the adapter's bias
-  update ``Δb`` (PEFT's ``lora_bias``): added to the output while the
+  update :math:`\Delta b` (PEFT's ``lora_bias``): added to the output while the
   adapter runs, into the bias when it is merged, and never written into the
   base otherwise;
 * a module whose tensors are all 1-D or scalars (a BatchNorm, LayerNorm or
@@ -71,7 +71,7 @@ def _tensor(checkpoint: Checkpoint, name: str) -> torch.Tensor:
 
 
 def bias_delta(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
-    """``Δb = tuned − base`` in the adapter's precision (float64 for float64 biases, else float32).
+    r""":math:`\Delta b = \text{tuned} - \text{base}`, in float64 for float64 biases, else float32.
 
     The difference of two float16 or bfloat16 numbers is a float32 number,
     so merging gives the tuned bias back bit for bit; for float32 biases it

@@ -1,13 +1,12 @@
-"""The cost model behind ``forward="auto"``: a roofline estimate per op.
+r"""The cost model behind ``forward="auto"``: a roofline estimate per op.
 
-Each op of a branch is an :class:`Op`: its multiply-adds and the tensor
-elements it reads and writes (inputs, weight, output). Its time is taken as
-``max(macs, MACHINE_BALANCE · elements) + OP_OVERHEAD`` in units of one
-multiply-add: an op is bound either by arithmetic or by memory traffic,
-whichever is slower, plus a fixed cost per op. Thin matmuls and few-channel
-convolutions, which a plain flop count makes look nearly free, are
-memory-bound here and cost what moving their activations costs; ops without
-arithmetic (gathers, sums) stream their elements at ``STREAM_BALANCE``.
+Each op of a branch is an :class:`Op`: its multiply-adds and the tensor elements it reads and writes
+(inputs, weight, output). Its time is taken as
+:math:`\max(\text{macs}, \text{MACHINE_BALANCE} \cdot \text{elements}) + \text{OP_OVERHEAD}` in
+units of one multiply-add: an op is bound either by arithmetic or by memory traffic, whichever is
+slower, plus a fixed cost per op. Thin matmuls and few-channel convolutions, which a plain flop
+count makes look nearly free, are memory-bound here and cost what moving their activations costs;
+ops without arithmetic (gathers, sums) stream their elements at ``STREAM_BALANCE``.
 
 With gradients every op of a chain runs three times in this model (forward,
 gradient of its input, gradient of its weight, each touching the same
@@ -66,9 +65,9 @@ class Op(NamedTuple):
 
 
 def roofline(op: Op) -> int:
-    """Time of ``op`` in multiply-add units: ``max(macs, β · elements) + OP_OVERHEAD``.
+    r"""Time of ``op`` in multiply-adds: :math:`\max(\text{macs}, \beta \cdot \text{elements}) + c`.
 
-    ``β`` is :data:`MACHINE_BALANCE`, or :data:`STREAM_BALANCE` for an op
+    :math:`\beta` is :data:`MACHINE_BALANCE`, or :data:`STREAM_BALANCE` for an op
     without multiply-adds.
 
     Examples
@@ -158,7 +157,7 @@ def choose(
     training: bool,
     input_grad: bool,
 ) -> str:
-    """``"factorized"`` or ``"dense"``: whichever the roofline model finds cheaper.
+    r"""``"factorized"`` or ``"dense"``: whichever the roofline model finds cheaper.
 
     Only what differs from the base layer's own step is counted.
 
@@ -169,16 +168,16 @@ def choose(
         are only built from the core, such as a convolution's kernel core,
         go in as ops of their own).
     dense_op : Op
-        The base op run with ``ΔW`` as its weight.
+        The base op run with :math:`\Delta W` as its weight.
     build : sequence of Op
-        Building ``ΔW`` (:func:`reconstruction_ops`).
+        Building :math:`\Delta W` (:func:`reconstruction_ops`).
     weight_elements : int
-        Entries of ``ΔW``.
+        Entries of :math:`\Delta W`.
     in_elements, out_elements : int
         Entries of the layer input and output.
     fused : bool
-        Whether the dense branch runs as one base op on ``W + ΔW``: it then
-        adds ``W + ΔW`` and, with gradients, the weight gradient of the
+        Whether the dense branch runs as one base op on :math:`W + \Delta W`: it then
+        adds :math:`W + \Delta W` and, with gradients, the weight gradient of the
         merged weight, and needs no sum of branch and base outputs.
     training : bool
         Whether gradients flow to the adapter.

@@ -1,6 +1,6 @@
-"""What a layer's update depends on beyond the weight's shape, as a JSON record.
+r"""What a layer's update depends on beyond the weight's shape, as a JSON record.
 
-A convolution applies ``ΔW`` with its ``groups``, ``stride``, ``padding``,
+A convolution applies :math:`\Delta W` with its ``groups``, ``stride``, ``padding``,
 ``dilation`` and ``padding_mode``; an embedding leaves its ``padding_idx``
 row without update and renormalizes looked-up rows to ``max_norm``. A saved
 layer record keeps these under ``"geometry"`` (see :mod:`flora.io`), so a
@@ -68,11 +68,11 @@ def geometry_mismatch(recorded: Mapping[str, Any], module: nn.Module) -> str | N
 
 
 def lora_difference(kind: str, shape: Sequence[int], geometry: Mapping[str, Any]) -> str | None:
-    """Why PEFT's LoRA layer applies an update differently than FLoRA's layer does, if it does.
+    r"""Why PEFT's LoRA layer applies an update differently than FLoRA's layer does, if it does.
 
     PEFT runs a convolution's ``lora_A`` with the base's stride and padding
     but dilation 1 and zero padding, and renormalizes an embedding's
-    ``lora_embedding_A`` to ``max_norm``; FLoRA applies ``ΔW`` with the base
+    ``lora_embedding_A`` to ``max_norm``; FLoRA applies :math:`\Delta W` with the base
     layer's own geometry. (An embedding's ``padding_idx`` row is handled by
     the tensors, not here.)
     """

@@ -1,11 +1,11 @@
-"""A flora adapter (of a model, or in a directory) as PEFT LoRA tensors and config.
+r"""A flora adapter (of a model, or in a directory) as PEFT LoRA tensors and config.
 
 Each layer's update becomes a LoRA pair by :mod:`flora._lora_math`; what
 PEFT's layer would apply differently (:func:`flora._geometry.lora_difference`)
 is refused by name. The layout depends on the layer's geometry: from the
 model's own modules, from the directory's records, or from a ``base_model``
-for directories that do not record it. Bias updates ``Δb`` become PEFT's
-``lora_bias``: ``lora_B.bias = Δb`` (the exported scaling is 1), zero for
+for directories that do not record it. Bias updates :math:`\Delta b` become PEFT's
+``lora_bias``: :math:`\texttt{lora_B.bias} = \Delta b` (the exported scaling is 1), zero for
 the layers without one, since ``lora_bias`` is one setting for the adapter.
 """
 
@@ -49,7 +49,7 @@ _PEFT_PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class ExportLayer:
-    r"""One layer's update :math:`s \cdot G \times_n U_n`, its ``Δb`` (float64), PEFT's needs."""
+    r"""A layer's update :math:`s \cdot G \times_n U_n` and :math:`\Delta b` (float64) for PEFT."""
 
     name: str
     kind: str

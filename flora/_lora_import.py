@@ -1,13 +1,13 @@
 r"""A PEFT LoRA adapter directory as FLoRA adapters for a given model, exactly.
 
 Each LoRA pair is read as a Tucker tensor (:func:`tuckerlib.io.open_adapter`):
-Linear ``scaling · B I_r A`` (core the identity, ``U_0 = B``, :math:`U_1 = A^\top`),
+Linear :math:`\text{scaling} \cdot B I_r A` (core the identity, ``U_0 = B``, :math:`U_1 = A^\top`),
 Embedding :math:`\text{scaling} \cdot A^\top I_r B^\top`, ConvNd :math:`\text{scaling} \cdot A
 \times_0 B` (``lora_A``'s
 kernel as the core, identity factors on the other modes);
 :meth:`flora.TuckerDelta.from_tucker` brings it to usable ranks without
 changing it. The model decides what each pair updates, as PEFT's layer
-would: PEFT's LoRA branch of a Linear pair computes ``x ↦ scaling · B A x``
+would: PEFT's LoRA branch of a Linear pair computes :math:`x \mapsto \text{scaling} \cdot B A x`
 whatever ``fan_in_fan_out`` says, which is a ``torch.nn.Linear`` update
 ``B A`` or, for transformers' ``Conv1D`` (a weight stored ``(in, out)``),
 the same ``B A`` of its ``(out, in)`` map, FLoRA's ``Conv1D`` kind. PEFT's
@@ -16,8 +16,8 @@ MultiheadAttention pairs (``X`` on the packed ``in_proj_weight``,
 ``"MultiheadAttention"``. What PEFT's layer applies differently from
 FLoRA's (see :func:`flora._geometry.lora_difference`, and an embedding's
 ``padding_idx`` row, which PEFT updates and FLoRA does not) is refused by
-layer name. PEFT's ``lora_bias`` (``scaling · lora_B.bias``, added to the
-output) becomes the bias update ``Δb`` of a Linear, ConvNd or Conv1D layer
+layer name. PEFT's ``lora_bias`` (:math:`\text{scaling} \cdot \texttt{lora_B.bias}`, added to the
+output) becomes the bias update :math:`\Delta b` of a Linear, ConvNd or Conv1D layer
 with a bias; elsewhere only a zero one, which changes nothing, is accepted
 (and left out).
 """
@@ -91,7 +91,7 @@ class Imported:
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one LoRA pair goes in the model, as a FLoRA layer of ``kind`` (and its ``Δb``)."""
+    r"""Where one LoRA pair goes, as a FLoRA layer of ``kind`` (and its :math:`\Delta b`)."""
 
     name: str
     kind: str
@@ -192,7 +192,7 @@ def _conv(layer: AdapterLayer, modules: Mapping[str, nn.Module]) -> _Target | st
 def _matrix(
     layer: AdapterLayer, modules: Mapping[str, nn.Module], transposed: bool
 ) -> _Target | str:
-    """A Linear pair: ``x ↦ B A x``, on a ``torch.nn.Linear`` or a weight stored (in, out)."""
+    r"""A Linear pair, :math:`x \mapsto B A x`, on a ``torch.nn.Linear`` or a weight stored so."""
     core, factors = _tucker(layer)
     name, out_in = layer.name, layer.shape
     if transposed:  # read as the (in, out) weight "NAME.weight": back to (out, in)

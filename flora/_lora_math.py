@@ -7,10 +7,10 @@ has
 product of an ``(I_0, R_0)`` matrix and an :math:`(R_0, \prod_{n>0} I_n)` one, which
 is exactly what a LoRA pair stores with ``lora_alpha = r`` (scaling 1):
 
-* Linear ``(out, in)``: ``lora_B = U_0``, :math:`\text{lora\_A} = s \cdot G U_1^\top`.
+* Linear ``(out, in)``: :math:`\texttt{lora_B} = U_0`, :math:`\text{lora\_A} = s \cdot G U_1^\top`.
 * ConvNd ``(out, in, *kernel)``: ``lora_A`` is the conv kernel
   :math:`s \cdot G \times_1 U_1 \dots \times_{N-1} U_{N-1}` of shape ``(R_0, in, *kernel)``
-  (run with the base's stride and padding) and ``lora_B = U_0`` a 1×1 conv;
+  (run with the base's stride and padding) and :math:`\texttt{lora_B} = U_0` a 1×1 conv;
   a 1×1 conv after a conv is the conv with the composed kernel.
 * Grouped ConvNd ``(out, in/groups, *kernel)``: PEFT's ``lora_A`` sees all
   ``in`` channels and its ``lora_B`` is grouped; rank block ``g`` gets
@@ -24,7 +24,7 @@ is exactly what a LoRA pair stores with ``lora_alpha = r`` (scaling 1):
   the padding row no update.
 
 :func:`flora._tucker.to_usable_ranks` first brings the ranks to what a Tucker tensor can use
-(:math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`) by QR factorizations that leave ``ΔW``
+(:math:`R_n \le \min(I_n, \prod_{m \ne n} R_m)`) by QR factorizations that leave :math:`\Delta W`
 unchanged, so the LoRA rank is ``R_0`` after that clipping.
 """
 
@@ -43,7 +43,7 @@ __all__ = ["LoraTensors", "lora_split", "to_lora"]
 def lora_split(
     core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(left, right)`` with ``ΔW = right ×_0 left``, ``left`` of shape ``(I_0, r)``.
+    r"""``(left, right)`` of :math:`\Delta W = \text{right} \times_0 \text{left}`, left (I_0, r).
 
     ``right`` has shape :math:`(r, I_1, \dots, I_{N-1})`; ``r`` is ``R_0`` after
     :func:`flora._tucker.to_usable_ranks`.

@@ -1,13 +1,13 @@
 r"""Shrink a Tucker update by a truncated ST-HOSVD of its small core.
 
-With ``U_n = Q_n R_n`` (QR, ``Q_n`` orthonormal), :math:`\Delta W = s \cdot C \times_n Q_n`
+With :math:`U_n = Q_n R_n` (QR, ``Q_n`` orthonormal), :math:`\Delta W = s \cdot C \times_n Q_n`
 where :math:`C = G \times_n R_n` is no larger than ``G``. Orthonormal ``Q_n`` keep
 norms and mode spectra, so the truncated ST-HOSVD :math:`C ≈ H \times_n V_n` gives
 :math:`\Delta W' = s \cdot H \times_n (Q_n V_n)` with :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|
 = \|C - C'\| / \|C\|`,
 computed on the small tensors. It is exact when the new ranks hold ``C``'s
-multilinear rank. The mode order is the one ST-HOSVD uses on ``ΔW`` itself
-(largest ``I_n / R_n`` first), so the result is the ST-HOSVD of ``ΔW``.
+multilinear rank. The mode order is the one ST-HOSVD uses on :math:`\Delta W` itself
+(largest :math:`I_n / R_n` first), so the result is the ST-HOSVD of :math:`\Delta W`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Compressed:
 
 
 def padded_spectra(small: torch.Tensor, shape: Sequence[int]) -> list[np.ndarray]:
-    """``ΔW``'s mode spectra from its small core: the core's, padded with zeros to ``I_n``."""
+    r"""The mode spectra of :math:`\Delta W` from its small core, zero-padded to ``I_n``."""
     spectra = []
     for n, size in enumerate(shape):
         unfolding = small.movedim(n, 0).reshape(small.shape[n], -1)
@@ -74,7 +74,7 @@ def truncate_tucker(
 ) -> Compressed:
     r"""Truncate :math:`\Delta W = s \cdot G \times_n U_n` to ``ranks`` (or the ranks a rule picks).
 
-    The layer's scale ``s`` multiplies ``ΔW`` and ``ΔW'`` alike, so it is
+    The layer's scale ``s`` multiplies :math:`\Delta W` and :math:`\Delta W'` alike, so it is
     kept as it is and plays no part here.
 
     Parameters
@@ -83,14 +83,14 @@ def truncate_tucker(
         The update's core ``(R_0, ...)`` and factors ``(I_n, R_n)``.
     ranks : sequence of int or callable
         The new ranks, one in ``[1, I_n]`` per mode, or a function of the
-        small core ``C`` (float64) and ``ΔW``'s shape that returns them.
+        small core ``C`` (float64) and :math:`\Delta W`'s shape that returns them.
 
     Returns
     -------
     Compressed
-        Core and factors in the input's dtype, at ranks no larger than the
-        new ranks, ``ΔW``'s own and what a Tucker tensor can use; the
-        relative error :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|` (``0.0`` for ``ΔW = 0``).
+        Core and factors in the input's dtype, at ranks no larger than the new ranks,
+        :math:`\Delta W`'s own and what a Tucker tensor can use; the relative error
+        :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|` (``0.0`` for :math:`\Delta W = 0`).
     """
     dtype = core.dtype
     shape = tuple(f.shape[0] for f in factors)

@@ -144,8 +144,8 @@ def compress(
     r"""Shrink an adapter's layers in place by a truncated HOSVD of their cores.
 
     Each layer's update :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}` is
-    replaced by its truncated ST-HOSVD ``ΔW'``, computed on the small core
-    :math:`G \times_n R_n` (``U_n = Q_n R_n``, QR) without forming ``ΔW``. It is
+    replaced by its truncated ST-HOSVD :math:`\Delta W'`, computed on the small core
+    :math:`G \times_n R_n` (:math:`U_n = Q_n R_n`, QR) without forming :math:`\Delta W`. It is
     exact (to rounding) when the new ranks hold the update's multilinear
     rank. The ranks never grow, and end at what a Tucker tensor can use.
 
@@ -169,9 +169,8 @@ def compress(
     Returns
     -------
     dict of str to float
-        Layer name to :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|` (``0.0`` where ``ΔW = 0``),
-        the
-        error of the weight update alone.
+        Layer name to :math:`\|\Delta W - \Delta W'\| / \|\Delta W\|` (``0.0`` where
+        :math:`\Delta W = 0`), the error of the weight update alone.
 
     Raises
     ------
@@ -200,19 +199,19 @@ def compress(
 
     Every new core and factor set is computed before any layer changes, so
     a failure leaves the model as it was. The compressed adapters are new
-    parameters: build a new optimizer to train them further. ``ΔW`` is the
+    parameters: build a new optimizer to train them further. :math:`\Delta W` is the
     update as the layer applies it (an embedding's ``padding_idx`` row is
     zero). An ``init="hosvd"`` adapter's initial tensors fix its ranks, so
     they cannot stay beside a smaller core: its update relative to the
-    pretrained weight, ``ΔW − ΔW_init``, is compressed (the update
+    pretrained weight, :math:`\Delta W - \Delta W_\text{init}`, is compressed (the update
     ``tuckerlib analyze --adapter`` and :func:`flora.export_lora` see), the
-    base weight gets ``ΔW_init`` back (rounded to its dtype once), and the
+    base weight gets :math:`\Delta W_\text{init}` back (rounded to its dtype once), and the
     adapter becomes a ``"zero_core"`` one with the same outputs up to the
     reported error.
 
-    A bias update ``Δb`` (``FLoRAConfig(bias=True)``) has no ranks to
+    A bias update :math:`\Delta b` (``FLoRAConfig(bias=True)``) has no ranks to
     shrink: the compressed adapter keeps it unchanged, bit for bit, and the
-    reported errors are those of ``ΔW`` alone.
+    reported errors are those of :math:`\Delta W` alone.
 
     Examples
     --------

@@ -156,8 +156,8 @@ class FLoRAConfig:
         on 2-D weights (Linear, Embedding, 2-D parameters) and
         ``"zero_core"`` on the others (:func:`tuckerlib.io.flora_format.resolve_init`).
         Why: on 2-D weights ``"balanced"`` is LoRA's start, so its
-        parameter groups move ``ΔW`` at LoRA's rates and LoRA's learning
-        rate suits it, while ``"zero_core"``'s core moves ``ΔW`` about 13
+        parameter groups move :math:`\Delta W` at LoRA's rates and LoRA's learning
+        rate suits it, while ``"zero_core"``'s core moves :math:`\Delta W` about 13
         times as far per step as its factors. The rerun of every study
         (LoRA ranks 1 to 16, five seeds, learning rates swept per method
         and budget; :doc:`/flora_vs_lora`) chose it: on pretrained MiniLM
@@ -175,7 +175,7 @@ class FLoRAConfig:
         :func:`flora.disable_adapter` runs.
     bias : bool, optional
         Give every adapted Linear and ConvNd layer that has a bias a bias
-        update ``Δb`` (zero at the start, trained with the adapter, added
+        update :math:`\Delta b` (zero at the start, trained with the adapter, added
         to the layer's bias when merged), as PEFT's ``lora_bias``.
         :func:`flora.extract` sets it when it carries the fine-tune's bias
         changes. A targeted ``MultiheadAttention``, whose adapters carry no

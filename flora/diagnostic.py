@@ -1,18 +1,16 @@
-r"""How fast each parameter group of each adapter moves ``ΔW`` per unit of learning rate.
+r"""How fast each parameter group of each adapter moves :math:`\Delta W` per unit of learning rate.
 
-:func:`flora.sensitivity` takes one gradient of a loss and reports, for every
-adapted layer and every parameter group of its active adapter (the core and
-each factor ``U_n``), the gradient's norm and
-:math:`\|\Delta W(\theta - \eta\,\mathrm{sign}(g)) - \Delta W(\theta)\| / \eta`:
-how far ``ΔW`` moves, per unit of learning rate ``η``, when that group
-alone takes Adam's first step (which is ``η·sign(g)`` for every entry with a
-non-zero gradient). ``ΔW`` is linear in each group, so the figure is exact
-for every ``η``. Beside them it reports the same two numbers for a PEFT LoRA
-of the same budget on the same weight: ``ΔW_(0) = B A`` on the mode-0
-unfolding with ``lora_alpha = r``, ``A`` drawn as PEFT draws it and ``B``
-the least-squares fit of the adapter's current ``ΔW`` (zero at the start,
-as in PEFT), so ``"LoRA A"`` moves nothing until the adapter has learned
-something. See :doc:`/initialisation` for what the figures say.
+:func:`flora.sensitivity` takes one gradient of a loss and reports, for every adapted layer and
+every parameter group of its active adapter (the core and each factor ``U_n``), the gradient's norm
+and :math:`\|\Delta W(\theta - \eta\,\mathrm{sign}(g)) - \Delta W(\theta)\| / \eta`: how far
+:math:`\Delta W` moves, per unit of learning rate :math:`\eta`, when that group alone takes Adam's
+first step (which is :math:`\eta \cdot \operatorname{sign}(g)` for every entry with a non-zero
+gradient). :math:`\Delta W` is linear in each group, so the figure is exact for every :math:`\eta`.
+Beside them it reports the same two numbers for a PEFT LoRA of the same budget on the same weight:
+:math:`\Delta W_{(0)} = B A` on the mode-0 unfolding with ``lora_alpha = r``, ``A`` drawn as PEFT
+draws it and ``B`` the least-squares fit of the adapter's current :math:`\Delta W` (zero at the
+start, as in PEFT), so ``"LoRA A"`` moves nothing until the adapter has learned something. See
+:doc:`/initialisation` for what the figures say.
 """
 
 from __future__ import annotations
@@ -45,12 +43,12 @@ class SensitivityRecord:
         ``"core"``, ``"U_0"``, ``"U_1"``, ... for the adapter; ``"LoRA B"``
         and ``"LoRA A"`` for the LoRA reference.
     shape : tuple of int
-        The group's shape (LoRA's ``B`` is ``(I_0, r)``, ``A`` is ``(r, prod I_n>0)``).
+        The group's shape (LoRA's ``B`` is ``(I_0, r)``, ``A`` is :math:`(r, \prod_{n>0} I_n)`).
     grad_norm : float
         Frobenius norm of the loss gradient with respect to the group.
     delta_per_lr : float
         :math:`\|\Delta W(\theta - \eta\,\mathrm{sign}(g)) - \Delta W(\theta)\|_F / \eta`: the
-        change of ``ΔW`` per unit
+        change of :math:`\Delta W` per unit
         of learning rate under one Adam-like step of this group alone.
     """
 
@@ -193,16 +191,16 @@ def _lora_records(
 def sensitivity(
     model: nn.Module, loss: Loss, *, lora_rank: int | None = None, seed: int = 0
 ) -> Sensitivity:
-    r"""Per adapted layer and parameter group: gradient norm and ``ΔW`` moved per unit LR.
+    r"""Per adapted layer and parameter group: gradient norm and :math:`\Delta W` moved per unit LR.
 
     One forward and backward of ``loss`` at the model's current parameters
     (train or eval mode as the model is; nothing is changed, ``.grad`` is
     left alone). For each adapted layer's active adapter and each of its
-    groups (core, ``U_0``, ...), the gradient norm and the change of ``ΔW``
+    groups (core, ``U_0``, ...), the gradient norm and the change of :math:`\Delta W`
     per unit learning rate when that group takes one Adam-like first step
-    ``−η·sign(g)`` (see :mod:`flora.diagnostic`); then the same for a
+    :math:`-\eta \cdot \operatorname{sign}(g)` (see :mod:`flora.diagnostic`); then the same for a
     PEFT LoRA of the same budget (``"LoRA B"``, ``"LoRA A"``), computed from
-    the gradient of the layer's base weight, which is the gradient of ``ΔW``
+    the gradient of the layer's base weight, which is the gradient of :math:`\Delta W`
     (with adapter dropout, the gradient of the full weight instead).
 
     Parameters

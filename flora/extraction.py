@@ -393,11 +393,11 @@ def extract(
     progress: Callable[[Sequence[str]], Iterable[str]] | None = None,
     **deprecated: Any,
 ) -> Extraction:
-    """Extract a FLoRA adapter from a base checkpoint and its full fine-tune.
+    r"""Extract a FLoRA adapter from a base checkpoint and its full fine-tune.
 
     Each weight of at least two dimensions that changed,
-    ``ΔW = tuned − base``, is replaced by a truncated Tucker tensor (ST-HOSVD,
-    optionally refined by HOOI) and written as an adapter directory that
+    :math:`\Delta W = \text{tuned} - \text{base}`, is replaced by a truncated Tucker tensor
+    (ST-HOSVD, optionally refined by HOOI) and written as an adapter directory that
     :func:`flora.load_adapter` accepts for the model with the base weights.
 
     Parameters
@@ -453,7 +453,7 @@ def extract(
         of modules no kind adapts are adapted as kind ``"Parameter"``.
     carry_1d : bool, optional
         Carry the fine-tune's 1-D tensors into the adapter too: the bias of
-        each adapted Linear/ConvNd layer as the adapter's bias update ``Δb``
+        each adapted Linear/ConvNd layer as the adapter's bias update :math:`\Delta b`
         (``bias`` of :class:`flora.LayerSpec`), and each changed module made only of
         1-D tensors and scalars (a norm layer, with its running statistics)
         saved whole (``modules_to_save``). Other changed 1-D tensors are
@@ -520,7 +520,7 @@ def extract(
     adapter's scale is 1 and its tensors are float32 (bias updates of a
     float64 checkpoint float64); at full ranks it reproduces ΔW to float32
     rounding. A saved module holds the tuned tensors exactly. A carried bias
-    update is ``tuned − base`` in float32: merging it gives the tuned bias
+    update is :math:`\text{tuned} - \text{base}` in float32: merging it gives the tuned bias
     bit for bit wherever that difference is a float32 number (always for
     float16 and bfloat16 checkpoints, and for a float32 bias that kept its
     sign and at most doubled or halved), else to one float32 rounding.

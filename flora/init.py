@@ -4,7 +4,7 @@ r"""How a FLoRA adapter starts: ``"balanced"``, ``"zero_core"``, ``"gaussian"`` 
   The mode-0 factor ``U_0`` is zero, the core is an identity between mode
   0 and the other modes (:math:`G_{(0)} = [I \; 0]`, shape :math:`R_0 \times \prod_{n>0} R_n`)
   and the other factors carry PEFT's ``lora_A`` draw. A Linear adapter
-  :math:`U_0 G U_1^\top` is then PEFT's LoRA with ``U_0 = lora_B = 0``, ``G = I``
+  :math:`U_0 G U_1^\top` is then PEFT's LoRA with :math:`U_0 = \texttt{lora_B} = 0`, ``G = I``
   and :math:`U_1^\top` = ``lora_A`` (``kaiming_uniform_(a=sqrt(5))`` drawn on the
   ``(R_1, in)`` matrix, the very draw PEFT makes); an Embedding's ``U_1``
   is PEFT's ``lora_embedding_B`` (standard normal) and ``U_0`` its zero
@@ -16,12 +16,12 @@ r"""How a FLoRA adapter starts: ``"balanced"``, ``"zero_core"``, ``"gaussian"`` 
 * ``"zero_core"`` (the paper's): core zeros, each factor ``U_n`` of shape
   ``(I_n, R_n)`` Kaiming-normal as the reference code does it
   (``kaiming_normal_(U, a=sqrt(3))``, i.e. standard deviation
-  ``1/sqrt(2 R_n)``). ``ΔW = 0``, so the adapted model equals the base.
-* ``"gaussian"``: core zeros, factors ``N(0, 1/R_n²)``, the Tucker analogue
-  of PEFT's ``init_lora_weights="gaussian"``; also starts at ``ΔW = 0``.
+  :math:`1/\sqrt{2 R_n}`). :math:`\Delta W = 0`, so the adapted model equals the base.
+* ``"gaussian"``: core zeros, factors :math:`\mathcal{N}(0, 1/R_n^2)`, the Tucker analogue
+  of PEFT's ``init_lora_weights="gaussian"``; also starts at :math:`\Delta W = 0`.
 * ``"hosvd"``: the adapter is the truncated HOSVD of the pretrained weight
   ``W0`` at the adapter's ranks (core divided by the scale ``s``), and the
-  layer's base keeps the residual ``W0 - ΔW``: the output is unchanged at
+  layer's base keeps the residual :math:`W_0 - \Delta W`: the output is unchanged at
   start up to rounding (the Tucker analogue of PiSSA).
 """
 
@@ -86,7 +86,7 @@ def _lora_a(size: int, rank: int, **options) -> torch.Tensor:
 def balanced_init(
     kind: str, shape: Sequence[int], ranks: Sequence[int], **options
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    r"""Core and factors of ``init="balanced"`` (see the module docstring); ``ΔW = 0`` exactly.
+    r"""Core and factors of ``init="balanced"`` (see the module); :math:`\Delta W = 0` exactly.
 
     Parameters
     ----------
@@ -95,16 +95,16 @@ def balanced_init(
         ``lora_embedding_B``); every other kind draws it as PEFT's ``lora_A``.
     shape, ranks : sequence of int
         The weight's shape and the adapter's usable ranks (:math:`R_0 \le
-        \prod_{n>0} R_n`); a 1-D weight gets ``U_0 = 0`` and core ``[1]``.
+        \prod_{n>0} R_n`); a 1-D weight gets :math:`U_0 = 0` and core ``[1]``.
     **options
         ``dtype`` and ``device`` of the tensors.
 
     Returns
     -------
     core : torch.Tensor
-        ``G_(0) = [I 0]``.
+        :math:`G_{(0)} = [I \; 0]`.
     factors : list of torch.Tensor
-        ``U_0 = 0``, ``U_1`` as above, orthonormal ``U_n`` for ``n >= 2``.
+        :math:`U_0 = 0`, ``U_1`` as above, orthonormal ``U_n`` for ``n >= 2``.
 
     Examples
     --------

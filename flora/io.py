@@ -26,7 +26,7 @@ An adapter directory holds one named adapter in two files (format version 2):
     adapted with :class:`flora.TuckerParametrization`) or a kind added with
     :func:`flora.register_layer_kind`. Each layer entry is
     :meth:`flora.LayerSpec.to_record`: ``shape`` is the weight's shape and
-    ``ranks`` the usable ranks (``R_n <= I_n`` and :math:`R_n \le \prod_{m \ne n} R_m`). The
+    ``ranks`` the usable ranks (:math:`R_n \le I_n` and :math:`R_n \le \prod_{m \ne n} R_m`). The
     per-layer entries are authoritative; ``config`` records how
     the adapter was made. ``"bias": true`` (optional, only written when
     true) marks an adapter that carries a bias update. ``modules_to_save``
@@ -60,7 +60,7 @@ An adapter directory holds one named adapter in two files (format version 2):
     ``NAME.initial_factors.n`` (the adapter at initialization, which the
     base gave up: loading subtracts it from the fresh base weight); with
     ``"bias": true`` in the layer's entry also ``NAME.bias`` of shape
-    ``(shape[0],)``, the bias update ``Δb`` (the entry is left out for
+    ``(shape[0],)``, the bias update :math:`\Delta b` (the entry is left out for
     adapters without one, so a reader that does not know bias updates
     refuses the directory instead of dropping them). For each
     saved module ``MODULE``: ``modules_to_save.MODULE.KEY`` for every entry
@@ -105,7 +105,7 @@ holds when a save is interrupted or runs alongside others:
 Reading refuses anything that does not match this description with a
 :class:`tuckerlib.io.CheckpointError` (a ``ValueError``) whose message
 starts with the file at fault. The keys, kinds, record checks and the
-``ΔW − ΔW_init`` rule are :mod:`tuckerlib.io.flora_format`'s, which
+:math:`\Delta W - \Delta W_\text{init}` rule are :mod:`tuckerlib.io.flora_format`'s, which
 :func:`tuckerlib.io.open_adapter` shares: both refuse the same directories
 with the same message. :func:`~flora.write_adapter` writes such a directory from plain
 tensors, e.g. for adapters computed outside a model; :func:`~flora.read_adapter`
@@ -624,7 +624,7 @@ class SavedAdapter:
         return self.tensors[core_key(layer, initial=initial)], factors
 
     def bias(self, layer: str) -> torch.Tensor | None:
-        """The bias update ``Δb`` of ``layer``, or None if it has none."""
+        r"""The bias update :math:`\Delta b` of ``layer``, or None if it has none."""
         return self.tensors.get(bias_key(layer)) if self.layers[layer].bias else None
 
     def saved_state(self, module: str) -> dict[str, torch.Tensor]:

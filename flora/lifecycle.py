@@ -361,7 +361,7 @@ def add_weighted_adapter(
     Bias updates combine the same way: :math:`\Delta b = \sum_i w_i \Delta b_i`.
 
     Each layer's combination is one Tucker tensor: a block-diagonal core
-    (block ``i`` is ``w_i s_i G_i``) and the factors side by side, with scale
+    (block ``i`` is :math:`w_i s_i G_i`) and the factors side by side, with scale
     1. Where a rank sum exceeds what the tensor can use (a mode's size, or
     the product of the other ranks), that mode is recompressed exactly: the
     reduced QR of ``U_n`` times the core's mode-``n`` unfolding gives the new

@@ -1,10 +1,10 @@
-"""FLoRA in the LoRA ecosystem: exact export to, and import from, PEFT LoRA adapters.
+r"""FLoRA in the LoRA ecosystem: exact export to, and import from, PEFT LoRA adapters.
 
 Every FLoRA update is a LoRA update of rank ``R_0`` (the rank of mode 0,
 after clipping to what a Tucker tensor can use), for Linear, Conv1d/2d/3d
 (grouped included) and Embedding layers and for 2-D parameters, and every
 LoRA update of those layers is a Tucker tensor; see :doc:`/lora_adapters`
-for the formulas. Bias updates ``Δb`` are PEFT's ``lora_bias``, both ways.
+for the formulas. Bias updates :math:`\Delta b` are PEFT's ``lora_bias``, both ways.
 :func:`export_lora` writes a flora adapter as a directory that
 ``peft.PeftModel.from_pretrained`` loads; :func:`import_lora` reads such a
 directory into FLoRA adapters. Input they refuse raises
@@ -104,8 +104,8 @@ def export_lora(
     LoRA pair of rank ``R_0`` (after clipping the ranks to what a Tucker
     tensor can use) with ``lora_alpha = r``, so
     ``peft.PeftModel.from_pretrained(base, directory)`` gives the outputs of
-    the FLoRA-adapted model to float32 rounding. Bias updates ``Δb`` become
-    PEFT's ``lora_bias``: ``lora_B.bias = Δb``. The formulas are in
+    the FLoRA-adapted model to float32 rounding. Bias updates :math:`\Delta b` become
+    PEFT's ``lora_bias``: :math:`\texttt{lora_B.bias} = \Delta b`. The formulas are in
     :doc:`/lora_adapters`.
 
     Parameters
@@ -183,18 +183,18 @@ def export_lora(
     Notes
     -----
     An adapter made with ``init="hosvd"`` changes the pretrained weight by
-    ``ΔW − ΔW_init`` (its base holds ``W0 − ΔW_init``); that difference is
-    exported, as one Tucker tensor with both cores on its block diagonal,
-    so its LoRA rank is up to ``2 R_0`` and the PEFT adapter applies to the
-    original ``W0``. A grouped convolution exports exactly at rank
-    ``groups · min(R_0, out/groups)``, with ``lora_A`` zero across groups.
-    Saved modules (``modules_to_save``) are written as PEFT saves its own;
-    PEFT wraps every module whose name ends with a listed name, so one that
-    would catch another module too is refused.
+    :math:`\Delta W - \Delta W_\text{init}` (its base holds :math:`W_0 - \Delta W_\text{init}`);
+    that difference is exported, as one Tucker tensor with both cores on its block diagonal, so its
+    LoRA rank is up to :math:`2 R_0` and the PEFT adapter applies to the original ``W0``. A grouped
+    convolution exports exactly at rank
+    :math:`\text{groups} \cdot \min(R_0, \text{out} / \text{groups})`, with ``lora_A`` zero across
+    groups. Saved modules (``modules_to_save``) are written as PEFT saves its own; PEFT wraps every
+    module whose name ends with a listed name, so one that would catch another module too is
+    refused.
 
-    PEFT adds ``scaling · lora_B.bias`` to a layer's output, and the
+    PEFT adds :math:`\text{scaling} \cdot \texttt{lora_B.bias}` to a layer's output, and the
     export's scaling is 1, so a bias update is written as
-    ``lora_B.bias = Δb``. ``lora_bias`` is one setting for the whole PEFT
+    :math:`\texttt{lora_B.bias} = \Delta b`. ``lora_bias`` is one setting for the whole PEFT
     adapter: the layers without a bias update get a zero ``lora_B.bias``,
     which changes nothing. PEFT refuses to merge such an adapter into a
     layer that has no bias of its own (the outputs are exact either way).
@@ -252,7 +252,7 @@ def import_lora(
 ) -> nn.Module:
     r"""Add a PEFT LoRA adapter directory to ``model`` as FLoRA adapters with the same outputs.
 
-    Every LoRA pair is a Tucker tensor exactly: Linear ``scaling · B A``
+    Every LoRA pair is a Tucker tensor exactly: Linear :math:`\text{scaling} \cdot B A`
     (core ``I_r``, factors ``B`` and :math:`A^\top`), Embedding :math:`\text{scaling} \cdot A^\top
     B^\top`,
     ConvNd ``lora_A``'s kernel as the core with ``B`` on the output mode;
@@ -261,7 +261,7 @@ def import_lora(
     ``lora_alpha / sqrt(r)`` with ``use_rslora``, per layer from
     ``rank_pattern`` and ``alpha_pattern``. With ``lora_bias``, each Linear
     and ConvNd layer that has a bias also gets the bias update
-    ``Δb = scaling · lora_B.bias``.
+    :math:`\Delta b = \text{scaling} \cdot \texttt{lora_B.bias}`.
 
     Everything is read, converted and checked before the model is touched:
     a failure raises and leaves the model exactly as it was.
@@ -320,7 +320,7 @@ def import_lora(
 
     Notes
     -----
-    PEFT's LoRA branch of a Linear pair computes ``x ↦ scaling · B A x``;
+    PEFT's LoRA branch of a Linear pair computes :math:`x \mapsto \text{scaling} \cdot B A x`;
     on a ``torch.nn.Linear`` that is the weight update ``B A``, on
     transformers' ``Conv1D`` (weight stored ``(in, out)``, the case of
     ``fan_in_fan_out``) the update :math:`(B A)^\top` of its weight, which FLoRA
@@ -330,8 +330,8 @@ def import_lora(
     adapter's saved modules, under the module names PEFT's suffix matching
     finds in ``model``.
 
-    PEFT's ``lora_bias`` adds ``scaling · lora_B.bias`` to a layer's output
-    (even on a layer without a bias); FLoRA's bias update ``Δb`` adds to
+    PEFT's ``lora_bias`` adds :math:`\text{scaling} \cdot \texttt{lora_B.bias}` to a layer's output
+    (even on a layer without a bias); FLoRA's bias update :math:`\Delta b` adds to
     the layer's bias. A zero ``lora_B.bias`` on a layer without a bias (or
     on a ``Conv1D``) changes nothing and is left out; a non-zero one is
     refused.

@@ -316,10 +316,10 @@ def _named(error: Exception, name: str) -> Exception:
 def merge(
     model: nn.Module, *, adapter_names: list[str] | None = None, safe: bool = True
 ) -> nn.Module:
-    """Add ``ΔW`` of the active (or named) adapters into the base weights (``W ← W + ΔW``).
+    r"""Add the active (or named) adapters into the base weights: :math:`W \leftarrow W + \Delta W`.
 
     Merged layers run only their base op for those adapters; outputs equal
-    the unmerged model's to rounding. ``ΔW`` is computed in the adapter's
+    the unmerged model's to rounding. :math:`\Delta W` is computed in the adapter's
     precision (float32 for half-precision bases) and cast once.
 
     Parameters
@@ -380,7 +380,7 @@ def merge(
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract ``ΔW`` of every merged adapter from its base weight again.
+    r"""Subtract :math:`\Delta W` of every merged adapter from its base weight again.
 
     Parameters
     ----------
@@ -421,7 +421,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
-    """Remove every adapter; the model is made of plain torch modules again.
+    r"""Remove every adapter; the model is made of plain torch modules again.
 
     Parameters
     ----------
@@ -434,7 +434,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
         copy. With ``False`` the original modules come back with their
         original weights: bitwise for ``init="zero_core"``/``"gaussian"``
         adapters that were never merged, to rounding after a merge/unmerge
-        cycle or for ``"hosvd"`` (whose base held ``W0 - ΔW_init``).
+        cycle or for ``"hosvd"`` (whose base held :math:`W_0 - \Delta W_\text{init}`).
 
     Returns
     -------
@@ -593,10 +593,10 @@ def _weight_rule(name: str, layer: AdaptedWeight) -> tuple[str, Rule]:
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    """Number of entries of the parameters that require gradients.
+    r"""Number of entries of the parameters that require gradients.
 
     After :func:`inject` these are exactly the active adapters' cores and
-    factors (and their saved modules), ``sum(prod(R) + sum(I_n R_n))`` over
+    factors (and their saved modules), :math:`\sum \bigl(\prod_n R_n + \sum_n I_n R_n\bigr)` over
     the adapted layers.
 
     Parameters

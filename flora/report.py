@@ -44,12 +44,12 @@ def _ranks(spec: LayerSpec) -> str:
 
 
 def summary(model: nn.Module) -> str:
-    """A table of the adapted layers and saved modules, and PEFT's parameter line.
+    r"""A table of the adapted layers and saved modules, and PEFT's parameter line.
 
     One row per adapted layer: its name, kind, weight shape, the ranks of
     each adapter (a column per adapter; ``*`` marks the active ones, ``-``
     a layer without that adapter, ``+b`` an adapter that also carries a
-    bias update ``Δb``) and the adapter parameters it holds (cores, factors
+    bias update :math:`\Delta b`) and the adapter parameters it holds (cores, factors
     and bias updates); then one row per saved module (``modules_to_save``).
     The last line is exactly what PEFT's ``print_trainable_parameters``
     prints: ``trainable params: N || all params: M || trainable%: P``.

@@ -9,7 +9,7 @@ settings live in :mod:`tuckerlib.io.flora_format`, the one owner of the
 adapter format, which flora and tuckerlib's adapter reader share; this
 module re-exports them.
 
-Ranks are clipped to what a Tucker tensor can use: ``R_n <= I_n`` and
+Ranks are clipped to what a Tucker tensor can use: :math:`R_n \le I_n` and
 :math:`R_n \le \prod_{m \ne n} R_m` for every mode
 (:func:`tuckerlib.io.flora_format.usable_ranks`). A mode
 rank above the product of the others adds parameters but no expressible
@@ -136,7 +136,7 @@ class LayerSpec:
     shape : sequence of int
         The adapted weight's shape :math:`(I_0, \dots, I_{N-1})`.
     ranks : sequence of int
-        One rank per mode, usable as they are: ``1 <= R_n <= I_n`` and
+        One rank per mode, usable as they are: :math:`1 \le R_n \le I_n` and
         :math:`R_n \le \prod_{m \ne n} R_m` (:meth:`flora.LayerSpec.from_template` clips a
         template).
     scale : float, optional
@@ -151,9 +151,9 @@ class LayerSpec:
     dropout : float, optional
         Dropout probability on the branch input (Linear and ConvNd).
     bias : bool, optional
-        Whether the adapter also carries a bias update ``Δb`` of shape
+        Whether the adapter also carries a bias update :math:`\Delta b` of shape
         ``(shape[0],)``, added to the layer's bias (Linear and ConvNd
-        layers that have one; PEFT's ``lora_bias``). ``Δb`` is not
+        layers that have one; PEFT's ``lora_bias``). :math:`\Delta b` is not
         multiplied by ``scale``.
 
     Raises
@@ -222,7 +222,7 @@ class LayerSpec:
 
     @property
     def n_params(self) -> int:
-        """Entries of the core and factors, ``prod(R) + sum(I_n R_n)``, plus ``I_0`` with a bias."""
+        r"""Entries stored, :math:`\prod_n R_n + \sum_n I_n R_n`, plus ``I_0`` with a bias."""
         tucker = math.prod(self.ranks) + sum(
             s * r for s, r in zip(self.shape, self.ranks, strict=True)
         )

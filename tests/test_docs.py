@@ -3,8 +3,10 @@
 The reST sources are checked here: development leftovers, examples that
 only run inside the test suite, tables wider than the text column. The
 built HTML is checked by ``docs/_ext/site_checks.py`` during every docs
-build (``make test`` builds with warnings as errors); the tests below
-prove that each of its checks catches what it is meant to catch.
+build (``make test`` builds with warnings as errors), and laid out in
+headless Chromium by ``docs/_ext/render_check.py`` after it (``make docs``);
+the tests below prove that each of their checks catches what it is meant to
+catch.
 """
 
 from __future__ import annotations
@@ -353,6 +355,41 @@ def test_search_index_is_read_from_the_built_script(tmp_path: Path) -> None:
     assert site_checks.read_search_index(tmp_path / "searchindex.js") == data
 
 
+def _prose_page(paragraphs: list[str], extra: str = "") -> str:
+    return _page("".join(f"<p>{text}</p>" for text in paragraphs) + extra)
+
+
+QUICKTOUR = [
+    f"Step {i}: a paragraph long enough to count as prose on the page, {i}." for i in range(6)
+]
+
+
+def test_site_check_finds_a_page_found_twice_in_search() -> None:
+    own = ["A paragraph of its own that no other page has, long enough to count here."]
+    prose = {
+        "gallery/quicktour": site_checks.page_prose(_prose_page(QUICKTOUR)),
+        "getting_started": site_checks.page_prose(_prose_page(own + QUICKTOUR)),
+        "installation": site_checks.page_prose(_prose_page(own + QUICKTOUR[:2])),
+    }
+    (problem,) = site_checks.duplicated_pages(prose)
+    assert problem.startswith("gallery/quicktour and getting_started are both searched")
+    assert "share 6 paragraphs" in problem
+    del prose["gallery/quicktour"]
+    assert site_checks.duplicated_pages(prose) == []
+
+
+def test_page_prose_leaves_out_tables_object_descriptions_and_short_lines() -> None:
+    table = f"<table><tr><td><p>{QUICKTOUR[0]}</p></td></tr></table>"
+    described = f"<dl class='py method'><dd><p>{QUICKTOUR[1]}</p></dd></dl>"
+    html = _prose_page([QUICKTOUR[2], "Short."], table + described + f"<pre>{QUICKTOUR[3]}</pre>")
+    assert site_checks.page_prose(html) == {QUICKTOUR[2], QUICKTOUR[3]}
+
+
+def test_searched_pages_are_those_indexed_with_a_title() -> None:
+    index = {"docnames": ["a", "gallery/quicktour", "b"], "titles": ["A", "", "B"]}
+    assert site_checks.searched_pages(index) == ["a", "b"]
+
+
 def _row(cells: int) -> str:
     return "<tr>" + "<td>1</td>" * cells + "</tr>"
 
@@ -380,6 +417,22 @@ def test_site_check_finds_tables_that_can_run_wider_than_the_column() -> None:
         "‖x‖²",
         "\\sum_i",
         "A^T",
+        "ΔW",
+        "Δb = scaling · lora_B.bias",
+        "W ← W + ΔW",
+        "−η·sign(g)",
+        "q ≥ 1",
+        "I_n² b",
+        "a Z = Q₁ R₁",
+        "x̂",
+        "r · out",
+        "U_n = Q_n R_n",
+        "R_n <= I_n",
+        "prod(R) + sum(I_n R_n)",
+        "C / c_n",
+        "R_0 R_1",
+        "2 I_n",
+        "U_n G_(n) = Q R",
     ],
 )
 def test_site_check_finds_math_set_as_code(literal: str) -> None:
@@ -398,6 +451,16 @@ def test_site_check_finds_math_set_as_code(literal: str) -> None:
         "python -m flora …",
         "{'a': 1}",
         "f'{name}_{i}'",
+        "-initial_core",
+        "lora_B.bias",
+        "W0 - delta",
+        "µs",
+        "R_n",
+        "(I_n, R_n)",
+        "kaiming_normal_(U_n, a=sqrt(3))",
+        "lora_B",
+        "n_iter_max=0",
+        "x_train + 1",
     ],
 )
 def test_site_check_leaves_real_code_alone(literal: str) -> None:
@@ -447,3 +510,66 @@ def test_details_folds_its_content_under_a_summary() -> None:
         '<details class="folded"><summary>Every run &lt;all&gt;</summary>\n',
         "</details>\n",
     ]
+
+
+render_check = _load_extension("render_check")
+WIDE_CELL = "<td style='white-space: nowrap'>" + "a cell far wider than the column " * 12 + "</td>"
+
+
+def _article(body: str) -> str:
+    return f"<!DOCTYPE html><html><body><article class='bd-article'>{body}</article></body></html>"
+
+
+def test_render_check_lists_the_site_pages(tmp_path: Path) -> None:
+    for page in ["index.html", "api/x.html", "_static/x.html", "_modules/x.html", "search.html"]:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / page).write_text("<html></html>")
+    assert render_check.site_pages(tmp_path) == ["api/x.html", "index.html"]
+
+
+def test_render_check_without_a_browser_says_which_binary_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "index.html").write_text(_article("<p>text</p>"))
+    monkeypatch.setattr(render_check.shutil, "which", lambda name: None)
+    assert render_check.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "render check SKIPPED: no Chromium binary on PATH (looked for chromium" in out
+    assert render_check.main([str(tmp_path / "missing")]) == 2
+    assert "has no index.html: build the docs first" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    render_check.find_browser() is None,
+    reason=f"no Chromium binary on PATH (looked for {', '.join(render_check.BROWSERS)})",
+)
+def test_render_check_finds_what_does_not_fit_in_a_browser(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fits = "<table><tr><td>1</td><td>2</td></tr></table>"
+    boxed = f"<table><caption>boxed</caption><tr>{WIDE_CELL}</tr></table>"
+    wide = f"<table><caption>Too wide</caption><tr>{WIDE_CELL}</tr></table>"
+    folded = f"<details><summary>more</summary><table><tr>{WIDE_CELL}</tr></table></details>"
+    pages = {
+        "index.html": _article(f"{fits}<div style='overflow-x: auto'>{boxed}</div>"),
+        "wide.html": _article(wide + folded),
+        "math.html": _article("<p><span class='math'>\\(x\\)</span></p>"),
+    }
+    for page, html in pages.items():
+        (tmp_path / page).write_text(html)
+    problems, stats = render_check.render_site(tmp_path, render_check.find_browser())
+    # Every page at both widths; the folded table opened and measured.
+    assert stats == {"pages": 6, "tables": 8, "formulas": 0}
+    assert "index.html" not in problems
+    for width in (1280, 390):
+        found = [p for p in problems["wide.html"] if p.startswith(f"{width} px: ")]
+        assert len(found) == 3
+        assert found[0].startswith(f'{width} px: table "Too wide" is 2')
+        assert found[1].startswith(f'{width} px: table 2 (first cell "a cell far wider')
+        assert all(p.endswith("px column and does not scroll in its box") for p in found[:2])
+        assert found[2].startswith(f"{width} px: the page scrolls sideways")
+    assert problems["math.html"] == [
+        f'{width} px: a formula is not typeset: "\\\\(x\\\\)"' for width in (1280, 390)
+    ]
+    assert render_check.main([str(tmp_path)]) == 1
+    assert "render check: 3 pages at 1280 px and 390 px" in capsys.readouterr().out

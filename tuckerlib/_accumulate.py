@@ -1,7 +1,7 @@
 r"""Long contractions whose rounding error does not grow with their length.
 
 A matrix product of single-precision arrays accumulates each entry in
-single precision: summing ``L`` terms loses up to ``~L · eps`` of the
+single precision: summing ``L`` terms loses up to :math:`\sim L \cdot \varepsilon` of the
 result (a Gram matrix, a projection onto a factor, :math:`\|x\|^2`), so a mode of
 10⁸ entries gave an exactly rank-1 tensor a core 0.6% off. Here the
 contracted axis is cut into blocks of :data:`BLOCK` entries; each block is

@@ -99,7 +99,7 @@ def relative_error(x: Any, x_hat: Any) -> float:
     Returns
     -------
     float
-        The relative error. When :math:`\|x\| = 0` it is ``0.0`` if ``x̂`` is zero
+        The relative error. When :math:`\|x\| = 0` it is ``0.0`` if :math:`\hat{x}` is zero
         too and ``inf`` otherwise. Integer and boolean inputs are compared
         as floating-point numbers, and half-precision ones in single
         precision.

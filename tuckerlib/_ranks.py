@@ -90,7 +90,7 @@ def _is_scalar(rank: object) -> bool:
 
 
 def tucker_params(shape: Sequence[int], rank: Rank) -> int:
-    r"""Number of parameters of a Tucker tensor: ``prod(rank) + sum(I_n * R_n)``.
+    r"""Number of parameters of a Tucker tensor: :math:`\prod_n R_n + \sum_n I_n R_n`.
 
     Parameters
     ----------

@@ -169,7 +169,7 @@ class TuckerTensor:
 
     @property
     def n_params(self) -> int:
-        """Stored entries: ``prod(rank) + sum(I_n * R_n)`` (see :func:`tucker_params`)."""
+        r"""Stored entries: :math:`\prod_n R_n + \sum_n I_n R_n` (see :func:`tucker_params`)."""
         return tucker_params(self.shape, self.rank)
 
     def to_tensor(self) -> Any:

@@ -13,9 +13,10 @@ build when it
   that scrolls sideways, or one of more than ``WIDE_TABLE_COLUMNS`` columns
   that declares no column widths (see ``wide_tables``);
 * shows math as code: an inline code literal that holds LaTeX or math
-  notation (``σ^{(n)}_i``, ``prod_{k != n} I_k``, ``ΔW = s · G ×_0 U_0``;
-  write ``:math:`...```). Code blocks and signatures are real code and
-  are not read;
+  notation (``σ^{(n)}_i``, ``prod_{k != n} I_k``, ``ΔW = s · G ×_0 U_0``,
+  a Greek letter such as ``ΔW`` or ``η``, ``R_n²``, a formula in index
+  notation such as ``U_n = Q_n R_n``; write ``:math:`...```).
+  Code blocks and signatures are real code and are not read;
 * mentions development leftovers, text that only makes sense to the people
   who wrote it: a reference to a planning document that does not ship with
   these docs (the word ``DESIGN``; a page states its rule itself instead),
@@ -25,9 +26,12 @@ build when it
   ``sys.path.insert(...)``).
 
 The search index is checked too: every object is documented once (a module
-page does not document ``flora.io.save_adapter`` beside ``flora.save_adapter``)
-and each query of ``site_checks_search`` in ``conf.py`` ranks its public name
-first, ranked as the site's search ranks it (``search_ranking``).
+page does not document ``flora.io.save_adapter`` beside ``flora.save_adapter``),
+no page is found twice (an indexed page whose prose another indexed page
+repeats, such as a page that includes another: leave one out of the search,
+``not_searched`` in ``conf.py``), and each query of ``site_checks_search`` in
+``conf.py`` ranks its public name first, ranked as the site's search ranks it
+(``search_ranking``).
 
 The source listings of ``sphinx.ext.viewcode`` (``_modules/``) show the code
 itself, private modules included, and are only checked for external assets.
@@ -64,12 +68,28 @@ LEFTOVERS: dict[str, re.Pattern[str]] = {
 WIDE_TABLE_COLUMNS = 4
 # LaTeX or math notation, which in an inline code literal is math set in code
 # font: LaTeX commands, sub- and superscript groups, ASCII spellings of
-# operators, and the symbols of formulas. Names in real code do not contain
-# these (a Python subscript is written ``x[i]``, a product ``math.prod``; an
-# f-string's ``{a}_{b}`` has a brace before the underscore).
+# operators, Greek letters (``ΔW``, ``η``), Unicode sub- and superscripts
+# (``R_n²``, ``Q₁``) and accents (``x̂``), and the symbols of formulas
+# (``−``, ``·``, ``←``, ``≤``). Names in real code do not contain these (a
+# Python subscript is written ``x[i]``, a product ``math.prod``, a minus
+# ``-``; an f-string's ``{a}_{b}`` has a brace before the underscore).
 MATH_IN_CODE = re.compile(
     r"(?<!\})[_^]\{|\\(?:sum|prod|sigma|cdot|times|frac|sqrt|top|mathbf|le|ge|neq)\b"
-    r"|\b(?:prod|sum)_|\bsigma\b|[σΣ∏Ωᵀᴴ‖×]|\^T\b"
+    r"|\b(?:prod|sum)_|\bsigma\b|\^T\b"
+    r"|[\u0391-\u03a9\u03b1-\u03c9]"  # Greek
+    r"|[\u00b2\u00b3\u00b9\u2070-\u209c\u1d40-\u1d6a\u0302]"  # sub-, superscripts, hat
+    r"|[∏∑√‖×−·←→↦≤≥≠≈∈⊗]"
+)
+# A name with a one-letter index (``R_n``, ``U_0``, ``G_(n)``), not part of a
+# longer identifier (``lora_B``, ``n_iter``) or a call.
+INDEXED = r"\b[A-Za-z]_(?:[A-Za-z0-9]|\([a-z0-9]\))(?![\w(])"
+# A formula in index notation: an indexed name in an equation, comparison or
+# arithmetic (``U_n = Q_n R_n``, ``R_n <= I_n``, ``C / c_n``), or beside
+# another factor (``R_0 R_1``, ``2 I_n``). An indexed name alone (``R_n``) or
+# a shape tuple (``(I_n, R_n)``) may stay code.
+INDEX_FORMULA = re.compile(
+    rf"{INDEXED}.*(?: (?:=|==|<=|>=|<|>|\+|/|\*) )|(?: (?:=|<=|>=|<|>|\+|/|\*) ).*{INDEXED}"
+    rf"|{INDEXED} {INDEXED}|\d {INDEXED}|{INDEXED} [A-Za-z]\b(?![(\[])"
 )
 # A code literal that is a private name on its own, such as ``_ops``.
 PRIVATE_LITERAL = re.compile(r"_[a-z][a-z0-9_]*")
@@ -159,7 +179,8 @@ def wide_tables(soup: BeautifulSoup) -> list[str]:
     (``div.pst-scrollable-table-container``), so a wide table scrolls
     instead of running under the sidebar: a table outside one is reported.
     Whether a table fits its column depends on the browser's layout, which
-    a static check cannot run; its proxy is the column count. A table of
+    a static check cannot run (``render_check.py`` runs it in headless
+    Chromium after the build); its proxy is the column count. A table of
     more than ``WIDE_TABLE_COLUMNS`` columns sized by its content takes the
     longest line of every column and overflows the column at 1280 px; one
     that declares its widths (``:widths:``, ``<col style="width: ..">``)
@@ -187,7 +208,7 @@ def math_in_code(soup: BeautifulSoup) -> list[str]:
     found = []
     for code in article.find_all("code", class_="literal"):
         text = code.get_text("")
-        if MATH_IN_CODE.search(text):
+        if MATH_IN_CODE.search(text) or INDEX_FORMULA.search(text):
             found.append(f"math set as code (write :math:`...`): {text!r}")
     return list(dict.fromkeys(found))
 
@@ -334,6 +355,51 @@ def search_problems(index: dict, expected: dict[str, str]) -> list[str]:
     return found
 
 
+# An indexed page repeats another in search when at least this share of its
+# prose, and at least ``DUPLICATE_MIN_PARAGRAPHS`` paragraphs, are also on
+# another indexed page. Prose: paragraphs and code blocks of at least
+# ``PROSE_MIN_CHARS`` characters outside tables and object descriptions (the
+# API pages of related classes legitimately repeat inherited docstrings).
+DUPLICATE_SHARE = 0.5
+DUPLICATE_MIN_PARAGRAPHS = 4
+PROSE_MIN_CHARS = 60
+
+
+def page_prose(html: str) -> set[str]:
+    """The paragraphs and code blocks of a page's article, whitespace normalized."""
+    soup = BeautifulSoup(html, "html.parser")
+    article = soup.find("article") or soup
+    found = set()
+    for block in article.find_all(["p", "pre"]):
+        if block.find_parent("dl", class_="py") or block.find_parent("table"):
+            continue
+        text = " ".join(block.get_text(" ").split())
+        if len(text) >= PROSE_MIN_CHARS:
+            found.add(text)
+    return found
+
+
+def searched_pages(index: dict) -> list[str]:
+    """The pages the search finds: those indexed with a title (``nosearch`` pages have none)."""
+    return [doc for doc, title in zip(index["docnames"], index["titles"], strict=True) if title]
+
+
+def duplicated_pages(prose: dict[str, set[str]]) -> list[str]:
+    """Pairs of indexed pages of which one repeats the other's prose (``page_prose``)."""
+    found = []
+    pages = sorted(prose)
+    for i, first in enumerate(pages):
+        for second in pages[i + 1 :]:
+            shared = len(prose[first] & prose[second])
+            smaller = min(len(prose[first]), len(prose[second]))
+            if shared >= DUPLICATE_MIN_PARAGRAPHS and shared >= DUPLICATE_SHARE * smaller:
+                found.append(
+                    f"{first} and {second} are both searched and share {shared} paragraphs: "
+                    "leave one out of the search (not_searched in conf.py)"
+                )
+    return found
+
+
 def _on_build_finished(app, exception) -> None:
     if exception is not None or app.builder.format != "html":
         return
@@ -341,7 +407,12 @@ def _on_build_finished(app, exception) -> None:
     for problem in check_site(outdir, app.config.site_checks_allow):
         logger.warning("%s: %s", problem.page, problem.message, type="site_checks")
     index = read_search_index(outdir / "searchindex.js")
-    for message in search_problems(index, app.config.site_checks_search):
+    prose = {
+        page: page_prose((outdir / f"{page}.html").read_text(encoding="utf-8"))
+        for page in searched_pages(index)
+    }
+    problems = search_problems(index, app.config.site_checks_search) + duplicated_pages(prose)
+    for message in problems:
         logger.warning("searchindex.js: %s", message, type="site_checks")
 
 

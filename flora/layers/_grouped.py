@@ -1,6 +1,6 @@
 r"""Grouped and depthwise convolutions with a fast exact weight gradient.
 
-A grouped convolution's adapter runs dense (its weight ``W + ΔW`` is one
+A grouped convolution's adapter runs dense (its weight :math:`W + \Delta W` is one
 tensor per group), so a training step computes the weight gradient of a
 grouped convolution, which the frozen base layer never does. On the CPU,
 PyTorch hands it to oneDNN, whose kernel depends on the shape and layout:
@@ -21,8 +21,8 @@ the same gradients, with the weight gradient computed one of three ways
 ``"swapped"``
     For depthwise kernels (one input channel a group): the gradient
     :math:`\sum_n x[n, c] \star g[n, o]` is one *forward* depthwise convolution whose
-    input is ``x`` with batch and channels merged into ``N·C`` channels and
-    whose ``N·C_out`` kernels are the output gradient's planes, stride and
+    input is ``x`` with batch and channels merged into :math:`N \cdot C` channels and
+    whose :math:`N \cdot C_\text{out}` kernels are the output gradient's planes, stride and
     dilation exchanged; the ``N`` partial kernels are then summed. oneDNN's
     direct forward kernel takes any kernel size, so the 7×7 case above runs
     several times faster than on either layout's backward kernel, and even

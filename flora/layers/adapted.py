@@ -4,9 +4,9 @@ r"""The named adapters of one weight: which are active, which are merged.
 adapters (:mod:`flora.layers.delta`) of one weight and adds their updates
 into, or out of, the base weight. What a weight with adapters computes:
 :math:`W + \sum_{\text{active}} \Delta W_a` with ``W`` the base weight. An
-adapter made with ``init="hosvd"`` took its initial update ``ΔW_a,init`` out
+adapter made with ``init="hosvd"`` took its initial update :math:`\Delta W_{a,\text{init}}` out
 of the base weight when it was added; while it is not running (inactive, or
-inside :func:`flora.disable_adapter`) the weight adds ``ΔW_a,init`` back, so
+inside :func:`flora.disable_adapter`) the weight adds :math:`\Delta W_{a,\text{init}}` back, so
 it changes nothing then. Merged adapters live in the base weight and run no
 branch. :class:`~flora.FLoRALayer` (:mod:`flora.layers.base`) is the
 adapted weight of a wrapped module.
@@ -95,7 +95,7 @@ class AdaptedWeight(nn.Module):
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
-        """Names of the adapters whose ``ΔW`` is in the base weight."""
+        r"""Names of the adapters whose :math:`\Delta W` is in the base weight."""
         return tuple(name for name, a in self.adapters.items() if a.merged)
 
     @property
@@ -160,7 +160,7 @@ class AdaptedWeight(nn.Module):
         return self.spec.n_params
 
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``ΔW`` of an adapter (default: the active one) as the layer applies it.
+        r""":math:`\Delta W` of an adapter (default: the active one) as the layer applies it.
 
         Returns
         -------
@@ -194,9 +194,9 @@ class AdaptedWeight(nn.Module):
         return running, idle
 
     def effective_delta(self) -> torch.Tensor | None:
-        """What the adapters add to the base weight now (None if nothing).
+        r"""What the adapters add to the base weight now (None if nothing).
 
-        The running adapters' ``ΔW`` plus the initial updates of the
+        The running adapters' :math:`\Delta W` plus the initial updates of the
         ``init="hosvd"`` adapters that do not run.
         """
         running, idle = self._terms()
@@ -232,9 +232,9 @@ class AdaptedWeight(nn.Module):
             bias.copy_((bias.to(delta.dtype) + sign * delta).to(bias.dtype))
 
     def effective_bias(self) -> torch.Tensor | None:
-        """The bias the layer computes with now, in the base dtype (a new tensor; None if none).
+        r"""The bias the layer computes with now, in the base dtype (a new tensor; None if none).
 
-        The base bias plus ``Δb`` of the running adapters that carry one.
+        The base bias plus :math:`\Delta b` of the running adapters that carry one.
         """
         bias = self.base_bias()
         if bias is None:
@@ -327,7 +327,7 @@ class AdaptedWeight(nn.Module):
         return list(adapter_names)
 
     def check_merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
-        """Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
+        r"""Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
 
         Raises
         ------
@@ -335,7 +335,7 @@ class AdaptedWeight(nn.Module):
             If a named adapter is already merged.
         ValueError
             If a name is unknown or the base weight is a meta tensor; with
-            ``safe``, if ``ΔW`` or ``W + ΔW`` (in the base dtype), or the
+            ``safe``, if :math:`\Delta W` or :math:`W + \Delta W` (in the base dtype), or the
             merged bias, has NaN or infinite entries.
         """
         names = self._merge_names(adapter_names)
@@ -363,7 +363,7 @@ class AdaptedWeight(nn.Module):
                 )
 
     def merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
-        """Add ``ΔW`` (and ``Δb``) of the active (or named) adapters into the base weight and bias.
+        r"""Add :math:`\Delta W` and :math:`\Delta b` of the active (or named) adapters to the base.
 
         Merged adapters run no branch; the output stays the same up to
         rounding (one rounding to the base dtype for all of them together).
@@ -400,7 +400,7 @@ class AdaptedWeight(nn.Module):
         return functools.reduce(operator.add, present) if present else None
 
     def unmerge(self) -> None:
-        """Subtract ``ΔW`` (and ``Δb``) of every merged adapter from the base weight again.
+        r"""Subtract :math:`\Delta W` (and :math:`\Delta b`) of every merged adapter from the base.
 
         What is subtracted is the update as it was merged, even if the
         adapter changed since (an optimizer step, ``load_state_dict``): the
@@ -440,7 +440,7 @@ class AdaptedWeight(nn.Module):
             adapter.merged = False
 
     def merge_effective(self) -> None:
-        """Put what the adapters add now (``effective_delta()``, and ``Δb``) into the base.
+        r"""Put what the adapters add now (``effective_delta()``, :math:`\Delta b`) into the base.
 
         Used before the adapters are dropped: the base weight (and bias) then
         computes what the layer computes.

@@ -1,4 +1,4 @@
-"""FLoRA adapters for ``torch.nn.MultiheadAttention``: its projections, as the attention reads them.
+r"""FLoRA adapters for ``torch.nn.MultiheadAttention``: its projections, as attention reads them.
 
 ``MultiheadAttention.forward`` never calls a projection module: it hands
 ``in_proj_weight`` (or ``q_proj_weight``, ``k_proj_weight``,
@@ -8,9 +8,9 @@ adapter therefore has to change the tensors the attention reads, not wrap
 a module's forward. Each projection weight gets a parametrization
 (:class:`MultiheadAttentionWeight`, a :class:`flora.TuckerParametrization`
 of kind ``"MultiheadAttention"``): reading the attribute gives
-``W + Σ ΔW`` of the active adapters, which autograd differentiates through.
-The branch always runs dense (one ``W + ΔW`` per projection and forward),
-the only form the functional attention accepts; merging writes ``ΔW`` into
+:math:`W + \sum \Delta W` of the active adapters, which autograd differentiates through.
+The branch always runs dense (one :math:`W + \Delta W` per projection and forward),
+the only form the functional attention accepts; merging writes :math:`\Delta W` into
 the stored weight and removes that addition. PEFT's LoRA does the same for
 the packed weight by merging before and unmerging after each forward.
 

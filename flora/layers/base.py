@@ -62,7 +62,7 @@ KIND_DEFAULT = _KindDefault()
 
 
 class FLoRALayer(AdaptedWeight):
-    """Base class of the module wrappers: ``base_layer(x)`` plus the adapter branches.
+    r"""Base class of the module wrappers: ``base_layer(x)`` plus the adapter branches.
 
     Parameters
     ----------
@@ -88,8 +88,8 @@ class FLoRALayer(AdaptedWeight):
     A subclass for a layer of its own (see :doc:`/layer_kinds`) sets
     ``kind`` and ``base_type`` and says how its branch runs, through public
     hooks the forward calls: :meth:`factorized_branch` (from the core and
-    factors), :meth:`dense_branch` (on a built ``ΔW``),
-    :meth:`fused_forward` (the base op on ``W + ΔW``), and, for the cost
+    factors), :meth:`dense_branch` (on a built :math:`\Delta W`),
+    :meth:`fused_forward` (the base op on :math:`W + \Delta W`), and, for the cost
     model of ``forward="auto"`` (see :doc:`/flora_math`),
     :meth:`branch_costs` with :meth:`cost_geometry`. A layer without a
     factorized form sets :attr:`factorizable` to False and needs only
@@ -236,7 +236,7 @@ class FLoRALayer(AdaptedWeight):
         return self._cast_input(x, adapter.core.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x)`` plus the branches (and ``Δb``) of the active, unmerged adapters.
+        r"""``base_layer(x)`` plus the branches (and :math:`\Delta b`) of active, unmerged adapters.
 
         In a forward routed per sample (``model(..., adapter_names=[...])``)
         each sample runs as if its adapter alone were active.
@@ -268,7 +268,7 @@ class FLoRALayer(AdaptedWeight):
         return out if bias is None else out + cast(self._bias_view(bias), out.dtype)
 
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
-        """``Δb`` shaped to broadcast over the output (its last axis, by default)."""
+        r""":math:`\Delta b` shaped to broadcast over the output (its last axis, by default)."""
         return bias
 
     def _forward_one(self, x: torch.Tensor, adapter: TuckerDelta) -> torch.Tensor:
@@ -319,7 +319,7 @@ class FLoRALayer(AdaptedWeight):
 
         A hook for subclasses: the forward calls it when the ``auto`` rule
         (or ``forward="factorized"``) picks the factorized branch and
-        :attr:`factorizable` is true; it never builds ``ΔW``. The core
+        :attr:`factorizable` is true; it never builds :math:`\Delta W`. The core
         scaled by ``s`` is :func:`flora.layers.delta.scaled_core`.
 
         Parameters
@@ -353,10 +353,10 @@ class FLoRALayer(AdaptedWeight):
         )
 
     def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The branch of a built update: the base layer's op on ``x`` with ``delta``, no bias.
+        r"""The branch of a built update: the base layer's op on ``x`` with ``delta``, no bias.
 
         A hook for subclasses: the forward calls it for the dense branch
-        (an adapter with dropout, or whose ``ΔW`` cannot be fused into the
+        (an adapter with dropout, or whose :math:`\Delta W` cannot be fused into the
         base op), with ``delta`` in the update's ``(out, in, ...)`` map.
 
         Parameters
@@ -364,7 +364,7 @@ class FLoRALayer(AdaptedWeight):
         x : torch.Tensor
             The branch input (after the adapter's dropout), in ``delta``'s dtype.
         delta : torch.Tensor
-            ``ΔW`` (one adapter's, or the sum of several), shaped like the
+            :math:`\Delta W` (one adapter's, or the sum of several), shaped like the
             update.
 
         Returns
@@ -383,21 +383,21 @@ class FLoRALayer(AdaptedWeight):
         raise NotImplementedError(f"{type(self).__name__} defines no dense_branch")
 
     def fused_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The base layer's output with ``W + delta`` for its weight, bias included.
+        r"""The base layer's output with ``W + delta`` for its weight, bias included.
 
         A hook for subclasses: the forward calls it instead of the base
         layer plus :meth:`dense_branch` when no dropout is active and
         ``delta`` is in the base weight's dtype, so that one op runs
         instead of two. By default it is ``base_layer(x) + dense_branch(x,
         delta)``, correct for any layer linear in its weight; override it
-        with the single op (``F.linear(x, W + ΔW, b)`` for a Linear).
+        with the single op (``F.linear(x, W + delta, b)`` for a Linear).
 
         Parameters
         ----------
         x : torch.Tensor
             The layer's input.
         delta : torch.Tensor
-            ``ΔW`` of the running adapters, in the base weight's dtype.
+            :math:`\Delta W` of the running adapters, in the base weight's dtype.
 
         Returns
         -------
@@ -437,11 +437,11 @@ class FLoRALayer(AdaptedWeight):
     def branch_costs(
         cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
     ) -> tuple[list[Op], Op, int, int]:
-        """The ops each branch runs, for the cost model of ``forward="auto"``.
+        r"""The ops each branch runs, for the cost model of ``forward="auto"``.
 
         A hook for subclasses whose :attr:`factorizable` is true: the
         ``auto`` rule compares the factorized branch's ops with the dense
-        op plus building ``ΔW`` (see :doc:`/flora_math`). Each op is an
+        op plus building :math:`\Delta W` (see :doc:`/flora_math`). Each op is an
         ``Op(macs, elements)``, its multiply-adds and the tensor elements it
         reads and writes (``flora.layers.base.Op``, a named tuple);
         ``flora.layers.base.product(m, k, n)`` is the op of an
@@ -463,7 +463,7 @@ class FLoRALayer(AdaptedWeight):
         factorized : list of Op
             The ops of :meth:`factorized_branch`.
         dense : Op
-            The op of :meth:`dense_branch` on a built ``ΔW``.
+            The op of :meth:`dense_branch` on a built :math:`\Delta W`.
         in_elements, out_elements : int
             The input's and the output's numbers of elements.
 

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit and 8-bit bases: FLoRA adapters on a quantized Linear (QLoRA).
+r"""bitsandbytes 4-bit and 8-bit bases: FLoRA adapters on a quantized Linear (QLoRA).
 
 :class:`QuantizedLinear` wraps a ``bitsandbytes.nn.Linear4bit`` (``nf4`` or
 ``fp4``) or a ``bitsandbytes.nn.Linear8bitLt`` (int8, ``has_fp16_weights=False``)
@@ -11,10 +11,10 @@ of the base layer's output, which bitsandbytes computes in its own compute
 dtype. The forward never builds the dense base weight.
 
 Merging dequantizes the base weight with bitsandbytes' own functions, adds
-``ΔW`` and quantizes the sum again, as PEFT does: the merged layer holds
-``Q(W + ΔW)``, the sum rounded to the quantization grid, so its outputs
+:math:`\Delta W` and quantizes the sum again, as PEFT does: the merged layer holds
+:math:`Q(W + \Delta W)`, the sum rounded to the quantization grid, so its outputs
 differ from the unmerged layer's by up to one quantization step of the
-weight (a ``UserWarning`` says so). Unmerging subtracts ``ΔW`` and rounds
+weight (a ``UserWarning`` says so). Unmerging subtracts :math:`\Delta W` and rounds
 again: it does not give the original quantized bytes back. bitsandbytes
 quantizes a new int8 weight from float16, and a 4-bit one from the dtype it
 was first quantized from: a merge whose sum overflows that dtype (beyond
@@ -372,13 +372,13 @@ def requantize_into(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 class QuantizedLinear(Linear):
-    """A bitsandbytes ``Linear4bit`` (nf4, fp4) or ``Linear8bitLt`` (int8) with FLoRA adapters.
+    r"""A bitsandbytes ``Linear4bit`` (nf4, fp4) or ``Linear8bitLt`` (int8) with FLoRA adapters.
 
     :class:`flora.Linear` on a quantized base: the same kind (``"Linear"``),
     ranks, options, adapter files and LoRA export. The base layer stays
     quantized and frozen and computes its own part; the adapters' branches
     run in the adapters' dtype beside it (see :mod:`flora.layers.bnb`).
-    Merging rounds ``W + ΔW`` to the quantization grid, with a warning.
+    Merging rounds :math:`W + \Delta W` to the quantization grid, with a warning.
 
     Parameters
     ----------
@@ -425,10 +425,10 @@ class QuantizedLinear(Linear):
         super().add_adapter(name, adapter)
 
     def check_merge(self, adapter_names: Sequence[str] | None = None, *, safe: bool = True) -> None:
-        """Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
+        r"""Raise what :meth:`flora.AdaptedWeight.merge` would raise, changing nothing.
 
         As :meth:`flora.AdaptedWeight.check_merge`, and, with ``safe`` or
-        not, a ``ValueError`` if ``W + ΔW`` overflows the dtype bitsandbytes
+        not, a ``ValueError`` if :math:`W + \Delta W` overflows the dtype bitsandbytes
         quantizes it from (:func:`check_quantizable`).
         """
         super().check_merge(adapter_names, safe=safe)

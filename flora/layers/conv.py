@@ -99,7 +99,7 @@ class _ConvNd(FLoRALayer):
         return grouped_conv(x, weight, bias, base.stride, padding, base.dilation, base.groups)
 
     def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The base's convolution with ``ΔW``, no bias (grouped convolutions too)."""
+        r"""The base's convolution with :math:`\Delta W`, no bias (grouped ones too)."""
         if self.base_layer.groups > 1:
             return self._grouped(x, delta, None)
         return self.base_layer._conv_forward(x, delta, None)
@@ -109,7 +109,7 @@ class _ConvNd(FLoRALayer):
         return bias.reshape(-1, *(1,) * (self.base_layer.weight.ndim - 2))
 
     def fused_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The base's convolution with ``W + ΔW`` and its bias: one op."""
+        r"""The base's convolution with :math:`W + \Delta W` and its bias: one op."""
         base = self.base_layer
         if base.groups > 1:
             return self._grouped(x, base.weight + delta, base.bias)
@@ -183,7 +183,7 @@ class Conv1d(_ConvNd):
 
 
 class Conv2d(_ConvNd):
-    """A ``torch.nn.Conv2d`` with a FLoRA adapter on its weight.
+    r"""A ``torch.nn.Conv2d`` with a FLoRA adapter on its weight.
 
     The Tucker modes are the weight axes ``(out, in/groups, kh, kw)``.
 
@@ -207,8 +207,8 @@ class Conv2d(_ConvNd):
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs 1×1 conv → core conv → 1×1 conv (see
-        :mod:`flora.layers.conv`); ``"dense"`` builds ``ΔW`` and runs one
-        convolution with ``W + ΔW``. Layers with ``groups > 1`` always run
+        :mod:`flora.layers.conv`); ``"dense"`` builds :math:`\Delta W` and runs one
+        convolution with :math:`W + \Delta W`. Layers with ``groups > 1`` always run
         dense.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` wraps the

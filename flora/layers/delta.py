@@ -67,7 +67,7 @@ def check_adapter_name(name: object, what: str = "adapter_name") -> str:
 
 
 def scaled_core(adapter: TuckerDelta) -> torch.Tensor:
-    """``s · core`` of ``adapter`` (the core itself for ``s = 1``: one op less to compile)."""
+    r""":math:`s \cdot \text{core}` of ``adapter`` (the core itself for ``s = 1``: one op less)."""
     scale = adapter.spec.scale
     return adapter.core if scale == 1.0 else adapter.core * scale
 
@@ -85,7 +85,7 @@ def _check_weight(weight: torch.Tensor) -> None:
 class TuckerDelta(nn.Module):
     r"""One adapter, :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}`.
 
-    With ``spec.bias`` it also holds a bias update ``Δb`` (``bias``, shape
+    With ``spec.bias`` it also holds a bias update :math:`\Delta b` (``bias``, shape
     ``(spec.shape[0],)``) that the layer adds to its bias, as PEFT's
     ``lora_bias`` does.
 
@@ -104,7 +104,7 @@ class TuckerDelta(nn.Module):
         The adapter's initial core and factors when its layer gave that
         update up from the base weight (``init="hosvd"``).
     bias : torch.Tensor, optional
-        The bias update ``Δb``, shape ``(spec.shape[0],)``; given exactly
+        The bias update :math:`\Delta b`, shape ``(spec.shape[0],)``; given exactly
         when ``spec.bias`` is true.
     trainable : bool, optional
         Whether the adapter's tensors require gradients while it is active.
@@ -115,9 +115,9 @@ class TuckerDelta(nn.Module):
     core : torch.nn.Parameter
     factors : torch.nn.ParameterList
     bias : torch.nn.Parameter or None
-        ``Δb``, not multiplied by the scale.
+        :math:`\Delta b`, not multiplied by the scale.
     merged : bool
-        Whether ``ΔW`` is currently added into the base weight.
+        Whether :math:`\Delta W` is currently added into the base weight.
     trainable : bool
     config : FLoRAConfig or None
         The config the adapter was made from, recorded when it is saved.
@@ -244,7 +244,7 @@ class TuckerDelta(nn.Module):
 
         Modes whose rank exceeds what the tensor can use are compressed
         without loss first (reduced QR of the factor times the core's
-        unfolding), so the spec's ranks are usable; ``ΔW`` is unchanged up to
+        unfolding), so the spec's ranks are usable; :math:`\Delta W` is unchanged up to
         rounding. The adapter has ``init="zero_core"`` (no initial update).
 
         Parameters
@@ -258,7 +258,7 @@ class TuckerDelta(nn.Module):
         scale, forward, dropout : optional
             As in :class:`flora.LayerSpec`.
         bias : torch.Tensor, optional
-            A bias update ``Δb`` of shape ``(I_0,)`` (Linear and ConvNd),
+            A bias update :math:`\Delta b` of shape ``(I_0,)`` (Linear and ConvNd),
             added to the layer's bias as it is (not multiplied by ``scale``).
         trainable : bool, optional
             See the class.
@@ -337,16 +337,16 @@ class TuckerDelta(nn.Module):
             self.register_buffer(name, kept, persistent=False)
 
     def merged_delta(self) -> torch.Tensor:
-        """``ΔW`` as it was merged (see :attr:`merged`), in the adapter's dtype."""
+        r""":math:`\Delta W` as it was merged (see :attr:`merged`), in the adapter's dtype."""
         factors = [self._buffers[f"at_merge_factor_{n}"] for n in range(len(self.spec.shape))]
         return reconstruct(self._buffers["at_merge_core"] * self.spec.scale, factors)
 
     def merged_bias(self) -> torch.Tensor | None:
-        """``Δb`` as it was merged, or None."""
+        r""":math:`\Delta b` as it was merged, or None."""
         return self._buffers.get("at_merge_bias")
 
     def initial_delta(self) -> torch.Tensor | None:
-        """``ΔW`` at initialization for ``init="hosvd"`` (what the base gave up), else None."""
+        r""":math:`\Delta W` at initialization for ``init="hosvd"`` or None."""
         initial = self.initial
         if initial is None:
             return None

@@ -22,7 +22,7 @@ class Embedding(FLoRALayer):
 
     The factorized lookup gathers rows of ``U_0`` (shape
     ``(num_embeddings, R_0)``) and multiplies them by :math:`s \cdot G U_1^\top`; it
-    never builds ``ΔE``. The row of ``padding_idx`` gets no update, in both
+    never builds :math:`\Delta E`. The row of ``padding_idx`` gets no update, in both
     forwards and in :func:`flora.merge`.
 
     Parameters
@@ -38,7 +38,7 @@ class Embedding(FLoRALayer):
     init : {"auto", "balanced", "zero_core", "hosvd", "gaussian"}, optional
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
-        ``"dense"`` builds ``ΔE`` and gathers from it.
+        ``"dense"`` builds :math:`\Delta E` and gathers from it.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` wraps the
         layer without adapters.
@@ -92,14 +92,14 @@ class Embedding(FLoRALayer):
         return thin_matmul_t(rows @ scaled_core(adapter), dim_factor)
 
     def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Gather rows of ``ΔE``."""
+        r"""Gather rows of :math:`\Delta E`."""
         return F.embedding(x, delta)
 
     @classmethod
     def branch_costs(
         cls, geometry: tuple, shape: tuple[int, ...], x_shape: tuple[int, ...], ranks: Sequence[int]
     ) -> tuple[list[Op], Op, int, int]:
-        """A gather of factor rows and two thin products against a gather of ``ΔE`` rows."""
+        r"""A gather of factor rows and two thin products, against a gather of :math:`\Delta E`."""
         rows, dim = shape
         rank0, rank1 = ranks
         tokens = math.prod(x_shape)

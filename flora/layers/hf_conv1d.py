@@ -1,9 +1,9 @@
-"""FLoRA adapter for transformers' ``Conv1D``: a linear map whose weight is stored ``(in, out)``.
+r"""FLoRA adapter for transformers' ``Conv1D``: a linear map whose weight is stored ``(in, out)``.
 
 GPT-2-family models compute every attention and MLP projection (``c_attn``,
 ``c_proj``, ``c_fc``) as ``y = x @ W + b`` with ``W`` of shape ``(in, out)``.
 The update is modelled in the layer's ``(out, in)`` map, as for
-:class:`flora.Linear`: ``ΔW = s · U_0 G U_1ᵀ`` of shape ``(out, in)``, so the
+:class:`flora.Linear`: :math:`\Delta W = s \cdot U_0 G U_1^\top` of shape ``(out, in)``, so the
 branch, the cost model and PEFT's LoRA form (``lora_B @ lora_A`` with
 ``fan_in_fan_out=True``) are Linear's. The base weight is read as the view
 ``W.T``, and a merge writes through it.

@@ -26,7 +26,7 @@ class Linear(FLoRALayer):
         The layer to adapt; frozen, kept as ``self.base_layer``.
     ranks : int or sequence of int or None, optional
         Ranks ``(R_0, R_1)`` of the output and input modes, clipped to the
-        weight's shape and to the usable ranks (``R_0 = R_1`` for a matrix).
+        weight's shape and to the usable ranks (:math:`R_0 = R_1` for a matrix).
     scale : float, optional
         The factor ``s``.
     dropout : float, optional
@@ -35,7 +35,7 @@ class Linear(FLoRALayer):
         See :mod:`flora.init`.
     forward : {"auto", "dense", "factorized"}, optional
         ``"factorized"`` runs :math:`((x U_1) G^\top) U_0^\top`, three thin matmuls;
-        ``"dense"`` builds ``ΔW`` and runs one linear op on ``W + ΔW``.
+        ``"dense"`` builds :math:`\Delta W` and runs one linear op on :math:`W + \Delta W`.
     adapter_name : str or None, optional
         Name of the adapter created (``"default"``); ``None`` wraps the
         layer without adapters.
@@ -72,11 +72,11 @@ class Linear(FLoRALayer):
         return thin_matmul_t(F.linear(thin_matmul(x, in_factor), scaled_core(adapter)), out_factor)
 
     def dense_branch(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``F.linear(x, ΔW)``."""
+        r"""The linear map of :math:`\Delta W` (``delta``): ``F.linear(x, delta)``."""
         return F.linear(x, delta)
 
     def fused_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``F.linear(x, W + ΔW, b)``: one op."""
+        r"""The linear map of :math:`W + \Delta W` with the bias: one ``F.linear``."""
         return F.linear(x, self.base_weight() + delta, self.base_layer.bias)
 
     @classmethod

@@ -1,8 +1,8 @@
-"""FLoRA adapter for any parameter of any module, via :mod:`torch.nn.utils.parametrize`.
+r"""FLoRA adapter for any parameter of any module, via :mod:`torch.nn.utils.parametrize`.
 
 The parameter (a 3-D stacked-experts weight used with :func:`torch.bmm`, a
 1-D norm scale, anything with at least one dimension) becomes
-``W + ΔW`` wherever the module reads it, with ``ΔW`` a Tucker tensor over
+:math:`W + \Delta W` wherever the module reads it, with :math:`\Delta W` a Tucker tensor over
 the parameter's own axes. The parametrization always runs dense: the module's
 forward is opaque, so the only thing to adapt is the tensor itself.
 """
@@ -21,7 +21,7 @@ __all__ = ["TuckerParametrization"]
 
 
 class TuckerParametrization(AdaptedWeight):
-    """Adapt ``getattr(module, name)`` in place: it reads as ``W + ΔW`` from now on.
+    r"""Adapt ``getattr(module, name)`` in place: it reads as :math:`W + \Delta W` from now on.
 
     Constructing it registers it on ``module`` with
     ``torch.nn.utils.parametrize.register_parametrization``; the

@@ -145,10 +145,10 @@ class _Problem:
         self.budget = budget
 
     def best(self, choices: list[np.ndarray]) -> tuple[dict[int, int], float, int]:
-        """Best ranks over the grid ``choices`` (one 1-D array per enumerated mode).
+        r"""Best ranks over the grid ``choices`` (one 1-D array per enumerated mode).
 
         Only usable ranks count, no rank above the product of the others
-        (a Tucker tensor cannot use it: ``R_n² <= Π_m R_m``), unless the
+        (a Tucker tensor cannot use it: :math:`R_n^2 \le \prod_m R_m`), unless the
         grid holds no usable point within the budget.
         """
         k = len(choices)
@@ -355,8 +355,8 @@ def ranks_for_budget(x_or_spectra: Any, budget: int, *, fixed: Any = None) -> tu
     For a matrix (``N = 2``) the surrogate would be misleading: both modes
     share one spectrum, and the best ``(R_0, R_1)`` Tucker approximation is
     the truncated SVD of rank ``min(R_0, R_1)`` (Eckart-Young), so a rank
-    above the other is wasted. The exact optimum is then ``R_0 = R_1 = r``
-    with the largest ``r`` such that ``r² + r (I_0 + I_1) <= B`` (with a
+    above the other is wasted. The exact optimum is then :math:`R_0 = R_1 = r`
+    with the largest ``r`` such that :math:`r^2 + r (I_0 + I_1) \le B` (with a
     pinned mode, the free one gets ``min(pinned, largest feasible)``).
 
     Examples

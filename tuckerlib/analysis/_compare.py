@@ -97,7 +97,7 @@ def tucker_vs_matrix(
         the ranks and the matrix error are then taken from it instead of
         being computed again. Each spectrum's energy :math:`\sum \sigma_i^2` must equal
         :math:`\|x\|^2` to a tolerance set by ``x``'s dtype (``sqrt(eps)``, or
-        ``32 · max(I_n) · eps`` if larger), so the spectra of a tensor of
+        :math:`32 \cdot \max(I_n) \cdot \varepsilon` if larger), so the spectra of a tensor of
         another norm are refused rather than trusted. For a matrix nothing
         else is computed; for a tensor the ST-HOSVD for the Tucker error
         still runs.
@@ -138,7 +138,7 @@ def tucker_vs_matrix(
     the spectra. For a matrix both errors come from its single spectrum
     (the best ``(R_0, R_1)`` Tucker approximation is the truncated SVD of
     rank ``min(R_0, R_1)``), so only one decomposition is computed; the
-    Tucker form then always loses, by its ``R_0 R_1`` core entries. The
+    Tucker form then always loses, by its :math:`R_0 R_1` core entries. The
     spectra come from Gram matrices (see :func:`mode_spectra`), so errors
     below about ``sqrt(eps)`` of the input dtype are at rounding level.
 

@@ -1,13 +1,13 @@
 r"""``tuckerlib analyze --adapter``: the rank structure of an adapter's updates, from its factors.
 
 An adapter stores each update as :math:`\Delta W = C \times_0 F_0 \dots \times_{N-1} F_{N-1}` with
-a small core. With ``F_n = Q_n R_n`` (``Q_n`` with orthonormal columns, as
+a small core. With :math:`F_n = Q_n R_n` (``Q_n`` with orthonormal columns, as
 in a QR factorization) and the core :math:`C' = C \times_n R_n`, :math:`\Delta W = C' \times_n Q_n`:
-the unfoldings of ``ΔW`` are those of ``C'`` times matrices with orthonormal
-columns, so ``ΔW`` has ``C'``'s norm and mode spectra (padded with zeros to
-``I_n``), and a Tucker or low-rank approximation of ``ΔW`` has the error of
+the unfoldings of :math:`\Delta W` are those of ``C'`` times matrices with orthonormal
+columns, so :math:`\Delta W` has ``C'``'s norm and mode spectra (padded with zeros to
+``I_n``), and a Tucker or low-rank approximation of :math:`\Delta W` has the error of
 the same approximation of ``C'``. Every number of the report comes from
-``C'`` exactly, without forming ``ΔW``. Only ``R_n`` is needed: any matrix
+``C'`` exactly, without forming :math:`\Delta W`. Only ``R_n`` is needed: any matrix
 with :math:`F_n^\top F_n = R_n^\top R_n` serves, here :math:`\Lambda^½ V^\top` from the
 eigendecomposition of the small Gram matrix :math:`F_n^\top F_n = V \Lambda V^\top` (in
 float64), or ``F_n`` itself when it is no taller than wide.
@@ -146,7 +146,7 @@ def _root(factor: np.ndarray) -> np.ndarray:
 
 
 def small_core(layer: AdapterLayer) -> np.ndarray:
-    r"""``C'`` in float64: ``ΔW = C' ×_n Q_n`` with orthonormal ``Q_n`` (see the module)."""
+    r"""``C'`` in float64: :math:`\Delta W = C' \times_n Q_n`, ``Q_n`` orthonormal."""
     core = np.asarray(layer.core, dtype=np.float64) * layer.scale
     for n, factor in enumerate(layer.factors):
         if factor is not None:

@@ -8,7 +8,7 @@ partial results; the tensor is never reshaped to an unfolding nor rechunked:
   other modes (:math:`I_n \times I_n`; for a mode larger than all the others
   together, the Gram matrix of the columns instead);
 * a projection :math:`x \times_n U^\top`: ``tensordot`` with the small factor;
-* a range sketch ``A Ω``: ``einsum`` with one small Gaussian matrix per
+* a range sketch :math:`A \Omega`: ``einsum`` with one small Gaussian matrix per
   other mode (the Khatri-Rao test matrix is never formed).
 
 Only small matrices come to the client, in the chunks' own library (NumPy,
@@ -108,7 +108,7 @@ def row_gram(x: da.Array, mode: int) -> da.Array:
     With ``c`` chunks along mode ``n``, the block ``(i, j)`` of the Gram
     matrix sums, over the fibre groups (the chunks that share their other
     modes' block indices), the product of chunk ``i`` with chunk ``j``;
-    only ``j >= i`` are computed (``c (c + 1) / 2`` of ``c²``: a plain
+    only ``j >= i`` are computed (``c (c + 1) / 2`` of :math:`c^2`: a plain
     ``tensordot`` of ``x`` with itself would compute both halves), the
     diagonal ones as :math:`B B^\top` (BLAS ``syrk``, half the flops again). Each
     block's partial sums are reduced in a tree of fan-in 4, as Dask's own
@@ -191,7 +191,7 @@ def measure(
     build: Callable[[da.Array], Sequence[da.Array]],
     norm2_of: Callable[[Sequence[Any]], float] | None = None,
 ) -> tuple[Prepared, list[Any]]:
-    r"""Compute ``build(x)`` and ``‖x‖²`` in one pass; rescale and redo if ``‖x‖²`` is out of range.
+    r"""``build(x)`` and :math:`\lVert x \rVert^2` in one pass; rescale, redo if out of range.
 
     ``norm2_of`` reads :math:`\|x\|^2` off the computed values (a Gram matrix's
     trace); without it a sum of squares joins the same pass. The returned
@@ -276,7 +276,7 @@ def _sketched(x: da.Array, mode: int, rank: int | None, method: str, sketch: Ske
 
 
 def _range_sketch(x: da.Array, mode: int, draws: dict[int, np.ndarray]) -> da.Array:
-    """Lazy ``A Ω`` for the Khatri-Rao ``Ω`` of ``draws`` (one matrix per other mode)."""
+    r"""Lazy :math:`A \Omega` for the Khatri-Rao :math:`\Omega` of ``draws`` (a matrix per mode)."""
     letters = "abcdefghijklmnopqrstuvwxy"[: x.ndim]
     others = _others(x.ndim, mode)
     subscripts = ",".join([letters, *(f"{letters[k]}z" for k in others)]) + f"->{letters[mode]}z"
@@ -289,7 +289,7 @@ def _sketch_step(
 ) -> FactorStep:
     r"""The randomized factor step of :func:`~._sketch.randomized_factor`, on Dask.
 
-    ``y = A Ω`` is already computed. The row sketches :math:`Z = A^\top Q` stay
+    :math:`y = A \Omega` is already computed. The row sketches :math:`Z = A^\top Q` stay
     lazy with the shape ``(*others, k)``; each product with ``A`` is one pass.
     """
     rows, cols = x.shape[mode], _columns(x.shape, mode)

@@ -50,7 +50,7 @@ class Truncation:
 
     A fixed ``rank``, or (``rank=None``) the fewest columns whose discarded
     energy is at most ``threshold``. ``fraction`` is that threshold over
-    :math:`\|x\|^2` (``tol² / N``): how close to rounding level the target is,
+    :math:`\|x\|^2` (:math:`\text{tol}^2 / N`): how close to rounding level the target is,
     which decides the ``"auto"`` method.
     """
 
@@ -118,13 +118,12 @@ def truncations(
 
 
 def choose_method(method: str, rows: int, cols: int, eps: float, fraction: float | None) -> str:
-    """The concrete method ``"svd"``, ``"gram"`` or ``"randomized"`` for one unfolding.
+    r"""The concrete method ``"svd"``, ``"gram"`` or ``"randomized"`` for one unfolding.
 
-    ``"auto"`` picks ``"gram"`` unless a tolerance asks for a per-mode
-    discarded fraction ``tol² / N`` near the Gram's rounding level
-    (``< 10 · min(rows, cols) · eps``), where it picks ``"svd"``. The Gram
-    route always uses the Gram matrix of the *smaller* side (see
-    :func:`mode_factor`).
+    ``"auto"`` picks ``"gram"`` unless a tolerance asks for a per-mode discarded fraction
+    :math:`\text{tol}^2 / N` near the Gram's rounding level
+    (:math:`< 10 \cdot \min(\text{rows}, \text{cols}) \cdot \varepsilon`), where it picks ``"svd"``.
+    The Gram route always uses the Gram matrix of the *smaller* side (see :func:`mode_factor`).
     """
     if method == "auto":
         small = min(rows, cols)

@@ -85,7 +85,7 @@ def unfolding_spectra(
 def sthosvd_relative_error(
     prepared: Prepared, ranks: Sequence[int], spectra: Sequence[ModeSpectrum] | None = None
 ) -> float:
-    r"""``‖x − x̂‖ / ‖x‖``: ST-HOSVD of ``prepared.x`` at ``ranks``, in :func:`sthosvd`'s order.
+    r""":math:`\lVert x - \hat{x} \rVert / \lVert x \rVert` of the ST-HOSVD of ``prepared.x``.
 
     From the discarded energies ([1]_ of :func:`~tuckerlib.sthosvd`, Thm.
     5.1), so errors below about ``sqrt(eps)`` are at rounding level. The

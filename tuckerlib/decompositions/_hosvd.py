@@ -85,11 +85,11 @@ def hosvd(
     .. math:: \|x - \hat x\|^2 \le \sum_n \sum_{i > R_n} (\sigma^{(n)}_i)^2
               \le N \|x - x_{\text{best}}\|^2.
 
-    ``method="auto"`` uses the eigendecomposition of the Gram matrix of the
-    smaller side of each unfolding (:math:`A A^\top` if it is wide; :math:`A^\top A` and a
-    QR of ``A V_R`` if it is tall), unless ``tol² / N < 10 min(I_n, J_n) ε``
-    (:math:`J_n = \prod_{k \ne n} I_k`), where the SVD is used. The larger Gram
-    matrix is never formed.
+    ``method="auto"`` uses the eigendecomposition of the Gram matrix of the smaller side of each
+    unfolding (:math:`A A^\top` if it is wide; :math:`A^\top A` and a QR of ``A V_R`` if it is
+    tall), unless :math:`\text{tol}^2 / N < 10 \min(I_n, J_n)\, \varepsilon`
+    (:math:`J_n = \prod_{k \ne n} I_k`), where the SVD is used. The larger Gram matrix is never
+    formed.
 
     References
     ----------

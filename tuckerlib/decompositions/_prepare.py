@@ -145,11 +145,11 @@ def _largest(xp: ModuleType, x: Any, name: str) -> float:
 def magnitude_scale(norm2: float, finfo: Any, largest: Any) -> float:
     r"""The power of two that keeps a tensor's Gram matrices from overflowing or underflowing.
 
-    ``1.0`` when :math:`\text{norm}2 = \|x\|^2` lies in ``[tiny / eps, huge · eps]`` of
-    the dtype (every Gram entry is bounded by :math:`\|x\|^2`); otherwise
-    ``largest()`` (which raises for NaN/inf) gives ``max |x|`` and the
-    scale brings it into ``[0.5, 1)``. Only extreme inputs pay for the
-    second look at the data.
+    ``1.0`` when :math:`\text{norm}2 = \|x\|^2` lies in
+    :math:`[\text{tiny} / \varepsilon, \text{huge} \cdot \varepsilon]` of the dtype (every Gram
+    entry is bounded by :math:`\|x\|^2`); otherwise ``largest()`` (which raises for NaN/inf) gives
+    ``max |x|`` and the scale brings it into ``[0.5, 1)``. Only extreme inputs pay for the second
+    look at the data.
     """
     tiny, eps, huge = float(finfo.smallest_normal), float(finfo.eps), float(finfo.max)
     if math.isfinite(norm2) and tiny / eps <= norm2 <= huge * eps:

@@ -95,19 +95,19 @@ def rhosvd(
     Notes
     -----
     Modes are processed in :func:`sthosvd`'s default order. When
-    ``R_n + p`` reaches the smaller side of an unfolding, that mode is
+    :math:`R_n + p` reaches the smaller side of an unfolding, that mode is
     decomposed exactly instead (a sketch that wide saves nothing).
 
-    Each mode, with ``k = R_n + p``:
+    Each mode, with :math:`k = R_n + p`:
 
     1. :math:`Y = A\Omega` with :math:`\Omega` the Khatri-Rao product of one :math:`I_m \times k`
        standard normal matrix per other mode ``m`` ([3]_): only
-       :math:`k \cdot \sum_m I_m` numbers are drawn instead of ``k · J``.
+       :math:`k \cdot \sum_m I_m` numbers are drawn instead of :math:`k \cdot J`.
        ``Q = orth(Y)``.
     2. ``q`` power iterations ([1]_, Algorithm 4.4): :math:`Z = A^\top Q`, then,
        except in the last one, ``Q = orth(AZ)``.
     3. For ``q = 0``, the factor is read off :math:`Q^\top A` ([1]_, Algorithm 5.1).
-       For ``q ≥ 1``, the last ``Z`` and ``AZ`` determine ``A P_Z``, the
+       For :math:`q \ge 1`, the last ``Z`` and ``AZ`` determine ``A P_Z``, the
        projection of the rows of ``A`` onto the range of ``Z``
        (a generalized Nyström approximation, [4]_, [5]_); the factor is the
        leading left singular vectors of ``A P_Z`` and the projected
@@ -129,7 +129,7 @@ def rhosvd(
     ``benchmarks/bench_decompositions.py`` (400³, rank 10) ``q = 1`` gives
     an error 1.006× that of :func:`sthosvd` instead of 1.0003×, in three
     passes instead of four. The Khatri-Rao test matrix is not Gaussian, and
-    the bound is not proven for it. With ``q ≥ 1`` its errors match a dense
+    the bound is not proven for it. With :math:`q \ge 1` its errors match a dense
     Gaussian one's (over 20 random 30³ tensors, mode 0 at rank 5 with
     ``p = 5``, both 1.0010× the optimal error on average); with ``q = 0``
     they are about 5% larger (1.22× against 1.17×).

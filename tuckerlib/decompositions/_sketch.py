@@ -1,9 +1,9 @@
 r"""The factor of one unfolding from a randomized sketch (range finder).
 
 For an unfolding ``A`` (:math:`I_n \times J`, ``J`` the product of the other mode
-sizes) and sketch width ``k = R_n + p``:
+sizes) and sketch width :math:`k = R_n + p`:
 
-1. ``Y = A Ω`` with a :math:`J \times k` Khatri-Rao test matrix ``Ω`` (one small
+1. :math:`Y = A \Omega` with a :math:`J \times k` Khatri-Rao test matrix :math:`\Omega` (one small
    Gaussian matrix per remaining mode, Sun et al. 2020), ``Q = orth(Y)``.
 2. ``q`` power iterations (Halko, Martinsson & Tropp 2011, Algorithm 4.4):
    :math:`Z = A^\top Q`, then ``Q = orth(A Z)``, re-orthonormalized on the short
@@ -11,7 +11,7 @@ sizes) and sketch width ``k = R_n + p``:
 3. The factor and the projection :math:`u^\top A`:
 
    * ``q = 0``: from :math:`B = Q^\top A` (Halko et al., Algorithm 5.1), two passes.
-   * ``q ≥ 1``: the last power iteration's row sketch :math:`Z = A^\top Q` and
+   * :math:`q \ge 1`: the last power iteration's row sketch :math:`Z = A^\top Q` and
      ``A Z`` already determine ``A P_Z`` (``P_Z`` the orthogonal projector
      onto the columns of ``Z``, the generalized Nyström approximation of
      Nakatsukasa 2020), so the factor and the projection come from
@@ -74,7 +74,7 @@ def gaussian_khatri_rao(
     width: int,
     like: Any,
 ) -> Any:
-    r"""A :math:`J \times \text{width}` Khatri-Rao product of Gaussian matrices, ``J = Π sizes``.
+    r"""A :math:`J \times \text{width}` Khatri-Rao product of Gaussians (:math:`J = \prod` sizes).
 
     ``columns`` lists ``(mode, size)`` in the C order of the rows (the
     column order of :func:`~tuckerlib.decompositions._factors.fibre_matrix`):
@@ -143,12 +143,10 @@ def nystrom_coefficients(xp: ModuleType, q: Any, y: Any, rank: int) -> tuple[Any
     for the row sketch :math:`Z = a^\top q` (:math:`\text{cols} \times k`), which the caller keeps.
 
     With :math:`Z^\top Z = V \Lambda V^\top` and :math:`W = V \Lambda^{-1/2}`, ``Z W`` is an
-    orthonormal
-    basis of ``range(Z)``, and ``a Z W = Q₁ R₁ W`` (``a Z = Q₁ R₁``). The SVD
-    of the :math:`k \times k` matrix ``C = R₁ W`` then gives the factor
-    ``u = Q₁ U_C`` and :math:`u^\top a P_Z = (U_C^\top C) W^\top Z^\top`. Eigenvalues of
-    :math:`Z^\top Z`
-    below its rounding level (``k · eps · λ_max``) are dropped instead of
+    orthonormal basis of ``range(Z)``, and :math:`a Z W = Q_1 R_1 W` (:math:`a Z = Q_1 R_1`). The
+    SVD of the :math:`k \times k` matrix :math:`C = R_1 W` then gives the factor :math:`u = Q_1 U_C`
+    and :math:`u^\top a P_Z = (U_C^\top C) W^\top Z^\top`. Eigenvalues of :math:`Z^\top Z` below its
+    rounding level (:math:`k \cdot \varepsilon \cdot \lambda_\text{max}`) are dropped instead of
     inverted, the floor every Gram route has.
     """
     # ZᵀZ = qᵀ a aᵀ q = qᵀ (a Z): no product with the long Z needed.

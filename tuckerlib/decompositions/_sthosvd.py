@@ -57,7 +57,7 @@ def sthosvd(
     order : sequence of int, optional
         The order in which the modes are truncated, a permutation of
         ``0..N-1``. By default the mode with the largest size reduction
-        ``I_n / R_n`` goes first (with ``tol``, the largest mode first);
+        :math:`I_n / R_n` goes first (with ``tol``, the largest mode first);
         ties keep the mode order.
     method : {"auto", "svd", "gram", "randomized"}, optional
         How each factor is computed; see :func:`hosvd`.

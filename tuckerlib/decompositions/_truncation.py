@@ -18,7 +18,7 @@ def tail_energies(s: np.ndarray) -> np.ndarray:
 
 
 def rank_for_threshold(s: np.ndarray, threshold: float, size: int) -> int:
-    r"""Smallest rank ``r >= 1`` whose discarded energy ``Σ_{i >= r} s_i²`` is <= threshold."""
+    r"""Smallest rank ``r >= 1`` whose tail energy :math:`\sum_{i \ge r} s_i^2` is <= threshold."""
     tail = tail_energies(s)
     admissible = np.flatnonzero(tail <= threshold)
     rank = int(admissible[0]) if admissible.size else len(s)
@@ -28,7 +28,7 @@ def rank_for_threshold(s: np.ndarray, threshold: float, size: int) -> int:
 def default_order(shape: Sequence[int], ranks: Sequence[int] | None) -> tuple[int, ...]:
     """The mode order ST-HOSVD uses when none is given.
 
-    Largest size reduction ``I_n / R_n`` first (Vannieuwenhoven et al. 2012,
+    Largest size reduction :math:`I_n / R_n` first (Vannieuwenhoven et al. 2012,
     §6.2: shrinking the tensor early makes every later step cheaper); with
     ranks still unknown (``tol``), largest mode first. Ties keep mode order.
     """

@@ -1,10 +1,10 @@
 r"""Adapter directories (flora or PEFT LoRA) read as Tucker updates, one layer at a time.
 
 Both formats store, for every adapted weight ``W0``, factors whose product
-is the update ``ΔW`` the adapter adds to it. :func:`open_adapter` reads
+is the update :math:`\Delta W` the adapter adds to it. :func:`open_adapter` reads
 either format into the same form, :math:`\Delta W = \text{scale} \cdot \text{core} \times_0 F_0
 \dots \times_{N-1} F_{N-1}` over the weight's own axes, without PyTorch and without forming
-``ΔW``.
+:math:`\Delta W`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class AdapterError(CheckpointError):
 
 @dataclass(frozen=True)
 class AdapterLayer:
-    r"""The update ``ΔW`` one adapter makes to one weight, as a Tucker tensor.
+    r"""The update :math:`\Delta W` one adapter makes to one weight, as a Tucker tensor.
 
     :math:`\Delta W = \text{scale} \cdot \text{core} \times_0 F_0 \times_1 F_1 \dots \times_{N-1}
     F_{N-1}` where ``F_n`` is
@@ -59,7 +59,7 @@ class AdapterLayer:
         Shape :math:`(K_0, \dots, K_{N-1})`.
     factors : tuple of numpy.ndarray or None
         ``factors[n]`` has shape ``(shape[n], K_n)``; ``None`` stands for
-        the identity (``K_n == shape[n]``).
+        the identity (:math:`K_n = \text{shape}[n]`).
     scale : float
         The scalar in front.
     stored_ranks : tuple of int
@@ -77,12 +77,12 @@ class AdapterLayer:
         ``padding_idx`` row is already zero in ``factors[0]``: the layer
         gives it no update.
     bias : numpy.ndarray or None
-        The bias update ``Δb`` the adapter adds to the layer's bias (to
+        The bias update :math:`\Delta b` the adapter adds to the layer's bias (to
         every output channel), or None: a flora layer's ``bias`` update as
-        stored, a PEFT pair's ``scaling · lora_B.bias`` (``lora_bias``).
+        stored, a PEFT pair's :math:`\text{scaling} \cdot \texttt{lora_B.bias}` (``lora_bias``).
         Shape ``(shape[0],)``, or ``(shape[1],)`` for a pair read with
         ``fan_in_fan_out`` as a weight stored ``(in, out)``. It is no part
-        of ``ΔW`` (:meth:`to_tensor`) and its entries are not counted in
+        of :math:`\Delta W` (:meth:`to_tensor`) and its entries are not counted in
         ``stored_params``.
     """
 
@@ -107,7 +107,7 @@ class AdapterLayer:
         ]
 
     def to_tensor(self, dtype: np.dtype | type | None = None) -> np.ndarray:
-        """``ΔW`` itself, of the weight's shape (for checks; analysis never needs it).
+        r""":math:`\Delta W` itself, of the weight's shape (for checks; analysis never needs it).
 
         Parameters
         ----------
@@ -117,7 +117,7 @@ class AdapterLayer:
         Returns
         -------
         numpy.ndarray
-            ``ΔW`` in ``dtype``.
+            :math:`\Delta W` in ``dtype``.
         """
         dtype = self.core.dtype if dtype is None else np.dtype(dtype)
         core = self.core.astype(dtype, copy=False) * self.scale

@@ -1,4 +1,4 @@
-"""Read a flora adapter directory (format versions 1 and 2) as Tucker updates.
+r"""Read a flora adapter directory (format versions 1 and 2) as Tucker updates.
 
 The layout (documented in :mod:`flora.io`): ``adapter_config.json`` lists
 each layer's ``kind``, ``shape``, ``ranks``, ``scale`` and ``init``; the
@@ -9,7 +9,7 @@ modules saved under keys of their own, which are no low-rank update, an
 optional per-layer ``geometry`` (Conv and Embedding layers): an embedding's
 ``padding_idx`` row gets no update, so it is zero in the update read here,
 and an optional ``"bias": true`` (Linear and ConvNd layers) for a bias
-update ``Δb`` stored as ``NAME.bias`` of shape ``(shape[0],)``, read as
+update :math:`\Delta b` stored as ``NAME.bias`` of shape ``(shape[0],)``, read as
 the layer's ``bias``.
 """
 

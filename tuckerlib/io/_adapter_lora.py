@@ -6,14 +6,14 @@ PEFT saves, for a module ``NAME`` of the base model, ``lora_A`` and
 ``(r, in, *kernel)`` with the base's stride and padding, and a 1×1 conv
 ``(out, r / groups, 1, …)`` with the base's groups), or
 ``….lora_embedding_A`` ``(r, num)`` and ``….lora_embedding_B`` ``(dim, r)``
-for an Embedding. The update is ``scaling · B A`` (Linear), :math:`(B A)^\top`
+for an Embedding. The update is :math:`\text{scaling} \cdot B A` (Linear), :math:`(B A)^\top`
 (Embedding, and Linear with ``fan_in_fan_out``) or the composition of the
 two convolutions, with ``scaling = lora_alpha / r`` (``lora_alpha /
 sqrt(r)`` with ``use_rslora``), ``r`` and ``lora_alpha`` per layer from the
 first matching ``rank_pattern`` / ``alpha_pattern`` key. With ``lora_bias``,
 ``lora_B`` of a Linear or ConvNd pair also has a bias, saved as
-``….lora_B.bias``: PEFT adds ``scaling · lora_B.bias`` to the layer's
-output, a bias update ``Δb`` beside the weight update (PEFT's Embedding and
+``….lora_B.bias``: PEFT adds :math:`\text{scaling} \cdot \texttt{lora_B.bias}` to the layer's
+output, a bias update :math:`\Delta b` beside the weight update (PEFT's Embedding and
 ``target_parameters`` refuse ``lora_bias``).
 """
 
@@ -113,7 +113,7 @@ def _refuse(where: str, key: str, value: object, reason: str) -> AdapterError:
 
 
 def _check_options(where: str, config: Mapping[str, Any]) -> None:
-    """Refuse every option that makes the update more than ``scaling · B A``."""
+    r"""Refuse every option that makes the update more than :math:`\text{scaling} \cdot B A`."""
     if config.get("peft_type") != "LORA":
         raise _refuse(
             where, "peft_type", config.get("peft_type"), "only LoRA adapters are read here"
@@ -318,7 +318,7 @@ def _check_bias(path: Path, name: str, weights: Checkpoint, key: str, out: int) 
 
 
 def _bias(weights: Checkpoint, pair: _Pair, scaling: float) -> np.ndarray | None:
-    """PEFT's bias update ``scaling · lora_B.bias`` (None without one), in the stored dtype."""
+    r"""PEFT's bias update :math:`\text{scaling} \cdot b_B` (None without one), stored dtype."""
     if pair.bias_key is None:
         return None
     bias = weights.read(pair.bias_key)
@@ -328,7 +328,7 @@ def _bias(weights: Checkpoint, pair: _Pair, scaling: float) -> np.ndarray | None
 def _linear(
     pair: _Pair, scaling: float, *, kind: str, name: str, transposed: bool, dropout: float
 ) -> LayerReader:
-    """``scaling · B A`` of shape (out, in), or its transpose (in, out) for a weight stored so."""
+    r""":math:`\text{scaling} \cdot B A` (out, in), or its transpose for a weight stored so."""
     r, cols = pair.a_shape
     rows = pair.b_shape[0]
 

@@ -20,13 +20,13 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
     without forming it:
 
     * flora: :math:`\Delta W = s \cdot G \times_0 U_0 \dots \times_{N-1} U_{N-1}` as stored; for
-      ``init="hosvd"`` the change to the pretrained weight, ``ΔW − ΔW_init``
+      ``init="hosvd"`` the change to the pretrained weight, :math:`\Delta W - \Delta W_\text{init}`
       (block-diagonal core, concatenated factors). Where the directory
       records an embedding's ``padding_idx``, that row is zero, as the
       layer applies it; the recorded geometry is ``AdapterLayer.geometry``.
     * PEFT LoRA, with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with
       ``use_rslora``; ``r`` and ``lora_alpha`` per layer from
-      ``rank_pattern`` and ``alpha_pattern``): Linear ``scaling · B A``
+      ``rank_pattern`` and ``alpha_pattern``): Linear :math:`\text{scaling} \cdot B A`
       (:math:`(B A)^\top` with ``fan_in_fan_out``, read as a ``"Parameter"`` of
       shape ``(in, out)``); ConvNd :math:`\text{scaling} \cdot A \times_0 B` with ``lora_A``'s
       kernel as the core; Embedding :math:`\text{scaling} \cdot A^\top B^\top`; a grouped conv
@@ -34,9 +34,9 @@ def open_adapter(path: str | os.PathLike[str]) -> Adapter:
       a block-diagonal factor over the grouped weight; a 2-D parameter of
       ``target_parameters`` as Linear.
 
-    A bias update ``Δb`` beside the weight update (flora ``"bias": true``,
-    PEFT ``lora_bias``: ``scaling · lora_B.bias``) is read as the
-    ``bias`` of :class:`AdapterLayer`; it is no part of ``ΔW``.
+    A bias update :math:`\Delta b` beside the weight update (flora ``"bias": true``,
+    PEFT ``lora_bias``: :math:`\text{scaling} \cdot \texttt{lora_B.bias}`) is read as the
+    ``bias`` of :class:`AdapterLayer`; it is no part of :math:`\Delta W`.
 
     Parameters
     ----------

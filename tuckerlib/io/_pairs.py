@@ -171,7 +171,7 @@ def _dtype_kind(dtype: object) -> str:
 def read_delta(
     base: Checkpoint, tuned: Checkpoint, name: str, dtype: np.dtype | type | str | None = None
 ) -> np.ndarray:
-    """Read ``ΔW = tuned[name] − base[name]`` without holding either tensor in memory.
+    r"""Read ``tuned[name] - base[name]`` without holding either tensor in memory.
 
     The tuned tensor is read into the result, then the base tensor is
     subtracted chunk by chunk, so the peak memory is the result plus a few
@@ -184,7 +184,7 @@ def read_delta(
     name : str
         A tensor present in both, with the same shape.
     dtype : dtype-like, optional
-        The real floating dtype of ``ΔW``; default ``float64`` if either side
+        The real floating dtype of :math:`\Delta W`; default ``float64`` if either side
         is stored in float64, else ``float32`` (the difference of two
         bfloat16 or float16 numbers is exact in float32).
 

@@ -205,7 +205,7 @@ def factor_key(layer: str, mode: int, *, initial: bool = False) -> str:
 
 
 def bias_key(layer: str) -> str:
-    """The key of a layer's bias update ``Δb``.
+    r"""The key of a layer's bias update :math:`\Delta b`.
 
     Examples
     --------
@@ -772,7 +772,7 @@ class LayerRecord:
 
     @property
     def masked_row(self) -> int | None:
-        """The row of ``ΔW`` the layer never applies (an embedding's ``padding_idx``), if any."""
+        r"""The row of :math:`\Delta W` never applied (an embedding's ``padding_idx``), or None."""
         if geometry_of(self.kind) != "embedding" or self.geometry is None:
             return None
         return self.geometry.get("padding_idx")
@@ -962,7 +962,7 @@ def difference(
     :math:`G, U_n` are ``core``, ``factors`` and :math:`G_0, U^0_n` are
     ``initial_core``, ``initial_factors``.
 
-    The core is block-diagonal (``core``, then ``−initial_core``), the
+    The core is block-diagonal (``core``, then ``-initial_core``), the
     factors side by side; any array-API arrays (NumPy, PyTorch) of one
     library, returned in it.
 
@@ -990,7 +990,7 @@ def update_factors(
     factors: Sequence[Any],
     initial: tuple[Any, Sequence[Any]] | None = None,
 ) -> tuple[Any, list[Any]]:
-    """The change a layer makes to its pretrained weight, ``ΔW − ΔW_init``, over ``s``.
+    r"""A layer's change to its pretrained weight, :math:`\Delta W - \Delta W_\text{init}`, over s.
 
     For ``init="hosvd"`` (``initial`` given: the adapter at initialization)
     the :func:`difference`; and where the layer's kind masks a row (an

@@ -40,7 +40,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 @dataclass(frozen=True)
 class KindRule:
-    """What a reader without torch knows of one layer kind.
+    r"""What a reader without torch knows of one layer kind.
 
     Attributes
     ----------
@@ -51,12 +51,12 @@ class KindRule:
     default_ranks : int or tuple of int
         The ranks used when a config does not name this kind.
     bias : bool
-        Whether an adapter of this kind can carry a bias update ``Δb``.
+        Whether an adapter of this kind can carry a bias update :math:`\Delta b`.
     geometry : {None, "conv", "embedding"}
         The geometry record a layer of this kind saves, if any.
     transposed : bool
         The weight is stored ``(in, out)`` and the update is modelled as the
-        ``(out, in)`` map: ``ΔW``'s shape is the stored shape reversed.
+        ``(out, in)`` map: :math:`\Delta W`'s shape is the stored shape reversed.
     on_parameters : bool
         The kind adapts named parameters of its module (its forward reads
         them itself): records are named by parameter, ``"attn.in_proj_weight"``,
