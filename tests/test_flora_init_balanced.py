@@ -86,6 +86,69 @@ def test_every_init_starts_at_the_base_for_parameters(init: str) -> None:
     assert torch.equal(model(x), expected)
 
 
+class _SelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` as a one-input module (query, key and value are ``x``)."""
+
+    def __init__(self, separate: bool) -> None:
+        super().__init__()
+        # kdim != embed_dim stores separate q/k/v projection weights.
+        kdim = 6 if separate else None
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.key = nn.Linear(8, 6) if separate else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.key(x)
+        return self.attn(x, kv, kv, need_weights=False)[0]
+
+
+def _other_kinds() -> dict[str, tuple]:
+    """The kinds beyond torch's own layers: (module, input, target)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {
+        "Conv1D (GPT-2)": (nn.Sequential(Conv1D(5, 7)), torch.randn(3, 7), "0"),
+        "MultiheadAttention packed": (_SelfAttention(False), torch.randn(2, 4, 8), "attn"),
+        "MultiheadAttention separate": (_SelfAttention(True), torch.randn(2, 4, 8), "attn"),
+    }
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize(
+    "kind", ["Conv1D (GPT-2)", "MultiheadAttention packed", "MultiheadAttention separate"]
+)
+def test_every_init_starts_at_the_base_for_other_kinds(kind: str, init: str) -> None:
+    pytest.importorskip("transformers", reason="the Conv1D kind is transformers'")
+    torch.manual_seed(0)
+    module, x, target = _other_kinds()[kind]
+    module.eval()
+    expected = module(x)
+    config = flora.FLoRAConfig(ranks=2, target_modules=[target], init=init)
+    model = flora.inject(module, config)
+    if init == "hosvd":
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        return
+    for layer in flora.adapted_layers(model).values():
+        assert bool(layer.delta_weight().eq(0).all())
+    assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("init", [i for i in INITS if i != "hosvd"])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_every_init_starts_at_the_base_on_quantized_bases(quant: str, init: str) -> None:
+    # hosvd is refused on quantized bases (test_flora_bnb.py).
+    pytest.importorskip("bitsandbytes", reason="quantized bases are bitsandbytes'")
+    from bnb_cases import IN, quantized_base
+
+    base = quantized_base(quant).eval()
+    x = torch.randn(3, IN)
+    expected = base(x)
+    config = flora.FLoRAConfig(ranks=2, target_modules=["0"], init=init)
+    model = flora.inject(nn.Sequential(base), config).eval()
+    layer = flora.adapted_layers(model)["0"]
+    assert bool(layer.delta_weight().eq(0).all())
+    assert torch.equal(model(x), expected)
+
+
 def test_balanced_nd_rule() -> None:
     torch.manual_seed(0)
     model = _injected(nn.Conv2d(8, 6, 3), "balanced")
