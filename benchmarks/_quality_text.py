@@ -41,6 +41,7 @@ __all__ = [
     "load_encoder",
     "load_tweets",
     "text_targets",
+    "top_layers_classifier",
 ]
 
 #: Class names, in label order.
@@ -208,7 +209,12 @@ def build_task(
             encoder, tokenizer, [texts[i] for i in index], n_frozen, max_length=max_length
         )
         splits.append(Split(hidden, torch.from_numpy(labels[index])))
+    return top_layers_classifier(encoder, n_adapted), TextTask(*splits)
+
+
+def top_layers_classifier(encoder: nn.Module, n_adapted: int) -> TopLayersClassifier:
+    """The top ``n_adapted`` layers of ``encoder`` and a new head (seeded 0), in eval mode."""
+    n_frozen = encoder.config.num_hidden_layers - n_adapted
     torch.manual_seed(0)
     top = nn.ModuleList(list(encoder.encoder.layer)[n_frozen:])
-    model = TopLayersClassifier(encoder.config, top, len(LABELS))
-    return model.eval(), TextTask(*splits)
+    return TopLayersClassifier(encoder.config, top, len(LABELS)).eval()

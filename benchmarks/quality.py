@@ -51,7 +51,7 @@ from _quality_report import (
     write_study,
     write_timing,
 )
-from _quality_setup import TARGET_MODULES, DigitsCNN, load_task, pretrain
+from _quality_setup import TARGET_MODULES, DigitsCNN, TaskData, load_task, pretrain
 from _quality_study import Builder, Plan, Study, progress_log, time_methods
 from _quality_train import TrainSettings, accuracy
 
@@ -159,10 +159,15 @@ def ablation(study: Study, experiment: Experiment, lrs: dict) -> list[dict]:
     ]
 
 
-def _study(experiment: Experiment, jobs: int = 1, device: str = "cpu", out: Path | None = None):
-    data = load_task()
-    base = pretrain(data.source_train, steps=experiment.pretrain_steps)
-    study = Study(
+def _study(
+    experiment: Experiment,
+    base: DigitsCNN,
+    data: TaskData,
+    jobs: int = 1,
+    device: str = "cpu",
+    out: Path | None = None,
+) -> Study:
+    return Study(
         _plan(experiment),
         _builder(base),
         data,
@@ -171,14 +176,13 @@ def _study(experiment: Experiment, jobs: int = 1, device: str = "cpu", out: Path
         jobs,
         progress_log(out, "flora_vs_lora"),
         device=device,
-        recipe=functools.partial(worker_study, experiment, device),
+        recipe=functools.partial(worker_study, experiment, base, data, device),
     )
-    return study, base, data
 
 
-def worker_study(experiment: Experiment, device: str) -> Study:
-    """The study as a worker process rebuilds it (pretraining is deterministic)."""
-    return _study(experiment, device=device)[0]
+def worker_study(experiment: Experiment, base: DigitsCNN, data: TaskData, device: str) -> Study:
+    """The study as a spawned worker rebuilds it, on the parent's pretrained base and data."""
+    return _study(experiment, base, data, device=device)
 
 
 def run_experiment(
@@ -191,7 +195,9 @@ def run_experiment(
     accuracies and the run time.
     """
     start = time.perf_counter()
-    study, base, data = _study(experiment, jobs, device, out)
+    data = load_task()
+    base = pretrain(data.source_train, steps=experiment.pretrain_steps)
+    study = _study(experiment, base, data, jobs, device, out)
     n_model = sum(p.numel() for p in base.parameters())
     with study:
         lrs, rows = study.main()

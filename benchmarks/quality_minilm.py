@@ -60,7 +60,13 @@ from _quality_report import (
     write_timing,
 )
 from _quality_study import Builder, Plan, Study, progress_log, time_methods
-from _quality_text import build_task, load_encoder, load_tweets, text_targets
+from _quality_text import (
+    build_task,
+    load_encoder,
+    load_tweets,
+    text_targets,
+    top_layers_classifier,
+)
 from _quality_train import Splits, TrainSettings
 from torch import nn
 
@@ -165,8 +171,8 @@ def _setup(experiment: Experiment, assets: tuple | None):
 
 def _study(
     experiment: Experiment,
+    base: nn.Module,
     data: Splits,
-    build: Builder,
     jobs: int = 1,
     device: str = "cpu",
     out: Path | None = None,
@@ -176,24 +182,25 @@ def _study(
     )
     return Study(
         _plan(experiment),
-        build,
+        builder(base, text_targets(experiment.n_adapted)),
         data,
         settings,
         "minilm",
         jobs,
         progress_log(out, "flora_vs_lora_minilm"),
         device=device,
-        recipe=functools.partial(worker_study, experiment, device),
+        recipe=functools.partial(worker_study, experiment, data, device),
     )
 
 
-def worker_study(experiment: Experiment, device: str) -> Study:
-    """The study as a worker process rebuilds it (from the installed wheels)."""
-    # Encoding the texts is the slow part of a rebuild: two threads for it.
-    torch.set_num_threads(2)
-    _, data, build, _ = _setup(experiment, None)
-    torch.set_num_threads(1)
-    return _study(experiment, data, build, device=device)
+def worker_study(experiment: Experiment, data: Splits, device: str) -> Study:
+    """The study as a spawned worker rebuilds it, on the parent's encoded texts.
+
+    The top layers come from the installed wheel again (transformers' layers
+    do not pickle); only the texts' encoding is shared.
+    """
+    base = top_layers_classifier(load_encoder()[0], experiment.n_adapted)
+    return _study(experiment, base, data, device=device)
 
 
 def run_experiment(
@@ -211,8 +218,8 @@ def run_experiment(
     and the run time.
     """
     start = time.perf_counter()
-    _, data, build, n_model = _setup(experiment, assets)
-    study = _study(experiment, data, build, jobs, device, out)
+    base, data, _, n_model = _setup(experiment, assets)
+    study = _study(experiment, base, data, jobs, device, out)
     with study:
         lrs, rows = study.main()
     summaries = summarize(rows, n_model)

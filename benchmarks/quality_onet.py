@@ -61,7 +61,7 @@ from _quality_report import (
     write_timing,
 )
 from _quality_study import Builder, Plan, Study, progress_log, time_methods
-from _quality_train import TrainSettings
+from _quality_train import Splits, TrainSettings
 from torch import nn
 
 #: Display names, in table order.
@@ -161,14 +161,13 @@ def _plan(experiment: Experiment) -> Plan:
 
 def _study(
     experiment: Experiment,
-    state: dict | None = None,
+    base: nn.Module,
+    data: Splits,
     jobs: int = 1,
     device: str = "cpu",
     out: Path | None = None,
-):
-    base = pretrained_onet(onet_state_dict() if state is None else state)
-    data = load_digits48(experiment.n_train, experiment.n_eval)
-    study = Study(
+) -> Study:
+    return Study(
         _plan(experiment),
         builder(base),
         data,
@@ -177,14 +176,13 @@ def _study(
         jobs,
         progress_log(out, "flora_vs_lora_onet"),
         device=device,
-        recipe=functools.partial(worker_study, experiment, device),
+        recipe=functools.partial(worker_study, experiment, base, data, device),
     )
-    return study, base
 
 
-def worker_study(experiment: Experiment, device: str) -> Study:
-    """The study as a worker process rebuilds it (from the installed O-Net)."""
-    return _study(experiment, device=device)[0]
+def worker_study(experiment: Experiment, base: nn.Module, data: Splits, device: str) -> Study:
+    """The study as a spawned worker rebuilds it, on the parent's O-Net and data."""
+    return _study(experiment, base, data, device=device)
 
 
 def run_experiment(
@@ -201,7 +199,9 @@ def run_experiment(
     the chosen learning rates, the raw rows, the model size and the run time.
     """
     start = time.perf_counter()
-    study, base = _study(experiment, state, jobs, device, out)
+    base = pretrained_onet(onet_state_dict() if state is None else state)
+    data = load_digits48(experiment.n_train, experiment.n_eval)
+    study = _study(experiment, base, data, jobs, device, out)
     with study:
         lrs, rows = study.main()
     n_model = sum(p.numel() for p in base.parameters())

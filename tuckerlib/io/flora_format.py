@@ -55,6 +55,7 @@ from typing import Any, TypeGuard
 import array_api_compat
 
 from tuckerlib._namespace import get_namespace
+from tuckerlib.io._base import unique_keys
 from tuckerlib.io.layer_kinds import BIAS_KINDS, KINDS, by_parameter, geometry_of
 
 __all__ = [
@@ -160,21 +161,11 @@ def loads(data: bytes | str) -> Any:
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
     except ValueError as exc:  # bad UTF-8, bad JSON or a repeated key
         raise ValueError(f"not valid JSON ({exc})") from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of two equal keys silently; a config naming a layer twice is corrupt.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"key {key!r} appears twice")
-        result[key] = value
-    return result
 
 
 # --- tensor keys -------------------------------------------------------------------------
