@@ -330,14 +330,26 @@ def write_timing(out: Path | None, prefix: str, rows: Sequence[dict]) -> None:
 
 
 def study_arguments(
-    argv: list[str] | None, description: str, *, timing: str | None = None
+    argv: list[str] | None,
+    description: str,
+    *,
+    timing: str | None = None,
+    candidates: bool = False,
 ) -> argparse.Namespace:
-    """The options every quality script takes; ``--timing-only`` where ``timing`` says how long."""
+    """The options every quality script takes.
+
+    ``--timing-only`` where ``timing`` says how long it takes, ``--candidates``
+    where the script has init candidates beyond FLoRA's default.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="smoke-size run (seconds)")
     if timing is not None:
         parser.add_argument(
             "--timing-only", action="store_true", help=f"only time training steps ({timing})"
+        )
+    if candidates:
+        parser.add_argument(
+            "--candidates", action="store_true", help="also run FLoRA's init candidates"
         )
     parser.add_argument("--out", type=Path, help="folder for the figure, tables and raw runs")
     parser.add_argument(

@@ -59,7 +59,7 @@ class Plan:
     budgets: tuple[int, ...]
     seeds: tuple[int, ...]
     lr_grid: dict[str, tuple[float, ...]]
-    sweep_seeds: tuple[int, ...] = (0, 1)
+    sweep_seeds: tuple[int, ...] = (0,)
     max_extensions: int = 3
     unbudgeted: frozenset[str] = frozenset({"full", "head"})
 
@@ -160,6 +160,10 @@ class Study:
     #: An append-only record of finished runs (JSON lines): runs found there
     #: are not trained again, so a killed study resumes where it stopped.
     log: Path | None = None
+    #: What a run's result depends on beyond its job (the experiment's sizes
+    #: and settings, as a string): a logged run recorded under another key
+    #: is trained again, so a resumed study never mixes two experiments.
+    key: str = ""
     #: Where runs train: ``"cpu"`` or an accelerator such as ``"cuda"``.
     device: str = "cpu"
     #: How a fresh process rebuilds this study (a picklable callable), for
@@ -198,12 +202,18 @@ class Study:
         return self._pool
 
     def __post_init__(self) -> None:
-        if self.log is not None and self.log.exists():
-            for line in self.log.read_text(encoding="utf-8").splitlines():
-                # A run killed mid-write leaves a partial last line: train it again.
-                if line.endswith("}"):
-                    entry = json.loads(line)
-                    self._logged[entry["job"]] = entry["row"]
+        if self.log is None or not self.log.exists():
+            return
+        text = self.log.read_text(encoding="utf-8")
+        if not text.endswith("\n"):
+            # A study killed mid-write leaves a partial last line: drop it (that
+            # run trains again) before anything is appended after it.
+            text = text[: text.rfind("\n") + 1]
+            self.log.write_text(text, encoding="utf-8")
+        for line in text.splitlines():
+            entry = json.loads(line)
+            if entry.get("key") == self.key:
+                self._logged[entry["job"]] = entry["row"]
 
     def _data(self) -> Splits:
         if self.device == "cpu":
@@ -244,7 +254,8 @@ class Study:
         self.cache[job] = row
         if self.log is not None and repr(job) not in self._logged:
             with self.log.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"job": repr(job), "row": row}) + "\n")
+                entry = {"key": self.key, "job": repr(job), "row": row}
+                handle.write(json.dumps(entry) + "\n")
         method, budget, variant, lr, seed = job
         print(
             f"[{self.name} {len(self.cache):3d}] {method} r={budget} {variant or ''} "

@@ -80,7 +80,7 @@ class Experiment:
             **{m: _ADAPTER_LRS for m in ALL_METHODS if m not in ("full", "head")},
         }
     )
-    sweep_seeds: tuple[int, ...] = (0, 1)
+    sweep_seeds: tuple[int, ...] = (0,)
     ablation_budget_rank: int = 2
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
     ablation_kernel_ranks: tuple[int | None, ...] = (1, 2, None)
@@ -175,6 +175,7 @@ def _study(
         "digits",
         jobs,
         progress_log(out, "flora_vs_lora"),
+        key=repr(experiment),
         device=device,
         recipe=functools.partial(worker_study, experiment, base, data, device),
     )

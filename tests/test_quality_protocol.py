@@ -89,3 +89,39 @@ def test_ladder_steps(study):
     assert study.ladder_step(3e-2, up=True) == 0.1
     assert study.ladder_step(1e-3, up=False) == 3e-4
     assert study.ladder_step(3e-4, up=False) == 1e-4
+
+
+def test_one_sweep_seed_sweeps_on_seed_zero_alone(study):
+    score = lambda lr, seed: -abs(lr - 0.01)  # noqa: E731
+    cell, cache = _search(study, score, (3e-3, 1e-2, 3e-2), sweep_seeds=(0,), tie=1e-3)
+    assert cell.chosen == 0.01
+    assert {job[4] for job in cache if job[3] == 0.01} == {0, 1, 2, 3, 4}
+    assert {job[4] for job in cache if job[3] != 0.01} == {0}
+
+
+def _logged_study(study, log, key, trained):
+    plan = study.Plan(methods={"m": "M"}, budgets=(1,), seeds=(0, 1), lr_grid={"m": (0.1,)})
+    runs = study.Study(plan, None, None, None, log=log, key=key)
+
+    def train(job):
+        trained.append(job)
+        return {"val_accuracy": 0.5, "seed": job[4]}
+
+    runs.train = train
+    return runs
+
+
+def test_a_killed_study_resumes_only_runs_of_the_same_experiment(study, tmp_path):
+    log, trained = tmp_path / "progress.jsonl", []
+    jobs = [("m", 1, None, 0.1, 0), ("m", 1, None, 0.1, 1)]
+    _logged_study(study, log, "steps=100", trained).run_all(jobs[:1])
+    # A kill mid-write leaves a partial line, which is trained again.
+    with log.open("a", encoding="utf-8") as handle:
+        handle.write('{"key": "steps=100", "job": "' + repr(jobs[1]))
+    resumed = _logged_study(study, log, "steps=100", trained)
+    resumed.run_all(jobs)
+    assert trained == jobs
+    assert resumed.cache[jobs[0]]["seed"] == 0
+    # The same log under other settings trains everything again.
+    _logged_study(study, log, "steps=200", trained).run_all(jobs)
+    assert trained == jobs + jobs
