@@ -85,7 +85,7 @@ class Experiment:
     methods: tuple[str, ...] = tuple(m for m in METHODS if m != "flora_balanced")
     budget_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 32
     #: Training images (of 1,197): few enough that the methods do not all reach the ceiling.
     n_train: int = 300
