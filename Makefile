@@ -67,8 +67,8 @@ $(VENV)/.installed-assets: $(CONSTRAINTS) | $(BIN)/python
 
 # Accuracy evidence (docs/flora_vs_lora.rst): FLoRA vs LoRA and PEFT's other adapters on digits
 # from scratch, on a pretrained O-Net and a pretrained MiniLM, and extraction by task accuracy
-# (about 2.5 hours on 2 cores, 5 minutes on one GPU with benchmarks/run_quality_gpu.sh; each
-# script prints its own time).
+# (65 minutes on 2 cores: digits 18, O-Net 25, MiniLM 20, extraction 2; a few minutes on one
+# GPU with benchmarks/run_quality_gpu.sh; each script prints its own time).
 quality: $(VENV)/.installed-bench $(VENV)/.installed-assets
 	$(BIN)/python benchmarks/quality.py --out benchmarks/out/quality
 	$(BIN)/python benchmarks/quality_onet.py --out benchmarks/out/quality
