@@ -6,9 +6,10 @@ adapts every Linear layer of the top transformer layer and trains a new
 head in full. Compared at five budgets (PEFT LoRA at rank 1, 2, 4, 8 and
 16): LoRA and FLoRA with its default init (on a 2-D weight ``"auto"`` is
 ``"balanced"``: LoRA's start with an ``r × r`` core, at no more parameters
-than LoRA's), with full fine-tuning of the same layers and the head alone as
-the two ends. Five seeds; a learning rate per method and budget chosen on a
-validation split (``_quality_study.py``).
+than LoRA's but for one core entry per layer at rank 1), with full
+fine-tuning of the same layer and the head alone as the two ends. Five
+seeds; a learning rate per method and budget chosen on a validation split
+(``_quality_study.py``).
 
 Run (two worker processes of one thread each; writes the docs' figure and
 tables)::
