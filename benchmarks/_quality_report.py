@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "paired",
     "paired_markdown",
     "study_arguments",
+    "study_result",
     "summarize",
     "timing_table",
     "write_csv",
@@ -189,6 +191,37 @@ def write_paired(path: Path, found: Sequence[Paired], labels: dict[str, str]) ->
         writer = csv.writer(handle)
         writer.writerow(_PAIRED_HEADER)
         writer.writerows(_paired_cells(found, labels))
+
+
+def study_result(
+    rows: list[dict],
+    lrs: dict[tuple[str, int | None], float],
+    n_model: int,
+    labels: dict[str, str],
+    *,
+    studies: tuple[str, ...],
+    started: float,
+    device: str,
+    **extra: object,
+) -> dict:
+    """What a study script returns and ``write_study`` writes, from its rows and chosen rates.
+
+    The summaries of each of ``studies`` (``"main"``, ``"sweep"``, ...), the
+    paired differences of ``labels``' methods, the chosen rates, the raw rows,
+    the model size, ``extra`` facts of the study, and the seconds since
+    ``started`` (a ``time.perf_counter()`` reading).
+    """
+    summaries = summarize(rows, n_model)
+    return {
+        "summaries": {s: [x for x in summaries if x.study == s] for s in studies},
+        "paired": paired(rows, labels),
+        "lrs": lr_table(lrs),
+        "rows": rows,
+        "n_model": n_model,
+        **extra,
+        "seconds": time.perf_counter() - started,
+        "device": device,
+    }
 
 
 def lr_table(chosen: dict[tuple[str, int | None], float]) -> dict[str, dict[str, float]]:

@@ -40,13 +40,11 @@ import torch
 from _quality_methods import FLORA_VARIANTS, METHODS, Adapted, adapt
 from _quality_peft import PEFT_ANCHORS, AnchorSpec, anchor_model, anchor_spec
 from _quality_report import (
-    lr_table,
     machine,
     markdown,
-    paired,
     paired_markdown,
     study_arguments,
-    summarize,
+    study_result,
     timing_table,
     write_study,
     write_timing,
@@ -203,20 +201,17 @@ def run_experiment(
     with study:
         lrs, rows = study.main()
         rows += ablation(study, experiment, lrs)
-    summaries = summarize(rows, n_model)
-    result = {
-        "summaries": {
-            s: [x for x in summaries if x.study == s] for s in ("main", "ablation", "sweep")
-        },
-        "paired": paired(rows, ALL_METHODS),
-        "lrs": lr_table(lrs),
-        "rows": rows,
-        "n_model": n_model,
-        "base_source_accuracy": accuracy(base, data.source_test),
-        "base_shifted_accuracy": accuracy(base, data.test),
-        "seconds": time.perf_counter() - start,
-        "device": device,
-    }
+    result = study_result(
+        rows,
+        lrs,
+        n_model,
+        ALL_METHODS,
+        studies=("main", "ablation", "sweep"),
+        started=start,
+        device=device,
+        base_source_accuracy=accuracy(base, data.source_test),
+        base_shifted_accuracy=accuracy(base, data.test),
+    )
     if out is not None:
         write_study(out, "flora_vs_lora", result, ALL_METHODS, "rotated digits")
     return result

@@ -49,13 +49,11 @@ from _quality_methods import (
     with_new_head,
 )
 from _quality_report import (
-    lr_table,
     machine,
     markdown,
-    paired,
     paired_markdown,
     study_arguments,
-    summarize,
+    study_result,
     timing_table,
     write_study,
     write_timing,
@@ -224,17 +222,16 @@ def run_experiment(
     study = _study(experiment, base, data, jobs, device, out)
     with study:
         lrs, rows = study.main()
-    summaries = summarize(rows, n_model)
-    result = {
-        "summaries": {s: [x for x in summaries if x.study == s] for s in ("main", "sweep")},
-        "paired": paired(rows, METHODS),
-        "lrs": lr_table(lrs),
-        "rows": rows,
-        "n_model": n_model,
-        "splits": {k: getattr(data, k).y.numel() for k in ("train", "val", "test")},
-        "seconds": time.perf_counter() - start,
-        "device": device,
-    }
+    result = study_result(
+        rows,
+        lrs,
+        n_model,
+        METHODS,
+        studies=("main", "sweep"),
+        started=start,
+        device=device,
+        splits={k: getattr(data, k).y.numel() for k in ("train", "val", "test")},
+    )
     if out is not None:
         write_study(out, "flora_vs_lora_minilm", result, METHODS, "tweet sentiment, MiniLM")
     return result

@@ -50,13 +50,11 @@ from _quality_methods import (
 from _quality_onet import ONET_TARGETS, load_digits48, onet_state_dict, pretrained_onet
 from _quality_peft import PEFT_ANCHORS, anchor_model, anchor_spec
 from _quality_report import (
-    lr_table,
     machine,
     markdown,
-    paired,
     paired_markdown,
     study_arguments,
-    summarize,
+    study_result,
     timing_table,
     write_study,
     write_timing,
@@ -217,16 +215,15 @@ def run_experiment(
     with study:
         lrs, rows = study.main()
     n_model = sum(p.numel() for p in base.parameters())
-    summaries = summarize(rows, n_model)
-    result = {
-        "summaries": {s: [x for x in summaries if x.study == s] for s in ("main", "sweep")},
-        "paired": paired(rows, experiment.names),
-        "lrs": lr_table(lrs),
-        "rows": rows,
-        "n_model": n_model,
-        "seconds": time.perf_counter() - start,
-        "device": device,
-    }
+    result = study_result(
+        rows,
+        lrs,
+        n_model,
+        experiment.names,
+        studies=("main", "sweep"),
+        started=start,
+        device=device,
+    )
     if out is not None:
         write_study(out, "flora_vs_lora_onet", result, experiment.names, "digits, O-Net")
     return result

@@ -12,17 +12,15 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.metadata
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import benchmark_modules
 from tiny_models import installed, tiny_bert_config
 
 pytest.importorskip("peft", reason="the benchmarks compare against HF PEFT")
 pytest.importorskip("sklearn", reason="the vision benchmarks use scikit-learn's digits")
 transformers = pytest.importorskip("transformers", reason="the text benchmark uses a BERT")
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 #: A method's trainable count may exceed its LoRA budget only by the rank-1
 #: overdraft of a layer whose cheapest adapter costs more than its share.
@@ -31,14 +29,10 @@ BUDGET_SLACK = 0.5
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield {
-            name: importlib.import_module(name)
-            for name in ("quality_onet", "quality_minilm", "quality_extract", "_quality_onet")
-        }
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_modules(
+        "quality_onet", "quality_minilm", "quality_extract", "_quality_onet"
+    ) as modules:
+        yield modules
 
 
 @pytest.fixture

@@ -8,24 +8,16 @@ chosen rate.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_modules import benchmark_modules
 
 pytest.importorskip("peft", reason="the benchmark modules import HF PEFT")
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("_quality_study")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_modules("_quality_study") as modules:
+        yield modules["_quality_study"]
 
 
 def _search(study, score, grid, *, seeds=(0, 1, 2, 3, 4), sweep_seeds=(0, 1), tie=0.01):

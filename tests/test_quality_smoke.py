@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_modules import benchmark_modules
 
 pytest.importorskip("peft", reason="the quality benchmark compares against HF PEFT's LoRA")
 pytest.importorskip("sklearn", reason="the quality benchmark uses scikit-learn's digits")
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 #: A method's trainable count may fall short of the budget (integer Tucker
 #: ranks) by at most this fraction, and never exceed it.
@@ -21,11 +17,8 @@ BUDGET_SLACK = 0.2
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("quality")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_modules("quality") as modules:
+        yield modules["quality"]
 
 
 @pytest.fixture(scope="module")
